@@ -1,5 +1,282 @@
+// pybind11 bindings of the mixture samplers (fastmix._C).  Python (fastmix/sampler.py) validates
+// first with friendly messages; everything here checks again before touching memory, and throws
+// std::invalid_argument (-> ValueError) or pybind11::type_error (-> TypeError).  Long loops run with
+// the GIL released, writing into numpy buffers allocated beforehand.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "sampler/alias.h"
+#include "sampler/blend.h"
+#include "sampler/rng.h"
+#include "sampler/stratified.h"
+#include "sampler/weights.h"
+
 namespace py = pybind11;
+
 namespace fastmix {
-void bind_sampler(py::module_& m) { (void)m; }
+namespace {
+
+// Sub-streams of one seed: each sampling method draws from its own key.
+constexpr uint64_t kStreamAlias = 1;
+constexpr uint64_t kStreamStratified = 2;
+
+// A 1-D C-contiguous array of exactly dtype T (no silent casts), optionally writable.
+template <class T>
+py::array_t<T> expect_array(const py::handle& obj, const char* name, bool writable) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string(name) + " must be a numpy array");
+  }
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (!arr.dtype().is(py::dtype::of<T>())) {
+    throw py::type_error(std::string(name) + " must have dtype " +
+                         std::string(py::str(py::dtype::of<T>())) + ", got " +
+                         std::string(py::str(arr.dtype())));
+  }
+  if (arr.ndim() != 1) throw std::invalid_argument(std::string(name) + " must be 1-D");
+  if (!(arr.flags() & py::array::c_style)) {
+    throw std::invalid_argument(std::string(name) + " must be C-contiguous");
+  }
+  if (writable && !arr.writeable()) {
+    throw std::invalid_argument(std::string(name) + " must be writable");
+  }
+  return py::reinterpret_borrow<py::array_t<T>>(arr);
+}
+
+py::array_t<double> expect_weights(const py::handle& obj) {
+  auto w = expect_array<double>(obj, "weights", false);
+  check_weights(w.data(), static_cast<int64_t>(w.size()));
+  return w;
+}
+
+// offset + n must stay inside the 2^64 counter space.
+void check_range(uint64_t offset, int64_t n, const char* what) {
+  if (n < 0) throw std::invalid_argument(std::string(what) + " must be >= 0");
+  // The last draw's counter, offset + n - 1, must fit in 64 bits.
+  if (n > 0 && static_cast<uint64_t>(n - 1) > std::numeric_limits<uint64_t>::max() - offset) {
+    throw std::invalid_argument("offset + n overflows the 64-bit draw counter");
+  }
+}
+
+class PyAliasTable {
+ public:
+  explicit PyAliasTable(const py::handle& weights) {
+    auto w = expect_weights(weights);
+    table_ = AliasTable(w.data(), static_cast<int64_t>(w.size()));
+  }
+  int64_t num_domains() const { return table_.k; }
+
+  void fill(uint64_t seed, uint64_t offset, const py::handle& out_obj) const {
+    auto out = expect_array<int32_t>(out_obj, "out", true);
+    const int64_t n = static_cast<int64_t>(out.size());
+    check_range(offset, n, "n");
+    int32_t* dst = out.mutable_data();
+    const uint64_t key = derive_key(seed, kStreamAlias);
+    py::gil_scoped_release release;
+    table_.fill(key, offset, n, dst);
+  }
+
+ private:
+  AliasTable table_;
+};
+
+class PyStratifiedTable {
+ public:
+  PyStratifiedTable(const py::handle& weights, int64_t block) {
+    auto w = expect_weights(weights);
+    table_ = std::make_unique<StratifiedTable>(w.data(), static_cast<int64_t>(w.size()), block);
+  }
+  int64_t num_domains() const { return table_->k; }
+  int64_t block() const { return table_->block; }
+
+  void fill(uint64_t seed, uint64_t segment_start, uint64_t start, const py::handle& out_obj) const {
+    auto out = expect_array<int32_t>(out_obj, "out", true);
+    const int64_t n = static_cast<int64_t>(out.size());
+    check_range(start, n, "n");
+    int32_t* dst = out.mutable_data();
+    const uint64_t key = derive_key(derive_key(seed, kStreamStratified), segment_start);
+    py::gil_scoped_release release;
+    table_->fill(key, start, n, dst);
+  }
+
+  py::array_t<int32_t> block_ids(uint64_t seed, uint64_t segment_start, uint64_t index) const {
+    py::array_t<int32_t> out(table_->block);
+    int32_t* dst = out.mutable_data();
+    const uint64_t key = derive_key(derive_key(seed, kStreamStratified), segment_start);
+    py::gil_scoped_release release;
+    table_->fill_block(key, index, dst);
+    return out;
+  }
+
+ private:
+  std::unique_ptr<StratifiedTable> table_;
+};
+
+// Weights for the greedy rule are used exactly as given (the caller normalises, as Megatron-LM's
+// Python side does before calling its C++ helper).
+py::array_t<double> expect_blend_weights(const py::handle& obj) {
+  auto w = expect_array<double>(obj, "weights", false);
+  check_weights(w.data(), static_cast<int64_t>(w.size()));
+  return w;
+}
+
+void greedy_fill(const py::handle& weights, int64_t start_step, const py::handle& counts_obj,
+                 const py::handle& out_obj) {
+  auto w = expect_blend_weights(weights);
+  auto counts = expect_array<int64_t>(counts_obj, "counts", true);
+  auto out = expect_array<int32_t>(out_obj, "out", true);
+  const int64_t k = static_cast<int64_t>(w.size());
+  if (static_cast<int64_t>(counts.size()) != k) {
+    throw std::invalid_argument("counts must have one entry per domain");
+  }
+  if (start_step < 0) throw std::invalid_argument("start_step must be >= 0");
+  int64_t total = 0;
+  for (int64_t d = 0; d < k; ++d) {
+    if (counts.data()[d] < 0) throw std::invalid_argument("counts must be >= 0");
+    total += counts.data()[d];
+  }
+  if (total != start_step) throw std::invalid_argument("counts must sum to start_step");
+  const int64_t n = static_cast<int64_t>(out.size());
+  if (n > (int64_t{1} << 52) - start_step) {
+    throw std::invalid_argument("the greedy rule is exact only below 2^52 steps");
+  }
+  const double* wp = w.data();
+  int64_t* cp = counts.mutable_data();
+  int32_t* dst = out.mutable_data();
+  py::gil_scoped_release release;
+  GreedyFast fast(wp, k);
+  fast.run(start_step, n, cp, [dst](int64_t j, int64_t d, int64_t) {
+    dst[j] = static_cast<int32_t>(d);
+  });
+}
+
+template <bool kNaive>
+std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend(const py::handle& weights, int64_t size) {
+  auto w = expect_blend_weights(weights);
+  const int64_t k = static_cast<int64_t>(w.size());
+  if (k > 32767) {
+    throw std::invalid_argument("weights has " + std::to_string(k) +
+                                " domains; dataset_index is int16, so at most 32767");
+  }
+  if (size < 0) throw std::invalid_argument("size must be >= 0");
+  if (size > (int64_t{1} << 52)) throw std::invalid_argument("size must be below 2^52");
+  py::array_t<int16_t> dataset_index(size);
+  py::array_t<int64_t> sample_index(size);
+  const double* wp = w.data();
+  int16_t* di = dataset_index.mutable_data();
+  int64_t* si = sample_index.mutable_data();
+  {
+    py::gil_scoped_release release;
+    std::vector<int64_t> counts(static_cast<size_t>(k), 0);
+    auto emit = [di, si](int64_t j, int64_t d, int64_t before) {
+      di[j] = static_cast<int16_t>(d);
+      si[j] = before;
+    };
+    if (kNaive) {
+      greedy_naive(wp, k, 0, size, counts.data(), emit);
+    } else {
+      GreedyFast fast(wp, k);
+      fast.run(0, size, counts.data(), emit);
+    }
+  }
+  return {dataset_index, sample_index};
+}
+
+void accumulate_counts(const py::handle& ids_obj, const py::handle& counts_obj) {
+  auto ids = expect_array<int32_t>(ids_obj, "ids", false);
+  auto counts = expect_array<int64_t>(counts_obj, "counts", true);
+  const int32_t* src = ids.data();
+  int64_t* dst = counts.mutable_data();
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const int64_t k = static_cast<int64_t>(counts.size());
+  bool in_range = true;
+  {
+    py::gil_scoped_release release;
+    // Four interleaved histograms: consecutive equal ids would otherwise serialise on one counter
+    // (a store-to-load chain of ~5 cycles per draw).  Range-checked before any write to `counts`.
+    std::vector<int64_t> partial(static_cast<size_t>(4 * k), 0);
+    const uint32_t limit = static_cast<uint32_t>(k);
+    uint32_t bad = 0;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      const uint32_t a = static_cast<uint32_t>(src[i]), b = static_cast<uint32_t>(src[i + 1]);
+      const uint32_t c = static_cast<uint32_t>(src[i + 2]), d = static_cast<uint32_t>(src[i + 3]);
+      bad |= static_cast<uint32_t>(a >= limit) | static_cast<uint32_t>(b >= limit) |
+             static_cast<uint32_t>(c >= limit) | static_cast<uint32_t>(d >= limit);
+      if (bad) break;
+      partial[a] += 1;
+      partial[k + b] += 1;
+      partial[2 * k + c] += 1;
+      partial[3 * k + d] += 1;
+    }
+    for (; i < n && !bad; ++i) {
+      const uint32_t a = static_cast<uint32_t>(src[i]);
+      bad |= static_cast<uint32_t>(a >= limit);
+      if (!bad) partial[a] += 1;
+    }
+    in_range = bad == 0;
+    if (in_range) {
+      for (int64_t d = 0; d < k; ++d) {
+        dst[d] += partial[d] + partial[k + d] + partial[2 * k + d] + partial[3 * k + d];
+      }
+    }
+  }
+  if (!in_range) throw std::invalid_argument("ids has an entry outside [0, len(counts))");
+}
+
+}  // namespace
+
+void bind_sampler(py::module_& m) {
+  py::class_<PyAliasTable>(m, "AliasTable", R"doc(
+Walker/Vose alias table over K domains, built exactly in integer fixed point in O(K).
+
+AliasTable(weights: numpy.ndarray[float64]) -- finite, non-negative, at least one positive;
+normalised internally; a zero weight is never drawn.
+)doc")
+      .def(py::init<const py::handle&>(), py::arg("weights"))
+      .def_property_readonly("num_domains", &PyAliasTable::num_domains)
+      .def("fill", &PyAliasTable::fill, py::arg("seed"), py::arg("offset"), py::arg("out"), R"doc(
+Write draws [offset, offset + len(out)) of the alias stream for `seed` into `out`
+(int32, 1-D, C-contiguous, writable).  Draw i depends only on (seed, i, table).  Releases the GIL.
+)doc");
+
+  py::class_<PyStratifiedTable>(m, "StratifiedTable", R"doc(
+Systematic sampling in blocks of `block` draws: each domain appears floor or ceil of w*block
+times per block, in a keyed shuffled order.  StratifiedTable(weights: float64 array, block: int).
+)doc")
+      .def(py::init<const py::handle&, int64_t>(), py::arg("weights"), py::arg("block"))
+      .def_property_readonly("num_domains", &PyStratifiedTable::num_domains)
+      .def_property_readonly("block", &PyStratifiedTable::block)
+      .def("fill", &PyStratifiedTable::fill, py::arg("seed"), py::arg("segment_start"),
+           py::arg("start"), py::arg("out"), R"doc(
+Write draws [start, start + len(out)) of the segment that began at absolute position
+`segment_start` (blocks are counted from there) into `out` (int32).  Releases the GIL.
+)doc")
+      .def("block_ids", &PyStratifiedTable::block_ids, py::arg("seed"), py::arg("segment_start"),
+           py::arg("index"), "The `block` domain ids of block `index` of the segment (int32).");
+
+  m.def("greedy_fill", &greedy_fill, py::arg("weights"), py::arg("start_step"), py::arg("counts"),
+        py::arg("out"), R"doc(
+Continue the largest-deficit rule from step `start_step` with per-domain `counts` (int64, updated
+in place; must sum to start_step), writing len(out) domain ids into `out` (int32).  `weights` are
+used as given (normalise them first).  Releases the GIL.
+)doc");
+
+  m.def("blend_indices", &blend<false>, py::arg("weights"), py::arg("size"), R"doc(
+Megatron-LM's build_blending_indices: (dataset_index int16[size], dataset_sample_index int64[size])
+for float64 `weights` used as given.  Windowed candidate pruning; bit-identical to the plain rule.
+)doc");
+  m.def("_blend_indices_naive", &blend<true>, py::arg("weights"), py::arg("size"),
+        "The plain O(K)-per-sample loop of the same rule (benchmark baseline and test oracle).");
+
+  m.def("accumulate_counts", &accumulate_counts, py::arg("ids"), py::arg("counts"),
+        "counts[ids[i]] += 1 for every i (ids int32 in [0, len(counts)), counts int64).");
+}
+
 }  // namespace fastmix

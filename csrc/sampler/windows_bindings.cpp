@@ -1,5 +1,189 @@
+// fastmix._C window mapping: global sample -> (domain window, token offset) for a whole batch.
+//
+// The data pipeline draws a global batch of domain ids with the sampler, then calls map_windows
+// once: for each sample, in order, the domain's cursor (windows of that domain consumed so far in the
+// global stream) gives epoch = cursor / n and position = cursor % n; the window is
+// KeyedPermutation(n, window_key(seed, domain, epoch))(position).  Every call validates its inputs
+// before touching memory and runs without the GIL.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "sampler/permutation.h"
+
 namespace py = pybind11;
+
 namespace fastmix {
-void bind_windows(py::module_& m) { (void)m; }
+namespace {
+
+using I32 = py::array_t<int32_t, py::array::c_style>;
+using I64 = py::array_t<int64_t, py::array::c_style>;
+
+void check_1d(const py::array& a, const char* name, py::ssize_t size) {
+  if (a.ndim() != 1)
+    throw std::invalid_argument(std::string(name) + " must be 1-D, got " + std::to_string(a.ndim()) +
+                                " dimensions");
+  if (size >= 0 && a.shape(0) != size)
+    throw std::invalid_argument(std::string(name) + " must have length " + std::to_string(size) +
+                                ", got " + std::to_string(a.shape(0)));
+}
+
+void check_writeable(const py::array& a, const char* name) {
+  if (!a.writeable()) throw std::invalid_argument(std::string(name) + " must be writeable");
+}
+
+// Map samples [0, n_done) of a global batch; evaluate the permutation only for [begin, end).
+// Returns n_done: the batch length, or the index of the first sample whose domain has reached its
+// cap (caps[d] windows read), so the caller can drop that domain and redraw from there.
+int64_t map_windows(const I32& domains, I64& cursors, const I64& n_windows, const I64& caps,
+                    const I64& file_begin, const I64& file_window_end, uint64_t seed, int64_t seq_len,
+                    int64_t begin, int64_t end, I64& out_file, I64& out_offset, I64& out_epoch,
+                    I64& out_window) {
+  check_1d(domains, "domains", -1);
+  check_1d(n_windows, "n_windows", -1);
+  const py::ssize_t K = n_windows.shape(0);
+  const py::ssize_t G = domains.shape(0);
+  if (K < 1) throw std::invalid_argument("n_windows must name at least one domain");
+  check_1d(cursors, "cursors", K);
+  check_1d(caps, "caps", K);
+  check_1d(file_begin, "file_begin", K + 1);
+  check_1d(file_window_end, "file_window_end", -1);
+  check_writeable(cursors, "cursors");
+  if (seq_len < 1) throw std::invalid_argument("seq_len must be >= 1, got " + std::to_string(seq_len));
+  if (begin < 0 || end < begin || end > G)
+    throw std::invalid_argument("slice [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                ") is not inside the batch of " + std::to_string(G) + " samples");
+  const py::ssize_t S = end - begin;
+  for (auto* a : {&out_file, &out_offset, &out_epoch, &out_window}) {
+    check_1d(*a, "outputs", S);
+    check_writeable(*a, "outputs");
+  }
+  const int32_t* dom = domains.data();
+  int64_t* cur = cursors.mutable_data();
+  const int64_t* nw = n_windows.data();
+  const int64_t* cap = caps.data();
+  const int64_t* fb = file_begin.data();
+  const int64_t* fwe = file_window_end.data();
+  const py::ssize_t F = file_window_end.shape(0);
+
+  // The file table: domain d owns files [fb[d], fb[d+1]); fwe[f] is the cumulative window count of
+  // the domain up to and including file f, so it ends at n_windows[d].
+  if (fb[0] != 0 || fb[K] != F)
+    throw std::invalid_argument("file_begin must start at 0 and end at len(file_window_end)");
+  for (py::ssize_t d = 0; d < K; ++d) {
+    if (nw[d] < 0) throw std::invalid_argument("n_windows[" + std::to_string(d) + "] is negative");
+    if (cap[d] < 0) throw std::invalid_argument("caps[" + std::to_string(d) + "] is negative");
+    if (cur[d] < 0) throw std::invalid_argument("cursors[" + std::to_string(d) + "] is negative");
+    if (fb[d + 1] < fb[d]) throw std::invalid_argument("file_begin must be non-decreasing");
+    int64_t prev = 0;
+    for (int64_t f = fb[d]; f < fb[d + 1]; ++f) {
+      if (fwe[f] < prev)
+        throw std::invalid_argument("file_window_end must be non-decreasing within a domain");
+      prev = fwe[f];
+    }
+    if (prev != nw[d])
+      throw std::invalid_argument("file_window_end of domain " + std::to_string(d) +
+                                  " ends at " + std::to_string(prev) + ", n_windows says " +
+                                  std::to_string(nw[d]));
+  }
+  for (py::ssize_t i = 0; i < G; ++i) {
+    if (dom[i] < 0 || dom[i] >= K)
+      throw std::invalid_argument("domains[" + std::to_string(i) + "] = " + std::to_string(dom[i]) +
+                                  " is outside [0, " + std::to_string(K) + ")");
+  }
+  int64_t* o_file = out_file.mutable_data();
+  int64_t* o_off = out_offset.mutable_data();
+  int64_t* o_epoch = out_epoch.mutable_data();
+  int64_t* o_win = out_window.mutable_data();
+
+  int64_t done = G;
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    // One permutation per domain, rebuilt only when that domain's epoch changes.
+    std::vector<int64_t> cached_epoch(static_cast<size_t>(K), -1);
+    std::vector<KeyedPermutation> perm(static_cast<size_t>(K));
+    for (py::ssize_t i = 0; i < G; ++i) {
+      const int32_t d = dom[i];
+      if (cur[d] >= cap[d]) {
+        done = i;
+        break;
+      }
+      if (nw[d] == 0) {
+        error = "domain " + std::to_string(d) + " was drawn but has no windows";
+        break;
+      }
+      const int64_t c = cur[d]++;
+      if (i < begin || i >= end) continue;
+      const int64_t epoch = c / nw[d];
+      if (cached_epoch[d] != epoch) {
+        perm[d] = KeyedPermutation(static_cast<uint64_t>(nw[d]),
+                                   window_key(seed, static_cast<uint64_t>(d), static_cast<uint64_t>(epoch)));
+        cached_epoch[d] = epoch;
+      }
+      const int64_t w = static_cast<int64_t>(perm[d](static_cast<uint64_t>(c % nw[d])));
+      // The file holding window w: the first of the domain's files whose cumulative end exceeds w.
+      const int64_t* first = fwe + fb[d];
+      const int64_t* last = fwe + fb[d + 1];
+      const int64_t* hit = std::upper_bound(first, last, w);
+      const int64_t f = hit - fwe;
+      const int64_t file_first_window = (hit == first) ? 0 : *(hit - 1);
+      const py::ssize_t j = i - begin;
+      o_file[j] = f;
+      o_off[j] = (w - file_first_window) * seq_len;
+      o_epoch[j] = epoch;
+      o_win[j] = w;
+    }
+  }
+  if (!error.empty()) throw std::invalid_argument(error);
+  return done;
+}
+
+// The permutation itself, for tests and tools: perm_{seed, domain, epoch}(indices) over [0, n).
+I64 permute_windows(uint64_t n, uint64_t seed, uint64_t domain, uint64_t epoch, const I64& indices,
+                    bool inverse) {
+  check_1d(indices, "indices", -1);
+  KeyedPermutation perm(n, window_key(seed, domain, epoch));  // validates n
+  const py::ssize_t m = indices.shape(0);
+  const int64_t* in = indices.data();
+  for (py::ssize_t i = 0; i < m; ++i) {
+    if (in[i] < 0 || static_cast<uint64_t>(in[i]) >= n)
+      throw std::invalid_argument("indices[" + std::to_string(i) + "] = " + std::to_string(in[i]) +
+                                  " is outside [0, " + std::to_string(n) + ")");
+  }
+  I64 out(m);
+  int64_t* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    for (py::ssize_t i = 0; i < m; ++i) {
+      const uint64_t x = static_cast<uint64_t>(in[i]);
+      o[i] = static_cast<int64_t>(inverse ? perm.inverse(x) : perm(x));
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+void bind_windows(py::module_& m) {
+  m.def("map_windows", &map_windows, py::arg("domains").noconvert(), py::arg("cursors").noconvert(),
+        py::arg("n_windows").noconvert(), py::arg("caps").noconvert(),
+        py::arg("file_begin").noconvert(), py::arg("file_window_end").noconvert(), py::arg("seed"),
+        py::arg("seq_len"), py::arg("begin"), py::arg("end"), py::arg("out_file").noconvert(),
+        py::arg("out_offset").noconvert(), py::arg("out_epoch").noconvert(),
+        py::arg("out_window").noconvert(),
+        "Map a global batch of domain ids to windows: advances `cursors` (int64[K], in place) for "
+        "every sample in order and, for samples [begin, end), writes the file index, token offset, "
+        "domain epoch and window index.  Stops before the first sample whose domain has read "
+        "caps[d] windows and returns how many samples were mapped (len(domains) when none).");
+  m.def("permute_windows", &permute_windows, py::arg("n"), py::arg("seed"), py::arg("domain"),
+        py::arg("epoch"), py::arg("indices").noconvert(), py::arg("inverse") = false,
+        "The keyed bijection of [0, n) that orders a domain's windows in one epoch (or its inverse).");
+}
+
 }  // namespace fastmix

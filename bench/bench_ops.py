@@ -1,0 +1,283 @@
+"""Per-domain statistics and the DoReMi step, side by side: eager torch reference, torch.compile of
+the reference, triton, cuda.  Medians over repeats (CUDA events on a GPU), ratios, the machine.
+
+On a GPU it also measures the roofline the fused step is judged against: one pass over the inputs
+at the card's measured copy bandwidth, and one empty kernel launch.
+
+    python bench/bench_ops.py                      # GPU: N = 64x2048, 512x2048, 4096x2048
+    python bench/bench_ops.py --out results.md     # also write the Markdown tables
+    python bench/bench_ops.py --device cpu         # CPU: reference and compile, small N
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastmix.ops import backends, reference  # noqa: E402
+
+SEQ = 2048
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{gpu}; CPU {cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}); "
+        f"torch {torch.__version__}"
+    )
+
+
+def timer(device: str, repeats: int, warmup: int) -> Callable[[Callable[[], object]], float]:
+    """Median microseconds of fn() over ``repeats`` (CUDA events on a GPU)."""
+
+    def run(fn: Callable[[], object]) -> float:
+        for _ in range(warmup):
+            fn()
+        samples = []
+        if device == "cuda":
+            torch.cuda.synchronize()
+            for _ in range(repeats):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) * 1e3)
+        else:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(samples)
+
+    return run
+
+
+def make_batch(n_seq: int, k: int, device: str, dtype: torch.dtype):
+    g = torch.Generator(device=device).manual_seed(0)
+    loss = (torch.rand(n_seq, SEQ, generator=g, device=device) * 6).to(dtype)
+    ref = (torch.rand(n_seq, SEQ, generator=g, device=device) * 6).to(dtype)
+    domain = torch.randint(0, k, (n_seq,), generator=g, device=device)  # one id per sequence
+    mask = torch.rand(n_seq, SEQ, generator=g, device=device) > 0.05
+    return loss, ref, domain, mask
+
+
+def fresh_state(k: int, device: str):
+    alpha = torch.full((k,), 1.0 / k, device=device)
+    state = torch.stack([alpha, torch.zeros_like(alpha), alpha])
+    return state, torch.zeros(3, dtype=torch.int64, device=device)
+
+
+def stats_ref(loss, domain, mask, ref, k):
+    return reference.domain_stats(loss, domain, mask, ref, k)[0]
+
+
+def step_ref(loss, domain, mask, ref, state, counters, step_size, smoothing):
+    return reference.doremi_step_(loss, domain, mask, ref, state, counters, step_size, smoothing,
+                                  "dro")  # fmt: skip
+
+
+def runner(name: str, op: str, batch, k: int, device: str, impls) -> Callable[[], object]:
+    """A no-argument call of backend ``name`` doing ``op`` ("stats" or "step") on ``batch``."""
+    loss, domain, mask, ref = batch
+    stats_fn, step_fn = impls[name]
+    if op == "stats":
+        return lambda: stats_fn(loss, domain, mask, ref, k)
+    state, counters = fresh_state(k, device)
+    if name in ("eager", "compile"):
+        return lambda: step_fn(loss, domain, mask, ref, state, counters, 1.0, 1e-3)
+    workspace = step_fn.fused_workspace(k, loss.device)
+    return lambda: step_fn.doremi_step_(loss, domain, mask, ref, state, counters, workspace, 1.0,
+                                        1e-3, "dro")  # fmt: skip
+
+
+def input_bytes(loss, ref, domain, mask) -> int:
+    return sum(t.numel() * t.element_size() for t in (loss, ref, domain, mask))
+
+
+def roofline(device: str, measure) -> tuple[float, float, float]:
+    """(copy bandwidth in bytes/µs, µs per empty kernel launched from Python, µs per empty
+    kernel replayed from a CUDA graph)."""
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_us = measure(lambda: dst.copy_(src))
+    bandwidth = 2 * src.numel() / copy_us  # read + write
+    tiny = torch.empty(1, device=device)
+    launches = 200
+
+    def many():
+        for _ in range(launches):
+            tiny.zero_()
+
+    launch_us = measure(many) / launches
+    # the same empty kernels replayed from a CUDA graph: GPU time per kernel, no Python overhead
+    in_graph = graph_replay_us(many, measure, replays=1)
+    graph_launch_us = in_graph / launches if in_graph is not None else launch_us
+    return bandwidth, launch_us, graph_launch_us
+
+
+def graph_replay_us(fn: Callable[[], object], measure, replays: int = 20) -> float | None:
+    """Microseconds per call of ``fn`` replayed from a CUDA graph: the GPU time without the
+    Python launch overhead (what the roofline is compared with); None if capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+
+        def replay():
+            for _ in range(replays):
+                graph.replay()
+
+        return measure(replay) / replays
+    except Exception as exc:  # report, do not abort the whole table
+        print(f"CUDA-graph timing failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+def bench(args: argparse.Namespace) -> str:
+    device = args.device
+    measure = timer(device, args.repeats, args.warmup)
+    available = backends()
+    names = ["eager", "compile"]
+    for name in ("triton", "cuda"):
+        if device == "cuda" and available[name]["available"]:
+            names.append(name)
+    modules = {}
+    if "triton" in names:
+        from fastmix.ops import triton as triton_ops
+
+        modules["triton"] = triton_ops
+    if "cuda" in names:
+        from fastmix.ops import cuda as cuda_ops
+
+        modules["cuda"] = cuda_ops
+
+    impls = {
+        "eager": (stats_ref, step_ref),
+        "compile": (torch.compile(stats_ref, dynamic=True), torch.compile(step_ref, dynamic=True)),
+    }
+    for name, module in modules.items():
+        impls[name] = (module.domain_stats, module)
+
+    lines = [f"Machine: {machine()}", ""]
+    if device == "cuda":
+        bandwidth, launch_us, graph_launch_us = roofline(device, measure)
+        lines += [
+            f"Measured copy bandwidth {bandwidth / 1e3:.0f} GB/s; one empty kernel: "
+            f"{launch_us:.2f} µs launched from Python, {graph_launch_us:.2f} µs in a CUDA graph. "
+            "Roofline = max(one pass over loss, ref_loss, ids and mask at that bandwidth, one "
+            "empty kernel in a CUDA graph); the cuda step is compared with it by its CUDA-graph "
+            "replay time (GPU time without Python overhead).",
+            "",
+        ]
+    dtype = getattr(torch, args.dtype)
+    header = "| op | N | K | " + " | ".join(f"{n} (µs)" for n in names) + " | eager / best |"
+    if "cuda" in names:
+        header += " eager / cuda |"
+    if device == "cuda":
+        header += " cuda in a CUDA graph (µs) | roofline (µs) | cuda graph / roofline |"
+    lines += [
+        f"Medians of {args.repeats} runs; loss and ref_loss {args.dtype}, one int64 domain id per "
+        f"{SEQ}-token sequence, bool mask.",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+    ]
+    for n_seq in args.sequences:
+        for k in args.domains:
+            loss, ref, domain, mask = make_batch(n_seq, k, device, dtype)
+            n = loss.numel()
+            floor = None
+            if device == "cuda":
+                floor = max(input_bytes(loss, ref, domain, mask) / bandwidth, graph_launch_us)
+            for op in ("stats", "step"):
+                times = {}
+                graph_time = None
+                for name in names:
+                    fn = runner(name, op, (loss, domain, mask, ref), k, device, impls)
+                    times[name] = measure(fn)
+                    if name == "cuda":
+                        graph_time = graph_replay_us(fn, measure)
+                best = min(times[name] for name in names if name != "eager")
+                row = f"| {op} | {n_seq}×{SEQ} = {n:,} | {k} | "
+                row += " | ".join(f"{times[name]:.1f}" for name in names)
+                row += f" | {times['eager'] / best:.1f}× |"
+                if "cuda" in names:
+                    row += f" {times['eager'] / times['cuda']:.1f}× |"
+                if floor is not None:
+                    graph = f"{graph_time:.1f}" if graph_time is not None else "n/a"
+                    ratio = f"{graph_time / floor:.2f}×" if graph_time is not None else "n/a"
+                    row += f" {graph} | {floor:.1f} | {ratio} |"
+                lines.append(row)
+                print(row, flush=True)
+                if args.out is not None:  # keep what is measured even if a time limit cuts in
+                    write_atomically(args.out, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=["cpu", "cuda"])  # fmt: skip
+    parser.add_argument("--sequences", type=int, nargs="+", default=None,
+                        help="sequences of 2048 tokens (default GPU: 64 512 4096; CPU: 8 64)")
+    parser.add_argument("--domains", type=int, nargs="+", default=[8, 22, 256])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default 1 on CPU: spinning OpenMP threads on a shared "
+                        "2-core box made the compiled reference 100x slower)")  # fmt: skip
+    args = parser.parse_args()
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    if args.sequences is None:
+        args.sequences = [64, 512, 4096] if args.device == "cuda" else [8, 64]
+    if args.repeats is None:
+        args.repeats = 50 if args.device == "cuda" else 7
+    text = bench(args)
+    if args.out is not None:
+        write_atomically(args.out, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1160 @@
+"""Token corpora to shuffled windows under live mixture weights, across ranks and workers.
+
+``TokenCorpus`` memory-maps flat token files per domain.  ``MixtureDataset`` turns mixture weights
+into the stream a training loop reads: for every global sample the sampler
+(``fastmix.MixtureSampler``) picks a domain, and the compiled ``fastmix._C.map_windows`` picks that
+domain's next window in a keyed pseudo-random permutation of its windows (a Feistel network with
+cycle-walking; nothing of the corpus's size is materialised).
+
+Windows.  A window is ``seq_len + 1`` consecutive tokens starting at a multiple of ``seq_len``
+inside one file (stride ``seq_len``: the last token of a window is the first of the next, so
+``input_ids[:-1]`` / ``input_ids[1:]`` cover every token as a target exactly once per epoch).  A
+window never crosses a file boundary: files are shards that may come from different sources, and a
+single read per sample keeps the loader simple and fast; the up to ``seq_len - 1`` tokens after a
+file's last full window are not read.
+
+The global order.  Global sample ``g`` belongs to global step ``g // (world_size * B)`` (``B`` is
+``batch_size``, or 1 when the dataset yields single samples).  Rank ``r`` takes rows
+``[r * B, (r + 1) * B)`` of every global step, DataLoader worker ``w`` of ``n`` takes every
+``n``-th of the rank's steps.  Every worker runs the same sampler over the whole global stream (a
+draw costs nanoseconds, next to microseconds for reading a window), so each domain's window cursor
+- how many of its windows the global stream has consumed - is the same everywhere, and the union
+over ranks and workers is the one-process stream with no duplicate and no gap, whatever the world
+size or worker count.
+
+Live weights.  ``set_weights(w)`` writes the weights and the global step from which they apply to
+shared memory read by the DataLoader workers.  Without ``step=`` the change applies from the first
+step no worker has started yet, so up to ``prefetch_factor * num_workers`` batches that are already
+produced (or being produced) still come from the old weights: that is the lag prefetching implies.
+With ``step=`` (the same on every rank) the change applies exactly there; it must be a step no
+worker has started, i.e. at least ``consumed_steps + prefetch_factor * num_workers``.  Every
+applied change is recorded in ``weight_schedule``; the stream is a deterministic function of the
+seed and that schedule.  A CUDA tensor is copied to pinned host memory with ``non_blocking=True``
+and a CUDA event is recorded; a helper thread waits for the event (never the training thread) and
+then publishes the weights at the first step boundary after the copy completed (or at ``step=``,
+which workers then wait for), recording that step.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from fastmix import _C
+
+__all__ = [
+    "CorpusError",
+    "TokenCorpus",
+    "MixtureDataset",
+    "load_weights",
+    "CORPUS_MANIFEST",
+]
+
+#: Name of the manifest ``fastmix prepare`` writes next to the token files.
+CORPUS_MANIFEST = "corpus.json"
+# Raw .bin files hold little-endian unsigned tokens of one of these widths.
+_BIN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_NPY_KINDS = ("u", "i")
+
+PathLike = str | os.PathLike
+
+
+class CorpusError(ValueError):
+    """A token file or domain that cannot be used: missing, unreadable, empty or malformed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------
+
+
+def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray | dict[str, float]:
+    """Read mixture weights from a ``weights.json`` path, a dict, a sequence, an array or a tensor.
+
+    ``weights.json`` may be ``{"weights": {name: w, ...}}`` (what fastmix writes) or a plain
+    ``{name: w}`` mapping.  With ``names`` the result is a float64 array in that order (domains a
+    mapping leaves out get weight 0; a name not in ``names`` is an error); without ``names`` a
+    mapping stays a ``dict`` and anything else becomes a float64 array.  Values are checked: finite,
+    non-negative, not all zero.  Nothing is normalised.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"weights: file {str(path)!r} does not exist") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"weights: cannot read {str(path)!r}: {e}") from None
+        if isinstance(data, Mapping) and "weights" in data:
+            data = data["weights"]
+        if not isinstance(data, (Mapping, list)):
+            raise ValueError(
+                f"weights: {str(path)!r} must hold {{'weights': {{name: w}}}}, "
+                "{name: w} or a list"
+            )
+        source = data
+    if isinstance(source, Mapping):
+        items = {}
+        for key, value in source.items():
+            if not isinstance(key, str):
+                raise TypeError(f"weights: domain names must be strings, got {key!r}")
+            items[key] = _as_weight(value, key)
+        if names is None:
+            _check_weight_values(np.array(list(items.values()), dtype=np.float64), list(items))
+            return items
+        unknown = sorted(set(items) - set(names))
+        if unknown:
+            raise ValueError(
+                f"weights name unknown domains {unknown}; the corpus has {list(names)}"
+            )
+        out = np.array([items.get(n, 0.0) for n in names], dtype=np.float64)
+        _check_weight_values(out, names)
+        return out
+    if isinstance(source, torch.Tensor):
+        source = source.detach().to("cpu", torch.float64).numpy()
+    try:
+        out = np.asarray(source, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"weights must be a path, a mapping, a sequence, an array or a tensor, got "
+            f"{type(source).__name__}"
+        ) from None
+    if out.ndim != 1:
+        raise ValueError(f"weights must be 1-D, got shape {tuple(out.shape)}")
+    if names is not None and len(out) != len(names):
+        raise ValueError(f"weights has {len(out)} entries, the corpus has {len(names)} domains")
+    _check_weight_values(out, names)
+    return out.copy()
+
+
+def _as_weight(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"weights[{name!r}] must be a number, got {value!r}") from None
+
+
+def _check_weight_values(w: np.ndarray, names: Sequence[str] | None) -> None:
+    label = (lambda i: repr(names[i])) if names is not None else str
+    bad = np.flatnonzero(~np.isfinite(w))
+    if bad.size:
+        raise ValueError(f"weights must be finite; domain {label(int(bad[0]))} is {w[bad[0]]}")
+    bad = np.flatnonzero(w < 0)
+    if bad.size:
+        raise ValueError(f"weights must be >= 0; domain {label(int(bad[0]))} is {w[bad[0]]}")
+    if w.size == 0 or not w.sum() > 0:
+        raise ValueError("weights must have a positive sum")
+
+
+# ----------------------------------------------------------------------------------------------
+# TokenCorpus
+# ----------------------------------------------------------------------------------------------
+
+
+class TokenCorpus:
+    """Flat token files per domain, memory-mapped on first read and never read whole.
+
+    Args:
+        domains: maps a domain name to one token file or a list of them.  A file is either raw
+            little-endian ``uint16``/``uint32`` tokens (``.bin`` or any other suffix) or a 1-D
+            integer ``.npy`` array (its dtype comes from the header).
+        dtype: dtype of the raw files (``"uint16"`` or ``"uint32"``).  When omitted, it is read from
+            a ``corpus.json`` next to the file (written by ``fastmix prepare``).
+
+    Every file is checked when the corpus is built (exists, is readable, its size is a multiple of
+    the token size, it is not empty as a domain), with errors that name the domain and the file.
+    The corpus pickles without its memory maps (each process maps the files again), so it travels
+    cheaply to DataLoader workers under any start method.
+    """
+
+    def __init__(self, domains: Mapping[str, PathLike | Sequence[PathLike]], *, dtype: Any = None):
+        if not isinstance(domains, Mapping) or not domains:
+            raise TypeError("domains must be a non-empty mapping of name -> file or list of files")
+        self._bin_dtype = None if dtype is None else _bin_dtype(dtype, "dtype")
+        self.names: list[str] = []
+        self.files: dict[str, list[Path]] = {}
+        self.file_tokens: dict[str, list[int]] = {}
+        self._flat_files: list[Path] = []
+        self._flat_dtypes: list[np.dtype] = []
+        self._flat_offsets: list[int] = []  # byte offset of the data (the .npy header)
+        self._flat_sizes: list[int] = []
+        for name, spec in domains.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"domain names must be non-empty strings, got {name!r}")
+            paths = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+            if not paths:
+                raise CorpusError(f"domain {name!r} lists no files")
+            sizes = []
+            self.names.append(name)
+            self.files[name] = []
+            for p in paths:
+                if not isinstance(p, (str, os.PathLike)):
+                    raise TypeError(f"domain {name!r}: file must be a path, got {p!r}")
+                path = Path(p)
+                dt, offset, n = self._inspect(name, path)
+                self.files[name].append(path)
+                self._flat_files.append(path)
+                self._flat_dtypes.append(dt)
+                self._flat_offsets.append(offset)
+                self._flat_sizes.append(n)
+                sizes.append(n)
+            if sum(sizes) == 0:
+                listing = ", ".join(repr(str(p)) for p in self.files[name])
+                raise CorpusError(f"domain {name!r} is empty: its files ({listing}) hold no tokens")
+            self.file_tokens[name] = sizes
+        self._maps: list[np.ndarray | None] = [None] * len(self._flat_files)
+
+    @classmethod
+    def from_dir(cls, path: PathLike) -> TokenCorpus:
+        """Load a corpus written by ``fastmix prepare`` (``<path>/corpus.json`` + token files)."""
+        root = Path(path)
+        manifest = _read_manifest(root)
+        if manifest is None:
+            raise CorpusError(f"{str(root)!r} has no {CORPUS_MANIFEST} (run `fastmix prepare`)")
+        domains = {
+            name: [root / f for f in info["files"]] for name, info in manifest["domains"].items()
+        }
+        if not domains:
+            raise CorpusError(f"{str(root / CORPUS_MANIFEST)!r} lists no domains")
+        corpus = cls(domains, dtype=manifest["dtype"])
+        corpus.manifest = manifest
+        return corpus
+
+    def _inspect(self, name: str, path: Path) -> tuple[np.dtype, int, int]:
+        where = f"domain {name!r}, file {str(path)!r}"
+        if not path.exists():
+            raise CorpusError(f"{where}: no such file")
+        if not path.is_file():
+            raise CorpusError(f"{where}: not a regular file")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8)
+        except OSError as e:
+            raise CorpusError(f"{where}: cannot be read ({e.strerror or e})") from None
+        size = path.stat().st_size
+        if path.suffix == ".npy" or head[:6] == b"\x93NUMPY":
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as e:
+                raise CorpusError(f"{where}: not a valid .npy file ({e})") from None
+            if arr.ndim != 1 or arr.dtype.kind not in _NPY_KINDS:
+                raise CorpusError(
+                    f"{where}: a .npy token file must be a 1-D integer array, got shape "
+                    f"{arr.shape} and dtype {arr.dtype}"
+                )
+            return arr.dtype, int(arr.offset), int(arr.shape[0])
+        dt = self._bin_dtype
+        if dt is None:
+            manifest = _read_manifest(path.parent)
+            if manifest is not None:
+                dt = _bin_dtype(manifest.get("dtype"), f"dtype in {path.parent / CORPUS_MANIFEST}")
+        if dt is None:
+            raise CorpusError(
+                f"{where}: a raw token file needs dtype= ('uint16' or 'uint32') or a "
+                f"{CORPUS_MANIFEST} beside it"
+            )
+        if size % dt.itemsize:
+            raise CorpusError(
+                f"{where}: size {size} bytes is not a multiple of the token size "
+                f"({dt.itemsize} bytes for {dt.name}); the file is truncated or has another dtype"
+            )
+        return dt, 0, size // dt.itemsize
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = [None] * len(self._flat_files)  # each process maps the files itself
+        return state
+
+    # -- sizes ----------------------------------------------------------------------------------
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.names)
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        """Tokens per domain."""
+        return {name: sum(sizes) for name, sizes in self.file_tokens.items()}
+
+    def num_windows(self, seq_len: int) -> dict[str, int]:
+        """Windows of ``seq_len + 1`` tokens (stride ``seq_len``, inside one file) per domain."""
+        seq_len = _positive_int(seq_len, "seq_len")
+        return {
+            name: sum(_file_windows(n, seq_len) for n in sizes)
+            for name, sizes in self.file_tokens.items()
+        }
+
+    def window_table(self, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(n_windows[K], file_begin[K + 1], file_window_end[F]) as ``_C.map_windows`` takes them.
+
+        Files are numbered in domain order; domain ``d`` owns files ``file_begin[d]`` to
+        ``file_begin[d + 1] - 1`` and ``file_window_end[f]`` counts the domain's windows up to and
+        including file ``f``.
+        """
+        seq_len = _positive_int(seq_len, "seq_len")
+        n_windows = np.zeros(self.num_domains, np.int64)
+        file_begin = np.zeros(self.num_domains + 1, np.int64)
+        ends = []
+        for d, name in enumerate(self.names):
+            total = 0
+            for n in self.file_tokens[name]:
+                total += _file_windows(n, seq_len)
+                ends.append(total)
+            n_windows[d] = total
+            file_begin[d + 1] = len(ends)
+        return n_windows, file_begin, np.array(ends, np.int64)
+
+    def file_path(self, file_index: int) -> Path:
+        """Path of the ``file_index``-th file (files numbered in domain order)."""
+        return self._flat_files[file_index]
+
+    def domain_files(self, name: str) -> str:
+        """The domain's files as one string, for error messages."""
+        return ", ".join(repr(str(p)) for p in self.files[name])
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def tokens_of(self, file_index: int) -> np.ndarray:
+        """The whole file as a read-only memory-mapped array (mapped once per process)."""
+        arr = self._maps[file_index]
+        if arr is None:
+            arr = np.memmap(
+                self._flat_files[file_index],
+                dtype=self._flat_dtypes[file_index],
+                mode="r",
+                offset=self._flat_offsets[file_index],
+                shape=(self._flat_sizes[file_index],),
+            )
+            self._maps[file_index] = arr
+        return arr
+
+    def read(self, file_index: int, offset: int, length: int) -> np.ndarray:
+        """``length`` tokens of file ``file_index`` from token ``offset`` (a view of the map)."""
+        return self.tokens_of(file_index)[offset : offset + length]
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}: {t:,} tokens" for n, t in self.tokens.items())
+        return f"TokenCorpus({parts})"
+
+
+def _file_windows(n_tokens: int, seq_len: int) -> int:
+    return max(0, (n_tokens - 1) // seq_len)
+
+
+def _bin_dtype(dtype: Any, what: str) -> np.dtype:
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _BIN_DTYPES:
+        raise ValueError(f"{what} must be 'uint16' or 'uint32' for raw token files, got {dtype!r}")
+    return _BIN_DTYPES[name]
+
+
+def _read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / CORPUS_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CorpusError(f"{str(path)!r} cannot be read: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("domains"), dict):
+        raise CorpusError(f"{str(path)!r} is not a fastmix corpus manifest (no 'domains' mapping)")
+    return data
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared control block: weight changes and worker progress
+# ----------------------------------------------------------------------------------------------
+
+_METHODS = ("alias", "stratified", "greedy")
+_POLICIES = ("reshuffle", "stop", "error")
+_STATE_FORMAT = "fastmix.MixtureDataset"
+_STATE_VERSION = 1
+# Ring of weight changes in shared memory.  A change is pending only until every worker has started
+# its step (at most prefetch_factor * num_workers steps), so 1024 slots are far more than needed
+# even when a rule changes the weights every step.
+_EVENT_CAPACITY = 1024
+# Progress slots: one per DataLoader worker of this rank (slot 0 for the in-process iterator).
+_WORKER_SLOTS = 256
+# A worker waiting for weights whose CUDA copy has not completed gives up after this long.
+_WAIT_TIMEOUT_S = 120.0
+_READY, _PENDING, _CANCELLED = 1, 0, 2
+
+
+class _Control:
+    """Shared memory that carries weight changes to DataLoader workers and their progress back.
+
+    Every write and every read-modify-write happens under one inter-process lock, so the step a
+    change is given (the first step no worker has started) is race-free: a worker records the step
+    it starts and collects the pending changes in the same critical section.
+    """
+
+    def __init__(self, num_domains: int):
+        # A spawn-context lock travels to workers under every start method (a fork-context one
+        # cannot be pickled for spawn), and fork children inherit it all the same.
+        self.lock = mp.get_context("spawn").Lock()
+        self.tensors = {
+            "event_step": torch.full((_EVENT_CAPACITY,), -1, dtype=torch.int64),
+            "event_id": torch.full((_EVENT_CAPACITY,), -1, dtype=torch.int64),
+            "event_flag": torch.zeros(_EVENT_CAPACITY, dtype=torch.int64),
+            "event_weights": torch.zeros(_EVENT_CAPACITY, num_domains, dtype=torch.float64),
+            "count": torch.zeros(1, dtype=torch.int64),
+            "started": torch.full((_WORKER_SLOTS,), -1, dtype=torch.int64),
+            "exhausted": torch.full((num_domains,), -1, dtype=torch.int64),
+        }
+        for t in self.tensors.values():
+            t.share_memory_()
+        self._views: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        from multiprocessing import context
+
+        if context.get_spawning_popen() is not None:  # to a worker process: share the same memory
+            return {"lock": self.lock, "tensors": self.tensors, "_views": None}
+        # A plain pickle or deepcopy makes an independent copy with its own lock.
+        return {"lock": None, "tensors": {k: t.clone() for k, t in self.tensors.items()}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.lock = state["lock"] or mp.get_context("spawn").Lock()
+        self.tensors = state["tensors"]
+        if state["lock"] is None:
+            for t in self.tensors.values():
+                t.share_memory_()
+        self._views = None
+
+    @property
+    def v(self) -> dict[str, np.ndarray]:
+        if self._views is None:  # numpy views of the shared tensors (rebuilt after unpickling)
+            self._views = {k: t.numpy() for k, t in self.tensors.items()}
+        return self._views
+
+    # -- writers (main process) ------------------------------------------------------------------
+
+    def earliest_step(self, floor: int) -> int:
+        with self.lock:
+            return self._earliest_step(floor)
+
+    def _earliest_step(self, floor: int) -> int:
+        started = self.v["started"]
+        return max(floor, int(started.max()) + 1)
+
+    def publish(
+        self, weights: np.ndarray | None, step: int | None, floor: int, flag: int = _READY
+    ) -> tuple[int, int]:
+        """Append a change; returns (event id, the step it applies from)."""
+        v = self.v
+        with self.lock:
+            earliest = self._earliest_step(floor)
+            if step is None:
+                step = earliest
+            elif step < earliest:
+                raise ValueError(
+                    f"step={step}: the stream has already been produced up to step {earliest - 1} "
+                    f"(DataLoader workers run ahead by prefetch_factor * num_workers batches); "
+                    f"the earliest step a change can reach now is {earliest}"
+                )
+            count = int(v["count"][0])
+            slot = count % _EVENT_CAPACITY
+            if count >= _EVENT_CAPACITY and v["event_flag"][slot] != _CANCELLED:
+                live = v["started"][v["started"] >= 0]
+                oldest_position = int(live.min()) if live.size else floor
+                if v["event_step"][slot] > oldest_position:
+                    raise RuntimeError(
+                        f"more than {_EVENT_CAPACITY} weight changes are pending at once; "
+                        "change the weights at most once per step"
+                    )
+            v["event_step"][slot] = step
+            v["event_flag"][slot] = flag
+            if weights is not None:
+                v["event_weights"][slot] = weights
+            v["event_id"][slot] = count
+            v["count"][0] = count + 1
+        return count, step
+
+    def fill(self, event_id: int, weights: np.ndarray | None) -> None:
+        """Complete a change published without its values (``None`` cancels it)."""
+        v = self.v
+        slot = event_id % _EVENT_CAPACITY
+        with self.lock:
+            if v["event_id"][slot] != event_id:
+                return
+            if weights is None:
+                v["event_flag"][slot] = _CANCELLED
+            else:
+                v["event_weights"][slot] = weights
+                v["event_flag"][slot] = _READY
+
+    def dump(self) -> list[tuple[int, list[float]]]:
+        """Every change still in the ring, oldest first, as (step, weights)."""
+        v = self.v
+        with self.lock:
+            ids = v["event_id"].copy()
+            flags = v["event_flag"].copy()
+            steps = v["event_step"].copy()
+            weights = v["event_weights"].copy()
+        order = [i for i in np.argsort(ids) if ids[i] >= 0 and flags[i] == _READY]
+        return [(int(steps[i]), weights[i].tolist()) for i in order]
+
+    # -- readers (iterators) ---------------------------------------------------------------------
+
+    def register(self, slot: int, num_slots: int, step: int) -> None:
+        """An iterator begins: it will next produce ``step``; slot 0 also clears stale slots."""
+        v = self.v
+        with self.lock:
+            v["started"][slot] = step - 1
+            if slot == 0:
+                v["started"][num_slots:] = -1
+
+    def collect(self, slot: int, position: int, claim: int) -> list[tuple[int, int, np.ndarray]]:
+        """Mark ``claim`` started; return the changes (id, step, weights) with step >= position.
+
+        Waits while a change due at or before ``claim`` still waits for its CUDA copy.
+        """
+        v = self.v
+        deadline = None
+        while True:
+            with self.lock:
+                live = (v["event_id"] >= 0) & (v["event_step"] >= position)
+                waiting = live & (v["event_flag"] == _PENDING) & (v["event_step"] <= claim)
+                if not waiting.any():
+                    v["started"][slot] = claim
+                    ready = np.flatnonzero(live & (v["event_flag"] == _READY))
+                    return [
+                        (
+                            int(v["event_id"][i]),
+                            int(v["event_step"][i]),
+                            v["event_weights"][i].copy(),
+                        )
+                        for i in ready
+                    ]
+            deadline = deadline or time.monotonic() + _WAIT_TIMEOUT_S
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"weights due at step {claim} never arrived from the main process "
+                    f"(waited {_WAIT_TIMEOUT_S:.0f} s for their device-to-host copy)"
+                )
+            time.sleep(1e-4)
+
+    def reset_progress(self) -> None:
+        """Forget every iterator's progress (a resumed dataset starts from its loaded state)."""
+        with self.lock:
+            self.v["started"][:] = -1
+
+    def mark_exhausted(self, domain: int, sample: int) -> None:
+        with self.lock:
+            if self.v["exhausted"][domain] < 0:
+                self.v["exhausted"][domain] = sample
+
+
+# ----------------------------------------------------------------------------------------------
+# The global stream
+# ----------------------------------------------------------------------------------------------
+
+
+class _Stream:
+    """The global sample stream from one state: draws domains, maps windows, applies changes.
+
+    Every process that iterates the dataset runs one of these over every global step; only the
+    steps it produces read tokens.
+    """
+
+    def __init__(self, ds: MixtureDataset, state: dict[str, Any] | None):
+        from fastmix.sampler import MixtureSampler
+
+        self.ds = ds
+        K = ds.corpus.num_domains
+        self.pending: dict[int, tuple[int, np.ndarray]] = {}
+        if state is None:
+            self.step = 0
+            self.cursors = np.zeros(K, np.int64)
+            self.user_weights = ds._initial_weights.copy()
+            self.dropped = np.zeros(K, bool)
+            self.finished = False
+            self.sampler = MixtureSampler(
+                self.user_weights, seed=ds.seed, method=ds.method, block=ds.block
+            )
+        else:
+            self.step = int(state["step"])
+            self.cursors = np.array(state["cursors"], np.int64)
+            self.user_weights = np.array(state["user_weights"], np.float64)
+            self.dropped = np.array(state["dropped"], bool)
+            self.finished = bool(state["finished"])
+            # Any valid weights do: load_state_dict restores the sampler's own weights and position.
+            self.sampler = MixtureSampler(
+                ds._initial_weights, seed=ds.seed, method=ds.method, block=ds.block
+            )
+            self.sampler.load_state_dict(state["sampler"])
+            for step, weights in state.get("pending", []):
+                self.merge(-1, int(step), np.asarray(weights, np.float64))
+        # Output buffers of the rank's slice, reused every step (the batch copies out of them).
+        n = ds._slice[1] - ds._slice[0]
+        self._out = {k: np.empty(n, np.int64) for k in ("file", "offset", "epoch", "window")}
+        self._none = {k: np.empty(0, np.int64) for k in ("file", "offset", "epoch", "window")}
+
+    def merge(self, event_id: int, step: int, weights: np.ndarray) -> None:
+        if step < self.step:
+            return
+        old = self.pending.get(step)
+        if old is None or event_id > old[0]:
+            self.pending[step] = (event_id, weights)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "cursors": self.cursors.tolist(),
+            "user_weights": self.user_weights.tolist(),
+            "dropped": self.dropped.tolist(),
+            "finished": self.finished,
+            "sampler": self.sampler.state_dict(),
+            "pending": [[s, w.tolist()] for s, (_, w) in sorted(self.pending.items())],
+        }
+
+    def _apply_weights(self) -> None:
+        w = np.where(self.dropped, 0.0, self.user_weights)
+        total = w.sum()
+        if not total > 0:
+            self.finished = True  # every domain with weight is exhausted: the stream ends
+            return
+        self.sampler.set_weights(w / total)
+
+    def plan(self, produce: bool) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        """Draw global step ``self.step``; returns (domains of the slice, window mapping) or None.
+
+        ``None`` means the stream has ended (``on_exhausted="stop"`` or every domain dropped); the
+        incomplete global step is not produced, so every rank sees the same number of steps.
+        """
+        ds = self.ds
+        if self.pending:
+            due = sorted(s for s in self.pending if s <= self.step)
+            if due:
+                for s in due:
+                    self.user_weights = self.pending.pop(s)[1]
+                self._apply_weights()
+        if self.finished:
+            return None
+        G = ds._global_batch
+        b0, b1 = ds._slice if produce else (0, 0)
+        out = self._out if produce else self._none
+        caps = ds._caps
+        # Snapshot the sampler only when some domain can reach its cap within this step.
+        snap = None
+        if ds._capped and np.any(((caps - self.cursors) < G) & ~self.dropped):
+            snap = (0, self.sampler.state_dict())
+        domains = self.sampler.sample(G)
+        done = 0
+        while True:
+            n = self._map(domains, done, b0, b1, out)
+            done += n
+            if done == G:
+                break
+            d = int(domains[done])
+            name = ds.corpus.names[d]
+            epochs = int(self.cursors[d] // ds._n_windows[d])
+            where = f"global sample {self.step * G + done} (step {self.step})"
+            if ds.on_exhausted == "error":
+                raise RuntimeError(
+                    f"domain {name!r} is exhausted after {epochs} epoch(s) of "
+                    f"{int(ds._n_windows[d])} windows at {where} (on_exhausted='error')"
+                )
+            ds._control.mark_exhausted(d, self.step * G + done)
+            if ds.on_exhausted == "stop":
+                self.finished = True
+                return None
+            # "reshuffle" with max_epochs: drop the domain, renormalise the rest, redraw from here.
+            self.dropped[d] = True
+            warnings.warn(
+                f"fastmix: domain {name!r} reached max_epochs={ds.max_epochs} at {where}; it is "
+                "dropped and the other domains' weights are renormalised",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            assert snap is not None  # a cap can only be reached when the snapshot was taken
+            snap_at, snap_state = snap
+            self.sampler.load_state_dict(snap_state)
+            if done > snap_at:
+                self.sampler.sample(done - snap_at)
+            self._apply_weights()
+            if self.finished:
+                return None
+            snap = (done, self.sampler.state_dict())
+            domains = np.concatenate([domains[:done], self.sampler.sample(G - done)])
+        self.step += 1
+        if not produce:
+            return None
+        return domains[b0:b1], out
+
+    def _map(
+        self, domains: np.ndarray, done: int, b0: int, b1: int, out: dict[str, np.ndarray]
+    ) -> int:
+        """Map samples ``done..`` of the global step; fills ``out`` for slice rows ``[b0, b1)``."""
+        ds = self.ds
+        if done < b1:  # part of the slice is still to map: its rows from max(b0, done) on
+            lo = max(b0, done)
+            begin, end = lo - done, b1 - done
+            views = [out[k][lo - b0 :] for k in ("file", "offset", "epoch", "window")]
+        else:
+            begin = end = 0
+            views = [self._none[k] for k in ("file", "offset", "epoch", "window")]
+        return _C.map_windows(
+            domains[done:], self.cursors, ds._n_windows, ds._caps, ds._file_begin,
+            ds._file_window_end, ds.seed, ds.seq_len, begin, end, *views,
+        )  # fmt: skip
+
+    def read(
+        self, domains: np.ndarray, out: dict[str, np.ndarray], shared: bool = False
+    ) -> torch.Tensor:
+        """Copy the planned windows out of the memory maps into a LongTensor [B, seq_len + 1].
+
+        ``shared`` allocates it in shared memory (as the DataLoader's own collate does in workers),
+        so handing it to the main process sends a handle instead of copying 0.5 MB per batch.
+        """
+        corpus, length = self.ds.corpus, self.ds.seq_len + 1
+        ids = _empty_long((len(domains), length), shared)
+        rows = ids.numpy()
+        files, offsets = out["file"].tolist(), out["offset"].tolist()
+        for j, (f, off) in enumerate(zip(files, offsets, strict=True)):
+            rows[j] = corpus.read(f, off, length)
+        return ids
+
+
+def _empty_long(shape: tuple[int, int], shared: bool) -> torch.Tensor:
+    if not shared:
+        return torch.empty(shape, dtype=torch.int64)
+    try:  # what torch's default_collate does in workers: allocate straight into shared memory
+        elem = torch.empty(0, dtype=torch.int64)
+        storage = elem._typed_storage()._new_shared(shape[0] * shape[1], device=elem.device)
+        return elem.new(storage).resize_(shape)
+    except (AttributeError, RuntimeError):  # private API moved: share after allocating
+        return torch.empty(shape, dtype=torch.int64).share_memory_()
+
+
+class _MixtureIterator:
+    """One process's iterator: every ``stride``-th of the rank's steps from ``next_step`` on."""
+
+    def __init__(self, ds: MixtureDataset, worker_id: int, num_workers: int):
+        if not 0 <= worker_id < num_workers <= _WORKER_SLOTS:
+            raise ValueError(
+                f"worker {worker_id} of {num_workers}: MixtureDataset supports up to "
+                f"{_WORKER_SLOTS} DataLoader workers per rank"
+            )
+        state = ds._resume
+        self.ds = ds
+        self.stream = _Stream(ds, state)
+        self.worker_id, self.stride = worker_id, num_workers
+        if state is not None and state.get("next_step") is not None:
+            if (state["worker"], state["stride"]) != (worker_id, num_workers):
+                raise ValueError(
+                    f"state was saved by DataLoader worker {state['worker']} of {state['stride']}; "
+                    f"it cannot resume worker {worker_id} of {num_workers} (load the whole "
+                    "loader's state with StatefulDataLoader, or a state saved outside the workers)"
+                )
+            self.next_step = int(state["next_step"])
+        else:
+            self.next_step = self.stream.step + worker_id
+        ds._control.register(worker_id, num_workers, self.next_step)
+        ds._active = self
+        self.in_worker = torch.utils.data.get_worker_info() is not None
+
+    def __iter__(self) -> _MixtureIterator:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        stream, ds = self.stream, self.ds
+        if stream.finished:
+            raise StopIteration
+        for event_id, step, weights in ds._control.collect(
+            self.worker_id, stream.step, self.next_step
+        ):
+            stream.merge(event_id, step, weights)
+        while stream.step < self.next_step:
+            stream.plan(produce=False)
+            if stream.finished:
+                raise StopIteration
+        planned = stream.plan(produce=True)
+        if planned is None:
+            raise StopIteration
+        self.next_step += self.stride
+        domains, out = planned
+        ids = stream.read(domains, out, shared=self.in_worker)
+        if ds.batch_size is None:
+            return {"input_ids": ids[0], "domain": int(domains[0])}
+        return {"input_ids": ids, "domain": torch.from_numpy(domains.astype(np.int64))}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.stream.state()
+        # Changes already in shared memory that this iterator has not collected yet.
+        pending = {s: w for s, w in state["pending"]}
+        for step, weights in self.ds._control.dump():
+            if step >= self.stream.step:
+                pending[step] = weights
+        state["pending"] = [[s, pending[s]] for s in sorted(pending)]
+        state.update(next_step=self.next_step, worker=self.worker_id, stride=self.stride)
+        return state
+
+
+# ----------------------------------------------------------------------------------------------
+# MixtureDataset
+# ----------------------------------------------------------------------------------------------
+
+
+class MixtureDataset(IterableDataset):
+    """A stream of token windows drawn from the corpus's domains under mixture weights.
+
+    Args:
+        corpus: the ``TokenCorpus`` to read.
+        seq_len: tokens per training sequence; each sample holds ``seq_len + 1`` tokens.
+        weights: mixture weights: a ``weights.json`` path, a ``{name: w}`` dict (names left out get
+            0), a sequence, an array or a tensor, in the corpus's domain order.
+        seed: seeds the domain draws and every domain's per-epoch window permutation.
+        method: the sampler, ``"alias"`` (i.i.d. draws), ``"stratified"`` or ``"greedy"`` (low
+            discrepancy: the realised counts track the weights closely).
+        block: the stratified sampler's block length (passed to ``MixtureSampler``).
+        batch_size: yield ready batches ``{"input_ids": LongTensor[B, seq_len + 1], "domain":
+            LongTensor[B]}`` of this per-rank size (use ``DataLoader(ds, batch_size=None)``); when
+            ``None`` yield single samples ``{"input_ids": LongTensor[seq_len + 1], "domain": int}``.
+        rank, world_size: this process's slice of every global batch; default from
+            ``torch.distributed`` when it is initialised, else 0 and 1.
+        max_epochs: the most passes over any one domain (``None``: unlimited with "reshuffle", one
+            pass with "stop" and "error").
+        on_exhausted: when a domain has read all its allowed epochs: ``"reshuffle"`` drops it and
+            renormalises the other domains (it is reported in ``exhausted`` and by a warning; the
+            stream ends when no domain with weight is left); ``"stop"`` ends the stream; ``"error"``
+            raises ``RuntimeError``.  Without ``max_epochs``, "reshuffle" starts the domain's next
+            epoch (a new permutation of its windows) forever.
+
+    The last incomplete global step is dropped when the stream ends, so every rank sees the same
+    number of steps.  See the module docstring for the global order, live weights and their lag.
+
+    Checkpointing: ``state_dict()`` / ``load_state_dict()`` follow torchdata's ``Stateful``, so a
+    ``StatefulDataLoader`` saves each worker's position and resumes it bit-identically.  Changes
+    made with ``set_weights`` after a worker's last snapshot live in the main process: save
+    ``dataset.state_dict()`` alongside ``loader.state_dict()`` and load it (before the loader's)
+    when resuming, or they are lost.
+    """
+
+    def __init__(
+        self,
+        corpus: TokenCorpus,
+        seq_len: int,
+        weights: Any,
+        *,
+        seed: int = 0,
+        method: str = "alias",
+        block: int | None = None,
+        batch_size: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        max_epochs: int | None = None,
+        on_exhausted: str = "reshuffle",
+    ):
+        super().__init__()
+        if not isinstance(corpus, TokenCorpus):
+            raise TypeError(f"corpus must be a TokenCorpus, got {type(corpus).__name__}")
+        self.corpus = corpus
+        self.seq_len = _positive_int(seq_len, "seq_len")
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, (int, np.integer))
+            or not 0 <= seed < 2**64
+        ):
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        self.seed = int(seed)
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        self.method = method
+        self.block = block
+        self.batch_size = None if batch_size is None else _positive_int(batch_size, "batch_size")
+        if on_exhausted not in _POLICIES:
+            raise ValueError(f"on_exhausted must be one of {_POLICIES}, got {on_exhausted!r}")
+        self.on_exhausted = on_exhausted
+        self.max_epochs = None if max_epochs is None else _positive_int(max_epochs, "max_epochs")
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+
+        self._n_windows, self._file_begin, self._file_window_end = corpus.window_table(self.seq_len)
+        # Epochs a domain may read: unlimited only for "reshuffle" without max_epochs.
+        if self.max_epochs is not None:
+            allowed: int | None = self.max_epochs
+        else:
+            allowed = None if on_exhausted == "reshuffle" else 1
+        self._capped = allowed is not None
+        big = np.iinfo(np.int64).max
+        self._caps = (
+            self._n_windows * allowed if allowed is not None else np.full_like(self._n_windows, big)
+        )
+        per_rank = self.batch_size or 1
+        self._global_batch = per_rank * self.world_size
+        self._slice = (self.rank * per_rank, (self.rank + 1) * per_rank)
+
+        self._initial_weights = self._check(weights)
+        self._weights = self._initial_weights.copy()
+        from fastmix.sampler import MixtureSampler
+
+        # Built once here so a bad block/method fails now, not later inside a DataLoader worker.
+        MixtureSampler(self._initial_weights, seed=self.seed, method=method, block=block)
+        self._control = _Control(corpus.num_domains)
+        self._resume: dict[str, Any] | None = None
+        self._floor = 0
+        self._active: _MixtureIterator | None = None
+        self.weight_schedule: list[tuple[int, list[float]]] = []
+        self._async: queue.Queue | None = None
+        self._async_thread: threading.Thread | None = None
+        self._async_error: BaseException | None = None
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    def _check(self, weights: Any) -> np.ndarray:
+        w = load_weights(weights, self.corpus.names)
+        empty = np.flatnonzero((w > 0) & (self._n_windows == 0))
+        if empty.size:
+            name = self.corpus.names[int(empty[0])]
+            raise ValueError(
+                f"domain {name!r} has weight {w[empty[0]]:g} but no window of seq_len + 1 = "
+                f"{self.seq_len + 1} tokens: its files ({self.corpus.domain_files(name)}) hold "
+                f"{self.corpus.tokens[name]:,} tokens and a window never crosses a file boundary"
+            )
+        return w
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.corpus.names)
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The weights most recently set (not renormalised for exhausted domains)."""
+        return self._weights.copy()
+
+    @property
+    def next_step(self) -> int:
+        """The earliest global step a weight change made now can reach on this rank.
+
+        Iterating in-process (no DataLoader workers) it is the number of steps consumed, so
+        ``set_weights(w, step=ds.next_step)`` makes the stream independent of timing - also for a
+        CUDA tensor, whose step is then fixed at once (the iterator waits for the copy there).
+        """
+        return self._control.earliest_step(self._floor)
+
+    def set_weights(self, weights: Any, *, step: int | None = None) -> int | None:
+        """Change the mixture weights from a global step on; returns that step.
+
+        Without ``step`` the change applies from the first global step no DataLoader worker (or
+        in-process iterator) of this rank has started (single rank only: other ranks' workers
+        would pick another step).  With ``step`` it applies exactly there (use the same value on
+        every rank): ``steps_consumed + prefetch_factor * num_workers`` is always safe; a step
+        some worker has already started is a ValueError naming the earliest possible one.
+
+        A CUDA tensor is never synchronised: its copy to pinned memory is enqueued with an event and
+        the weights are published once the copy has completed; the return value is then ``None``
+        and ``weight_schedule`` records the step when it is known (``flush_weights()`` waits).
+        """
+        self._raise_async_error()
+        if step is None and self.world_size > 1:
+            # Each rank's workers run ahead by a different amount, so "the first step not started"
+            # differs between ranks and their streams would diverge (duplicates and gaps).
+            raise ValueError(
+                f"set_weights: with world_size={self.world_size} pass step= (the same on every "
+                "rank), e.g. step = steps_consumed + prefetch_factor * num_workers"
+            )
+        if step is not None:
+            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+                raise ValueError(f"step must be a non-negative int or None, got {step!r}")
+            step = int(step)
+        if isinstance(weights, torch.Tensor) and weights.device.type == "cuda":
+            if weights.shape != (self.corpus.num_domains,):
+                raise ValueError(
+                    f"weights must have shape ({self.corpus.num_domains},), "
+                    f"got {tuple(weights.shape)}"
+                )
+            host = torch.empty(weights.shape, dtype=torch.float64, pin_memory=True)
+            host.copy_(weights.detach(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._submit_async(host, event, step)
+            return None
+        w = self._check(weights)
+        _, eff = self._control.publish(w, step, self._floor)
+        self._weights = w
+        self.weight_schedule.append((eff, w.tolist()))
+        return eff
+
+    def _submit_async(self, host: torch.Tensor, event: Any, step: int | None) -> None:
+        """Publish ``host`` once ``event.synchronize()`` returns, on a helper thread."""
+        placeholder = None
+        if step is not None:  # reserve the step now so no worker runs past it while the copy lands
+            placeholder, _ = self._control.publish(None, step, self._floor, flag=_PENDING)
+        if self._async is None:
+            self._async = queue.Queue()
+            self._async_thread = threading.Thread(
+                target=self._async_loop, name="fastmix-weights", daemon=True
+            )
+            self._async_thread.start()
+        self._async.put((host, event, placeholder, step))
+
+    def _async_loop(self) -> None:
+        assert self._async is not None
+        while True:
+            host, event, placeholder, step = self._async.get()
+            try:
+                event.synchronize()  # blocks this helper thread only
+                w = self._check(host.numpy().copy())
+                if placeholder is not None:
+                    self._control.fill(placeholder, w)
+                    eff = step
+                else:
+                    _, eff = self._control.publish(w, None, self._floor)
+                self._weights = w
+                self.weight_schedule.append((eff, w.tolist()))
+            except BaseException as e:  # surfaced by the next set_weights / flush_weights
+                if placeholder is not None:
+                    self._control.fill(placeholder, None)
+                self._async_error = e
+            finally:
+                self._async.task_done()
+
+    def flush_weights(self) -> None:
+        """Wait until every CUDA weight change has been published (raises its error, if any)."""
+        if self._async is not None:
+            self._async.join()
+        self._raise_async_error()
+
+    def _raise_async_error(self) -> None:
+        if self._async_error is not None:
+            error, self._async_error = self._async_error, None
+            raise ValueError(f"set_weights (CUDA tensor): {error}") from error
+
+    @property
+    def exhausted(self) -> list[str]:
+        """Domains dropped (or that ended the stream) at their epoch cap, in the order it happened.
+
+        Read from shared memory, so it reports what any DataLoader worker has seen.
+        """
+        return list(self.exhausted_at)
+
+    @property
+    def exhausted_at(self) -> dict[str, int]:
+        """Exhausted domain -> the global sample index at which it was exhausted."""
+        marks = self._control.v["exhausted"]
+        order = np.argsort(marks, kind="stable")
+        return {self.corpus.names[d]: int(marks[d]) for d in order if marks[d] >= 0}
+
+    # -- iteration -------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return _MixtureIterator(self, worker_id, num_workers)
+
+    def _iter_worker(self, worker_id: int, num_workers: int) -> _MixtureIterator:
+        """The iterator DataLoader worker ``worker_id`` of ``num_workers`` would run (for tests)."""
+        return _MixtureIterator(self, worker_id, num_workers)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "seed": self.seed,
+            "method": self.method,
+            "seq_len": self.seq_len,
+            "global_batch": self._global_batch,
+            "domains": list(self.corpus.names),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream is: the live iterator's position in this process, else the resume point.
+
+        Holds O(K) numbers (cursors, weights, the sampler's state) and the pending weight changes:
+        nothing per sample.
+        """
+        state = self._header()
+        if self._active is not None:
+            state.update(self._active.state_dict())
+        else:
+            state.update(_Stream(self, self._resume).state())
+            state.update(next_step=None, worker=None, stride=None)
+            if self._resume is not None and self._resume.get("next_step") is not None:
+                state.update({k: self._resume[k] for k in ("next_step", "worker", "stride")})
+        # Changes still to come; a worker's own state needs only its "pending" ones.
+        in_worker = torch.utils.data.get_worker_info() is not None
+        state["events"] = (
+            [] if in_worker else [[s, w] for s, w in self._control.dump() if s >= self._floor]
+        )
+        state["exhausted"] = self.exhausted_at
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()``: the next iteration continues exactly where it was."""
+        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+            raise ValueError("state is not a MixtureDataset state_dict")
+        header = self._header()
+        for key in ("version", "seed", "method", "seq_len", "global_batch", "domains"):
+            if state.get(key) != header[key]:
+                raise ValueError(
+                    f"state was saved with {key}={state.get(key)!r}, this dataset has "
+                    f"{key}={header[key]!r}"
+                )
+        state = dict(state)
+        self._resume = state
+        self._active = None
+        self._weights = np.array(state["user_weights"], np.float64)
+        for name, sample in dict(state.get("exhausted", {})).items():
+            self._control.mark_exhausted(self.corpus.names.index(name), int(sample))
+        if torch.utils.data.get_worker_info() is None:
+            # The main process owns the shared ring: restore the changes still to come.
+            self._floor = int(state["step"])
+            self._control.reset_progress()
+            changes = dict((int(s), w) for s, w in state.get("pending", []))
+            changes.update((int(s), w) for s, w in state.get("events", []) if s >= self._floor)
+            for s in sorted(changes):
+                self._control.publish(np.asarray(changes[s], np.float64), s, self._floor)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_async=None, _async_thread=None, _active=None, _async_error=None)
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"MixtureDataset({self.corpus.num_domains} domains, seq_len={self.seq_len}, "
+            f"batch_size={self.batch_size}, rank={self.rank}/{self.world_size}, "
+            f"method={self.method!r}, seed={self.seed})"
+        )
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    dist = torch.distributed
+    initialised = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    world_size = _positive_int(world_size, "world_size")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return int(rank), world_size

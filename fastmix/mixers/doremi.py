@@ -1,0 +1,368 @@
+"""DoReMi (Xie et al. 2023, Algorithm 1): mixture weights from excess loss, on the device.
+
+A small proxy model trains on batches drawn from a reference mixture (e.g. uniform); each step the
+per-domain clipped excess loss over a reference model, λ, moves the weights α by exponentiated
+gradient ascent, and α reweights the proxy's loss.  The running average of α over the updates is
+the mixture a user takes to the main run (``average_weights``).
+
+Everything in :meth:`DoReMi.step` stays on the device: no ``.item()``, no ``.cpu()``, no Python
+branch on a device value, so it runs under ``torch.compile(fullgraph=True)`` and in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastmix import distributed
+from fastmix.ops import (
+    MAX_KERNEL_DOMAINS,
+    domain_stats_detached,
+    doremi_step_,
+    doremi_update_,
+    proxy_objective,
+    reference,
+    resolve_backend,
+    validate_inputs,
+)
+
+__all__ = ["DoReMi"]
+
+_STATE_VERSION = 1
+
+
+def _check_float(name: str, value: Any, low: float, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return value
+
+
+class DoReMi:
+    """Online DoReMi mixture weights, held on the device.
+
+    Args:
+        num_domains: K.
+        step_size: η, the exponentiated-gradient step (>= 0).
+        smoothing: c in [0, 1]; α ← (1 − c)·softmax(log α + η λ) + c / K.
+        init_weights: the initial α (K positive values, normalised to sum 1); uniform by default.
+        proxy_loss: "dro" (Σ_i α_i · mean loss of domain i) or "reweighted"
+            (Σ_t α_d(t) ℓ_t / Σ_t α_d(t), the form of the authors' released code).
+        backend: "cuda", "triton" or "torch" to force one (also ``FASTMIX_BACKEND``).
+        device: where the state lives; by default it follows the first batch.
+        process_group: reduce statistics over this group (default: the world group when
+            torch.distributed is initialised).
+        deterministic: bitwise-reproducible statistics (no order-dependent float atomics).
+        debug: after each update, raise if any domain id was out of range (a host sync).
+
+    Attributes (device tensors, updated in place): ``weights`` (α), ``excess`` (λ),
+    ``average_weights`` (the mean of α over the updates; the initial α until the first update),
+    ``num_updates``, ``num_skipped`` (non-finite updates skipped), ``num_out_of_range`` (tokens
+    whose domain id was outside [0, K), dropped).
+    """
+
+    def __init__(
+        self,
+        num_domains: int,
+        *,
+        step_size: float = 1.0,
+        smoothing: float = 1e-3,
+        init_weights: Sequence[float] | Tensor | None = None,
+        proxy_loss: str = "dro",
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        process_group: Any = None,
+        deterministic: bool = False,
+        debug: bool = False,
+    ) -> None:
+        if isinstance(num_domains, bool) or not isinstance(num_domains, int):
+            raise TypeError(f"num_domains must be an int, got {type(num_domains).__name__}")
+        if num_domains < 1:
+            raise ValueError(f"num_domains must be >= 1, got {num_domains}")
+        if proxy_loss not in reference.PROXY_LOSSES:
+            raise ValueError(
+                f"proxy_loss must be one of {reference.PROXY_LOSSES}, got {proxy_loss!r}"
+            )
+        if backend is not None and backend not in ("cuda", "triton", "torch"):
+            raise ValueError(f"backend must be 'cuda', 'triton', 'torch' or None, got {backend!r}")
+        self.num_domains = num_domains
+        self.step_size = _check_float("step_size", step_size, 0.0)
+        self.smoothing = _check_float("smoothing", smoothing, 0.0, 1.0)
+        self.proxy_loss = proxy_loss
+        self.backend = backend
+        self.process_group = process_group
+        self.deterministic = bool(deterministic)
+        self.debug = bool(debug)
+        self._device_fixed = device is not None
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        alpha = self._initial_weights(init_weights)
+        self._state = torch.stack([alpha, torch.zeros_like(alpha), alpha]).to(dev)
+        self._counters = torch.zeros(3, dtype=torch.int64, device=dev)
+        self._pending = torch.zeros(3, num_domains, dtype=torch.float32, device=dev)
+        self._num_pending = 0  # micro-batches accumulated since the last update (host-side)
+        self._workspace: Tensor | None = None
+        self._workspace_key: tuple[str, torch.device] | None = None
+        self._stepped = False
+
+    # ---------------------------------------------------------------- construction helpers
+    def _initial_weights(self, init_weights: Sequence[float] | Tensor | None) -> Tensor:
+        k = self.num_domains
+        if init_weights is None:
+            return torch.full((k,), 1.0 / k, dtype=torch.float32)
+        w = torch.as_tensor(init_weights).detach().to("cpu", torch.float64).reshape(-1)
+        if w.numel() != k:
+            raise ValueError(f"init_weights must have {k} values, got {w.numel()}")
+        if not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
+            raise ValueError("init_weights must be finite and > 0")
+        return (w / w.sum()).to(torch.float32)
+
+    # ---------------------------------------------------------------- public state
+    @property
+    def weights(self) -> Tensor:
+        """α, the current training weights ``[K]``."""
+        return self._state[0]
+
+    @property
+    def excess(self) -> Tensor:
+        """λ, the last per-domain clipped excess loss ``[K]``."""
+        return self._state[1]
+
+    @property
+    def average_weights(self) -> Tensor:
+        """Mean of α over the updates so far ``[K]`` (the mixture for the main run)."""
+        return self._state[2]
+
+    @property
+    def num_updates(self) -> Tensor:
+        return self._counters[0]
+
+    @property
+    def num_skipped(self) -> Tensor:
+        return self._counters[1]
+
+    @property
+    def num_out_of_range(self) -> Tensor:
+        return self._counters[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self._state.device
+
+    def to(self, device: torch.device | str) -> DoReMi:
+        """Move the state to ``device`` (returns self)."""
+        dev = torch.device(device)
+        self._state = self._state.to(dev)
+        self._counters = self._counters.to(dev)
+        self._pending = self._pending.to(dev)
+        self._workspace = None
+        self._workspace_key = None
+        self._device_fixed = True
+        return self
+
+    # ---------------------------------------------------------------- internals
+    def _prepare(self, loss: Tensor, ref_loss: Any, domain: Tensor, mask: Tensor | None) -> str:
+        validate_inputs(loss, domain, self.num_domains, ref_loss, mask, ref_required=True)
+        if loss.device != self._state.device:
+            if not self._device_fixed and not self._stepped:
+                self.to(loss.device)
+            else:
+                raise ValueError(
+                    f"loss is on {loss.device} but the DoReMi state is on {self._state.device}"
+                )
+        self._stepped = True
+        name = resolve_backend(self.backend, loss.device)
+        if name != "torch" and self.num_domains > MAX_KERNEL_DOMAINS:
+            if self.backend is not None or os.environ.get("FASTMIX_BACKEND"):
+                raise ValueError(
+                    f"num_domains={self.num_domains} exceeds the {name} kernels' limit "
+                    f"{MAX_KERNEL_DOMAINS}; use backend='torch'"
+                )
+            name = "torch"
+        return name
+
+    def _get_workspace(self, backend: str) -> Tensor:
+        key = (backend, self._state.device)
+        if self._workspace is None or self._workspace_key != key:
+            if backend == "torch":
+                self._workspace = torch.empty(0, dtype=torch.int32, device=self._state.device)
+            else:
+                import importlib
+
+                module = importlib.import_module(f"fastmix.ops.{backend}")
+                self._workspace = module.fused_workspace(self.num_domains, self._state.device)
+            self._workspace_key = key
+        return self._workspace
+
+    def _after_update(self) -> None:
+        if self.debug:
+            self.check()
+
+    # ---------------------------------------------------------------- the step
+    def step(
+        self, loss: Tensor, ref_loss: Tensor, domain: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        """Update α from this batch, then return the proxy objective weighted by the new α.
+
+        Args:
+            loss: the proxy's per-token loss, ``[N]`` or ``[B, T]`` (float32/bf16/fp16).
+            ref_loss: the reference model's per-token loss, same shape and dtype.
+            domain: int32/int64 domain ids, per token or per sequence (``[B]``).
+            mask: bool, False marks a token to ignore.
+
+        Returns:
+            A float32 scalar with autograd to ``loss`` (∂/∂ℓ_t = α_d / n_d for "dro",
+            α_d / Σ_t' α_d(t') for "reweighted"; α is detached).  With several ranks the
+            statistics are summed across ranks before the update (every rank holds the same α)
+            and the objective is each rank's own batch.
+        """
+        if self._num_pending:
+            raise RuntimeError(
+                "accumulate() was called since the last update(); call update() before step()"
+            )
+        backend = self._prepare(loss, ref_loss, domain, mask)
+        group = distributed.resolve_group(self.process_group)
+        if distributed.world_size(group) == 1:
+            objective, aux = doremi_step_(
+                loss.detach(), domain, mask, ref_loss.detach(), self._state, self._counters,
+                self._get_workspace(backend), self.step_size, self.smoothing, self.proxy_loss,
+                backend, self.deterministic,
+            )  # fmt: skip
+        else:
+            stats, out_of_range = domain_stats_detached(
+                loss.detach(), domain, mask, ref_loss.detach(), self.num_domains, backend,
+                self.deterministic,
+            )  # fmt: skip
+            self._counters[2:].add_(out_of_range)
+            total = distributed.all_reduce_sum_(stats.clone(), group)
+            doremi_update_(
+                total, self._state, self._counters, self.step_size, self.smoothing,
+                self.proxy_loss, backend,
+            )  # fmt: skip
+            aux = torch.cat([stats, self._state[0:1]])
+            objective = reference.objective_from(aux, self.proxy_loss)
+        self._after_update()
+        return proxy_objective(loss, objective, aux, domain, mask, self.proxy_loss)
+
+    def accumulate(
+        self, loss: Tensor, ref_loss: Tensor, domain: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        """Add one micro-batch's statistics to the next :meth:`update` (gradient accumulation).
+
+        Returns this micro-batch's proxy objective weighted by the current α (the update comes
+        after all micro-batches), with the same autograd as :meth:`step`.
+        """
+        backend = self._prepare(loss, ref_loss, domain, mask)
+        stats, out_of_range = domain_stats_detached(
+            loss.detach(), domain, mask, ref_loss.detach(), self.num_domains, backend,
+            self.deterministic,
+        )  # fmt: skip
+        self._pending.add_(stats)
+        self._counters[2:].add_(out_of_range)
+        self._num_pending += 1
+        aux = torch.cat([stats, self._state[0:1]])
+        objective = reference.objective_from(aux, self.proxy_loss)
+        return proxy_objective(loss, objective, aux, domain, mask, self.proxy_loss)
+
+    def update(self) -> None:
+        """Update α from the statistics accumulated since the last update (all ranks summed)."""
+        if not self._num_pending:
+            raise RuntimeError("update() needs at least one accumulate() since the last update")
+        backend = resolve_backend(self.backend, self._state.device)
+        if backend != "torch" and self.num_domains > MAX_KERNEL_DOMAINS:
+            backend = "torch"
+        group = distributed.resolve_group(self.process_group)
+        distributed.all_reduce_sum_(self._pending, group)
+        doremi_update_(
+            self._pending, self._state, self._counters, self.step_size, self.smoothing,
+            self.proxy_loss, backend,
+        )  # fmt: skip
+        self._pending.zero_()
+        self._num_pending = 0
+        self._after_update()
+
+    def check(self) -> None:
+        """Raise if any unmasked token had a domain id outside [0, K) (synchronises)."""
+        bad = int(self._counters[2])
+        if bad:
+            raise ValueError(
+                f"{bad} token(s) had a domain id outside [0, num_domains={self.num_domains}); "
+                "they were dropped from the statistics"
+            )
+
+    # ---------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The full state (tensors cloned, on the state's device) and hyperparameters."""
+        if self._num_pending:
+            raise RuntimeError("call update() before state_dict(): micro-batches are pending")
+        return {
+            "version": _STATE_VERSION,
+            "num_domains": self.num_domains,
+            "step_size": self.step_size,
+            "smoothing": self.smoothing,
+            "proxy_loss": self.proxy_loss,
+            "weights": self.weights.clone(),
+            "excess": self.excess.clone(),
+            "average_weights": self.average_weights.clone(),
+            "num_updates": self.num_updates.clone(),
+            "num_skipped": self.num_skipped.clone(),
+            "num_out_of_range": self.num_out_of_range.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (validated: K, shapes, hyperparameters)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        missing = [
+            key
+            for key in ("num_domains", "weights", "excess", "average_weights", "num_updates")
+            if key not in state
+        ]
+        if missing:
+            raise ValueError(f"state is missing {missing}")
+        if state.get("version", _STATE_VERSION) != _STATE_VERSION:
+            raise ValueError(f"state version {state['version']} is not {_STATE_VERSION}")
+        if state["num_domains"] != self.num_domains:
+            raise ValueError(
+                f"state has num_domains={state['num_domains']}, this DoReMi has "
+                f"{self.num_domains}"
+            )
+        k = self.num_domains
+        rows = []
+        for key in ("weights", "excess", "average_weights"):
+            value = torch.as_tensor(state[key])
+            if value.shape != (k,):
+                raise ValueError(f"state[{key!r}] must have shape ({k},), got {tuple(value.shape)}")
+            if not value.is_floating_point():
+                raise TypeError(f"state[{key!r}] must be floating point, got {value.dtype}")
+            rows.append(value.detach().to(self._state.device, torch.float32))
+        counters = []
+        for key in ("num_updates", "num_skipped", "num_out_of_range"):
+            value = torch.as_tensor(state.get(key, 0))
+            if value.numel() != 1:
+                raise ValueError(f"state[{key!r}] must be a scalar, got shape {tuple(value.shape)}")
+            counters.append(value.detach().reshape(()).to(self._state.device, torch.int64))
+        step_size = _check_float("step_size", state.get("step_size", self.step_size), 0.0)
+        smoothing = _check_float("smoothing", state.get("smoothing", self.smoothing), 0.0, 1.0)
+        proxy = state.get("proxy_loss", self.proxy_loss)
+        if proxy not in reference.PROXY_LOSSES:
+            raise ValueError(f"state['proxy_loss'] must be one of {reference.PROXY_LOSSES}")
+        self._state.copy_(torch.stack(rows))
+        self._counters.copy_(torch.stack(counters))
+        self._pending.zero_()
+        self._num_pending = 0
+        self.step_size, self.smoothing, self.proxy_loss = step_size, smoothing, proxy
+
+    def __repr__(self) -> str:
+        return (
+            f"DoReMi(num_domains={self.num_domains}, step_size={self.step_size}, "
+            f"smoothing={self.smoothing}, proxy_loss={self.proxy_loss!r}, "
+            f"device={self._state.device})"
+        )

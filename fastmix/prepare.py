@@ -1,0 +1,427 @@
+"""``fastmix prepare``: text or JSONL files -> one token file per domain + ``corpus.json``.
+
+Output layout (what ``TokenCorpus.from_dir`` reads)::
+
+    <out>/<domain>.bin     flat little-endian tokens, every document followed by end-of-document
+    <out>/corpus.json      {"format": "fastmix-corpus", "version": 1, "dtype": "uint16",
+                            "tokenizer": "byte", "vocab_size": 257, "eos_id": 256,
+                            "domains": {name: {"files": ["name.bin"], "tokens": N, "documents": D,
+                                               "sources": [...]}}}
+
+Inputs: ``.jsonl`` / ``.json`` files hold one JSON object per line whose ``--text-field`` (default
+``text``) is a document; ``.jsonl.gz`` is read through gzip; any other file is plain text, one
+document per file (``--lines``: one per non-empty line).
+
+Tokenizers: ``byte`` (built in: the UTF-8 bytes 0-255 plus end-of-document 256, stored as uint16),
+``tiktoken:<encoding>`` (e.g. ``tiktoken:gpt2``) and ``hf:<tokenizer.json or hub name>`` when the
+``tiktoken`` / ``tokenizers`` packages are installed.
+
+Crash safety: a token file is written under a temporary name in the output directory and renamed
+into place only once complete; ``corpus.json`` is rewritten the same way afterwards.  A crash leaves
+at most a ``.<domain>.bin.tmp-*`` file, which nothing loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastmix.data import CORPUS_MANIFEST, CorpusError
+
+__all__ = [
+    "Tokenizer",
+    "get_tokenizer",
+    "prepare_domain",
+    "prepare_corpus",
+    "read_documents",
+    "configure",
+    "run",
+]
+
+MANIFEST_FORMAT = "fastmix-corpus"
+MANIFEST_VERSION = 1
+BYTE_EOS = 256
+# Tokens are buffered and written in chunks of this many (8 MiB of uint16), so memory stays flat.
+_FLUSH_TOKENS = 1 << 22
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A text -> token ids function with the facts a corpus records about it."""
+
+    name: str
+    encode: Callable[[str], Sequence[int] | np.ndarray]
+    vocab_size: int
+    eos_id: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        """uint16 when every id fits (vocab <= 65536), else uint32."""
+        return np.dtype("<u2") if self.vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def _byte_encode(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8)
+
+
+def get_tokenizer(spec: str = "byte") -> Tokenizer:
+    """``"byte"``, ``"tiktoken:<encoding>"`` or ``"hf:<path or hub name>"``.
+
+    The last two need the optional ``tiktoken`` / ``tokenizers`` packages; without them the error
+    says which package to install.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"tokenizer must be a string, got {type(spec).__name__}")
+    if spec == "byte":
+        return Tokenizer("byte", _byte_encode, vocab_size=BYTE_EOS + 1, eos_id=BYTE_EOS)
+    kind, _, arg = spec.partition(":")
+    if kind == "tiktoken" and arg:
+        try:
+            import tiktoken
+        except ImportError:
+            raise ValueError(
+                f"tokenizer {spec!r} needs the 'tiktoken' package (pip install tiktoken)"
+            ) from None
+        enc = tiktoken.get_encoding(arg)
+        return Tokenizer(
+            spec,
+            lambda text: enc.encode_ordinary(text),
+            vocab_size=enc.n_vocab,
+            eos_id=enc.eot_token,
+        )
+    if kind == "hf" and arg:
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise ValueError(
+                f"tokenizer {spec!r} needs the 'tokenizers' package (pip install tokenizers)"
+            ) from None
+        tok = (
+            HFTokenizer.from_file(arg) if os.path.isfile(arg) else HFTokenizer.from_pretrained(arg)
+        )
+        eos = next(
+            (
+                tok.token_to_id(t)
+                for t in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+                if tok.token_to_id(t) is not None
+            ),
+            None,
+        )
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        if eos is None:  # no end-of-document token in the vocabulary: add one past the end
+            eos = vocab
+            vocab += 1
+        return Tokenizer(
+            spec,
+            lambda text: tok.encode(text, add_special_tokens=False).ids,
+            vocab_size=vocab,
+            eos_id=eos,
+        )
+    raise ValueError(
+        f"tokenizer must be 'byte', 'tiktoken:<encoding>' or 'hf:<path>', got {spec!r}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading documents
+# ----------------------------------------------------------------------------------------------
+
+
+def read_documents(
+    path: str | os.PathLike, *, text_field: str = "text", lines: bool = False
+) -> Iterator[str]:
+    """Documents of one input file (JSONL by suffix, else plain text); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"input {str(path)!r}: no such file")
+    name = path.name.lower()
+    is_gz = name.endswith(".gz")
+    is_jsonl = name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson"))
+    try:
+        raw = gzip.open(path, "rb") if is_gz else open(path, "rb")
+    except OSError as e:
+        raise ValueError(f"input {str(path)!r}: cannot be read ({e.strerror or e})") from None
+    with raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
+        if is_jsonl:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"input {str(path)!r}, line {lineno}: invalid JSON ({e})"
+                    ) from None
+                if not isinstance(obj, dict) or text_field not in obj:
+                    raise ValueError(
+                        f"input {str(path)!r}, line {lineno}: no {text_field!r} field "
+                        "(choose the field with --text-field)"
+                    )
+                text = obj[text_field]
+                if not isinstance(text, str):
+                    raise ValueError(
+                        f"input {str(path)!r}, line {lineno}: field {text_field!r} is not a string"
+                    )
+                yield text
+        elif lines:
+            for line in f:
+                line = line.rstrip("\n")
+                if line.strip():
+                    yield line
+        else:
+            yield f.read()
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_domain(
+    name: str,
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    tokenizer: str | Tokenizer = "byte",
+    *,
+    sources: Sequence[str] = (),
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Tokenise ``texts`` (one document each) into ``<out_dir>/<name>.bin`` and record it.
+
+    Each document is followed by the tokenizer's end-of-document id.  The file is written under a
+    temporary name and renamed once complete, then ``corpus.json`` is updated the same way, so an
+    exception or a crash midway never leaves a file that loads.  Returns the manifest entry.
+    ``progress`` is an optional tqdm-like object whose ``update(n)`` gets the characters consumed.
+    """
+    _check_domain_name(name)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _load_or_new_manifest(out, tok)
+    target = out / f"{name}.bin"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.bin.tmp-", dir=out)
+    tmp = Path(tmp_name)
+    n_tokens = n_docs = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            buffer: list[np.ndarray] = []
+            buffered = 0
+            eos = np.array([tok.eos_id], dtype=tok.dtype)
+            for text in texts:
+                if not isinstance(text, str):
+                    raise TypeError(
+                        f"domain {name!r}: documents must be str, got {type(text).__name__}"
+                    )
+                ids = np.asarray(tok.encode(text))
+                if ids.size and (ids.min() < 0 or ids.max() >= tok.vocab_size):
+                    raise ValueError(
+                        f"domain {name!r}: tokenizer produced ids outside its vocabulary"
+                    )
+                buffer += [ids.astype(tok.dtype, copy=False), eos]
+                buffered += ids.size + 1
+                n_docs += 1
+                if progress is not None:
+                    progress.update(len(text))
+                if buffered >= _FLUSH_TOKENS:
+                    f.write(np.concatenate(buffer).tobytes())
+                    n_tokens += buffered
+                    buffer, buffered = [], 0
+            if buffer:
+                f.write(np.concatenate(buffer).tobytes())
+                n_tokens += buffered
+            f.flush()
+            os.fsync(f.fileno())
+        if n_docs == 0:
+            raise ValueError(f"domain {name!r}: no documents (inputs: {list(sources) or 'none'})")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    entry = {
+        "files": [target.name],
+        "tokens": int(n_tokens),
+        "documents": int(n_docs),
+        "sources": [str(s) for s in sources],
+    }
+    manifest = _load_or_new_manifest(out, tok)  # re-read: another domain may have been added since
+    manifest["domains"][name] = entry
+    _write_json_atomic(out / CORPUS_MANIFEST, manifest)
+    return entry
+
+
+def prepare_corpus(
+    domains: dict[str, Sequence[str | os.PathLike]],
+    out_dir: str | os.PathLike,
+    tokenizer: str = "byte",
+    *,
+    text_field: str = "text",
+    lines: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenise every domain's input files; returns the written manifest (``corpus.json``)."""
+    if not domains:
+        raise ValueError("domains: nothing to prepare")
+    tok = get_tokenizer(tokenizer)
+    for name, paths in domains.items():
+        _check_domain_name(name)
+        for p in paths:
+            if not Path(p).is_file():
+                raise ValueError(f"domain {name!r}: input {str(p)!r} is not a file")
+    total = sum(Path(p).stat().st_size for ps in domains.values() for p in ps)
+    bar = _progress(total, show_progress)
+    try:
+        for name, paths in domains.items():
+            if bar is not None:
+                bar.set_description(name)
+            docs = _documents(paths, text_field, lines, bar)
+            prepare_domain(name, docs, out_dir, tok, sources=[str(p) for p in paths], progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return _load_or_new_manifest(Path(out_dir), tok)
+
+
+def _documents(paths: Sequence[Any], text_field: str, lines: bool, bar: Any) -> Iterator[str]:
+    """Documents of several files; the bar is set to the exact bytes read after each file."""
+    for p in paths:
+        start = bar.n if bar is not None else 0
+        yield from read_documents(p, text_field=text_field, lines=lines)
+        if bar is not None:
+            bar.n = start + Path(p).stat().st_size
+            bar.refresh()
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    # Characters stand in for bytes: exact for ASCII, close enough for a progress bar.
+    return tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
+
+
+def _check_domain_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise ValueError(
+            f"domain name must be a plain file name (no '/', no leading '.'), got {name!r}"
+        )
+
+
+def _load_or_new_manifest(out: Path, tok: Tokenizer) -> dict[str, Any]:
+    path = out / CORPUS_MANIFEST
+    if path.is_file():
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CorpusError(f"{str(path)!r} cannot be read: {e}") from None
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(
+            manifest.get("domains"), dict
+        ):
+            raise CorpusError(f"{str(path)!r} is not a {MANIFEST_FORMAT} manifest")
+        if manifest.get("tokenizer") != tok.name or manifest.get("dtype") != tok.dtype.name:
+            raise CorpusError(
+                f"{str(path)!r} was written with tokenizer {manifest.get('tokenizer')!r} "
+                f"({manifest.get('dtype')}); cannot add domains tokenised with {tok.name!r} "
+                f"({tok.dtype.name}) - use another output directory"
+            )
+        return manifest
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "dtype": tok.dtype.name,
+        "tokenizer": tok.name,
+        "vocab_size": int(tok.vocab_size),
+        "eos_id": int(tok.eos_id),
+        "domains": {},
+    }
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)  # domain order is meaningful: keep it
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Tokenise text or JSONL files into one token file per domain plus corpus.json, "
+        "loadable with fastmix.TokenCorpus.from_dir(OUT)."
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="DOMAIN=FILE[,FILE...]",
+        help="a domain and its input files; a bare FILE makes a domain named after the file",
+    )
+    parser.add_argument("-o", "--out", required=True, help="output directory")
+    parser.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="byte (built in, default) | tiktoken:<encoding> | hf:<tokenizer.json or hub name>",
+    )
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    parser.add_argument(
+        "--lines", action="store_true", help="plain text: one document per non-empty line"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_inputs(specs: Sequence[str]) -> dict[str, list[str]]:
+    """``["web=a.jsonl,b.jsonl", "code.txt"]`` -> ``{"web": [...], "code": ["code.txt"]}``."""
+    domains: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, files = spec.partition("=")
+        if not sep:
+            files, name = spec, Path(spec).name.split(".")[0]
+        paths = [p for p in files.split(",") if p]
+        if not name or not paths:
+            raise ValueError(f"input {spec!r}: expected DOMAIN=FILE[,FILE...] or FILE")
+        domains.setdefault(name, []).extend(paths)
+    return domains
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        domains = parse_inputs(args.inputs)
+        manifest = prepare_corpus(
+            domains,
+            args.out,
+            args.tokenizer,
+            text_field=args.text_field,
+            lines=args.lines,
+            show_progress=not args.no_progress,
+        )
+    except (ValueError, TypeError) as e:
+        print(f"fastmix prepare: error: {e}", file=sys.stderr)
+        return 2
+    for name in domains:
+        entry = manifest["domains"][name]
+        print(f"{name}: {entry['documents']:,} documents, {entry['tokens']:,} tokens")
+    print(
+        f"wrote {Path(args.out) / CORPUS_MANIFEST} ({manifest['tokenizer']}, {manifest['dtype']})"
+    )
+    return 0

@@ -1,0 +1,114 @@
+"""TokenCorpus and load_weights: formats, sizes, windows and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastmix.data import CorpusError, TokenCorpus, load_weights
+
+
+def write_bin(path, tokens, dtype="<u2"):
+    np.asarray(tokens, dtype=dtype).tofile(path)
+    return path
+
+
+def test_bin_and_npy_files_sizes_and_windows(tmp_path):
+    a1 = write_bin(tmp_path / "a1.bin", np.arange(21))  # 21 tokens -> (21 - 1) // 4 = 5 windows
+    a2 = write_bin(tmp_path / "a2.bin", np.arange(100, 110))  # 10 tokens -> 2 windows
+    b = tmp_path / "b.npy"
+    np.save(b, np.arange(1000, 1017, dtype=np.uint32))  # 17 tokens -> 4 windows
+    corpus = TokenCorpus({"a": [a1, a2], "b": str(b)}, dtype="uint16")
+    assert corpus.names == ["a", "b"]
+    assert corpus.tokens == {"a": 31, "b": 17}
+    assert corpus.num_windows(4) == {"a": 7, "b": 4}
+    n_windows, file_begin, ends = corpus.window_table(4)
+    assert n_windows.tolist() == [7, 4] and file_begin.tolist() == [0, 2, 3]
+    assert ends.tolist() == [5, 7, 4]
+    assert corpus.read(1, 4, 5).tolist() == [104, 105, 106, 107, 108]
+    assert corpus.read(2, 0, 3).tolist() == [1000, 1001, 1002]
+    assert corpus.tokens_of(0).dtype == np.dtype("<u2") and isinstance(
+        corpus.tokens_of(0), np.memmap
+    )
+
+
+def test_uint32_and_dtype_from_manifest(tmp_path):
+    write_bin(tmp_path / "x.bin", [70000, 1, 2], dtype="<u4")
+    (tmp_path / "corpus.json").write_text(
+        json.dumps({"dtype": "uint32", "domains": {"x": {"files": ["x.bin"]}}})
+    )
+    corpus = TokenCorpus.from_dir(tmp_path)
+    assert corpus.read(0, 0, 3).tolist() == [70000, 1, 2]
+    assert TokenCorpus({"x": tmp_path / "x.bin"}).tokens == {"x": 3}  # dtype from the manifest
+
+
+def test_pickle_drops_memory_maps(tmp_path):
+    import pickle
+
+    corpus = TokenCorpus({"a": write_bin(tmp_path / "a.bin", np.arange(5000))}, dtype="uint16")
+    corpus.read(0, 0, 10)
+    blob = pickle.dumps(corpus)
+    assert len(blob) < 2000  # the 10 kB of tokens did not travel
+    assert pickle.loads(blob).read(0, 4990, 10).tolist() == list(range(4990, 5000))
+
+
+def test_bad_files_name_domain_and_file(tmp_path):
+    good = write_bin(tmp_path / "good.bin", np.arange(10))
+    with pytest.raises(CorpusError, match=r"domain 'web', file .*missing.bin.*no such file"):
+        TokenCorpus({"web": [good, tmp_path / "missing.bin"]}, dtype="uint16")
+    (tmp_path / "odd.bin").write_bytes(b"\x00" * 7)
+    with pytest.raises(CorpusError, match=r"domain 'code', file .*odd.bin.*not a multiple"):
+        TokenCorpus({"code": tmp_path / "odd.bin"}, dtype="uint16")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(CorpusError, match=r"domain 'e' is empty.*empty.bin"):
+        TokenCorpus({"e": tmp_path / "empty.bin"}, dtype="uint16")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(CorpusError, match=r"domain 'd', file .*adir.*not a regular file"):
+        TokenCorpus({"d": tmp_path / "adir"}, dtype="uint16")
+    with pytest.raises(CorpusError, match=r"domain 'g', file .*good.bin.*needs dtype"):
+        TokenCorpus({"g": good})
+    with pytest.raises(ValueError, match="dtype must be 'uint16' or 'uint32'"):
+        TokenCorpus({"g": good}, dtype="float32")
+    np.save(tmp_path / "two_d.npy", np.zeros((2, 3), np.uint16))
+    with pytest.raises(CorpusError, match=r"domain 'm', file .*two_d.npy.*1-D integer"):
+        TokenCorpus({"m": tmp_path / "two_d.npy"})
+    with pytest.raises(CorpusError, match="lists no files"):
+        TokenCorpus({"n": []})
+    with pytest.raises(TypeError, match="non-empty mapping"):
+        TokenCorpus({})
+    with pytest.raises(CorpusError, match="no corpus.json"):
+        TokenCorpus.from_dir(tmp_path)
+
+
+def test_load_weights_every_source(tmp_path):
+    names = ["a", "b", "c"]
+    path = tmp_path / "weights.json"
+    path.write_text(json.dumps({"weights": {"a": 0.5, "c": 1.5}, "meta": "ignored"}))
+    assert load_weights(path, names).tolist() == [0.5, 0.0, 1.5]
+    assert load_weights(str(path)) == {"a": 0.5, "c": 1.5}
+    assert load_weights({"b": 2}, names).tolist() == [0.0, 2.0, 0.0]
+    assert load_weights([1, 2, 3], names).tolist() == [1.0, 2.0, 3.0]
+    assert load_weights(torch.tensor([1.0, 0.0, 1.0]), names).tolist() == [1.0, 0.0, 1.0]
+    assert load_weights(np.array([3, 1, 0]), names).dtype == np.float64
+
+
+def test_load_weights_bad_input(tmp_path):
+    names = ["a", "b"]
+    with pytest.raises(ValueError, match=r"unknown domains \['zzz'\]"):
+        load_weights({"a": 1, "zzz": 1}, names)
+    with pytest.raises(ValueError, match="2 domains"):
+        load_weights([1, 2, 3], names)
+    with pytest.raises(ValueError, match=r">= 0; domain 'b'"):
+        load_weights([1, -1], names)
+    with pytest.raises(ValueError, match="finite"):
+        load_weights([1, float("nan")], names)
+    with pytest.raises(ValueError, match="positive sum"):
+        load_weights([0, 0], names)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_weights(tmp_path / "nope.json", names)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_weights(tmp_path / "bad.json", names)
+    with pytest.raises(TypeError, match="must be a number"):
+        load_weights({"a": "x"}, names)

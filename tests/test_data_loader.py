@@ -1,0 +1,192 @@
+"""MixtureDataset across ranks and DataLoader workers: one global order, live weights, resume."""
+
+import pickle
+import warnings
+
+import pytest
+import torch
+from test_data_helpers import SEQ_LEN, flatten, make_corpus, take
+from torch.utils.data import DataLoader
+
+from fastmix.data import MixtureDataset
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def rank_outputs(ds, num_workers, steps):
+    """What rank ``ds.rank``'s DataLoader yields: workers' outputs interleaved round-robin."""
+    if num_workers == 0:
+        return take(iter(ds), steps)
+    iterators = [ds._iter_worker(w, num_workers) for w in range(num_workers)]
+    out = []
+    for j in range(steps):
+        try:
+            out.append(next(iterators[j % num_workers]))
+        except StopIteration:  # the stream ended: every later step is gone too
+            break
+    return out
+
+
+def global_stream(per_rank):
+    """Interleave ranks' outputs step by step into the global sample stream."""
+    steps = min(len(r) for r in per_rank)
+    assert all(len(r) == steps for r in per_rank)  # every rank sees the same number of steps
+    return [s for j in range(steps) for r in per_rank for s in flatten([r[j]])]
+
+
+def make(corpus, rank, world_size, batch_size, **kwargs):
+    kwargs.setdefault("seed", 13)
+    return MixtureDataset(
+        corpus,
+        SEQ_LEN,
+        kwargs.pop("weights", [2, 1, 1]),
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 4])
+def test_union_over_ranks_and_workers_is_the_single_stream(corpus, world_size, num_workers):
+    steps = 12
+    reference = flatten(take(iter(make(corpus, 0, 1, None)), steps * world_size * 2))
+    per_rank = [
+        rank_outputs(make(corpus, r, world_size, 2), num_workers, steps) for r in range(world_size)
+    ]
+    assert global_stream(per_rank) == reference  # no duplicate, no gap, same order
+    per_rank = [
+        rank_outputs(make(corpus, r, world_size, None), num_workers, steps)
+        for r in range(world_size)
+    ]
+    assert global_stream(per_rank) == reference[: steps * world_size]
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(2, 3), (3, 2)])
+def test_union_with_weight_changes_and_exhaustion(corpus, world_size, num_workers):
+    def build(rank, ws, batch):
+        ds = make(corpus, rank, ws, batch, max_epochs=2, method="stratified")
+        ds.set_weights([1, 3, 1], step=2)
+        ds.set_weights([0, 1, 5], step=5)
+        return ds
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        reference = flatten(take(iter(build(0, 1, 2 * world_size)), 1000))
+        per_rank = [
+            rank_outputs(build(r, world_size, 2), num_workers, 1000) for r in range(world_size)
+        ]
+    assert len(reference) > 40 and global_stream(per_rank) == reference
+
+
+def test_real_workers_union(corpus):
+    steps = 10
+    reference = flatten(take(iter(make(corpus, 0, 1, 4)), steps))
+    per_rank = []
+    for r in range(2):
+        loader = DataLoader(make(corpus, r, 2, 2), batch_size=None, num_workers=2)
+        per_rank.append(take(iter(loader), steps))
+    assert global_stream(per_rank) == reference
+    # single samples collated by the DataLoader: the same samples, grouped per worker
+    loader = DataLoader(make(corpus, 0, 1, None), batch_size=3, num_workers=2)
+    got = flatten(take(iter(loader), 4))
+    assert sorted(got) == sorted(flatten(take(iter(make(corpus, 0, 1, None)), 12)))
+
+
+def test_live_weights_reach_real_workers(corpus):
+    ds = make(corpus, 0, 1, 2, weights=[1, 0, 0])
+    loader = DataLoader(ds, batch_size=None, num_workers=2, prefetch_factor=2)
+    it = iter(loader)
+    before = take(it, 3)
+    step = ds.set_weights([0, 0, 1])
+    assert 3 <= step <= 3 + 2 * 2  # the lag: at most prefetch_factor * num_workers batches
+    after = take(it, 10)
+    domains = [d for _, d in flatten(before + after)]
+    assert domains == [0] * (2 * step) + [2] * (len(domains) - 2 * step)
+    assert ds.weight_schedule == [(step, [0.0, 0.0, 1.0])]
+    # the stream is a function of the seed and the schedule: replaying it in-process matches
+    replay = make(corpus, 0, 1, 2, weights=[1, 0, 0])
+    replay.set_weights([0, 0, 1], step=step)
+    assert flatten(take(iter(replay), 13)) == flatten(before + after)
+    del it
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stateful_dataloader_resume_after_weight_changes(corpus, num_workers):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def run(saved=None, total=24):
+        ds = make(corpus, 0, 1, 2, max_epochs=3)
+        loader = StatefulDataLoader(ds, batch_size=None, num_workers=num_workers)
+        start = 0
+        if saved is not None:
+            state = pickle.loads(saved)
+            ds.load_state_dict(state["data"])  # the dataset's pending changes first
+            loader.load_state_dict(state["loader"])
+            start = 6
+        out, checkpoint = [], None
+        it = iter(loader)
+        for i in range(start, total):
+            out.append(next(it))
+            if i == 2:
+                ds.set_weights([0, 2, 1])  # applies wherever the workers are
+            if i == 5:
+                state = {"loader": loader.state_dict(), "data": ds.state_dict()}
+                assert "fastmix.MixtureDataset" in repr(state["loader"])  # not a fast-forward
+                checkpoint = pickle.dumps(state)
+            if i == 7:
+                ds.set_weights([1, 0, 1], step=18)
+        return flatten(out), checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        full, checkpoint = run()
+        resumed, _ = run(checkpoint)
+    assert resumed == full[6 * 2 :]
+
+
+def test_rank_and_world_size_default_from_torch_distributed(corpus, tmp_path):
+    import torch.distributed as dist
+
+    assert (make(corpus, None, None, 2).rank, make(corpus, None, None, 2).world_size) == (0, 1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
+        assert (ds.rank, ds.world_size) == (0, 1)
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(ValueError, match="up to 256 DataLoader workers"):
+        make(corpus, 0, 1, 2)._iter_worker(0, 300)
+
+
+def test_live_weights_reach_spawned_workers(corpus):
+    # spawn pickles the dataset: the lock and shared tensors must travel as handles, not copies
+    ds = make(corpus, 0, 1, 2, weights=[1, 0, 0])
+    loader = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    it = iter(loader)
+    before = take(it, 2)
+    step = ds.set_weights([0, 1, 0])
+    domains = [d for _, d in flatten(before + take(it, 5))]
+    assert 2 <= step <= 4 and domains == [0] * (2 * step) + [1] * (14 - 2 * step)
+
+
+def test_exhausted_is_reported_from_workers(corpus):
+    ds = make(corpus, 0, 1, 2, max_epochs=1, on_exhausted="stop")
+    got = take(iter(DataLoader(ds, batch_size=None, num_workers=2)), 1000)
+    assert len(ds.exhausted) == 1 and len(got) == ds.exhausted_at[ds.exhausted[0]] // 2
+
+
+def test_cpu_tensor_weights_reach_workers(corpus):
+    # a CPU tensor takes the synchronous path and still reaches the workers
+    ds = make(corpus, 0, 1, 2, weights=[1, 0, 0])
+    it = iter(DataLoader(ds, batch_size=None, num_workers=1))
+    take(it, 1)
+    step = ds.set_weights(torch.tensor([0.0, 1.0, 0.0]))
+    got = [d for _, d in flatten(take(it, 6))]
+    assert got[2 * (step - 1) :] == [1] * (len(got) - 2 * (step - 1))

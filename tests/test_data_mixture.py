@@ -1,0 +1,269 @@
+"""MixtureDataset in one process: order, windows, frequencies, exhaustion, resume, live weights."""
+
+import pickle
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from test_data_helpers import SEQ_LEN, flatten, make_corpus, take, window_index
+
+from fastmix.data import MixtureDataset
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return make_corpus(tmp_path)
+
+
+def stream(ds, n):
+    return flatten(take(iter(ds), n))
+
+
+def test_samples_are_the_windows_they_claim(corpus):
+    index = window_index(corpus)
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=5, seed=1)
+    for batch in take(iter(ds), 10):
+        assert (
+            batch["input_ids"].shape == (5, SEQ_LEN + 1) and batch["input_ids"].dtype == torch.long
+        )
+        assert batch["domain"].dtype == torch.long
+        for row, d in zip(batch["input_ids"], batch["domain"].tolist(), strict=True):
+            assert index[int(row[0])][0] == d
+            assert torch.equal(row, torch.arange(int(row[0]), int(row[0]) + SEQ_LEN + 1))
+    single = next(iter(MixtureDataset(corpus, SEQ_LEN, [1, 1, 1])))
+    assert single["input_ids"].shape == (SEQ_LEN + 1,) and isinstance(single["domain"], int)
+
+
+@pytest.mark.parametrize("method", ["alias", "stratified", "greedy"])
+def test_deterministic_and_seeded(corpus, method):
+    a = stream(MixtureDataset(corpus, SEQ_LEN, [3, 2, 1], seed=7, method=method, batch_size=4), 30)
+    b = stream(MixtureDataset(corpus, SEQ_LEN, [3, 2, 1], seed=7, method=method, batch_size=4), 30)
+    c = stream(MixtureDataset(corpus, SEQ_LEN, [3, 2, 1], seed=8, method=method, batch_size=4), 30)
+    assert a == b and a != c
+    # the global sample stream does not depend on how it is cut into batches
+    d = stream(MixtureDataset(corpus, SEQ_LEN, [3, 2, 1], seed=7, method=method), 120)
+    assert a == d
+
+
+def test_every_window_once_per_epoch(corpus):
+    index = window_index(corpus)
+    n_windows = corpus.num_windows(SEQ_LEN)
+    samples = stream(MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=3, batch_size=8), 40)
+    reads = {name: [] for name in corpus.names}
+    for token, d in samples:
+        reads[corpus.names[d]].append(index[token][1])
+    for name, seq in reads.items():
+        n = n_windows[name]
+        assert len(seq) > 2 * n  # at least two full epochs of every domain
+        for e in range(len(seq) // n):
+            assert sorted(seq[e * n : (e + 1) * n]) == list(range(n)), (name, e)
+        tail = seq[(len(seq) // n) * n :]
+        assert len(set(tail)) == len(tail)
+        assert seq[:n] != seq[n : 2 * n]  # each epoch has its own order
+
+
+@pytest.mark.parametrize("method", ["alias", "stratified"])
+def test_realised_frequencies_match_weights(tmp_path, method):
+    corpus = make_corpus(tmp_path, {"a": [400], "b": [400], "c": [400], "d": [400]})
+    weights = np.array([0.4, 0.3, 0.2, 0.1])
+    n = 8000
+    samples = stream(
+        MixtureDataset(corpus, SEQ_LEN, weights, seed=11, batch_size=200, method=method), n // 200
+    )
+    counts = np.bincount([d for _, d in samples], minlength=4)
+    assert counts.sum() == n
+    _, p = stats.chisquare(counts, weights * n)
+    assert p > 1e-3
+    if method == "stratified":  # low discrepancy: within a couple of samples per block
+        assert np.abs(counts - weights * n).max() <= 2 * n / 1024 + 2
+
+
+def test_reshuffle_with_max_epochs_drops_and_renormalises(corpus):
+    n_windows = corpus.num_windows(SEQ_LEN)
+    index = window_index(corpus)
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 8], seed=2, batch_size=2, max_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = stream(ds, 1000)
+    messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    assert len(messages) == 3 and "domain 'c' reached max_epochs=1" in messages[0]
+    seen = {name: [] for name in corpus.names}
+    for token, d in samples:
+        seen[corpus.names[d]].append(index[token][1])
+    total = sum(n_windows.values())
+    # every window at most once; the stream ends when all are used, minus the dropped last step
+    assert all(len(set(v)) == len(v) for v in seen.values())
+    assert total - 2 < len(samples) <= total and len(samples) % 2 == 0
+    assert sorted(ds.exhausted) == ["a", "b", "c"] and ds.exhausted[0] == "c"
+    at = ds.exhausted_at
+    assert at["c"] == [i for i, (_, d) in enumerate(samples) if d == 2][-1] + 1
+
+
+def test_stop_and_error_policies(corpus):
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=4, batch_size=3, on_exhausted="stop")
+    samples = stream(ds, 1000)
+    assert len(ds.exhausted) == 1
+    name = ds.exhausted[0]
+    d = corpus.names.index(name)
+    # the stream stopped at the first read past a domain's single epoch; the step is dropped whole
+    assert sum(1 for _, x in samples if x == d) <= corpus.num_windows(SEQ_LEN)[name]
+    assert len(samples) == 3 * (ds.exhausted_at[name] // 3)
+    ds2 = MixtureDataset(
+        corpus, SEQ_LEN, [1, 1, 1], seed=4, batch_size=3, on_exhausted="stop", max_epochs=2
+    )
+    assert len(stream(ds2, 1000)) > len(samples)
+    ds3 = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=4, batch_size=3, on_exhausted="error")
+    with pytest.raises(RuntimeError, match=f"domain '{name}' is exhausted after 1 epoch"):
+        stream(ds3, 1000)
+
+
+def test_resume_mid_epoch_and_after_weight_changes(corpus):
+    def run(resume_at=None, state=None, total=30):
+        ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=5, batch_size=3, max_epochs=3)
+        if state is not None:
+            ds.load_state_dict(pickle.loads(state))
+        it = iter(ds)
+        out, saved = [], None
+        start = 0 if state is None else resume_at
+        for i in range(start, total):
+            if i == 4:
+                ds.set_weights([0, 1, 3])  # applies from the next step
+            if i == 9:
+                ds.set_weights({"a": 2, "c": 1}, step=14)  # scheduled ahead, across the checkpoint
+            if i == resume_at and state is None:
+                saved = pickle.dumps(ds.state_dict())
+            try:
+                out.append(next(it))
+            except StopIteration:
+                break
+        return flatten(out), saved, ds
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        full, saved, ds = run(resume_at=11)
+        assert [s for s, _ in ds.weight_schedule] == [4, 14]
+        resumed, _, _ = run(resume_at=11, state=saved)
+    assert resumed == full[11 * 3 :]
+    assert ds.exhausted  # the run crossed a domain drop after the checkpoint
+    assert len(saved) < 20_000  # O(K) numbers, no per-sample index
+
+
+def test_live_weights_apply_from_the_returned_step(corpus):
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 0, 0], seed=1, batch_size=2)
+    it = iter(ds)
+    first = take(it, 3)
+    step = ds.set_weights([0, 0, 1])
+    assert step == 3
+    rest = take(it, 3)
+    assert all(d == 0 for _, d in flatten(first)) and all(d == 2 for _, d in flatten(rest))
+    with pytest.raises(ValueError, match="earliest step a change can reach now is 6"):
+        ds.set_weights([1, 1, 1], step=5)
+
+
+class FakeEvent:
+    """Stands in for torch.cuda.Event: synchronize() blocks until the test releases it."""
+
+    def __init__(self):
+        self.done = threading.Event()
+
+    def synchronize(self):
+        assert self.done.wait(10)
+
+
+def test_device_weights_publish_after_the_copy_completes(corpus):
+    # The CUDA path minus the device: pinned host copy + event; the helper thread publishes it.
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 0, 0], seed=1, batch_size=2)
+    it = iter(ds)
+    event = FakeEvent()
+    ds._submit_async(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), event, None)
+    before = take(it, 4)  # the copy has not completed: the old weights stay
+    assert all(d == 0 for _, d in flatten(before)) and ds.weight_schedule == []
+    event.done.set()
+    ds.flush_weights()
+    assert ds.weight_schedule == [(4, [0.0, 1.0, 0.0])]  # first step boundary after completion
+    assert all(d == 1 for _, d in flatten(take(it, 3)))
+
+
+def test_device_weights_at_a_fixed_step_make_workers_wait(corpus):
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 0, 0], seed=1, batch_size=2)
+    it = iter(ds)
+    take(it, 1)
+    assert ds.next_step == 1  # in-process: the steps consumed so far
+    event = FakeEvent()
+    ds._submit_async(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), event, 3)
+    timer = threading.Timer(0.2, event.done.set)
+    timer.start()
+    got = flatten(take(it, 4))  # steps 1-4: step 3 waits for the copy, then uses it
+    timer.join()
+    assert [d for _, d in got] == [0, 0, 0, 0, 2, 2, 2, 2]
+    assert ds.weight_schedule == [(3, [0.0, 0.0, 1.0])]
+
+
+def test_device_weights_with_bad_values_raise_later(corpus):
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
+    event = FakeEvent()
+    event.done.set()
+    ds._submit_async(torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64), event, None)
+    with pytest.raises(ValueError, match="CUDA tensor.*>= 0"):
+        ds.flush_weights()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensor_weights(corpus):
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 0, 0], batch_size=2)
+    it = iter(ds)
+    take(it, 2)
+    assert ds.set_weights(torch.tensor([0.0, 1.0, 0.0], device="cuda")) is None
+    ds.flush_weights()
+    step = ds.weight_schedule[-1][0]
+    rest = flatten(take(it, 4))
+    assert all(d == 1 for _, d in rest[(step - 2) * 2 :])
+
+
+def test_weights_json_from_elsewhere(corpus, tmp_path):
+    path = tmp_path / "weights.json"
+    path.write_text('{"weights": {"c": 1.0}}')
+    ds = MixtureDataset(corpus, SEQ_LEN, path, batch_size=4)
+    assert ds.weights.tolist() == [0.0, 0.0, 1.0]
+    assert {d for _, d in stream(ds, 5)} == {2}
+
+
+def test_bad_input_is_clear(tmp_path):
+    corpus = make_corpus(tmp_path, {"big": [100], "tiny": [3]})
+    with pytest.raises(
+        ValueError, match=r"domain 'tiny' has weight 1 but no window.*tiny0.bin.*3 tok"
+    ):
+        MixtureDataset(corpus, SEQ_LEN, [1, 1])
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 0])  # a zero weight on it is fine
+    with pytest.raises(ValueError, match="domain 'tiny' has weight"):
+        ds.set_weights({"tiny": 1})
+    with pytest.raises(ValueError, match=r"unknown domains \['web'\]"):
+        ds.set_weights({"web": 1})
+    with pytest.raises(ValueError, match=r"domain 'big' has weight 1 but no window.*big0.bin"):
+        MixtureDataset(corpus, 200, [1, 0])
+    for kwargs, match in (
+        ({"method": "magic"}, "method"),
+        ({"on_exhausted": "ignore"}, "on_exhausted"),
+        ({"rank": 2, "world_size": 2}, "rank"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"seed": -1}, "seed"),
+        ({"method": "alias", "block": 64}, "block"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            MixtureDataset(corpus, SEQ_LEN, [1, 0], **kwargs)
+    with pytest.raises(TypeError, match="corpus"):
+        MixtureDataset("corpus", SEQ_LEN, [1, 0])
+    other = MixtureDataset(corpus, SEQ_LEN, [1, 0], seed=9)
+    with pytest.raises(ValueError, match="seed=0"):
+        other.load_state_dict(ds.state_dict())
+    with pytest.raises(ValueError, match="step must be"):
+        ds.set_weights([1, 0], step=-1)
+    ranked = MixtureDataset(corpus, SEQ_LEN, [1, 0], rank=1, world_size=2)
+    with pytest.raises(ValueError, match="with world_size=2 pass step="):
+        ranked.set_weights([1, 0])
+    assert ranked.set_weights([1, 0], step=3) == 3

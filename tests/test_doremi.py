@@ -1,0 +1,319 @@
+"""DoReMi (torch backend) against a float64 implementation of Algorithm 1; state; bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastmix
+from fastmix.mixers.doremi import DoReMi
+
+
+def oracle_stats(loss, domain, k, ref_loss, mask=None):
+    flat = loss.detach().double().reshape(-1)
+    ids = domain.reshape(-1, 1).expand(loss.shape) if domain.dim() < loss.dim() else domain
+    ids = ids.reshape(-1).long()
+    valid = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.reshape(-1)
+    excess = (flat - ref_loss.double().reshape(-1)).clamp_min(0.0)
+    out = torch.zeros(3, k, dtype=torch.float64)
+    for d in range(k):
+        sel = valid & (ids == d)
+        out[0, d], out[1, d], out[2, d] = sel.sum(), flat[sel].sum(), excess[sel].sum()
+    return out
+
+
+class Oracle:
+    """Algorithm 1 of DoReMi in float64, written from the formulas."""
+
+    def __init__(self, k, step_size, smoothing, init=None):
+        self.k, self.eta, self.c = k, step_size, smoothing
+        self.alpha = torch.full((k,), 1.0 / k, dtype=torch.float64) if init is None else init
+        self.excess = torch.zeros(k, dtype=torch.float64)
+        self.history = []
+
+    def update(self, stats):
+        if not torch.isfinite(stats).all():
+            return
+        present = stats[0] > 0
+        self.excess = torch.where(present, stats[2] / stats[0].clamp_min(1), self.excess)
+        logits = torch.log(self.alpha) + self.eta * self.excess
+        new = torch.exp(logits - torch.logsumexp(logits, 0))
+        self.alpha = (1 - self.c) * new + self.c / self.k
+        self.history.append(self.alpha)
+
+    @property
+    def average(self):
+        return torch.stack(self.history).mean(0)
+
+
+def batch(seed, shape=(6, 41), k=5, used=None, per_sequence=True, dtype=torch.float32,
+          with_mask=True):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    loss = (torch.rand(shape, generator=g) * 4).to(dtype)
+    ref = (torch.rand(shape, generator=g) * 4).to(dtype)
+    domain = torch.randint(0, used or k, shape[:1] if per_sequence else shape, generator=g)
+    mask = torch.rand(shape, generator=g) > 0.2 if with_mask else None
+    return loss, ref, domain, mask
+
+
+@pytest.mark.parametrize("k", [1, 5, 22, 256])
+@pytest.mark.parametrize("proxy", ["dro", "reweighted"])
+def test_weights_follow_algorithm_1(k, proxy):
+    eta, c = 0.7, 0.05
+    mixer = DoReMi(k, step_size=eta, smoothing=c, proxy_loss=proxy)
+    oracle = Oracle(k, eta, c)
+    for seed in range(4):
+        loss, ref, domain, mask = batch(seed, shape=(12, 33), k=k, per_sequence=seed % 2 == 0)
+        mixer.step(loss, ref, domain, mask)
+        oracle.update(oracle_stats(loss, domain, k, ref, mask))
+        torch.testing.assert_close(mixer.weights.double(), oracle.alpha, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(mixer.excess.double(), oracle.excess, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixer.average_weights.double(), oracle.average, rtol=1e-5, atol=1e-7)
+    assert int(mixer.num_updates) == 4 and int(mixer.num_skipped) == 0
+    assert math.isclose(float(mixer.weights.sum()), 1.0, rel_tol=1e-5)
+
+
+def test_softmax_is_taken_in_log_space():
+    # η·λ of 1e4 overflows exp() in float32; in log space it is just a very peaked softmax.
+    mixer = DoReMi(3, step_size=1e4, smoothing=0.0)
+    loss = torch.tensor([3.0, 1.0, 1.0])
+    ref = torch.tensor([0.0, 1.0, 1.0])
+    mixer.step(loss, ref, torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(mixer.weights, torch.tensor([1.0, 0.0, 0.0]))
+    assert int(mixer.num_skipped) == 0
+
+
+def test_smoothing_and_init_weights():
+    init = torch.tensor([1.0, 2.0, 5.0])  # normalised to sum 1
+    mixer = DoReMi(3, step_size=0.0, smoothing=0.25, init_weights=init)
+    torch.testing.assert_close(mixer.weights, init / init.sum())
+    mixer.step(torch.ones(3), torch.zeros(3), torch.tensor([0, 1, 2]))
+    # η = 0: α' = α, then α ← 0.75 α + 0.25 / 3
+    torch.testing.assert_close(mixer.weights, 0.75 * init / init.sum() + 0.25 / 3)
+
+
+def test_average_excludes_the_initial_weights():
+    mixer = DoReMi(2, step_size=1.0, smoothing=0.0)
+    seen = []
+    for seed in range(3):
+        loss, ref, domain, mask = batch(seed, k=2)
+        mixer.step(loss, ref, domain, mask)
+        seen.append(mixer.weights.clone())
+    torch.testing.assert_close(mixer.average_weights, torch.stack(seen).mean(0))
+
+
+def test_absent_domains_keep_their_excess():
+    mixer = DoReMi(3, step_size=1.0, smoothing=0.0)
+    mixer.step(torch.tensor([2.0, 5.0, 1.0]), torch.zeros(3), torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(mixer.excess, torch.tensor([2.0, 5.0, 1.0]))
+    mixer.step(torch.tensor([4.0, 4.0]), torch.tensor([3.0, 3.0]), torch.tensor([1, 1]))
+    torch.testing.assert_close(mixer.excess, torch.tensor([2.0, 1.0, 1.0]))
+    # a fully masked batch changes no λ, but α still moves by η·λ
+    before = mixer.weights.clone()
+    mixer.step(torch.ones(2), torch.zeros(2), torch.tensor([0, 2]), torch.zeros(2, dtype=bool))
+    torch.testing.assert_close(mixer.excess, torch.tensor([2.0, 1.0, 1.0]))
+    expected = torch.softmax(torch.log(before) + torch.tensor([2.0, 1.0, 1.0]), 0)
+    torch.testing.assert_close(mixer.weights, expected)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_update_is_skipped_and_counted(bad):
+    mixer = DoReMi(4, step_size=0.5)
+    oracle = Oracle(4, 0.5, 1e-3)
+    loss, ref, domain, mask = batch(0, k=4)
+    mixer.step(loss, ref, domain, mask)
+    oracle.update(oracle_stats(loss, domain, 4, ref, mask))
+    state = mixer.state_dict()
+    poisoned = loss.clone()
+    poisoned[0, 0] = bad
+    mask[0, 0] = True
+    objective = mixer.step(poisoned, ref, domain, mask)
+    assert not torch.isfinite(objective)  # the user's loss is non-finite; α is not
+    for key in ("weights", "excess", "average_weights", "num_updates"):
+        assert torch.equal(mixer.state_dict()[key], state[key]), key
+    assert int(mixer.num_skipped) == 1 and int(mixer.num_updates) == 1
+    loss, ref, domain, mask = batch(1, k=4)
+    mixer.step(loss, ref, domain, mask)
+    oracle.update(oracle_stats(loss, domain, 4, ref, mask))
+    torch.testing.assert_close(mixer.weights.double(), oracle.alpha, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(mixer.average_weights.double(), oracle.average, rtol=1e-5, atol=1e-7)
+    # a NaN on a masked token is ignored altogether
+    loss[0, 0], mask[0, 0] = float("nan"), False
+    mixer.step(loss, ref, domain, mask)
+    assert int(mixer.num_skipped) == 1 and int(mixer.num_updates) == 3
+
+
+@pytest.mark.parametrize("proxy", ["dro", "reweighted"])
+def test_objective_and_its_gradient(proxy):
+    k = 4
+    mixer = DoReMi(k, step_size=0.3, proxy_loss=proxy)
+    loss, ref, domain, mask = batch(7, shape=(8, 19), k=k, used=3)
+    loss.requires_grad_(True)
+    objective = mixer.step(loss, ref, domain, mask)
+    objective.backward()
+    alpha = mixer.weights.double()  # the α just updated
+    stats = oracle_stats(loss, domain, k, ref, mask)
+    count, loss_sum = stats[0], stats[1]
+    ids = domain.reshape(-1, 1).expand(8, 19)
+    if proxy == "dro":
+        present = count > 0
+        want = (alpha[present] * loss_sum[present] / count[present]).sum()
+        coef = torch.where(present, alpha / count.clamp_min(1), 0.0)
+    else:
+        denom = (alpha * count).sum()
+        want = (alpha * loss_sum).sum() / denom
+        coef = alpha / denom
+    torch.testing.assert_close(objective.double(), want, rtol=1e-5, atol=1e-6)
+    want_grad = torch.where(mask, coef[ids], 0.0)
+    torch.testing.assert_close(loss.grad.double(), want_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_objective_with_bfloat16_loss_gives_bfloat16_grad():
+    mixer = DoReMi(3)
+    loss, ref, domain, mask = batch(3, k=3, dtype=torch.bfloat16)
+    loss.requires_grad_(True)
+    objective = mixer.step(loss, ref, domain, mask)
+    assert objective.dtype == torch.float32
+    objective.backward()
+    assert loss.grad.dtype == torch.bfloat16 and torch.all(loss.grad[~mask] == 0)
+
+
+def test_accumulate_then_update_equals_one_big_step():
+    k = 6
+    parts = [batch(seed, shape=(4, 29), k=k) for seed in range(3)]
+    whole = [torch.cat([p[i] for p in parts]) for i in range(4)]
+    big = DoReMi(k, step_size=0.8)
+    big.step(*whole)
+    accumulated = DoReMi(k, step_size=0.8)
+    before = accumulated.weights.clone()
+    for loss, ref, domain, mask in parts:
+        loss = loss.clone().requires_grad_(True)
+        objective = accumulated.accumulate(loss, ref, domain, mask)
+        objective.backward()  # uses the α before the update
+        stats = oracle_stats(loss, domain, k, ref, mask)
+        present = stats[0] > 0
+        want = (before.double()[present] * stats[1][present] / stats[0][present]).sum()
+        torch.testing.assert_close(objective.double(), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(accumulated.weights, before)
+    accumulated.update()
+    torch.testing.assert_close(accumulated.weights, big.weights, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(accumulated.excess, big.excess, rtol=1e-6, atol=1e-6)
+    assert int(accumulated.num_updates) == 1
+
+
+def test_accumulate_update_misuse_raises():
+    mixer = DoReMi(2)
+    with pytest.raises(RuntimeError, match="update\\(\\) needs"):
+        mixer.update()
+    loss, ref, domain, mask = batch(0, k=2)
+    mixer.accumulate(loss, ref, domain, mask)
+    with pytest.raises(RuntimeError, match="call update\\(\\) before step"):
+        mixer.step(loss, ref, domain, mask)
+    with pytest.raises(RuntimeError, match="call update\\(\\) before state_dict"):
+        mixer.state_dict()
+
+
+def test_state_dict_round_trip_gives_identical_weights():
+    first = DoReMi(5, step_size=0.9, smoothing=0.01, proxy_loss="reweighted")
+    for seed in range(3):
+        first.step(*batch(seed))
+    second = DoReMi(5)
+    second.load_state_dict(first.state_dict())
+    assert second.proxy_loss == "reweighted" and second.step_size == 0.9
+    for seed in range(3, 6):
+        a = first.step(*batch(seed))
+        b = second.step(*batch(seed))
+        assert torch.equal(a, b)
+    for key, value in first.state_dict().items():
+        other = second.state_dict()[key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+def test_load_state_dict_validates():
+    mixer = DoReMi(3)
+    state = DoReMi(4).state_dict()
+    with pytest.raises(ValueError, match="num_domains=4"):
+        mixer.load_state_dict(state)
+    state = mixer.state_dict()
+    state["weights"] = torch.ones(2)
+    with pytest.raises(ValueError, match="state\\['weights'\\] must have shape"):
+        mixer.load_state_dict(state)
+    state = mixer.state_dict()
+    del state["excess"]
+    with pytest.raises(ValueError, match="missing"):
+        mixer.load_state_dict(state)
+    with pytest.raises(TypeError, match="state must be a dict"):
+        mixer.load_state_dict([1, 2])
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(num_domains=0), ValueError, "num_domains must be >= 1"),
+        (dict(num_domains=2.5), TypeError, "num_domains must be an int"),
+        (dict(step_size=-1.0), ValueError, "step_size"),
+        (dict(step_size=float("nan")), ValueError, "step_size"),
+        (dict(step_size="1"), TypeError, "step_size"),
+        (dict(smoothing=1.5), ValueError, "smoothing"),
+        (dict(proxy_loss="mean"), ValueError, "proxy_loss"),
+        (dict(init_weights=[1.0, 2.0]), ValueError, "init_weights must have 3"),
+        (dict(init_weights=[1.0, 0.0, 2.0]), ValueError, "init_weights must be finite and > 0"),
+        (dict(backend="tpu"), ValueError, "backend"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, exc, match):
+    args = dict(num_domains=3)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        DoReMi(args.pop("num_domains"), **args)
+
+
+def test_step_rejects_bad_input():
+    mixer = DoReMi(3, device="cpu")
+    loss, ref, domain, mask = batch(0, k=3)
+    with pytest.raises(TypeError, match="ref_loss is required"):
+        mixer.step(loss, None, domain, mask)
+    with pytest.raises(ValueError, match="ref_loss must have loss's shape"):
+        mixer.step(loss, ref[:, :-1], domain, mask)
+    with pytest.raises(ValueError, match="domain ids must be in"):
+        mixer.step(loss, ref, domain + 3, mask)
+    with pytest.raises(ValueError, match="but the DoReMi state is on cpu"):
+        mixer.step(loss.to("meta"), ref.to("meta"), domain.to("meta"), mask.to("meta"))
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
+        DoReMi(3, backend="cuda").step(loss, ref, domain, mask)
+    assert int(mixer.num_updates) == 0
+
+
+def test_out_of_range_counter_and_debug_check():
+    mixer = DoReMi(3, debug=True)
+    loss, ref, _, _ = batch(0, shape=(5,), k=3, per_sequence=False)
+    domain = torch.tensor([0, 1, 9, -2, 2])
+    # bypass the CPU value check to exercise the device-side counter (the GPU path)
+    torch.ops.fastmix.doremi_step_(
+        loss, domain, None, ref, mixer._state, mixer._counters,
+        torch.empty(0, dtype=torch.int32), 1.0, 1e-3, "dro", "torch", False,
+    )  # fmt: skip
+    assert int(mixer.num_out_of_range) == 2 and int(mixer.num_updates) == 1
+    with pytest.raises(ValueError, match="2 token\\(s\\) had a domain id outside"):
+        mixer.check()
+
+
+def test_compiled_step_matches_eager():
+    eager, compiled = DoReMi(4, step_size=0.6), DoReMi(4, step_size=0.6)
+    step = torch.compile(compiled.step, fullgraph=True, backend="aot_eager")
+    for seed in range(3):
+        loss, ref, domain, mask = batch(seed, k=4)
+        a_loss = loss.clone().requires_grad_(True)
+        b_loss = loss.clone().requires_grad_(True)
+        eager.step(a_loss, ref, domain, mask).backward()
+        step(b_loss, ref, domain, mask).backward()
+        torch.testing.assert_close(b_loss.grad, a_loss.grad)
+    torch.testing.assert_close(compiled.weights, eager.weights)
+    torch.testing.assert_close(compiled.average_weights, eager.average_weights)
+    assert int(compiled.num_updates) == 3
+
+
+def test_public_export():
+    assert fastmix.DoReMi is DoReMi

@@ -1,0 +1,243 @@
+"""fastmix.domain_loss_stats (torch backend) against a float64 oracle; validation; custom ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmix
+from fastmix.ops import reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def oracle_stats(loss, domain, k, ref_loss=None, mask=None):
+    """Straightforward float64 statistics, one domain at a time."""
+    flat = loss.detach().double().reshape(-1)
+    ids = domain.reshape(-1, 1).expand(loss.shape) if domain.dim() < loss.dim() else domain
+    ids = ids.reshape(-1).long()
+    valid = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.reshape(-1)
+    excess = (
+        torch.zeros_like(flat)
+        if ref_loss is None
+        else (flat - ref_loss.double().reshape(-1)).clamp_min(0.0)
+    )
+    out = torch.zeros(3, k, dtype=torch.float64)
+    for d in range(k):
+        sel = valid & (ids == d)
+        out[0, d] = sel.sum()
+        out[1, d] = flat[sel].sum()
+        out[2, d] = excess[sel].sum()
+    return out
+
+
+def make_batch(seed, shape, k, dtype=torch.float32, per_sequence=False, id_dtype=torch.int64,
+               with_mask=True, with_ref=True, used=None):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    loss = (torch.rand(shape, generator=g) * 6).to(dtype)
+    ref = (torch.rand(shape, generator=g) * 6).to(dtype) if with_ref else None
+    used = k if used is None else used
+    id_shape = shape[:1] if per_sequence else shape
+    domain = torch.randint(0, used, id_shape, generator=g).to(id_dtype)
+    mask = torch.rand(shape, generator=g) > 0.3 if with_mask else None
+    return loss, domain, ref, mask
+
+
+CASES = [
+    # (shape, k, per_sequence)
+    ((1,), 1, False),
+    ((37,), 1, False),
+    ((1001,), 3, False),
+    ((5, 13), 22, False),
+    ((7, 129), 22, True),
+    ((3, 1), 8, True),
+    ((2049,), 256, False),
+    ((9, 255), 256, True),
+]
+
+
+@pytest.mark.parametrize("shape,k,per_sequence", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_backend_matches_float64_oracle(shape, k, per_sequence, dtype):
+    for seed, (with_mask, with_ref, id_dtype) in enumerate(
+        [(True, True, torch.int64), (False, True, torch.int32), (True, False, torch.int32)]
+    ):
+        loss, domain, ref, mask = make_batch(
+            seed, shape, k, dtype, per_sequence, id_dtype, with_mask, with_ref
+        )
+        got = fastmix.domain_loss_stats(loss, domain, k, ref_loss=ref, mask=mask, backend="torch")
+        want = oracle_stats(loss, domain, k, ref, mask)
+        assert got.dtype == torch.float32 and got.shape == (3, k)
+        assert torch.equal(got[0].double(), want[0])  # counts are exact
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_empty_domains_and_fully_masked_batch():
+    loss, domain, ref, _ = make_batch(0, (6, 50), 10, used=3)
+    got = fastmix.domain_loss_stats(loss, domain, 10, ref_loss=ref)
+    assert torch.all(got[:, 3:] == 0) and torch.all(got[0, :3] > 0)
+    mask = torch.zeros(6, 50, dtype=torch.bool)
+    assert torch.all(fastmix.domain_loss_stats(loss, domain, 10, ref_loss=ref, mask=mask) == 0)
+    empty = fastmix.domain_loss_stats(torch.empty(0), torch.empty(0, dtype=torch.int64), 4)
+    assert empty.shape == (3, 4) and torch.all(empty == 0)
+
+
+def test_masked_nan_is_ignored_and_unmasked_nan_propagates():
+    loss = torch.tensor([1.0, float("nan"), 2.0, float("inf")])
+    domain = torch.tensor([0, 0, 1, 1])
+    mask = torch.tensor([True, False, True, False])
+    ref = torch.zeros(4)
+    got = fastmix.domain_loss_stats(loss, domain, 2, ref_loss=ref, mask=mask)
+    torch.testing.assert_close(got, torch.tensor([[1.0, 1.0], [1.0, 2.0], [1.0, 2.0]]))
+    got = fastmix.domain_loss_stats(loss, domain, 2, ref_loss=ref)
+    assert torch.isnan(got[1, 0]) and torch.isnan(got[2, 0]) and torch.isinf(got[1, 1])
+
+
+def test_reference_counts_out_of_range_ids_without_writing():
+    loss = torch.ones(6)
+    domain = torch.tensor([0, -1, 3, 2, 7, 1])
+    mask = torch.tensor([True, True, True, True, False, True])
+    stats, out_of_range = reference.domain_stats(loss, domain, mask, None, 3)
+    assert int(out_of_range) == 2  # -1 and 3; the masked 7 is ignored
+    torch.testing.assert_close(stats[0], torch.tensor([1.0, 1.0, 1.0]))
+
+
+def test_out_of_range_ids_raise_on_cpu():
+    with pytest.raises(ValueError, match="domain ids must be in"):
+        fastmix.domain_loss_stats(torch.ones(4), torch.tensor([0, 1, 4, 2]), 4)
+    with pytest.raises(ValueError, match="domain ids"):
+        fastmix.domain_loss_stats(torch.ones(4), torch.tensor([0, -1, 1, 2]), 4)
+    # a masked token may carry any id (padding with -1 is common)
+    mask = torch.tensor([True, False, True, True])
+    got = fastmix.domain_loss_stats(torch.ones(4), torch.tensor([0, -1, 1, 2]), 4, mask=mask)
+    torch.testing.assert_close(got[0], torch.tensor([1.0, 1.0, 1.0, 0.0]))
+
+
+BAD = [
+    (dict(loss=[1.0, 2.0]), TypeError, "loss must be a torch.Tensor"),
+    (dict(loss=torch.ones(4, dtype=torch.float64)), TypeError, "loss must be float32"),
+    (dict(loss=torch.ones(2, 2, 2)), ValueError, "loss must be"),
+    (dict(domain=torch.zeros(4)), TypeError, "domain must be int32 or int64"),
+    (dict(domain=torch.zeros(5, dtype=torch.int64)), ValueError, "domain must have"),
+    (dict(domain=[0, 1, 2, 3]), TypeError, "domain must be a torch.Tensor"),
+    (dict(num_domains=0), ValueError, "num_domains must be >= 1"),
+    (dict(num_domains=2.0), TypeError, "num_domains must be an int"),
+    (dict(num_domains=True), TypeError, "num_domains must be an int"),
+    (dict(ref_loss=torch.ones(5)), ValueError, "ref_loss must have loss's shape"),
+    (dict(ref_loss=torch.ones(4, dtype=torch.float16)), TypeError, "ref_loss must have"),
+    (dict(mask=torch.ones(4)), TypeError, "mask must be bool"),
+    (dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask must have"),
+    (dict(backend="jax"), ValueError, "backend must be one of"),
+    (dict(backend="cuda"), RuntimeError, "backend='cuda' cannot run on cpu"),
+    (dict(domain=torch.zeros(4, dtype=torch.int64, device="meta")), ValueError, "domain is on"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", BAD)
+def test_bad_input_names_the_argument(override, exc, match):
+    args = dict(loss=torch.ones(4), domain=torch.zeros(4, dtype=torch.int64), num_domains=3)
+    args.update(override)
+    kwargs = {key: args.pop(key) for key in ("ref_loss", "mask", "backend") if key in args}
+    with pytest.raises(exc, match=match):
+        fastmix.domain_loss_stats(args["loss"], args["domain"], args["num_domains"], **kwargs)
+
+
+def test_per_sequence_domain_requires_batch_length():
+    with pytest.raises(ValueError, match="domain must have"):
+        fastmix.domain_loss_stats(torch.ones(3, 4), torch.zeros(4, dtype=torch.int64), 2)
+
+
+def test_backends_report(monkeypatch):
+    report = fastmix.backends()
+    assert list(report) == ["cuda", "triton", "torch"]
+    assert report["torch"]["available"] is True
+    for name, entry in report.items():
+        assert isinstance(entry["available"], bool) and entry["reason"], name
+    loss, domain = torch.ones(4), torch.zeros(4, dtype=torch.int64)
+    monkeypatch.setenv("FASTMIX_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTMIX_BACKEND must be one of"):
+        fastmix.domain_loss_stats(loss, domain, 2)
+    monkeypatch.setenv("FASTMIX_BACKEND", "torch")
+    assert fastmix.domain_loss_stats(loss, domain, 2)[0, 0] == 4
+
+
+def test_gradients_match_plain_autograd():
+    loss, domain, ref, mask = make_batch(3, (4, 33), 5, per_sequence=True)
+    loss.requires_grad_(True)
+    ref.requires_grad_(True)
+    weight = torch.randn(3, 5)
+    got = fastmix.domain_loss_stats(loss, domain, 5, ref_loss=ref, mask=mask)
+    g_loss, g_ref = torch.autograd.grad((got * weight).sum(), (loss, ref))
+    # the plain formula, differentiated by autograd
+    ids = domain.reshape(-1, 1).expand(4, 33)
+    onehot = torch.nn.functional.one_hot(ids, 5).double() * mask[..., None]
+    plain_loss = (onehot * loss.double()[..., None]).sum((0, 1))
+    plain_excess = (onehot * (loss.double() - ref.double()).clamp_min(0)[..., None]).sum((0, 1))
+    objective = (plain_loss * weight[1].double()).sum() + (plain_excess * weight[2].double()).sum()
+    w_loss, w_ref = torch.autograd.grad(objective, (loss, ref))
+    torch.testing.assert_close(g_loss, w_loss.float())
+    torch.testing.assert_close(g_ref, w_ref.float())
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_opcheck_domain_stats(per_sequence):
+    loss, domain, ref, mask = make_batch(1, (3, 17), 4, per_sequence=per_sequence)
+    loss.requires_grad_(True)
+    op = torch.ops.fastmix.domain_stats.default
+    torch.library.opcheck(op, (loss, domain, mask, ref, 4, "torch", False))
+    torch.library.opcheck(op, (loss, domain, None, None, 4, "torch", True))
+
+
+def test_opcheck_update_step_and_grad():
+    loss, domain, ref, mask = make_batch(2, (40,), 3)
+    state = torch.stack([torch.full((3,), 1 / 3), torch.zeros(3), torch.full((3,), 1 / 3)])
+    counters = torch.zeros(3, dtype=torch.int64)
+    workspace = torch.empty(0, dtype=torch.int32)
+    torch.library.opcheck(
+        torch.ops.fastmix.doremi_step_.default,
+        (loss, domain, mask, ref, state, counters, workspace, 1.0, 1e-3, "dro", "torch", False),
+    )
+    stats, _ = reference.domain_stats(loss, domain, mask, ref, 3)
+    torch.library.opcheck(
+        torch.ops.fastmix.doremi_update_.default,
+        (stats, state.clone(), counters.clone(), 0.5, 0.0, "reweighted", "torch"),
+    )
+    aux = torch.cat([stats, state[0:1]])
+    torch.library.opcheck(
+        torch.ops.fastmix.objective_grad.default,
+        (torch.tensor(1.0), loss, domain, mask, aux, "dro"),
+    )
+
+
+def test_compiled_matches_eager():
+    loss, domain, ref, mask = make_batch(4, (6, 31), 7, per_sequence=True)
+
+    def stats(loss, domain, ref, mask):
+        return fastmix.domain_loss_stats(loss, domain, 7, ref_loss=ref, mask=mask) * 2
+
+    compiled = torch.compile(stats, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(loss, domain, ref, mask), stats(loss, domain, ref, mask))
+
+
+def test_deterministic_is_bitwise_repeatable():
+    loss, domain, ref, mask = make_batch(5, (20000,), 22)
+    first = fastmix.domain_loss_stats(loss, domain, 22, ref_loss=ref, mask=mask, deterministic=True)
+    again = fastmix.domain_loss_stats(loss, domain, 22, ref_loss=ref, mask=mask, deterministic=True)
+    assert torch.equal(first, again)
+
+
+def test_ordered_bin_sums_match_index_add_with_special_values():
+    # the deterministic path the torch backend takes on CUDA, checked here on CPU
+    g = torch.Generator().manual_seed(9)
+    values = torch.rand(3, 5000, generator=g) * 3
+    bins = torch.randint(0, 8, (5000,), generator=g)  # bin 7 is the dropped spare bin
+    values[1, 10], bins[10] = float("nan"), 2
+    values[2, 11], bins[11] = float("inf"), 3
+    values[2, 12], bins[12] = float("inf"), 4
+    values[2, 13], bins[13] = float("-inf"), 4
+    values[0, 14], bins[14] = float("nan"), 7  # dropped: must not spill anywhere
+    got = reference.ordered_bin_sums(bins, values, 7)
+    want = torch.zeros(3, 8).index_add_(1, bins, values)[:, :7]
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert torch.isnan(got[1, 2]) and got[2, 3] == float("inf") and torch.isnan(got[2, 4])
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1, 3:]).all()

@@ -1,0 +1,184 @@
+"""GPU tests (skipped without CUDA): the cuda and triton backends against torch, no host sync in
+step(), torch.compile, CUDA-graph capture and replay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmix
+from fastmix.ops import resolve_backend
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+BACKENDS = ["cuda", "triton"]
+
+
+def need(backend: str) -> None:
+    try:
+        resolve_backend(backend, torch.device("cuda"))
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+def make(seed, shape, k, dtype=torch.float32, per_sequence=False, id_dtype=torch.int64,
+         with_mask=True, with_ref=True):  # fmt: skip
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    loss = (torch.rand(shape, generator=g, device="cuda") * 6).to(dtype)
+    ref = (torch.rand(shape, generator=g, device="cuda") * 6).to(dtype) if with_ref else None
+    id_shape = shape[:1] if per_sequence else shape
+    domain = torch.randint(0, k, id_shape, generator=g, device="cuda").to(id_dtype)
+    mask = torch.rand(shape, generator=g, device="cuda") > 0.3 if with_mask else None
+    return loss, domain, ref, mask
+
+
+SHAPES = [((1,), 1, False), ((4097,), 3, False), ((3, 4097), 8, True), ((64, 2048), 22, True),
+          ((7, 333), 22, False), ((50001,), 256, False), ((16, 1000), 1024, True),
+          ((0,), 5, False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,k,per_sequence", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_stats_match_torch(backend, shape, k, per_sequence, dtype, deterministic):
+    need(backend)
+    for seed, (with_mask, with_ref, id_dtype) in enumerate(
+        [(True, True, torch.int64), (False, False, torch.int32)]
+    ):
+        loss, domain, ref, mask = make(seed, shape, k, dtype, per_sequence, id_dtype, with_mask,
+                                       with_ref)  # fmt: skip
+        got = fastmix.domain_loss_stats(loss, domain, k, ref_loss=ref, mask=mask,
+                                        backend=backend, deterministic=deterministic)  # fmt: skip
+        want = fastmix.domain_loss_stats(loss, domain, k, ref_loss=ref, mask=mask,
+                                         backend="torch", deterministic=True)  # fmt: skip
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_is_bitwise_repeatable(backend):
+    need(backend)
+    loss, domain, ref, mask = make(1, (512, 2048), 22, per_sequence=True)
+    runs = [
+        fastmix.domain_loss_stats(loss, domain, 22, ref_loss=ref, mask=mask, backend=backend,
+                                  deterministic=True)  # fmt: skip
+        for _ in range(3)
+    ]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_out_of_range_ids_counted_on_device(backend):
+    need(backend)
+    mixer = fastmix.DoReMi(4, backend=backend, device="cuda")
+    loss, domain, ref, mask = make(2, (6000,), 4, with_mask=False)
+    domain[::3] = 7  # 2000 bad ids: no ValueError on GPU (that would need a sync)
+    mixer.step(loss, ref, domain)
+    assert int(mixer.num_out_of_range) == 2000
+    with pytest.raises(ValueError, match="2000 token"):
+        mixer.check()
+    strict = fastmix.DoReMi(4, backend=backend, device="cuda", debug=True)
+    with pytest.raises(ValueError, match="outside"):
+        strict.step(loss, ref, domain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("proxy", ["dro", "reweighted"])
+@pytest.mark.parametrize("k,deterministic", [(1, False), (8, True), (22, False), (256, True)])
+def test_doremi_matches_torch(backend, proxy, k, deterministic):
+    need(backend)
+    kwargs = dict(step_size=0.8, smoothing=0.02, proxy_loss=proxy, device="cuda")
+    fast = fastmix.DoReMi(k, backend=backend, deterministic=deterministic, **kwargs)
+    slow = fastmix.DoReMi(k, backend="torch", **kwargs)
+    for seed in range(5):
+        loss, domain, ref, mask = make(seed, (32, 257), k, dtype=torch.bfloat16,
+                                       per_sequence=seed % 2 == 0)  # fmt: skip
+        if seed == 3:
+            loss[0, 0], mask[0, 0] = float("nan"), True
+        a_loss = loss.clone().requires_grad_(True)
+        b_loss = loss.clone().requires_grad_(True)
+        a = fast.step(a_loss, ref, domain, mask)
+        b = slow.step(b_loss, ref, domain, mask)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(a_loss.grad, b_loss.grad)
+        for name in ("weights", "excess", "average_weights"):
+            torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-5,
+                                       atol=1e-6)  # fmt: skip
+    assert int(fast.num_skipped) == int(slow.num_skipped) == 1
+    assert int(fast.num_updates) == int(slow.num_updates) == 4
+    # the update-only kernel (accumulate + update) too
+    for mixer in (fast, slow):
+        for seed in (10, 11):
+            loss, domain, ref, mask = make(seed, (8, 300), k)
+            mixer.accumulate(loss, ref, domain, mask)
+        mixer.update()
+    torch.testing.assert_close(fast.weights, slow.weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_step_makes_no_host_sync(backend):
+    need(backend)
+    mixer = fastmix.DoReMi(22, backend=backend, device="cuda")
+    loss, domain, ref, mask = make(0, (16, 512), 22, per_sequence=True)
+    loss.requires_grad_(True)
+    mixer.step(loss, ref, domain, mask)  # warm-up: compiles kernels, allocates the workspace
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            objective = mixer.step(loss, ref, domain, mask)
+        objective.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(mixer.num_updates) == 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_compiled_step(backend):
+    need(backend)
+    eager = fastmix.DoReMi(8, backend=backend, device="cuda", proxy_loss="reweighted")
+    compiled = fastmix.DoReMi(8, backend=backend, device="cuda", proxy_loss="reweighted")
+    step = torch.compile(compiled.step, fullgraph=True)
+    for seed in range(3):
+        loss, domain, ref, mask = make(seed, (8, 129), 8, per_sequence=True)
+        a_loss = loss.clone().requires_grad_(True)
+        b_loss = loss.clone().requires_grad_(True)
+        eager.step(a_loss, ref, domain, mask).backward()
+        step(b_loss, ref, domain, mask).backward()
+        torch.testing.assert_close(b_loss.grad, a_loss.grad)
+    torch.testing.assert_close(compiled.weights, eager.weights)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_graph_capture_and_replay(backend, deterministic):
+    need(backend)
+    k = 22
+    mixer = fastmix.DoReMi(k, backend=backend, device="cuda", deterministic=deterministic)
+    oracle = fastmix.DoReMi(k, backend="torch", device="cuda")
+    loss, domain, ref, mask = make(0, (16, 300), k, per_sequence=True)
+    static = [t.clone() for t in (loss, ref, domain, mask)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (kernel compilation, workspace)
+        mixer.step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    oracle.step(loss, ref, domain, mask)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        objective = mixer.step(*static)
+    for seed in range(1, 4):
+        loss, domain, ref, mask = make(seed, (16, 300), k, per_sequence=True)
+        for dst, src in zip(static, (loss, ref, domain, mask), strict=True):
+            dst.copy_(src)
+        graph.replay()
+        want = oracle.step(loss, ref, domain, mask)
+        torch.testing.assert_close(objective, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mixer.weights, oracle.weights, rtol=1e-5, atol=1e-7)
+    assert int(mixer.num_updates) == 4

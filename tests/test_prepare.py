@@ -1,0 +1,126 @@
+"""fastmix prepare: tokenisation, layout, the command line and crash safety."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fastmix import cli
+from fastmix.data import TokenCorpus
+from fastmix.prepare import get_tokenizer, parse_inputs, prepare_corpus, prepare_domain
+
+
+def test_round_trip_text_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("héllo")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"body": "ab"}) + "\n\n" + json.dumps({"body": "c"}) + "\n"
+    )
+    out = tmp_path / "out"
+    rc = cli.main(
+        ["prepare", f"prose={tmp_path / 'a.txt'}", f"chat={tmp_path / 'b.jsonl'}",
+         "-o", str(out), "--text-field", "body", "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    corpus = TokenCorpus.from_dir(out)
+    assert corpus.names == ["prose", "chat"]
+    prose = list("héllo".encode()) + [256]
+    assert corpus.tokens_of(0).tolist() == prose
+    assert corpus.tokens_of(1).tolist() == [97, 98, 256, 99, 256]
+    manifest = json.loads((out / "corpus.json").read_text())
+    assert manifest["dtype"] == "uint16" and manifest["tokenizer"] == "byte"
+    assert manifest["eos_id"] == 256 and manifest["vocab_size"] == 257
+    assert manifest["domains"]["chat"] == {
+        "files": ["chat.bin"], "tokens": 5, "documents": 2, "sources": [str(tmp_path / "b.jsonl")],
+    }  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["chat.bin", "corpus.json", "prose.bin"]
+
+
+def test_python_api_adds_domains_and_lines_mode(tmp_path):
+    prepare_domain("one", ["x", "yz"], tmp_path)
+    prepare_domain("two", iter(["w"]), tmp_path)
+    corpus = TokenCorpus.from_dir(tmp_path)
+    assert corpus.tokens == {"one": 5, "two": 2}
+    (tmp_path / "l.txt").write_text("first\n\nsecond\n")
+    manifest = prepare_corpus(
+        {"lines": [tmp_path / "l.txt"]}, tmp_path, lines=True, show_progress=False
+    )
+    assert manifest["domains"]["lines"]["documents"] == 2
+    assert set(manifest["domains"]) == {"one", "two", "lines"}
+
+
+def test_failure_midway_leaves_nothing_that_loads(tmp_path):
+    def documents():
+        yield "a complete document"
+        raise RuntimeError("simulated crash while tokenising")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare_domain("web", documents(), tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no token file, no temporary file, no manifest
+    prepare_domain("code", ["ok"], tmp_path)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare_domain("code", documents(), tmp_path)  # the old file stays intact
+    assert TokenCorpus.from_dir(tmp_path).tokens == {"code": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code.bin", "corpus.json"]
+
+
+def test_a_leftover_temporary_file_is_never_loaded(tmp_path, monkeypatch):
+    # A hard crash (no cleanup) leaves only the temporary name behind, which nothing reads.
+    import os
+
+    def crash(src, dst):
+        raise OSError("simulated power loss before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    monkeypatch.setattr(os, "unlink", lambda *a, **k: None)
+    monkeypatch.setattr("pathlib.Path.unlink", lambda *a, **k: None)
+    with pytest.raises(OSError, match="power loss"):
+        prepare_domain("web", ["text"], tmp_path)
+    monkeypatch.undo()
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert leftovers and all(n.startswith(".web.bin.tmp-") for n in leftovers)
+    with pytest.raises(ValueError, match="no corpus.json"):
+        TokenCorpus.from_dir(tmp_path)
+
+
+def test_bad_input_is_clear(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"domain 'e': no documents"):
+        prepare_domain("e", [], tmp_path)
+    with pytest.raises(ValueError, match="plain file name"):
+        prepare_domain("../x", ["a"], tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"other": 1}\n')
+    rc = cli.main(
+        ["prepare", f"d={tmp_path / 'bad.jsonl'}", "-o", str(tmp_path / "o"), "--no-progress"]
+    )
+    assert rc == 2
+    assert "bad.jsonl" in capsys.readouterr().err and not (tmp_path / "o" / "d.bin").exists()
+    rc = cli.main(["prepare", f"d={tmp_path / 'missing.txt'}", "-o", str(tmp_path / "o")])
+    assert rc == 2 and "missing.txt" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="expected DOMAIN=FILE"):
+        parse_inputs(["d="])
+    assert parse_inputs(["web=a.jsonl,b.jsonl", "dir/code.txt"]) == {
+        "web": ["a.jsonl", "b.jsonl"],
+        "code": ["dir/code.txt"],
+    }
+
+
+def test_tokenizer_specs():
+    tok = get_tokenizer("byte")
+    assert tok.dtype == np.dtype("<u2") and tok.eos_id == 256
+    assert tok.encode("é").tolist() == [195, 169]
+    with pytest.raises(ValueError, match="must be 'byte'"):
+        get_tokenizer("sentencepiece:x")
+    for spec, package in (("tiktoken:gpt2", "tiktoken"), ("hf:gpt2", "tokenizers")):
+        try:
+            __import__(package)
+        except ImportError:
+            with pytest.raises(ValueError, match=f"needs the '{package}' package"):
+                get_tokenizer(spec)
+
+
+def test_mismatched_tokenizer_is_refused(tmp_path):
+    prepare_domain("a", ["x"], tmp_path)
+    manifest = json.loads((tmp_path / "corpus.json").read_text())
+    manifest["tokenizer"] = "tiktoken:gpt2"
+    (tmp_path / "corpus.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="cannot add domains tokenised with 'byte'"):
+        prepare_domain("b", ["y"], tmp_path)

@@ -1,0 +1,544 @@
+"""Tests of fastmix.sampler (alias / stratified / greedy streams, blend_indices) on the CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from fastmix import _C, MixtureSampler, blend_indices, sample_domains
+
+# Fixed seeds make every statistical test deterministic; 1e-4 is the rejection level, so a correct
+# sampler fails one of these with probability ~1e-4 per (weights, seed) pair, i.e. effectively never
+# unless the distribution is wrong.
+P_MIN = 1e-4
+
+WEIGHT_CASES = {
+    "uniform": np.ones(22),
+    "dirichlet": np.random.default_rng(7).dirichlet(np.ones(50)),
+    "extreme": np.array([0.999, 0.001]),
+    "single": np.array([3.0]),
+    "k1000": np.random.default_rng(8).dirichlet(np.full(1000, 2.0)),
+    "zeros": np.array([0.5, 0.0, 0.3, 0.0, 0.2, 0.0]),
+}
+
+
+def _chi_square_p(ids: np.ndarray, weights: np.ndarray) -> float:
+    p = weights / weights.sum()
+    counts = np.bincount(ids, minlength=p.size)
+    assert counts.size == p.size, "a draw fell outside [0, K)"
+    assert np.all(counts[p == 0] == 0), "a zero-weight domain was drawn"
+    positive = p > 0
+    if positive.sum() == 1:
+        assert counts[positive][0] == ids.size
+        return 1.0
+    return float(chisquare(counts[positive], ids.size * p[positive]).pvalue)
+
+
+# ------------------------------------------------------------------------------- distribution
+@pytest.mark.parametrize("case", sorted(WEIGHT_CASES))
+@pytest.mark.parametrize("method", ["alias", "stratified"])
+def test_chi_square_goodness_of_fit(case: str, method: str) -> None:
+    weights = WEIGHT_CASES[case]
+    sampler = MixtureSampler(weights, seed=2024, method=method)
+    ids = sampler.sample(200_000)
+    assert ids.dtype == np.int32
+    assert _chi_square_p(ids, weights) > P_MIN
+    np.testing.assert_array_equal(sampler.counts, np.bincount(ids, minlength=weights.size))
+
+
+def test_chi_square_detects_wrong_weights() -> None:
+    # The test above can fail: draws from w are rejected against a 5% perturbation of w.
+    weights = np.array([0.5, 0.3, 0.2])
+    ids = sample_domains(weights, 200_000, seed=1)
+    assert _chi_square_p(ids, np.array([0.475, 0.315, 0.21])) < P_MIN
+
+
+def test_alias_matches_weights_closely() -> None:
+    weights = np.random.default_rng(3).dirichlet(np.ones(256))
+    ids = sample_domains(weights, 1_000_000, seed=5)
+    freq = np.bincount(ids, minlength=256) / ids.size
+    # 5 binomial standard deviations per domain
+    assert np.all(np.abs(freq - weights) <= 5 * np.sqrt(weights * (1 - weights) / ids.size) + 1e-12)
+
+
+# ------------------------------------------------------------------------------- determinism
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+PIN_WEIGHTS = [0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0]
+
+# Short hashes of fixed streams, computed once from this implementation.  They guard cross-machine
+# and cross-version stability: the streams are pure integer arithmetic (SplitMix64 counters,
+# integer alias/stratification tables, IEEE double blending without FMA), so any machine must
+# reproduce them; a change here means the algorithm changed, and with it every saved data order.
+PINNED = {
+    "alias": "5051ed46d478ad9c",
+    "stratified": "b47b990b830aa68c",
+    "greedy": "ac1ce8032d23bcfb",
+}
+
+
+@pytest.mark.parametrize("method", ["alias", "stratified", "greedy"])
+def test_pinned_streams(method: str) -> None:
+    ids = MixtureSampler(PIN_WEIGHTS, seed=12345, method=method).sample(10_000)
+    assert _digest(ids) == PINNED[method]
+
+
+def test_same_seed_same_bits_other_seed_other_bits() -> None:
+    a = MixtureSampler(WEIGHT_CASES["dirichlet"], seed=9).sample(50_000)
+    b = MixtureSampler(WEIGHT_CASES["dirichlet"], seed=9).sample(50_000)
+    c = MixtureSampler(WEIGHT_CASES["dirichlet"], seed=10).sample(50_000)
+    np.testing.assert_array_equal(a, b)
+    assert np.mean(a != c) > 0.5
+
+
+def test_same_bits_in_another_process() -> None:
+    code = textwrap.dedent(
+        """
+        import hashlib, numpy as np
+        from fastmix import MixtureSampler, sample_domains
+        parts = [sample_domains([3, 1, 2, 0.5], 20000, seed=77, offset=123)]
+        for method in ("stratified", "greedy"):
+            parts.append(MixtureSampler([3, 1, 2, 0.5], seed=77, method=method).sample(20000))
+        print(hashlib.sha256(np.concatenate(parts).tobytes()).hexdigest())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    parts = [sample_domains([3, 1, 2, 0.5], 20000, seed=77, offset=123)]
+    for method in ("stratified", "greedy"):
+        parts.append(MixtureSampler([3, 1, 2, 0.5], seed=77, method=method).sample(20000))
+    assert out == hashlib.sha256(np.concatenate(parts).tobytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------- slicing
+@settings(max_examples=30, deadline=None)
+@given(
+    offset=st.integers(0, 5000),
+    n=st.integers(0, 3000),
+    seed=st.integers(0, 2**64 - 1),
+)
+def test_offset_returns_the_slice(offset: int, n: int, seed: int) -> None:
+    weights = [0.1, 0.2, 0.3, 0.4, 0.0, 1.5]
+    full = sample_domains(weights, offset + n, seed=seed)
+    np.testing.assert_array_equal(
+        sample_domains(weights, n, seed=seed, offset=offset), full[offset:]
+    )
+
+
+@pytest.mark.parametrize("k", [1, 5, 22, 32, 33, 300])
+def test_short_and_long_calls_agree(k: int) -> None:
+    # Calls below 64 draws take the scalar loop; longer ones a vector loop where the CPU has one
+    # (register permutes for K <= 32, gathers above).  All must give the same integers.
+    weights = np.random.default_rng(k).dirichlet(np.ones(k))
+    full = sample_domains(weights, 5000, seed=21)
+    pieces = [sample_domains(weights, 50, seed=21, offset=o) for o in range(0, 5000, 50)]
+    np.testing.assert_array_equal(np.concatenate(pieces), full)
+
+
+def test_offset_near_the_end_of_the_counter_space() -> None:
+    ids = sample_domains([1, 2], 10, seed=1, offset=2**64 - 10)
+    np.testing.assert_array_equal(ids[5:], sample_domains([1, 2], 5, seed=1, offset=2**64 - 5))
+
+
+def test_out_argument_is_filled_and_returned() -> None:
+    out = np.full(100, -1, dtype=np.int32)
+    result = sample_domains([1, 2, 3], 100, seed=4, out=out)
+    assert result is out
+    np.testing.assert_array_equal(out, sample_domains([1, 2, 3], 100, seed=4))
+
+
+@pytest.mark.parametrize("method", ["alias", "stratified", "greedy"])
+def test_chunked_sampling_equals_one_call(method: str) -> None:
+    weights = WEIGHT_CASES["dirichlet"]
+    whole = MixtureSampler(weights, seed=3, method=method).sample(30_000)
+    sampler = MixtureSampler(weights, seed=3, method=method)
+    chunks = [sampler.sample(n) for n in (1, 999, 1024, 5000, 0, 7, 22_969)]
+    np.testing.assert_array_equal(np.concatenate(chunks), whole)
+    assert sampler.position == 30_000
+
+
+def test_alias_sampler_is_the_stateless_stream() -> None:
+    weights = [4, 0, 1, 2]
+    np.testing.assert_array_equal(
+        MixtureSampler(weights, seed=11).sample(5000), sample_domains(weights, 5000, seed=11)
+    )
+
+
+def test_greedy_sampler_is_blend_indices() -> None:
+    weights = WEIGHT_CASES["dirichlet"]
+    np.testing.assert_array_equal(
+        MixtureSampler(weights, method="greedy").sample(20_000), blend_indices(weights, 20_000)[0]
+    )
+
+
+def test_greedy_never_draws_zero_weights_unlike_megatron() -> None:
+    weights = [0.0, 1.0, 1.0, 0.0, 2.0]
+    # Megatron's rule picks domain 0 on the all-zero tie at sample 2 ...
+    assert blend_indices(weights, 3)[0].tolist() == _blend_reference(weights, 3)[0]
+    assert 0 in blend_indices(weights, 50)[0]
+    # ... the sampler runs the same rule over the positive-weight domains
+    ids = MixtureSampler(weights, method="greedy").sample(5000)
+    positive = np.array([1, 2, 4])
+    np.testing.assert_array_equal(ids, positive[blend_indices([1.0, 1.0, 2.0], 5000)[0]])
+
+
+@pytest.mark.parametrize("method", ["alias", "stratified", "greedy"])
+def test_peek_does_not_advance(method: str) -> None:
+    sampler = MixtureSampler([1, 2, 3], seed=8, method=method)
+    sampler.sample(100)
+    peeked = sampler.peek(500)
+    assert sampler.position == 100
+    np.testing.assert_array_equal(sampler.sample(500), peeked)
+
+
+# ------------------------------------------------------------------------------- stratified
+@pytest.mark.parametrize(
+    "weights,block",
+    [
+        (np.ones(3), 4),
+        (np.ones(22), 1024),
+        (np.array([0.999, 0.001]), 1024),
+        (np.random.default_rng(1).dirichlet(np.ones(40)), 100),
+        (np.random.default_rng(2).dirichlet(np.full(300, 0.3)), 1000),
+        (np.array([0.5, 0.0, 0.5]), 7),
+        (np.array([1.0]), 5),
+    ],
+)
+def test_stratified_block_bounds(weights: np.ndarray, block: int) -> None:
+    blocks = 40
+    sampler = MixtureSampler(weights, seed=6, method="stratified", block=block)
+    ids = sampler.sample(blocks * block).reshape(blocks, block)
+    quota = weights / weights.sum() * block
+    for row in ids:
+        counts = np.bincount(row, minlength=weights.size)
+        assert np.all(counts >= np.floor(quota - 1e-9)), (counts, quota)
+        assert np.all(counts <= np.ceil(quota + 1e-9)), (counts, quota)
+    # the order within a block is shuffled, not sorted by domain
+    if weights.size > 1 and block >= 100:
+        assert any(np.any(np.diff(row) < 0) for row in ids)
+
+
+def test_stratified_random_access_by_block() -> None:
+    weights = np.random.default_rng(0).dirichlet(np.ones(30))
+    sampler = MixtureSampler(weights, seed=17, method="stratified", block=64)
+    stream = sampler.sample(64 * 20)
+    table = _C.StratifiedTable(weights, 64)
+    for index in (0, 7, 19):
+        np.testing.assert_array_equal(
+            table.block_ids(17, 0, index), stream[64 * index : 64 * (index + 1)]
+        )
+
+
+def test_stratified_blocks_differ_and_restart_after_set_weights() -> None:
+    sampler = MixtureSampler(np.ones(4), seed=1, method="stratified", block=8)
+    first = sampler.sample(8 * 50).reshape(50, 8)
+    assert len({row.tobytes() for row in first}) > 10  # a fresh offset and shuffle per block
+    sampler.sample(3)  # mid-block
+    sampler.set_weights([0.5, 0.25, 0.25, 0.0])
+    after = sampler.sample(8 * 10).reshape(10, 8)
+    for row in after:  # blocks are aligned to the change point
+        np.testing.assert_array_equal(np.bincount(row, minlength=4), [4, 2, 2, 0])
+
+
+# ------------------------------------------------------------------------------- state
+@pytest.mark.parametrize("method", ["alias", "stratified", "greedy"])
+def test_state_dict_round_trip_mid_stream(method: str) -> None:
+    weights = {"web": 0.6, "code": 0.3, "books": 0.1}
+    sampler = MixtureSampler(weights, seed=99, method=method)
+    sampler.sample(1234)
+    state = json.loads(json.dumps(sampler.state_dict()))  # JSON-friendly
+    expected = sampler.sample(5000)
+    restored = MixtureSampler([1.0], seed=0)  # anything: the state replaces it
+    restored.load_state_dict(state)
+    assert restored.names == ("web", "code", "books")
+    assert restored.method == method and restored.position == 1234
+    np.testing.assert_array_equal(restored.sample(5000), expected)
+    np.testing.assert_array_equal(restored.counts, sampler.counts)
+
+
+@pytest.mark.parametrize("method", ["alias", "stratified", "greedy"])
+def test_weight_change_mid_stream_and_round_trip(method: str) -> None:
+    sampler = MixtureSampler([1, 2, 3, 4], seed=5, method=method)
+    head = sampler.sample(777)
+    sampler.set_weights([4, 3, 0, 1])
+    middle = sampler.sample(2000)
+    assert np.all(middle != 2), "the new zero weight was drawn"
+    state = json.loads(json.dumps(sampler.state_dict()))
+    sampler.set_weights([0.3, 0.1 + 0.2, 0.0, 0.1])  # 0.1+0.2 != 0.3: exercises exact float storage
+    tail = sampler.sample(3000)
+    restored = MixtureSampler([1, 1, 1, 1], method="alias")
+    restored.load_state_dict(state)
+    restored.set_weights([0.3, 0.1 + 0.2, 0.0, 0.1])
+    np.testing.assert_array_equal(restored.sample(3000), tail)
+    np.testing.assert_array_equal(
+        restored.counts, np.bincount(np.concatenate([head, middle, tail]), minlength=4)
+    )
+    if method == "alias":  # the counter keeps running: the stream at the new table's offset
+        np.testing.assert_array_equal(
+            middle, sample_domains([4, 3, 0, 1], 2000, seed=5, offset=777)
+        )
+    if method == "greedy":  # the rule restarts at the change point
+        np.testing.assert_array_equal(middle, blend_indices([4, 3, 0, 1], 2000)[0])
+
+
+def test_set_weights_by_name_in_any_order() -> None:
+    a = MixtureSampler({"x": 1, "y": 2}, seed=1)
+    b = MixtureSampler({"x": 1, "y": 2}, seed=1)
+    a.set_weights({"y": 1, "x": 3})
+    b.set_weights([3, 1])
+    np.testing.assert_array_equal(a.sample(100), b.sample(100))
+    np.testing.assert_allclose(a.weights, [0.75, 0.25])
+
+
+# ------------------------------------------------------------------------------- blend_indices
+def _blend_reference(weights: list[float], size: int) -> tuple[list[int], list[int]]:
+    """The rule as written in Megatron-LM's helpers.cpp, in plain Python floats."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = (w / np.sum(w)).tolist()
+    counts = [0] * len(w)
+    index, sample_index = [], []
+    for s in range(size):
+        x = max(float(s), 1.0)
+        best, best_value = 0, w[0] * x - float(counts[0])
+        for d in range(1, len(w)):
+            value = w[d] * x - float(counts[d])
+            if value > best_value:
+                best, best_value = d, value
+        index.append(best)
+        sample_index.append(counts[best])
+        counts[best] += 1
+    return index, sample_index
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [1.0],
+        [0.5, 0.5],
+        [1, 1, 1],
+        [0.999, 0.001],
+        [0.001, 0.999],
+        [0.3, 0.0, 0.7],
+        [0.0, 1.0, 0.0],
+        [0.1, 0.2, 0.3, 0.4],
+        [2, 2, 1, 1, 1, 1],
+        [1e-12, 1, 1e-12],
+        list(np.random.default_rng(0).dirichlet(np.ones(12))),
+        list(np.random.default_rng(1).dirichlet(np.full(40, 0.2))),
+    ],
+)
+def test_blend_indices_matches_the_rule(weights: list[float]) -> None:
+    size = 3000
+    index, sample_index = blend_indices(weights, size)
+    assert index.dtype == np.int16 and sample_index.dtype == np.int64
+    ref_index, ref_sample = _blend_reference(weights, size)
+    np.testing.assert_array_equal(index, ref_index)
+    np.testing.assert_array_equal(sample_index, ref_sample)
+
+
+weight_vectors = st.one_of(
+    st.lists(st.floats(0, 1e3, allow_nan=False, allow_subnormal=False), min_size=1, max_size=300),
+    st.lists(st.sampled_from([0.0, 1.0, 2.0, 0.5, 1e-9]), min_size=1, max_size=300),  # many ties
+    st.integers(1, 600).map(lambda k: np.random.default_rng(k).dirichlet(np.full(k, 0.3)).tolist()),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights=weight_vectors, size=st.integers(0, 20_000))
+def test_blend_indices_matches_naive_loop(weights: list[float], size: int) -> None:
+    if sum(weights) <= 0:
+        weights = weights + [1.0]
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / np.sum(w)
+    fast = _C.blend_indices(w, size)
+    naive = _C._blend_indices_naive(w, size)
+    np.testing.assert_array_equal(fast[0], naive[0])
+    np.testing.assert_array_equal(fast[1], naive[1])
+
+
+@pytest.mark.parametrize("k", [5, 22, 64, 256, 2000])
+def test_blend_indices_matches_naive_loop_long(k: int) -> None:
+    w = np.random.default_rng(k).dirichlet(np.ones(k))
+    size = 400_000 if k <= 256 else 100_000
+    fast = blend_indices(w, size)
+    w = w / np.sum(w)
+    naive = _C._blend_indices_naive(w, size)
+    np.testing.assert_array_equal(fast[0], naive[0])
+    np.testing.assert_array_equal(fast[1], naive[1])
+
+
+def test_greedy_resume_from_any_state_matches() -> None:
+    w = np.random.default_rng(4).dirichlet(np.ones(100))
+    w = w / np.sum(w)
+    whole = np.empty(50_000, dtype=np.int32)
+    _C.greedy_fill(w, 0, np.zeros(100, dtype=np.int64), whole)
+    counts = np.zeros(100, dtype=np.int64)
+    first = np.empty(12_345, dtype=np.int32)
+    _C.greedy_fill(w, 0, counts, first)
+    rest = np.empty(50_000 - 12_345, dtype=np.int32)
+    _C.greedy_fill(w, 12_345, counts, rest)
+    np.testing.assert_array_equal(np.concatenate([first, rest]), whole)
+
+
+# ------------------------------------------------------------------------------- bad input
+BAD_WEIGHTS = [
+    ([1.0, -0.1], ValueError, "negative"),
+    ([1.0, float("nan")], ValueError, "finite"),
+    ([1.0, float("inf")], ValueError, "finite"),
+    ([0.0, 0.0], ValueError, "positive"),
+    ([], ValueError, "empty"),
+    ([1e308, 1e308], ValueError, "overflow"),
+    (["a", "b"], TypeError, "weights"),
+    ([1 + 1j, 2], TypeError, "weights"),
+    ([object(), 1.0], TypeError, "weights"),
+    ([True, False], TypeError, "weights"),
+    ([[1.0, 2.0]], ValueError, "1-D"),
+    ("abc", TypeError, "weights"),
+    ({1: 0.5}, TypeError, "weights"),
+]
+
+
+@pytest.mark.parametrize("weights,error,message", BAD_WEIGHTS)
+def test_bad_weights_are_rejected_everywhere(weights, error, message) -> None:
+    with pytest.raises(error, match=message):
+        MixtureSampler(weights)
+    with pytest.raises(error, match=message):
+        sample_domains(weights, 10, seed=0)
+    with pytest.raises(error, match=message):
+        blend_indices(weights, 10)
+    sampler = MixtureSampler([1.0, 1.0])
+    with pytest.raises((ValueError, TypeError), match="weights"):
+        sampler.set_weights(weights)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: _C.AliasTable(np.array([1.0, -1.0])),
+        lambda: _C.AliasTable(np.array([np.nan])),
+        lambda: _C.AliasTable(np.zeros(3)),
+        lambda: _C.AliasTable(np.zeros(0)),
+        lambda: _C.StratifiedTable(np.ones(2), 0),
+        lambda: _C.blend_indices(np.array([1.0, np.inf]), 4),
+        lambda: _C.blend_indices(np.ones(3), -1),
+        lambda: _C.blend_indices(np.ones(40_000), 1),
+        lambda: _C.AliasTable(np.ones(2)).fill(0, 0, np.zeros((2, 2), dtype=np.int32)),
+        lambda: _C.AliasTable(np.ones(2)).fill(0, 0, np.zeros(4, dtype=np.int32)[::2]),
+        lambda: _C.AliasTable(np.ones(2)).fill(0, 2**64 - 1, np.zeros(4, dtype=np.int32)),
+        lambda: _C.greedy_fill(np.ones(2), 3, np.zeros(2, dtype=np.int64), np.zeros(2, np.int32)),
+        lambda: _C.accumulate_counts(np.array([0, 5], np.int32), np.zeros(2, dtype=np.int64)),
+    ],
+)
+def test_cpp_layer_validates_with_value_error(call) -> None:
+    with pytest.raises(ValueError):
+        call()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: _C.AliasTable(np.ones(3, dtype=np.float32)),
+        lambda: _C.AliasTable([1.0, 2.0]),
+        lambda: _C.AliasTable(np.ones(2)).fill(0, 0, np.zeros(4, dtype=np.int64)),
+    ],
+)
+def test_cpp_layer_rejects_wrong_types(call) -> None:
+    with pytest.raises(TypeError):
+        call()
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="method"):
+        MixtureSampler([1, 2], method="nope")
+    with pytest.raises(ValueError, match="block"):
+        MixtureSampler([1, 2], method="stratified", block=0)
+    with pytest.raises(TypeError, match="block"):
+        MixtureSampler([1, 2], method="stratified", block=2.5)
+    with pytest.raises(ValueError, match="block"):
+        MixtureSampler([1, 2], method="alias", block=16)
+    with pytest.raises(ValueError, match="seed"):
+        MixtureSampler([1, 2], seed=-1)
+    with pytest.raises(ValueError, match="seed"):
+        sample_domains([1, 2], 3, seed=2**64)
+    with pytest.raises(TypeError, match="seed"):
+        sample_domains([1, 2], 3, seed="1")
+    with pytest.raises(ValueError, match="n"):
+        MixtureSampler([1, 2]).sample(-1)
+    with pytest.raises(TypeError, match="n"):
+        MixtureSampler([1, 2]).sample(2.0)
+    with pytest.raises(ValueError, match="n"):
+        sample_domains([1, 2], -5, seed=0)
+    with pytest.raises(ValueError, match="offset"):
+        sample_domains([1, 2], 3, seed=0, offset=-1)
+    with pytest.raises(ValueError, match="offset"):
+        sample_domains([1, 2], 3, seed=0, offset=2**64 - 1)
+    with pytest.raises(ValueError, match="size"):
+        blend_indices([1, 2], -1)
+    with pytest.raises(ValueError, match="32767"):
+        blend_indices(np.ones(32768), 1)
+    assert blend_indices(np.ones(32767), 2)[0].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "out,error",
+    [
+        (np.zeros(10, dtype=np.int64), TypeError),
+        (np.zeros(9, dtype=np.int32), ValueError),
+        (np.zeros((2, 5), dtype=np.int32), ValueError),
+        (np.zeros(20, dtype=np.int32)[::2], ValueError),
+        ([0] * 10, TypeError),
+    ],
+)
+def test_bad_out(out, error) -> None:
+    with pytest.raises(error, match="out"):
+        sample_domains([1, 2], 10, seed=0, out=out)
+
+
+def test_read_only_out() -> None:
+    out = np.zeros(10, dtype=np.int32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out"):
+        sample_domains([1, 2], 10, seed=0, out=out)
+
+
+def test_bad_state_dicts() -> None:
+    sampler = MixtureSampler([1, 2, 3], seed=1)
+    sampler.sample(10)
+    good = sampler.state_dict()
+    broken = [
+        ({**good, "method": "zipf"}, ValueError),
+        ({**good, "weights": [1, -2, 3]}, ValueError),
+        ({**good, "counts": [1, 2]}, ValueError),
+        ({**good, "counts": [10, 0, 1]}, ValueError),
+        ({**good, "position": -1}, ValueError),
+        ({**good, "segment_start": 11}, ValueError),
+        ({**good, "version": 2}, ValueError),
+        ({k: v for k, v in good.items() if k != "seed"}, ValueError),
+        ({**good, "seed": "x"}, TypeError),
+        ([("position", 0)], TypeError),
+    ]
+    for state, error in broken:
+        with pytest.raises(error):
+            sampler.load_state_dict(state)
+    assert sampler.state_dict() == good  # a failed load changes nothing
+
+
+def test_set_weights_needs_matching_domains() -> None:
+    with pytest.raises(ValueError, match="3 entries"):
+        MixtureSampler([1, 2, 3]).set_weights([1, 2])
+    with pytest.raises(ValueError, match="keys"):
+        MixtureSampler({"a": 1, "b": 2}).set_weights({"a": 1, "c": 2})
+    with pytest.raises(ValueError, match="names"):
+        MixtureSampler([1, 2]).set_weights({"a": 1, "b": 2})
