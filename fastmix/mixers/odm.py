@@ -1,0 +1,271 @@
+"""ODM, Online Data Mixing (Albalak et al. 2023): domains as bandit arms, resampled online.
+
+Each domain's reward is the exponentiated mean training loss of its tokens in the step (a domain
+the model still finds hard is sampled more).  In the form of the authors' released code:
+
+    R̂_i ← β·R̂_i + (1 − β)·exp(L_i)            for each domain i seen in step t (others keep R̂_i)
+    ε_t  = min(1/K, √(ln K / (K·t)))
+    π_i  = (1 − K·ε_t)·R̂_i / Σ_j R̂_j + ε_t
+
+with R̂ = 0 at the start (so an unseen domain gets only the exploration share ε_t) and the
+initial weights during the first ``warmup_steps`` steps (R̂ still accumulates then).  ``t`` is the
+1-based step count, kept on the host: it needs no device value, so :meth:`ODM.step` never
+synchronises — no ``.item()``, no ``.cpu()``, no Python branch on a device tensor.
+
+The statistics come from :func:`fastmix.domain_loss_stats` (token count and loss sum per domain)
+and are summed over data-parallel ranks, so every rank holds the same π.  ``weights`` is a device
+tensor updated in place: hand it to ``MixtureDataset.set_weights`` after each step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastmix import distributed
+from fastmix.ops import domain_loss_stats
+
+__all__ = ["ODM"]
+
+_STATE_VERSION = 1
+# exp(80) ≈ 5.5e34: far above any real loss's reward yet K·exp(80) stays finite in float32 for
+# K < 6000, so a diverging domain saturates instead of turning π into NaN.
+_MAX_LOSS = 80.0
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name} must be finite and in [{low}, {high}], got {value}")
+    return value
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+class ODM:
+    """Online Data Mixing sampling weights π, held on the device.
+
+    Args:
+        num_domains: K.
+        smoothing: β in [0, 1), the weight of the old reward (the released code used 0.9).
+        warmup_steps: steps (from the first) during which π stays at ``init_weights``.
+        init_weights: the initial π (K positive values, normalised); uniform by default.
+        backend: "cuda", "triton" or "torch" for :func:`fastmix.domain_loss_stats`.
+        device: where the state lives; by default it follows the first batch.
+        process_group: sum statistics over this group (default: the world group when
+            torch.distributed is initialised).
+        deterministic: bitwise-reproducible statistics.
+
+    Attributes: ``weights`` (π, ``[K]`` float32), ``rewards`` (R̂), ``num_steps`` (host int t),
+    ``num_skipped`` (device int64: domain-steps whose mean loss was not finite, ignored).
+    """
+
+    def __init__(
+        self,
+        num_domains: int,
+        *,
+        smoothing: float = 0.9,
+        warmup_steps: int = 0,
+        init_weights: Sequence[float] | Tensor | None = None,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        process_group: Any = None,
+        deterministic: bool = False,
+    ) -> None:
+        self.num_domains = _check_int("num_domains", num_domains, 1)
+        self.smoothing = _check_float("smoothing", smoothing, 0.0, 1.0)
+        if self.smoothing == 1.0:
+            raise ValueError("smoothing must be < 1 (β = 1 never updates the rewards)")
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        if backend is not None and backend not in ("cuda", "triton", "torch"):
+            raise ValueError(f"backend must be 'cuda', 'triton', 'torch' or None, got {backend!r}")
+        self.backend = backend
+        self.process_group = process_group
+        self.deterministic = bool(deterministic)
+        self._device_fixed = device is not None
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        self._init = self._initial_weights(init_weights).to(dev)
+        self._weights = self._init.clone()
+        self._rewards = torch.zeros(self.num_domains, dtype=torch.float32, device=dev)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        self.num_steps = 0
+
+    def _initial_weights(self, init_weights: Sequence[float] | Tensor | None) -> Tensor:
+        k = self.num_domains
+        if init_weights is None:
+            return torch.full((k,), 1.0 / k, dtype=torch.float32)
+        w = torch.as_tensor(init_weights).detach().to("cpu", torch.float64).reshape(-1)
+        if w.numel() != k:
+            raise ValueError(f"init_weights must have {k} values, got {w.numel()}")
+        if not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
+            raise ValueError("init_weights must be finite and > 0")
+        return (w / w.sum()).to(torch.float32)
+
+    # ---------------------------------------------------------------- public state
+    @property
+    def weights(self) -> Tensor:
+        """π, the sampling weights for the next step ``[K]`` (updated in place)."""
+        return self._weights
+
+    @property
+    def rewards(self) -> Tensor:
+        """R̂, the smoothed exponentiated loss of each domain ``[K]``."""
+        return self._rewards
+
+    @property
+    def num_skipped(self) -> Tensor:
+        return self._skipped
+
+    @property
+    def device(self) -> torch.device:
+        return self._weights.device
+
+    def exploration(self, t: int | None = None) -> float:
+        """ε_t = min(1/K, √(ln K / (K·t))) for step ``t`` (default: the last step taken)."""
+        t = self.num_steps if t is None else _check_int("t", t, 1)
+        if t < 1:
+            return 1.0 / self.num_domains
+        k = self.num_domains
+        return min(1.0 / k, math.sqrt(math.log(k) / (k * t)))
+
+    def to(self, device: torch.device | str) -> ODM:
+        """Move the state to ``device`` (returns self)."""
+        dev = torch.device(device)
+        self._init = self._init.to(dev)
+        self._weights = self._weights.to(dev)
+        self._rewards = self._rewards.to(dev)
+        self._skipped = self._skipped.to(dev)
+        self._device_fixed = True
+        return self
+
+    # ---------------------------------------------------------------- the step
+    def step(self, loss: Tensor, domain: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Update π from this batch's per-token losses and return it.
+
+        Args:
+            loss: per-token training loss, ``[N]`` or ``[B, T]`` (float32/bf16/fp16; detached).
+            domain: int32/int64 domain ids per token or per sequence (``[B]``).
+            mask: bool, False marks a token to ignore.
+
+        Returns:
+            ``weights`` (π for the next step), the same tensor object every call.
+        """
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
+        self._follow(loss.device)
+        stats = domain_loss_stats(loss.detach(), domain, self.num_domains, mask=mask,
+                                  backend=self.backend, deterministic=self.deterministic)
+        return self.update(stats)
+
+    def update(self, stats: Tensor) -> Tensor:
+        """Update π from per-domain statistics ``[3, K]`` (or ``[2, K]``: count, loss sum).
+
+        Use this when the statistics are already computed (e.g. shared with DoReMi).  They are
+        summed over the process group first, so pass this rank's statistics only.
+        """
+        if not isinstance(stats, Tensor):
+            raise TypeError(f"stats must be a torch.Tensor, got {type(stats).__name__}")
+        if stats.dim() != 2 or stats.shape[0] < 2 or stats.shape[1] != self.num_domains:
+            raise ValueError(
+                f"stats must be [3, {self.num_domains}] (count, loss sum, excess sum), got "
+                f"{tuple(stats.shape)}")
+        if not stats.is_floating_point():
+            raise TypeError(f"stats must be floating point, got {stats.dtype}")
+        self._follow(stats.device)
+        group = distributed.resolve_group(self.process_group)
+        totals = distributed.all_reduce_sum_(stats[:2].to(torch.float32).clone(), group)
+        count, loss_sum = totals[0], totals[1]
+        mean = loss_sum / count.clamp_min(1.0)
+        finite = torch.isfinite(mean)
+        seen = (count > 0) & finite
+        self._skipped.add_(((count > 0) & ~finite).sum())
+        reward = torch.exp(torch.where(finite, mean, 0.0).clamp(max=_MAX_LOSS))
+        beta = self.smoothing
+        self._rewards.copy_(torch.where(seen, beta * self._rewards + (1.0 - beta) * reward,
+                                        self._rewards))
+        self.num_steps += 1
+        t = self.num_steps
+        if t <= self.warmup_steps:  # a host counter: no device value is read
+            self._weights.copy_(self._init)
+            return self._weights
+        k = self.num_domains
+        eps = self.exploration(t)
+        total = self._rewards.sum()
+        share = torch.where(total > 0, self._rewards / total.clamp_min(1e-30),
+                            torch.full_like(self._rewards, 1.0 / k))
+        self._weights.copy_((1.0 - k * eps) * share + eps)
+        return self._weights
+
+    def _follow(self, device: torch.device) -> None:
+        if device != self.device:
+            if not self._device_fixed and self.num_steps == 0:
+                self.to(device)
+            else:
+                raise ValueError(f"inputs are on {device} but the ODM state is on {self.device}")
+
+    # ---------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The full state (tensors cloned, on the state's device) and hyperparameters."""
+        return {
+            "version": _STATE_VERSION,
+            "num_domains": self.num_domains,
+            "smoothing": self.smoothing,
+            "warmup_steps": self.warmup_steps,
+            "num_steps": self.num_steps,
+            "init_weights": self._init.clone(),
+            "weights": self._weights.clone(),
+            "rewards": self._rewards.clone(),
+            "num_skipped": self._skipped.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (validated: K, shapes, hyperparameters)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        missing = [k for k in ("num_domains", "weights", "rewards", "num_steps") if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {missing}")
+        if state.get("version", _STATE_VERSION) != _STATE_VERSION:
+            raise ValueError(f"state version {state['version']} is not {_STATE_VERSION}")
+        if state["num_domains"] != self.num_domains:
+            raise ValueError(f"state has num_domains={state['num_domains']}, this ODM has "
+                             f"{self.num_domains}")
+        k = self.num_domains
+        tensors = {}
+        for key in ("weights", "rewards", "init_weights"):
+            value = torch.as_tensor(state.get(key, self._init))
+            if value.shape != (k,):
+                raise ValueError(f"state[{key!r}] must have shape ({k},), got {tuple(value.shape)}")
+            if not value.is_floating_point():
+                raise TypeError(f"state[{key!r}] must be floating point, got {value.dtype}")
+            tensors[key] = value.detach().to(self.device, torch.float32)
+        smoothing = _check_float("smoothing", state.get("smoothing", self.smoothing), 0.0, 1.0)
+        if smoothing == 1.0:
+            raise ValueError("state['smoothing'] must be < 1")
+        warmup = _check_int("warmup_steps", state.get("warmup_steps", self.warmup_steps), 0)
+        steps = _check_int("num_steps", state["num_steps"], 0)
+        skipped = torch.as_tensor(state.get("num_skipped", 0))
+        if skipped.numel() != 1:
+            raise ValueError("state['num_skipped'] must be a scalar")
+        self._weights.copy_(tensors["weights"])
+        self._rewards.copy_(tensors["rewards"])
+        self._init.copy_(tensors["init_weights"])
+        self._skipped.copy_(skipped.reshape(()).to(self.device, torch.int64))
+        self.smoothing, self.warmup_steps, self.num_steps = smoothing, warmup, steps
+
+    def __repr__(self) -> str:
+        return (f"ODM(num_domains={self.num_domains}, smoothing={self.smoothing}, "
+                f"warmup_steps={self.warmup_steps}, num_steps={self.num_steps}, "
+                f"device={self.device})")

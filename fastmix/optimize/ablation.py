@@ -1,0 +1,48 @@
+"""Weights from single-domain ablations: one affinity score per domain → a mixture."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["weights_from_affinity"]
+
+
+def weights_from_affinity(scores: Mapping[str, float] | Sequence[float] | np.ndarray, *,
+                          method: str = "softmax", temperature: float = 1.0,
+                          higher_is_better: bool = True) -> np.ndarray | dict[str, float]:
+    """Turn per-domain affinity scores into weights that sum to 1.
+
+    Args:
+        scores: one score per domain (a mapping keeps the names in the result), e.g. a
+            downstream metric of a model trained on that domain alone.
+        method: ``"proportional"`` (``w ∝ s``; needs scores > 0 — for lower-is-better scores
+            ``w ∝ 1/s``) or ``"softmax"`` (``w ∝ exp(±s / temperature)``).
+        temperature: softmax temperature (> 0); large → uniform, small → the best domain.
+        higher_is_better: ``False`` for losses (lower score → more weight).
+
+    Returns:
+        An array of weights, or ``{domain: weight}`` when ``scores`` is a mapping.
+    """
+    names = list(scores.keys()) if isinstance(scores, Mapping) else None
+    s = np.asarray(list(scores.values()) if names is not None else scores, dtype=np.float64)
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError(f"scores must be a non-empty 1-D list, got shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    if method == "proportional":
+        if (s <= 0).any():
+            i = int(np.flatnonzero(s <= 0)[0])
+            raise ValueError(f"method='proportional' needs scores > 0; domain "
+                             f"{names[i] if names else i!r} has {s[i]:g} (use 'softmax')")
+        w = s if higher_is_better else 1.0 / s
+    elif method == "softmax":
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        z = (s if higher_is_better else -s) / temperature
+        w = np.exp(z - z.max())  # shift by the max so exp never overflows
+    else:
+        raise ValueError(f"method must be 'proportional' or 'softmax', got {method!r}")
+    w = w / w.sum()
+    return dict(zip(names, w.tolist(), strict=True)) if names is not None else w

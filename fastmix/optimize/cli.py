@@ -1,0 +1,356 @@
+"""``fastmix optimize``: choose mixture weights from a sweep of small runs.
+
+Reads the sweep (one CSV with both mixtures and metrics, or a mixtures CSV and a metrics CSV),
+fits a predictor per target, scores it on held-out runs, searches the weights under the
+constraints and writes, into ``--out``:
+
+- ``weights.json``: ``{"weights": {domain: weight}, ...metadata}`` (what ``MixtureDataset``
+  reads);
+- ``summary.md`` and ``summary.csv``: held-out scores, the chosen weights next to the bounds and
+  the prior, the Pareto trade-offs with several targets (also printed);
+- ``plot.png``: predicted vs observed on the held-out runs, plus the Pareto front of the first
+  two targets when there are several.
+
+Every file is written to a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .choose import Choice, choose_weights
+from .predictors import PREDICTORS
+from .search import Constraints
+from .sweep import Sweep, load_sweep, read_csv_columns
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``optimize`` arguments to ``parser``."""
+    parser.add_argument("sweep", nargs="+", metavar="CSV",
+                        help="one CSV holding mixtures and metrics (with --domains or "
+                             "--domain-prefix), or a mixtures CSV followed by a metrics CSV")
+    parser.add_argument("--target", action="append", default=[], metavar="NAME[=WEIGHT]",
+                        help="metric to minimise (repeat for a weighted sum of standardised "
+                             "targets; default: the only metric)")
+    parser.add_argument("--maximize", action="append", default=[], metavar="NAME",
+                        help="a target where higher is better (accuracy)")
+    parser.add_argument("--predictor", choices=PREDICTORS, default="law+trees",
+                        help="model of a metric given the mixture (default: law+trees)")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose the tree settings by 5-fold CV on the training runs")
+    parser.add_argument("--domains", help="comma-separated mixture columns (single-CSV sweeps)")
+    parser.add_argument("--domain-prefix",
+                        help="mixture columns are those starting with this (single-CSV sweeps); "
+                             "it is stripped from the domain names")
+    parser.add_argument("--strip-prefix", help="remove this prefix from domain names")
+    parser.add_argument("--id-column", help="column matching runs across the two CSVs")
+    parser.add_argument("--drop-nan", action="store_true",
+                        help="drop runs with a NaN metric instead of failing")
+    parser.add_argument("--min-weight", action="append", default=[], metavar="[NAME=]W",
+                        help="lower bound for every domain, or for NAME (repeatable)")
+    parser.add_argument("--max-weight", action="append", default=[], metavar="[NAME=]W",
+                        help="upper bound for every domain, or for NAME (repeatable)")
+    parser.add_argument("--token-counts", metavar="JSON|NAME=N,...",
+                        help="tokens available per domain: a JSON file {domain: count} or "
+                             "comma-separated NAME=COUNT")
+    parser.add_argument("--total-tokens", type=float, help="tokens the target run trains on")
+    parser.add_argument("--max-epochs", type=float,
+                        help="how often a domain may be repeated (default 1 with token counts)")
+    parser.add_argument("--prior", metavar="JSON",
+                        help="centre of the search: a weights JSON (default: the mean sweep "
+                             "mixture, or token shares when token counts are given)")
+    parser.add_argument("--holdout", type=float, default=0.2,
+                        help="fraction of runs held out to score the predictor (0 to skip)")
+    parser.add_argument("--samples", type=int, default=50_000, help="mixtures sampled")
+    parser.add_argument("--top-k", type=int, default=100, help="best samples averaged")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="fastmix-optimize", help="output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fastmix optimize``; returns the exit status (2 on bad input)."""
+    try:
+        sweep = _load(args)
+        targets = _targets(args.target, sweep)
+        constraints = _constraints(args, sweep)
+        prior = _prior(args, sweep, constraints)
+        if args.samples < 1 or not 1 <= args.top_k <= args.samples:
+            raise ValueError(f"--top-k must lie in [1, --samples={args.samples}]")
+        if not 0 <= args.holdout < 1:
+            raise ValueError(f"--holdout must lie in [0, 1), got {args.holdout}")
+        choice = choose_weights(sweep, targets, predictor=args.predictor, tune=args.tune,
+                                constraints=constraints, maximize=args.maximize, prior=prior,
+                                holdout=args.holdout, samples=args.samples, top_k=args.top_k,
+                                seed=args.seed)
+    except ValueError as exc:
+        print(f"fastmix optimize: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md, rows = _summary(choice, sweep, constraints, prior)
+    _write_text(out / "weights.json", json.dumps(_metadata(choice, sweep, constraints, args),
+                                                 indent=2) + "\n")
+    _write_text(out / "summary.md", md)
+    _write_text(out / "summary.csv", _csv(rows))
+    _write_plot(out / "plot.png", choice)
+    print(md)
+    print(f"wrote {out / 'weights.json'}, {out / 'summary.md'}, {out / 'summary.csv'}, "
+          f"{out / 'plot.png'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ inputs
+def _load(args: argparse.Namespace) -> Sweep:
+    missing = "drop" if args.drop_nan else "raise"
+    if len(args.sweep) == 2:
+        if args.domains or args.domain_prefix:
+            raise ValueError("--domains/--domain-prefix apply to a single-CSV sweep")
+        return load_sweep(args.sweep[0], args.sweep[1], id_column=args.id_column,
+                          strip_prefix=args.strip_prefix, missing=missing)
+    if len(args.sweep) != 1:
+        raise ValueError(f"give one or two CSV files, got {len(args.sweep)}")
+    cols = read_csv_columns(args.sweep[0])
+    if args.domains:
+        domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+        unknown = [d for d in domains if d not in cols]
+        if unknown:
+            raise ValueError(f"--domains: {args.sweep[0]} has no column {unknown}")
+    elif args.domain_prefix:
+        domains = [c for c in cols if c.startswith(args.domain_prefix)]
+        if not domains:
+            raise ValueError(f"--domain-prefix: no column of {args.sweep[0]} starts with "
+                             f"{args.domain_prefix!r}")
+    else:
+        raise ValueError("a single-CSV sweep needs --domains or --domain-prefix to tell the "
+                         "mixture columns from the metrics")
+    mix = {d: cols[d] for d in domains}
+    met = {c: v for c, v in cols.items() if c not in mix}
+    strip = args.strip_prefix or args.domain_prefix
+    return load_sweep(mix, met, strip_prefix=strip, missing=missing)
+
+
+def _targets(specs: Sequence[str], sweep: Sweep) -> dict[str, float]:
+    if not specs:
+        if len(sweep.targets) == 1:
+            return {sweep.targets[0]: 1.0}
+        raise ValueError(f"--target: the sweep has {len(sweep.targets)} metrics; name one or "
+                         f"more, e.g. --target {sweep.targets[0]!r}")
+    out: dict[str, float] = {}
+    for spec in specs:
+        name, weight = spec, 1.0
+        head, sep, tail = spec.rpartition("=")
+        if sep and head:
+            try:
+                name, weight = head, float(tail)
+            except ValueError:
+                name = spec
+        if name not in sweep.targets:
+            close = [t for t in sweep.targets if name.lower() in t.lower()][:5]
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"--target: no metric {name!r}{hint}")
+        out[name] = weight
+    return out
+
+
+def _pairs(specs: Sequence[str], what: str, domains: Sequence[str]) -> Any:
+    """``["0.01", "arxiv=0.2"]`` -> a per-domain array (global value, then per-name values)."""
+    if not specs:
+        return None
+    default = None
+    named: dict[str, float] = {}
+    for spec in specs:
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, sep, value = part.rpartition("=")
+            try:
+                v = float(value)
+            except ValueError:
+                raise ValueError(f"{what}: {part!r} is not NAME=NUMBER or NUMBER") from None
+            if sep:
+                if name not in domains:
+                    raise ValueError(f"{what}: unknown domain {name!r}")
+                named[name] = v
+            else:
+                default = v
+    base = 0.0 if what == "--min-weight" else 1.0
+    return np.array([named.get(d, base if default is None else default) for d in domains])
+
+
+def _constraints(args: argparse.Namespace, sweep: Sweep) -> Constraints:
+    lo = _pairs(args.min_weight, "--min-weight", sweep.domains)
+    hi = _pairs(args.max_weight, "--max-weight", sweep.domains)
+    tokens = None
+    if args.token_counts:
+        p = Path(args.token_counts)
+        if p.suffix == ".json" or p.is_file():
+            try:
+                tokens = {str(k): float(v) for k, v in json.loads(p.read_text()).items()}
+            except (OSError, json.JSONDecodeError, AttributeError, TypeError) as exc:
+                raise ValueError(f"--token-counts: cannot read {p}: {exc}") from None
+        else:
+            arr = _pairs([args.token_counts], "--token-counts", sweep.domains)
+            named = {part.split("=")[0].strip() for part in args.token_counts.split(",")}
+            tokens = {d: float(v) for d, v in zip(sweep.domains, arr, strict=True) if d in named}
+    return Constraints(sweep.domains, min_weight=lo, max_weight=hi, token_counts=tokens,
+                       total_tokens=args.total_tokens, max_epochs=args.max_epochs)
+
+
+def _prior(args: argparse.Namespace, sweep: Sweep, constraints: Constraints) -> np.ndarray:
+    if args.prior:
+        from fastmix.data import load_weights
+
+        w = np.asarray(load_weights(args.prior, sweep.domains), dtype=np.float64)
+    elif constraints.availability is not None:
+        w = constraints.availability.copy()  # token shares, RegMix's prior
+    else:
+        w = sweep.mixtures.mean(0)
+    if w.sum() <= 0:
+        raise ValueError("--prior: weights sum to 0")
+    return w / w.sum()
+
+
+# ----------------------------------------------------------------------------------- outputs
+def _metadata(choice: Choice, sweep: Sweep, constraints: Constraints,
+              args: argparse.Namespace) -> dict[str, Any]:
+    from fastmix import __version__
+
+    return {
+        "weights": choice.weights,
+        "predicted": choice.predicted,
+        "targets": choice.objective_weights,
+        "maximize": [t for t, m in choice.maximize.items() if m],
+        "predictor": {t: p.describe() for t, p in choice.predictors.items()},
+        "heldout": choice.heldout,
+        "constraints": constraints.describe(),
+        "sweep": {"files": [str(s) for s in args.sweep], "runs": sweep.num_runs,
+                  "domains": sweep.num_domains, **sweep.renormalization_report()},
+        "search": {"samples": args.samples, "top_k": args.top_k,
+                   "objective": choice.search.objective,
+                   "averaged_objective": choice.search.averaged_objective,
+                   "refined": choice.search.refined, "evaluated": choice.search.evaluated},
+        "pareto_front_size": None if choice.pareto is None else len(choice.pareto.values),
+        "seed": args.seed,
+        "fastmix_version": __version__,
+    }
+
+
+def _summary(choice: Choice, sweep: Sweep, constraints: Constraints, prior: np.ndarray
+             ) -> tuple[str, list[list[Any]]]:
+    lines = [f"# fastmix optimize: {sweep.num_runs} runs, {sweep.num_domains} domains", ""]
+    rep = sweep.renormalization_report()
+    lines += [f"Rows renormalised: {rep['rows_renormalized']} (largest offset from 1: "
+              f"{rep['max_row_offset']:.3g}).", ""]
+    rows: list[list[Any]] = [["section", "name", "value", "min", "max", "prior"]]
+    if choice.heldout:
+        lines += [f"## Held-out runs ({choice.info['predictor']})", "",
+                  "| target | Spearman ρ | Pearson r | MAE | predicted at weights |",
+                  "|---|---:|---:|---:|---:|"]
+        for t, m in choice.heldout.items():
+            lines.append(f"| {t} | {m['spearman']:.4f} | {m['pearson']:.4f} | {m['mae']:.4g} "
+                         f"| {choice.predicted[t]:.4g} |")
+            rows += [["heldout_spearman", t, m["spearman"], "", "", ""],
+                     ["heldout_pearson", t, m["pearson"], "", "", ""],
+                     ["heldout_mae", t, m["mae"], "", "", ""]]
+        lines.append("")
+    for t, v in choice.predicted.items():
+        rows.append(["predicted", t, v, "", "", ""])
+    lines += ["## Weights", "", "| domain | weight | min | max | prior |",
+              "|---|---:|---:|---:|---:|"]
+    order = np.argsort([-choice.weights[d] for d in sweep.domains], kind="stable")
+    for i in order:
+        d = sweep.domains[i]
+        lo, hi, w = constraints.lo[i], constraints.hi[i], choice.weights[d]
+        lines.append(f"| {d} | {w:.4f} | {lo:.4g} | {hi:.4g} | {prior[i]:.4f} |")
+        rows.append(["weight", d, w, lo, hi, prior[i]])
+    lines.append("")
+    if choice.pareto is not None:
+        pf = choice.pareto
+        lines += [f"## Pareto front ({len(pf.values)} non-dominated sampled mixtures)", "",
+                  "| best at | " + " | ".join(pf.objectives) + " | cost elsewhere |",
+                  "|---|" + "---:|" * len(pf.objectives) + "---|"]
+        for row in pf.trade_offs():
+            vals = " | ".join(f"{row['values'][o]:.4g}" for o in pf.objectives)
+            cost = ", ".join(f"{o} +{c:.3g}" for o, c in row["cost"].items())
+            lines.append(f"| {row['best_at']} | {vals} | {cost} |")
+            rows.append(["pareto_best_at", row["best_at"], json.dumps(row["values"]), "", "", ""])
+        lines.append("")
+    return "\n".join(lines), rows
+
+
+def _csv(rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def _write_plot(path: Path, choice: Choice) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    panels = list(choice.heldout_pred.items())
+    n = len(panels) + (choice.pareto is not None)
+    n = max(n, 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.0), squeeze=False)
+    axes = axes[0]
+    for ax, (t, (obs, pred)) in zip(axes, panels, strict=False):
+        ax.scatter(obs, pred, s=12, alpha=0.7)
+        lo, hi = float(min(obs.min(), pred.min())), float(max(obs.max(), pred.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        m = choice.heldout[t]
+        ax.set_title(f"{t[-40:]}\nheld-out ρ={m['spearman']:.3f}", fontsize=9)
+        ax.set_xlabel("observed")
+        ax.set_ylabel("predicted")
+    if choice.pareto is not None:
+        ax = axes[-1]
+        pf = choice.pareto
+        ax.plot(pf.values[:, 0], pf.values[:, 1], "o-", ms=3, lw=0.8, label="Pareto front")
+        ax.scatter([choice.predicted[pf.objectives[0]]], [choice.predicted[pf.objectives[1]]],
+                   marker="*", s=150, c="C3", label="chosen weights", zorder=3)
+        ax.set_xlabel(pf.objectives[0][-40:])
+        ax.set_ylabel(pf.objectives[1][-40:])
+        ax.set_title("predicted trade-off", fontsize=9)
+        ax.legend(fontsize=8)
+    if not panels and choice.pareto is None:
+        axes[0].text(0.5, 0.5, "no held-out runs (--holdout 0)", ha="center", va="center")
+        axes[0].set_axis_off()
+    fig.tight_layout()
+    _atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    plt.close(fig)

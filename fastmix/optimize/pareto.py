@@ -1,0 +1,114 @@
+"""Several objectives at once: the non-dominated mixtures and what each trade costs.
+
+A point *dominates* another when it is no worse on every objective and better on one (all
+objectives minimised; pass ``maximize`` for the others).  The front is every non-dominated
+point; equal points do not dominate each other, so duplicates on the front are all kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .search import Constraints, sample_mixtures
+
+__all__ = ["pareto_front", "ParetoFront", "pareto_search"]
+
+
+def pareto_front(values: np.ndarray, maximize: Sequence[bool] | None = None) -> np.ndarray:
+    """Indices (ascending) of the non-dominated rows of ``values`` ``(points, objectives)``.
+
+    Sorted sweep: after ordering points lexicographically, a point can only be dominated by
+    an earlier one, and only by a point already on the front, so each point is compared with
+    the current front only (``O(n·front)`` vectorised).
+    """
+    V = np.asarray(values, dtype=np.float64)
+    if V.ndim != 2 or V.shape[0] == 0 or V.shape[1] == 0:
+        raise ValueError(f"values must be (points, objectives) with both > 0, got {V.shape}")
+    if not np.isfinite(V).all():
+        raise ValueError("values must be finite")
+    if maximize is not None:
+        flip = np.asarray(maximize, dtype=bool)
+        if flip.shape != (V.shape[1],):
+            raise ValueError(f"maximize needs {V.shape[1]} flags, got {flip.shape}")
+        V = np.where(flip[None, :], -V, V)
+    order = np.lexsort(V.T[::-1])
+    front: list[int] = []
+    F = np.empty((0, V.shape[1]))
+    for i in order:
+        v = V[i]
+        if F.shape[0]:
+            dominated = ((F <= v).all(1) & (F < v).any(1)).any()
+            if dominated:
+                continue
+        front.append(int(i))
+        F = np.vstack([F, v])
+    return np.sort(np.asarray(front, dtype=np.int64))
+
+
+@dataclass
+class ParetoFront:
+    """Front mixtures, their predicted objectives, and the trade-offs along the front."""
+
+    weights: np.ndarray  # (front, K)
+    values: np.ndarray  # (front, objectives), in the objectives' own direction
+    objectives: list[str]
+    maximize: list[bool]
+
+    def ideal(self) -> np.ndarray:
+        """Best value of each objective anywhere on the front."""
+        return np.where(self.maximize, self.values.max(0), self.values.min(0))
+
+    def nadir(self) -> np.ndarray:
+        """Worst value of each objective on the front."""
+        return np.where(self.maximize, self.values.min(0), self.values.max(0))
+
+    def trade_offs(self) -> list[dict[str, Any]]:
+        """For each objective: the front point best on it and what the others cost there.
+
+        ``cost`` is how much worse than its ideal each other objective is at that point (in
+        its own unit, positive = worse) — what one pays elsewhere to be best at this one.
+        """
+        ideal = self.ideal()
+        sign = np.where(self.maximize, -1.0, 1.0)
+        rows = []
+        for j, name in enumerate(self.objectives):
+            i = int(np.argmax(self.values[:, j]) if self.maximize[j]
+                    else np.argmin(self.values[:, j]))
+            cost = sign * (self.values[i] - ideal)
+            values = dict(zip(self.objectives, self.values[i].tolist(), strict=True))
+            costs = {o: float(c) for o, c in zip(self.objectives, cost, strict=True) if o != name}
+            rows.append({"best_at": name, "index": i, "values": values, "cost": costs})
+        return rows
+
+
+def pareto_search(objectives: Sequence[Any], names: Sequence[str], constraints: Constraints, *,
+                  prior: np.ndarray | None = None, samples: int = 20_000,
+                  maximize: Sequence[bool] | None = None, include: np.ndarray | None = None,
+                  seed: int = 0) -> ParetoFront:
+    """Sample feasible mixtures, predict every objective, keep the non-dominated ones.
+
+    ``objectives`` are vectorised callables ``(n, K) -> (n,)`` (e.g. predictors' ``predict``);
+    ``include`` adds mixtures of one's own to the candidates (e.g. a search's result, so the
+    front is not beaten by the chosen point).
+    """
+    if len(objectives) != len(names) or len(names) < 2:
+        raise ValueError("need at least two objectives, each with a name")
+    K = len(constraints.domains)
+    if prior is None:
+        prior = np.full(K, 1.0 / K)
+    maximize = [False] * len(names) if maximize is None else [bool(m) for m in maximize]
+    cands = sample_mixtures(samples, np.asarray(prior, float), constraints, seed=seed)
+    if include is not None:
+        extra = np.atleast_2d(np.asarray(include, dtype=np.float64))
+        if extra.shape[1] != K or not constraints.feasible(extra).all():
+            raise ValueError(f"include: mixtures must be (n, {K}) and feasible")
+        cands = np.vstack([cands, extra])
+    V = np.column_stack([np.asarray(f(cands), dtype=np.float64) for f in objectives])
+    idx = pareto_front(V, maximize)
+    # Order along the first objective so the front reads (and plots) as a curve.
+    idx = idx[np.argsort(V[idx, 0], kind="stable")]
+    return ParetoFront(cands[idx], V[idx], list(names), maximize)

@@ -1,0 +1,283 @@
+"""Search the simplex for the weights that minimise a predicted objective, under constraints.
+
+RegMix's recipe: sample many mixtures from Dirichlet distributions around a prior, predict the
+objective of each, and average the top-k (the average of good mixtures is more robust than the
+single best prediction).  fastmix adds constraints and a local refinement:
+
+- per-domain minimum and maximum weight;
+- token availability: with a total token budget and each domain's token count, a domain cannot
+  be repeated beyond ``max_epochs`` (``w_i ≤ max_epochs·tokens_i / total_tokens``).
+
+Every candidate is projected exactly onto ``{lo ≤ w ≤ hi, Σw = 1}`` (bisection on the shift of
+the Euclidean projection, vectorised over candidates), so all of them are feasible and so is any
+average of them (the set is convex).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Constraints", "SearchResult", "project", "sample_mixtures", "search"]
+
+Objective = Callable[[np.ndarray], np.ndarray]
+
+
+def _per_domain(value: Any, domains: Sequence[str], what: str, default: float) -> np.ndarray:
+    K = len(domains)
+    if value is None:
+        return np.full(K, default, dtype=np.float64)
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(domains))
+        if unknown:
+            raise ValueError(f"{what}: unknown domains {unknown}")
+        out = np.full(K, default, dtype=np.float64)
+        for i, d in enumerate(domains):
+            if d in value:
+                out[i] = float(value[d])
+        return out
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 0:
+        return np.full(K, float(arr))
+    if arr.shape != (K,):
+        raise ValueError(f"{what}: expected a scalar, a mapping or {K} values, got shape "
+                         f"{arr.shape}")
+    return arr.copy()
+
+
+@dataclass
+class Constraints:
+    """Feasible weights: ``lo_i ≤ w_i ≤ hi_i`` and ``Σ w_i = 1``.
+
+    Args:
+        domains: domain names (order of the weight vector).
+        min_weight: scalar, ``{domain: value}`` or one value per domain (default 0).
+        max_weight: likewise (default 1).
+        token_counts: tokens available per domain (needs ``total_tokens``).
+        total_tokens: tokens the run will train on.
+        max_epochs: how many times a domain may be repeated (default 1 when token counts are
+            given).
+
+    Raises:
+        ValueError: on bounds outside [0, 1], ``min > max``, minimums summing above 1, or a
+            budget that cannot be met within ``max_epochs`` — naming the domain or the numbers.
+    """
+
+    domains: Sequence[str]
+    min_weight: Any = None
+    max_weight: Any = None
+    token_counts: Any = None
+    total_tokens: float | None = None
+    max_epochs: float | None = None
+    lo: np.ndarray = field(init=False)
+    hi: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.domains = [str(d) for d in self.domains]
+        K = len(self.domains)
+        if K < 1:
+            raise ValueError("domains: need at least one domain")
+        if len(set(self.domains)) != K:
+            raise ValueError("domains: names must be unique")
+        lo = _per_domain(self.min_weight, self.domains, "min_weight", 0.0)
+        hi = _per_domain(self.max_weight, self.domains, "max_weight", 1.0)
+        for what, arr in (("min_weight", lo), ("max_weight", hi)):
+            bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0) | (arr > 1))
+            if bad.size:
+                raise ValueError(f"{what} for domain {self.domains[bad[0]]!r} is {arr[bad[0]]}; "
+                                 "weights lie in [0, 1]")
+        bad = np.flatnonzero(lo > hi)
+        if bad.size:
+            i = bad[0]
+            raise ValueError(f"domain {self.domains[i]!r}: min_weight {lo[i]:g} > max_weight "
+                             f"{hi[i]:g}")
+        self.availability: np.ndarray | None = None
+        if self.token_counts is not None or self.total_tokens is not None:
+            if self.token_counts is None or self.total_tokens is None:
+                raise ValueError("token_counts and total_tokens must be given together")
+            if not (np.isfinite(self.total_tokens) and self.total_tokens > 0):
+                raise ValueError(f"total_tokens must be > 0, got {self.total_tokens}")
+            epochs = 1.0 if self.max_epochs is None else float(self.max_epochs)
+            if not (np.isfinite(epochs) and epochs > 0):
+                raise ValueError(f"max_epochs must be > 0, got {self.max_epochs}")
+            tokens = _per_domain(self.token_counts, self.domains, "token_counts", np.nan)
+            missing = [d for d, t in zip(self.domains, tokens, strict=True) if np.isnan(t)]
+            if missing:
+                raise ValueError(f"token_counts: no count for domains {missing}")
+            if (tokens < 0).any():
+                i = int(np.flatnonzero(tokens < 0)[0])
+                raise ValueError(f"token_counts for {self.domains[i]!r} is negative")
+            supply = epochs * tokens.sum()
+            if supply < self.total_tokens:
+                raise ValueError(
+                    f"infeasible budget: total_tokens={self.total_tokens:.4g} but the domains "
+                    f"hold {tokens.sum():.4g} tokens, i.e. at most {supply:.4g} within "
+                    f"max_epochs={epochs:g}")
+            self.availability = np.minimum(epochs * tokens / self.total_tokens, 1.0)
+            low = np.flatnonzero(self.availability < lo)
+            if low.size:
+                i = low[0]
+                raise ValueError(
+                    f"domain {self.domains[i]!r}: min_weight {lo[i]:g} needs "
+                    f"{lo[i] * self.total_tokens:.4g} tokens but {tokens[i]:.4g} tokens × "
+                    f"max_epochs={epochs:g} allow at most weight {self.availability[i]:.4g}")
+            hi = np.minimum(hi, self.availability)
+        elif self.max_epochs is not None:
+            raise ValueError("max_epochs needs token_counts and total_tokens")
+        if lo.sum() > 1 + 1e-12:
+            raise ValueError(f"infeasible: min weights sum to {lo.sum():.6g} > 1")
+        if hi.sum() < 1 - 1e-12:
+            raise ValueError(
+                f"infeasible: max weights (after token availability) sum to {hi.sum():.6g} < 1")
+        self.lo, self.hi = lo, hi
+
+    def feasible(self, W: np.ndarray, atol: float = 1e-9) -> np.ndarray:
+        """Which rows of ``W`` satisfy every constraint (within ``atol``)."""
+        W = np.atleast_2d(np.asarray(W, dtype=np.float64))
+        return ((W >= self.lo - atol).all(1) & (W <= self.hi + atol).all(1)
+                & (np.abs(W.sum(1) - 1) <= atol * W.shape[1]))
+
+    def describe(self) -> dict[str, Any]:
+        return {"min_weight": dict(zip(self.domains, self.lo.tolist(), strict=True)),
+                "max_weight": dict(zip(self.domains, self.hi.tolist(), strict=True)),
+                "total_tokens": self.total_tokens, "max_epochs": self.max_epochs}
+
+
+def project(V: np.ndarray, lo: np.ndarray, hi: np.ndarray, iters: int = 100) -> np.ndarray:
+    """Euclidean projection of each row of ``V`` onto ``{lo ≤ w ≤ hi, Σw = 1}``.
+
+    The projection is ``clip(v − τ, lo, hi)`` for the τ making the row sum to 1; Σ is monotone
+    in τ, so bisection finds it (100 halvings of a bracket of width ≤ ``ptp(v) + 2``:
+    below 1e-29).
+    """
+    V = np.atleast_2d(np.asarray(V, dtype=np.float64))
+    a = (V - hi[None, :]).min(1)  # τ here → every entry at hi: Σ = Σhi ≥ 1
+    b = (V - lo[None, :]).max(1)  # τ here → every entry at lo: Σ = Σlo ≤ 1
+    for _ in range(iters):
+        mid = 0.5 * (a + b)
+        s = np.clip(V - mid[:, None], lo, hi).sum(1)
+        big = s > 1
+        a = np.where(big, mid, a)
+        b = np.where(big, b, mid)
+    W = np.clip(V - (0.5 * (a + b))[:, None], lo, hi)
+    # Remove the last ~1e-16 of rounding on the free coordinates so rows sum to 1 exactly-ish.
+    free = (W > lo) & (W < hi)
+    gap = 1.0 - W.sum(1)
+    nfree = free.sum(1)
+    W += np.where(free, (gap / np.maximum(nfree, 1))[:, None], 0.0)
+    return W
+
+
+def sample_mixtures(n: int, prior: np.ndarray, constraints: Constraints, *,
+                    concentrations: Sequence[float] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+                    seed: int = 0) -> np.ndarray:
+    """``n`` feasible mixtures from Dirichlet(c·K·prior) for each concentration ``c`` in turn.
+
+    Small ``c`` gives sparse mixtures far from the prior, large ``c`` mixtures near it, as in
+    RegMix's sampler.  Each sample is projected onto the constraints.
+    """
+    prior = np.asarray(prior, dtype=np.float64)
+    K = prior.size
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    alpha_base = np.maximum(prior, 1e-3 / K)  # a zero prior entry would never be sampled
+    alpha_base = alpha_base / alpha_base.sum()
+    conc = np.asarray(concentrations, dtype=np.float64)
+    which = np.arange(n) % conc.size
+    G = rng.gamma(conc[which, None] * K * alpha_base[None, :])
+    G = np.maximum(G, 1e-300)  # Gamma draws underflow to 0 for tiny shapes
+    return project(G / G.sum(1, keepdims=True), constraints.lo, constraints.hi)
+
+
+@dataclass
+class SearchResult:
+    """The chosen weights and how they were found."""
+
+    weights: np.ndarray
+    objective: float
+    top_k: np.ndarray
+    top_k_objective: np.ndarray
+    averaged_objective: float
+    refined: bool
+    evaluated: int
+    candidates: np.ndarray | None = None
+    candidate_objective: np.ndarray | None = None
+
+    def as_dict(self, domains: Sequence[str]) -> dict[str, float]:
+        return {d: float(w) for d, w in zip(domains, self.weights, strict=True)}
+
+
+def search(objective: Objective, constraints: Constraints, *, prior: np.ndarray | None = None,
+           samples: int = 50_000, top_k: int = 100, refine_steps: int = 100,
+           refine_batch: int = 64, seed: int = 0, keep_candidates: bool = False
+           ) -> SearchResult:
+    """Minimise ``objective`` (a vectorised function of ``(n, K)`` weights) over the constraints.
+
+    Args:
+        objective: maps ``(n, K)`` mixtures to ``(n,)`` values to minimise (e.g. a predictor's
+            ``predict`` or a weighted sum over targets).
+        constraints: the feasible set.
+        prior: centre of the Dirichlet sampling (default: the middle of the feasible box).
+        samples: how many mixtures to sample.
+        top_k: how many of the best samples to average (RegMix used 100).
+        refine_steps: rounds of local search from the average: each proposes ``refine_batch``
+            perturbations (projected back onto the constraints) and keeps the best if it
+            improves; the step shrinks when none does.  0 disables refinement.
+        seed: seeds sampling and refinement.
+        keep_candidates: also return every sampled mixture and its objective (for Pareto plots).
+    """
+    K = len(constraints.domains)
+    if prior is None:
+        prior = project((constraints.lo + constraints.hi)[None, :] / 2, constraints.lo,
+                        constraints.hi)[0]
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.shape != (K,) or not np.isfinite(prior).all() or (prior < 0).any() \
+            or prior.sum() <= 0:
+        raise ValueError(f"prior must be {K} non-negative finite weights")
+    if not 1 <= top_k <= samples:
+        raise ValueError(f"top_k must lie in [1, samples={samples}], got {top_k}")
+    if refine_steps < 0 or refine_batch < 1:
+        raise ValueError("refine_steps must be >= 0 and refine_batch >= 1")
+    prior = prior / prior.sum()
+    cands = sample_mixtures(samples, prior, constraints, seed=seed)
+    values = _evaluate(objective, cands)
+    order = np.argsort(values, kind="stable")[:top_k]
+    avg = cands[order].mean(0)
+    avg = project(avg[None, :], constraints.lo, constraints.hi)[0]  # only rounding to fix
+    avg_value = float(_evaluate(objective, avg[None, :])[0])
+    best_w, best_v = avg, avg_value
+    evaluated = samples + 1
+    refined = False
+    rng = np.random.default_rng([seed, 1])
+    step = 0.05
+    for _ in range(refine_steps):
+        noise = rng.normal(0.0, step, (refine_batch, K))
+        noise -= noise.mean(1, keepdims=True)  # stay on the Σw = 1 plane before projecting
+        prop = project(best_w[None, :] + noise, constraints.lo, constraints.hi)
+        v = _evaluate(objective, prop)
+        evaluated += refine_batch
+        j = int(np.argmin(v))
+        if v[j] < best_v - 1e-12:
+            best_w, best_v, refined = prop[j], float(v[j]), True
+        else:
+            step *= 0.7
+            if step < 1e-4:
+                break
+    return SearchResult(weights=best_w, objective=best_v, top_k=cands[order],
+                        top_k_objective=values[order], averaged_objective=avg_value,
+                        refined=refined, evaluated=evaluated,
+                        candidates=cands if keep_candidates else None,
+                        candidate_objective=values if keep_candidates else None)
+
+
+def _evaluate(objective: Objective, W: np.ndarray) -> np.ndarray:
+    v = np.asarray(objective(W), dtype=np.float64).ravel()
+    if v.shape != (W.shape[0],):
+        raise ValueError(f"objective returned {v.size} values for {W.shape[0]} mixtures")
+    if not np.isfinite(v).all():
+        raise ValueError("objective returned NaN/inf")
+    return v

@@ -1,0 +1,338 @@
+"""Loading a sweep of small runs: which mixture each run trained on and what it scored.
+
+A sweep is two aligned tables: *mixtures* (runs × domains, each row a weight vector) and
+*metrics* (runs × targets).  They arrive as CSV files, pandas-like DataFrames, dicts of columns
+or plain arrays.  Rows are matched by an id column when both tables have one (RegMix's
+``index``, olmix's ``run``), otherwise by position.  Rows that were rounded before being written
+(RegMix's sum to 0.996–1.003) are renormalised and the offsets are reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Column names treated as run identifiers, in order of preference.
+ID_COLUMNS = ("run", "run_id", "id", "index")
+# Columns that are neither weights nor metrics (pandas' unnamed index, free-text run names).
+_IGNORED = ("", "Unnamed: 0", "name")
+
+
+@dataclass
+class Sweep:
+    """Mixtures and metrics of a sweep, aligned row by row.
+
+    Attributes:
+        mixtures: ``(runs, domains)`` float64, every row non-negative and summing to 1.
+        metrics: ``(runs, targets)`` float64, finite.
+        domains: domain names (mixture columns).
+        targets: metric names.
+        run_ids: one id per row (as strings), or ``None`` when rows were matched by position.
+        row_offsets: ``|sum(row) - 1|`` of each mixture row before renormalisation.
+    """
+
+    mixtures: np.ndarray
+    metrics: np.ndarray
+    domains: list[str]
+    targets: list[str]
+    run_ids: list[str] | None = None
+    row_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def num_runs(self) -> int:
+        return int(self.mixtures.shape[0])
+
+    @property
+    def num_domains(self) -> int:
+        return int(self.mixtures.shape[1])
+
+    def target(self, name: str) -> np.ndarray:
+        """The column of metric ``name`` (a KeyError lists the known targets)."""
+        if name not in self.targets:
+            raise KeyError(f"unknown target {name!r}; the sweep has {_preview(self.targets)}")
+        return self.metrics[:, self.targets.index(name)]
+
+    def select(self, rows: np.ndarray | Sequence[int]) -> Sweep:
+        """A sweep holding only ``rows`` (indices or a boolean mask)."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        ids = None if self.run_ids is None else [self.run_ids[i] for i in rows]
+        offsets = self.row_offsets[rows] if len(self.row_offsets) else self.row_offsets
+        return Sweep(self.mixtures[rows], self.metrics[rows], list(self.domains),
+                     list(self.targets), ids, offsets)
+
+    def split(self, test_fraction: float = 0.2, seed: int = 0) -> tuple[Sweep, Sweep]:
+        """Split the runs at random (fixed ``seed``) into a training and a held-out sweep."""
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+        n_test = int(round(self.num_runs * test_fraction))
+        if n_test < 1 or n_test >= self.num_runs:
+            raise ValueError(
+                f"test_fraction={test_fraction} leaves {n_test} held-out runs of {self.num_runs}")
+        order = np.random.default_rng(seed).permutation(self.num_runs)
+        return self.select(np.sort(order[n_test:])), self.select(np.sort(order[:n_test]))
+
+    def renormalization_report(self) -> dict[str, float]:
+        """How far rows were from summing to 1 before renormalisation (max, mean, rows off)."""
+        off = self.row_offsets if len(self.row_offsets) else np.zeros(1)
+        return {"max_row_offset": float(off.max()), "mean_row_offset": float(off.mean()),
+                "rows_renormalized": int((off > 1e-12).sum())}
+
+
+def load_sweep(
+    mixtures: Any,
+    metrics: Any,
+    *,
+    id_column: str | None = None,
+    domains: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+    strip_prefix: str | None = None,
+    tolerance: float = 0.05,
+    missing: str = "raise",
+) -> Sweep:
+    """Load and check a sweep.
+
+    Args:
+        mixtures: runs × domains weights: a CSV path, a DataFrame (anything with ``columns`` and
+            ``to_numpy()``), a mapping of column name to values, or a 2-D array.
+        metrics: runs × targets, in any of the same forms.
+        id_column: column identifying runs in both tables; by default the first of
+            ``run, run_id, id, index`` present in both.  Rows are matched by it.
+        domains: mixture columns to use (default: every numeric non-id column).  For arrays,
+            the names of the columns.
+        targets: metric columns to use (default: every numeric non-id column).
+        strip_prefix: removed from the start of domain names (e.g. ``"train_the_pile_"``).
+        tolerance: largest ``|sum(row) - 1|`` accepted before renormalising; rows further off
+            are rejected as not being weights.
+        missing: ``"raise"`` (default) on NaN metrics, or ``"drop"`` to drop those runs.
+
+    Returns:
+        A :class:`Sweep` with rows renormalised to sum to 1.
+
+    Raises:
+        ValueError: misaligned or duplicated rows, negative/NaN weights, rows far from summing
+            to 1, NaN metrics (with ``missing="raise"``), unknown columns.
+    """
+    if missing not in ("raise", "drop"):
+        raise ValueError(f"missing must be 'raise' or 'drop', got {missing!r}")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    mix_cols = _as_columns(mixtures, "mixtures", domains)
+    met_cols = _as_columns(metrics, "metrics", targets)
+
+    key = id_column
+    if key is not None:
+        for name, cols in (("mixtures", mix_cols), ("metrics", met_cols)):
+            if key not in cols:
+                raise ValueError(f"id_column {key!r} is not a column of {name}")
+    else:
+        key = next((c for c in ID_COLUMNS if c in mix_cols and c in met_cols), None)
+
+    domain_names = _value_columns(mix_cols, domains, "mixtures", "domains", key)
+    target_names = _value_columns(met_cols, targets, "metrics", "targets", key)
+    X = _numeric(mix_cols, domain_names, "mixtures")
+    Y = _numeric(met_cols, target_names, "metrics")
+
+    run_ids: list[str] | None = None
+    if key is not None:
+        mix_ids = [_id_str(v) for v in mix_cols[key]]
+        met_ids = [_id_str(v) for v in met_cols[key]]
+        for name, ids in (("mixtures", mix_ids), ("metrics", met_ids)):
+            dup = _duplicates(ids)
+            if dup:
+                raise ValueError(f"{name}: id column {key!r} repeats runs {_preview(dup)}")
+        only_mix = sorted(set(mix_ids) - set(met_ids))
+        only_met = sorted(set(met_ids) - set(mix_ids))
+        if only_mix or only_met:
+            raise ValueError(
+                f"misaligned rows: by id column {key!r}, runs {_preview(only_mix)} have a "
+                f"mixture but no metrics and runs {_preview(only_met)} have metrics but no "
+                "mixture")
+        where = {r: i for i, r in enumerate(met_ids)}
+        Y = Y[[where[r] for r in mix_ids]]
+        run_ids = mix_ids
+    elif X.shape[0] != Y.shape[0]:
+        raise ValueError(
+            f"misaligned rows: mixtures has {X.shape[0]} runs but metrics has {Y.shape[0]}, "
+            f"and no id column ({', '.join(ID_COLUMNS)}) is shared to match them by")
+
+    if X.shape[0] == 0:
+        raise ValueError("the sweep has no runs")
+    bad = ~np.isfinite(X)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise ValueError(f"mixtures: run {_row_name(run_ids, r)} has a non-finite weight for "
+                         f"domain {domain_names[c]!r} ({bad.sum()} such entries)")
+    neg = X < 0
+    if neg.any():
+        r, c = np.argwhere(neg)[0]
+        raise ValueError(
+            f"mixtures: negative entry {X[r, c]:g} for domain {domain_names[c]!r} in run "
+            f"{_row_name(run_ids, r)} ({neg.sum()} negative entries)")
+    sums = X.sum(axis=1)
+    offsets = np.abs(sums - 1.0)
+    worst = int(np.argmax(offsets))
+    if offsets[worst] > tolerance:
+        raise ValueError(
+            f"mixtures: run {_row_name(run_ids, worst)} sums to {sums[worst]:.6g}, more than "
+            f"tolerance={tolerance} away from 1; rows must be weights (renormalised when rounded)")
+
+    nan_rows = ~np.isfinite(Y).all(axis=1)
+    if nan_rows.any():
+        if missing == "raise":
+            r, c = np.argwhere(~np.isfinite(Y))[0]
+            raise ValueError(
+                f"metrics: target {target_names[c]!r} is NaN/inf in run {_row_name(run_ids, r)} "
+                f"({int(nan_rows.sum())} runs affected); pass missing='drop' to drop them")
+        keep = ~nan_rows
+        X, Y, sums, offsets = X[keep], Y[keep], sums[keep], offsets[keep]
+        if run_ids is not None:
+            run_ids = [r for r, k in zip(run_ids, keep, strict=True) if k]
+        if X.shape[0] == 0:
+            raise ValueError("metrics: every run has a NaN metric")
+
+    if strip_prefix:
+        domain_names = [d[len(strip_prefix):] if d.startswith(strip_prefix) else d
+                        for d in domain_names]
+    return Sweep(X / sums[:, None], Y, list(domain_names), list(target_names), run_ids, offsets)
+
+
+def read_csv_columns(path: str | Path) -> dict[str, list[str]]:
+    """Read a CSV file into ``{column: [cell strings]}`` (header row first)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such CSV file: {path}")
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    rows = [r for r in rows if r]  # tolerate blank trailing lines
+    if not rows:
+        raise ValueError(f"{path}: empty CSV file")
+    header, body = rows[0], rows[1:]
+    for i, r in enumerate(body):
+        if len(r) != len(header):
+            raise ValueError(f"{path}: line {i + 2} has {len(r)} fields, header has {len(header)}")
+    if len(set(header)) != len(header):
+        raise ValueError(f"{path}: repeated column names {_preview(_duplicates(header))}")
+    return {h: [r[j] for r in body] for j, h in enumerate(header)}
+
+
+def _as_columns(obj: Any, what: str, names: Sequence[str] | None) -> dict[str, Sequence[Any]]:
+    if isinstance(obj, (str, Path)):
+        return read_csv_columns(obj)
+    if hasattr(obj, "columns") and hasattr(obj, "to_numpy"):  # a pandas-like DataFrame
+        cols = [str(c) for c in obj.columns]
+        data = obj.to_numpy()
+        if data.ndim != 2 or data.shape[1] != len(cols):
+            raise ValueError(f"{what}: DataFrame data has shape {data.shape} for {len(cols)} "
+                             "columns")
+        return {c: list(data[:, j]) for j, c in enumerate(cols)}
+    if isinstance(obj, Mapping):
+        cols = {str(k): list(np.asarray(v).ravel()) for k, v in obj.items()}
+        lengths = {len(v) for v in cols.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"{what}: columns have different lengths {sorted(lengths)}")
+        return cols
+    try:
+        arr = np.asarray(obj, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what}: expected a CSV path, DataFrame, mapping or 2-D array, got "
+                        f"{type(obj).__name__}") from exc
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D array, got shape {arr.shape}")
+    if names is None:
+        prefix = "domain" if what == "mixtures" else "target"
+        names = [f"{prefix}_{j}" for j in range(arr.shape[1])]
+    if len(names) != arr.shape[1]:
+        raise ValueError(f"{what}: {len(names)} names for {arr.shape[1]} columns")
+    return {str(n): list(arr[:, j]) for j, n in enumerate(names)}
+
+
+def _value_columns(cols: Mapping[str, Sequence[Any]], wanted: Sequence[str] | None, what: str,
+                   arg: str, key: str | None) -> list[str]:
+    if wanted is not None:
+        wanted = [str(w) for w in wanted]
+        unknown = [w for w in wanted if w not in cols]
+        if unknown:
+            raise ValueError(f"{arg}: {what} has no column {_preview(unknown)}; it has "
+                             f"{_preview(list(cols))}")
+        if not wanted:
+            raise ValueError(f"{arg}: empty list of columns")
+        return wanted
+    out = [c for c in cols if c != key and c not in _IGNORED and c not in ID_COLUMNS
+           and _is_numeric(cols[c])]
+    if not out:
+        raise ValueError(f"{what}: no numeric columns besides ids")
+    return out
+
+
+def _is_numeric(values: Sequence[Any]) -> bool:
+    for v in values:
+        try:
+            float(v)
+        except (TypeError, ValueError):
+            if isinstance(v, str) and v.strip().lower() in ("", "nan", "na", "null", "none"):
+                continue
+            return False
+    return True
+
+
+def _numeric(cols: Mapping[str, Sequence[Any]], names: Sequence[str], what: str) -> np.ndarray:
+    out = np.empty((len(cols[names[0]]), len(names)), dtype=np.float64)
+    for j, n in enumerate(names):
+        for i, v in enumerate(cols[n]):
+            out[i, j] = _to_float(v, what, n, i)
+    return out
+
+
+def _to_float(v: Any, what: str, col: str, row: int) -> float:
+    if isinstance(v, str) and v.strip().lower() in ("", "nan", "na", "null", "none"):
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: column {col!r} row {row}: {v!r} is not a number") from exc
+
+
+def _id_str(v: Any) -> str:
+    """Ids compare as text, so ``1``, ``1.0`` and ``"1"`` are the same run."""
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    s = str(v).strip()
+    try:
+        f = float(s)
+        if f.is_integer():
+            return str(int(f))
+    except ValueError:
+        pass
+    return s
+
+
+def _duplicates(items: Sequence[str]) -> list[str]:
+    seen: set[str] = set()
+    dup: list[str] = []
+    for x in items:
+        if x in seen and x not in dup:
+            dup.append(x)
+        seen.add(x)
+    return dup
+
+
+def _row_name(run_ids: list[str] | None, row: int) -> str:
+    return f"row {row}" if run_ids is None else f"{run_ids[row]!r} (row {row})"
+
+
+def _preview(items: Sequence[Any], n: int = 5) -> str:
+    items = list(items)
+    if not items:
+        return "[]"
+    head = ", ".join(repr(x) for x in items[:n])
+    return f"[{head}{', ...' if len(items) > n else ''}] ({len(items)})"

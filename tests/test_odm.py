@@ -1,0 +1,167 @@
+"""ODM against a plain Python-float implementation of the released code's rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastmix.mixers.odm import ODM
+
+
+class PlainODM:
+    """The rule written out with Python floats, one domain at a time."""
+
+    def __init__(self, k: int, beta: float, warmup: int, init: list[float] | None = None):
+        self.k, self.beta, self.warmup = k, beta, warmup
+        self.init = [1.0 / k] * k if init is None else [w / sum(init) for w in init]
+        self.rewards = [0.0] * k
+        self.weights = list(self.init)
+        self.t = 0
+
+    def step(self, losses: list[float], domains: list[int]) -> list[float]:
+        for i in range(self.k):
+            mine = [x for x, d in zip(losses, domains, strict=True) if d == i]
+            if mine:
+                mean = sum(mine) / len(mine)
+                self.rewards[i] = self.beta * self.rewards[i] + (1 - self.beta) * math.exp(mean)
+        self.t += 1
+        if self.t <= self.warmup:
+            self.weights = list(self.init)
+            return self.weights
+        eps = min(1 / self.k, math.sqrt(math.log(self.k) / (self.k * self.t)))
+        total = sum(self.rewards)
+        self.weights = [(1 - self.k * eps) * r / total + eps for r in self.rewards]
+        return self.weights
+
+
+def _batches(k: int, steps: int, seed: int, unseen: set[int]):
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([d for d in range(k) if d not in unseen])
+    for s in range(steps):
+        n = 64
+        dom = allowed[torch.randint(0, len(allowed), (n,), generator=g)]
+        if s == 0:  # make the first step see only a couple of domains
+            dom = allowed[torch.randint(0, min(2, len(allowed)), (n,), generator=g)]
+        loss = (torch.rand(n, generator=g) * 3 + dom.float() * 0.3).float()
+        yield loss, dom
+
+
+@pytest.mark.parametrize("k,beta,warmup", [(5, 0.9, 3), (8, 0.5, 0), (3, 0.0, 1)])
+def test_matches_plain_formula(k, beta, warmup):
+    unseen = {k - 1}  # one domain never appears: only the exploration share ε_t
+    odm = ODM(k, smoothing=beta, warmup_steps=warmup, init_weights=[i + 1.0 for i in range(k)])
+    plain = PlainODM(k, beta, warmup, init=[i + 1.0 for i in range(k)])
+    for step, (loss, dom) in enumerate(_batches(k, 12, seed=k, unseen=unseen)):
+        got = odm.step(loss, dom)
+        want = plain.step(loss.double().tolist(), dom.tolist())
+        assert got is odm.weights
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32),
+                                   rtol=2e-5, atol=1e-7, msg=f"step {step + 1}")
+        torch.testing.assert_close(odm.rewards, torch.tensor(plain.rewards, dtype=torch.float32),
+                                   rtol=2e-5, atol=1e-7)
+        assert abs(float(got.sum()) - 1.0) < 1e-5
+        if step + 1 > warmup:
+            eps = min(1 / k, math.sqrt(math.log(k) / (k * (step + 1))))
+            assert float(got[k - 1]) == pytest.approx(eps, rel=1e-5)
+    assert odm.num_steps == 12
+
+
+def test_warmup_holds_initial_weights_and_mask_drops_tokens():
+    odm = ODM(3, warmup_steps=2, init_weights=[0.2, 0.3, 0.5])
+    loss = torch.tensor([1.0, 2.0, 9.0, 4.0])
+    dom = torch.tensor([0, 1, 2, 2])
+    mask = torch.tensor([True, True, False, True])
+    for _ in range(2):
+        w = odm.step(loss, dom, mask)
+        torch.testing.assert_close(w, torch.tensor([0.2, 0.3, 0.5]))
+    # R̂ accumulated during warm-up from the unmasked tokens only (domain 2's mean is 4, not 6.5)
+    beta = 0.9
+    r2 = (1 - beta) * math.exp(4.0) * (1 + beta)
+    assert float(odm.rewards[2]) == pytest.approx(r2, rel=1e-5)
+    w = odm.step(loss, dom, mask)
+    assert not torch.allclose(w, torch.tensor([0.2, 0.3, 0.5]))
+
+
+def test_state_dict_round_trip_continues_identically():
+    a = ODM(4, smoothing=0.8, warmup_steps=1)
+    batches = list(_batches(4, 10, seed=3, unseen=set()))
+    for loss, dom in batches[:5]:
+        a.step(loss, dom)
+    state = a.state_dict()
+    b = ODM(4)
+    b.load_state_dict(state)
+    assert b.num_steps == 5 and b.smoothing == 0.8 and b.warmup_steps == 1
+    for loss, dom in batches[5:]:
+        wa, wb = a.step(loss, dom), b.step(loss, dom)
+        assert torch.equal(wa, wb)
+    assert torch.equal(a.rewards, b.rewards)
+    state["weights"] = torch.zeros(4)  # the saved copy is independent of the live state
+    assert float(a.weights.sum()) == pytest.approx(1.0)
+
+
+def test_update_from_stats_and_non_finite_loss_is_skipped():
+    odm = ODM(3)
+    stats = torch.tensor([[2.0, 0.0, 1.0], [3.0, 0.0, float("nan")], [0.0, 0.0, 0.0]])
+    w = odm.update(stats)
+    assert torch.isfinite(w).all()
+    assert int(odm.num_skipped) == 1
+    assert float(odm.rewards[0]) == pytest.approx(0.1 * math.exp(1.5), rel=1e-6)
+    assert float(odm.rewards[2]) == 0.0
+
+
+def test_no_domain_seen_gives_uniform():
+    odm = ODM(4)
+    w = odm.update(torch.zeros(3, 4))
+    torch.testing.assert_close(w, torch.full((4,), 0.25))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="num_domains"):
+        ODM(0)
+    with pytest.raises(TypeError, match="num_domains"):
+        ODM(2.5)
+    with pytest.raises(ValueError, match="smoothing"):
+        ODM(3, smoothing=1.0)
+    with pytest.raises(ValueError, match="smoothing"):
+        ODM(3, smoothing=-0.1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        ODM(3, warmup_steps=-1)
+    with pytest.raises(ValueError, match="init_weights"):
+        ODM(3, init_weights=[1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="init_weights"):
+        ODM(3, init_weights=[1.0, 1.0])
+    odm = ODM(3)
+    with pytest.raises(ValueError, match="stats"):
+        odm.update(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="domain"):
+        odm.step(torch.ones(4), torch.tensor([0, 1, 2, 3]))  # id 3 is out of range
+    with pytest.raises(TypeError, match="loss"):
+        odm.step([1.0], torch.tensor([0]))
+    with pytest.raises(ValueError, match="num_domains"):
+        odm.load_state_dict(ODM(4).state_dict())
+    with pytest.raises(ValueError, match="missing"):
+        odm.load_state_dict({"num_domains": 3})
+
+
+def test_exported_from_package():
+    import fastmix
+
+    assert fastmix.ODM is ODM
+
+
+def test_update_reads_no_device_value(monkeypatch):
+    """update() must not synchronise: no .item(), bool(), .tolist(), .cpu(), .numpy()."""
+    odm = ODM(4, warmup_steps=1)
+    stats = torch.tensor([[3.0, 0.0, 2.0, 1.0], [6.0, 0.0, 5.0, 0.5], [0.0] * 4])
+
+    def boom(*args, **kwargs):
+        raise AssertionError("host sync inside ODM.update")
+
+    for name in ("item", "__bool__", "tolist", "cpu", "numpy", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    for _ in range(3):  # warm-up step, then two rule steps
+        odm.update(stats)
+    monkeypatch.undo()
+    assert odm.num_steps == 3 and abs(float(odm.weights.sum()) - 1) < 1e-6

@@ -1,0 +1,390 @@
+"""fastmix.optimize: sweeps, predictors on planted laws, scaling laws, search, Pareto, ablations."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy import optimize as sopt
+
+from fastmix.optimize import (
+    Constraints,
+    MixingLawPredictor,
+    RidgePredictor,
+    TreePredictor,
+    choose_weights,
+    cross_validate,
+    evaluate,
+    fit_domain_laws,
+    fit_scaling_law,
+    load_sweep,
+    make_predictor,
+    pareto_front,
+    pareto_search,
+    project,
+    sample_mixtures,
+    search,
+    weights_from_affinity,
+)
+
+
+def _mixtures(n: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.dirichlet(np.full(k, 0.7), size=n)
+
+
+class FakeFrame:
+    """Duck-typed DataFrame: ``columns`` and ``to_numpy()`` are all the loader uses."""
+
+    def __init__(self, columns, data):
+        self.columns = list(columns)
+        self._data = np.asarray(data, dtype=object)
+
+    def to_numpy(self):
+        return self._data
+
+
+# ----------------------------------------------------------------------------------- sweeps
+def _write(path, header, rows):
+    path.write_text("\n".join([",".join(header)] + [",".join(map(str, r)) for r in rows]) + "\n")
+
+
+def test_load_sweep_aligns_by_id_and_renormalises(tmp_path):
+    mix = tmp_path / "mix.csv"
+    met = tmp_path / "met.csv"
+    _write(mix, ["index", "a", "b", "c"], [[1, 0.5, 0.3, 0.2], [2, 0.334, 0.333, 0.333],
+                                           [3, 0.0, 0.999, 0.0]])
+    # metrics in a different order, plus a free-text column that is not a metric
+    _write(met, ["index", "name", "loss"], [[3, "x", 3.0], [1, "y", 1.0], [2, "z", 2.0]])
+    s = load_sweep(mix, met)
+    assert s.domains == ["a", "b", "c"] and s.targets == ["loss"]
+    assert s.run_ids == ["1", "2", "3"]
+    np.testing.assert_allclose(s.target("loss"), [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(s.mixtures.sum(1), 1.0)
+    np.testing.assert_allclose(s.mixtures[2], [0.0, 1.0, 0.0])
+    rep = s.renormalization_report()
+    assert rep["max_row_offset"] == pytest.approx(0.001)
+    assert rep["rows_renormalized"] == 1
+
+
+def test_load_sweep_from_frames_mappings_and_arrays():
+    X = _mixtures(8, 3, 0)
+    y = np.arange(8.0)
+    frame = FakeFrame(["run", "p", "q", "r"], [[f"r{i}", *X[i]] for i in range(8)])
+    metrics = {"run": [f"r{i}" for i in reversed(range(8))], "acc": y[::-1]}
+    s = load_sweep(frame, metrics)
+    np.testing.assert_allclose(s.target("acc"), y)
+    s2 = load_sweep(X, y, domains=["p", "q", "r"], targets=["acc"])
+    np.testing.assert_allclose(s2.mixtures, s.mixtures)
+    train, test = s2.split(0.25, seed=1)
+    assert train.num_runs == 6 and test.num_runs == 2
+    assert sorted(np.concatenate([train.target("target_0") if False else train.target("acc"),
+                                  test.target("acc")])) == list(y)
+
+
+def test_load_sweep_bad_input(tmp_path):
+    X = _mixtures(5, 3, 0)
+    with pytest.raises(ValueError, match="misaligned rows: mixtures has 5 runs but metrics has 4"):
+        load_sweep(X, np.ones(4))
+    with pytest.raises(ValueError, match="misaligned rows: by id column 'run'"):
+        load_sweep({"run": [1, 2], "a": [0.5, 1.0], "b": [0.5, 0.0]},
+                   {"run": [1, 3], "m": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="repeats runs"):
+        load_sweep({"run": [1, 1], "a": [0.5, 1.0], "b": [0.5, 0.0]},
+                   {"run": [1, 1], "m": [1.0, 2.0]})
+    bad = X.copy()
+    bad[2, 1] = -0.01
+    with pytest.raises(ValueError, match="negative entry .* domain 'domain_1' in run row 2"):
+        load_sweep(bad, np.ones(5))
+    with pytest.raises(ValueError, match="sums to 2"):
+        load_sweep(X * 2, np.ones(5))
+    y = np.ones(5)
+    y[3] = np.nan
+    with pytest.raises(ValueError, match="target 'target_0' is NaN/inf in run row 3"):
+        load_sweep(X, y)
+    s = load_sweep(X, y, missing="drop")
+    assert s.num_runs == 4
+    met = tmp_path / "m.csv"
+    _write(met, ["run", "loss"], [[1, "abc"]])
+    with pytest.raises(ValueError, match="no numeric columns"):
+        load_sweep({"run": [1], "a": [1.0]}, met)
+    with pytest.raises(ValueError, match="no such CSV"):
+        load_sweep(tmp_path / "missing.csv", met)
+    with pytest.raises(ValueError, match="targets: metrics has no column"):
+        load_sweep(X, {"loss": np.ones(5)}, targets=["nope"])
+
+
+def test_evaluate_metrics():
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    m = evaluate(y, np.array([1.1, 1.9, 3.5, 3.9]))
+    assert m["spearman"] == pytest.approx(1.0)
+    assert 0.95 < m["pearson"] < 1.0
+    assert m["mae"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="at least 3"):
+        evaluate([1.0, 2.0], [1.0, 2.0])
+
+
+# ------------------------------------------------------------------------------- predictors
+def test_ridge_recovers_planted_linear_law():
+    k = 6
+    X = _mixtures(300, k, 1)
+    w = np.array([0.8, -0.5, 0.3, 0.0, -0.9, 0.4])
+    rng = np.random.default_rng(2)
+    y = 3.0 + X @ w + rng.normal(0, 0.01, len(X))
+    p = RidgePredictor().fit(X, y)
+    # Rows sum to 1, so only w minus its mean (and b plus that mean) are identified.
+    np.testing.assert_allclose(p.coef_ - p.coef_.mean(), w - w.mean(), atol=0.03)
+    Xt = _mixtures(100, k, 3)
+    np.testing.assert_allclose(p.predict(Xt), 3.0 + Xt @ w, atol=0.02)
+    assert p.alpha_ < 1.0
+
+
+def test_mixing_law_recovers_planted_parameters():
+    k = 5
+    t = np.array([1.2, -0.8, 0.5, -0.4, -0.5])  # centred
+    c, kk = 2.0, 1.5
+    X = _mixtures(200, k, 4)
+    rng = np.random.default_rng(5)
+    y = c + kk * np.exp(X @ t) + rng.normal(0, 0.005, len(X))
+    y[:4] += 3.0  # a few broken runs: the Huber loss must not follow them
+    p = MixingLawPredictor(seed=0).fit(X, y)
+    assert p.c_ == pytest.approx(c, abs=0.1)
+    assert p.k_ == pytest.approx(kk, rel=0.08)
+    np.testing.assert_allclose(p.t_, t, atol=0.08)
+    # a decreasing target (an accuracy): k < 0
+    acc = 0.9 - 0.3 * np.exp(X @ t) + rng.normal(0, 0.003, len(X))
+    q = MixingLawPredictor(seed=0).fit(X, acc)
+    assert q.k_ == pytest.approx(-0.3, rel=0.1)
+    np.testing.assert_allclose(q.t_, t, atol=0.15)
+
+
+@pytest.mark.parametrize("backend", ["lightgbm", "sklearn"])
+def test_trees_recover_planted_nonlinear_law(backend):
+    k = 5
+    X = _mixtures(400, k, 6)
+    rng = np.random.default_rng(7)
+
+    def law(Z):
+        return 4.0 - np.log1p(8 * Z[:, 0]) + 2.0 * (Z[:, 1] - 0.3) ** 2 + np.sin(4 * Z[:, 2])
+
+    y = law(X) + rng.normal(0, 0.01, len(X))
+    p = TreePredictor(n_estimators=150, learning_rate=0.1, num_leaves=15,
+                      backend=backend).fit(X, y)
+    Xt = _mixtures(200, k, 8)
+    m = evaluate(law(Xt), p.predict(Xt))
+    assert m["spearman"] > 0.95
+    assert m["mae"] < 0.1
+
+
+def test_law_plus_trees_and_tuning():
+    k = 4
+    X = _mixtures(150, k, 9)
+    t = np.array([1.0, -1.0, 0.6, -0.6])
+    rng = np.random.default_rng(10)
+    y = 1.0 + np.exp(X @ t) + 0.1 * (X[:, 0] > 0.5) + rng.normal(0, 0.005, len(X))
+    p = TreePredictor(base="law", tune=True, n_estimators=200,
+                      grid={"n_estimators": (100, 300), "num_leaves": (7,)}).fit(X, y)
+    assert len(p.cv_scores_) == 2 and p.params_["n_estimators"] in (100, 300)
+    Xt = _mixtures(100, k, 11)
+    truth = 1.0 + np.exp(Xt @ t) + 0.1 * (Xt[:, 0] > 0.5)
+    assert evaluate(truth, p.predict(Xt))["spearman"] > 0.97
+    assert p.describe()["law"]["k"] == pytest.approx(1.0, rel=0.2)
+
+
+def test_predictors_are_deterministic():
+    X = _mixtures(60, 4, 12)
+    y = X @ np.array([1.0, 2.0, 0.5, -1.0]) + np.random.default_rng(0).normal(0, 0.1, 60)
+    for name in ("linear", "trees", "law", "law+trees"):
+        a = make_predictor(name, seed=3).fit(X, y).predict(X)
+        b = make_predictor(name, seed=3).fit(X, y).predict(X)
+        assert np.array_equal(a, b), name
+    m = cross_validate(lambda: RidgePredictor(), X, y, folds=5)
+    assert m["spearman"] > 0.5
+
+
+def test_too_few_runs_and_bad_arrays():
+    X = _mixtures(6, 5, 13)
+    y = np.arange(6.0)
+    with pytest.raises(ValueError, match=r"law: too few runs \(6\) for 5 domains.*at least 8"):
+        MixingLawPredictor().fit(X, y)
+    with pytest.raises(ValueError, match="too few runs"):
+        TreePredictor().fit(X, y)
+    with pytest.raises(ValueError, match="too few runs"):
+        RidgePredictor().fit(X, y)
+    with pytest.raises(ValueError, match="finite"):
+        RidgePredictor().fit(_mixtures(20, 3, 0), np.full(20, np.nan))
+    with pytest.raises(ValueError, match="one value per run"):
+        RidgePredictor().fit(_mixtures(20, 3, 0), np.ones(19))
+    with pytest.raises(ValueError, match="unknown predictor"):
+        make_predictor("forest")
+    with pytest.raises(RuntimeError, match="fit"):
+        RidgePredictor().predict(X)
+    p = RidgePredictor().fit(_mixtures(20, 3, 0), np.arange(20.0))
+    with pytest.raises(ValueError, match=r"\(n, 3\)"):
+        p.predict(X)
+
+
+# ------------------------------------------------------------------------------ scaling laws
+def test_scaling_law_recovers_planted_parameters():
+    n = np.geomspace(1e6, 1e9, 12)
+    E, A, alpha = 1.7, 400.0, 0.35
+    rng = np.random.default_rng(14)
+    loss = (E + A * n ** -alpha) * np.exp(rng.normal(0, 0.001, n.size))
+    law = fit_scaling_law(n, loss)
+    assert law.E == pytest.approx(E, abs=0.05)
+    assert law.alpha == pytest.approx(alpha, rel=0.05)
+    # extrapolation to 10× the largest budget stays within 0.5%
+    assert float(law(1e10)) == pytest.approx(E + A * 1e10 ** -alpha, rel=0.005)
+    laws = fit_domain_laws({"web": (n, loss), "code": (n, 0.8 + 50 * n ** -0.25)})
+    assert laws["code"].alpha == pytest.approx(0.25, rel=0.05)
+    with pytest.raises(ValueError, match="domain 'bad'"):
+        fit_domain_laws({"bad": ([1, 2, 3], [3.0, 2.0, 1.0])})
+    with pytest.raises(ValueError, match="> 0"):
+        fit_scaling_law([0, 1, 2, 3], [1.0, 1.0, 1.0, 1.0])
+
+
+# ----------------------------------------------------------------------------------- search
+def test_projection_matches_a_generic_solver():
+    rng = np.random.default_rng(15)
+    k = 5
+    lo = np.array([0.0, 0.1, 0.0, 0.05, 0.0])
+    hi = np.array([0.5, 0.6, 0.3, 1.0, 0.2])
+    V = rng.normal(0.2, 0.4, (20, k))
+    W = project(V, lo, hi)
+    for v, w in zip(V, W, strict=True):
+        res = sopt.minimize(lambda x, v=v: ((x - v) ** 2).sum(), np.full(k, 0.2),
+                            bounds=list(zip(lo, hi, strict=True)), method="SLSQP",
+                            constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1}],
+                            options={"ftol": 1e-14, "maxiter": 500})
+        np.testing.assert_allclose(w, res.x, atol=1e-6)
+        assert abs(w.sum() - 1) < 1e-12
+
+
+def test_search_respects_every_constraint_and_finds_planted_optimum():
+    domains = ["a", "b", "c", "d", "e"]
+    c = Constraints(domains, min_weight={"a": 0.05, "e": 0.1}, max_weight={"b": 0.3},
+                    token_counts={"a": 10, "b": 100, "c": 15, "d": 100, "e": 100},
+                    total_tokens=100, max_epochs=2)
+    # availability: a ≤ 0.2, c ≤ 0.3
+    np.testing.assert_allclose(c.hi, [0.2, 0.3, 0.3, 1.0, 1.0])
+    W = sample_mixtures(5000, np.full(5, 0.2), c, seed=0)
+    assert c.feasible(W).all()
+    target = np.array([0.6, 0.0, 0.3, 0.1, 0.0])  # infeasible: a above availability, e below min
+
+    def objective(W):
+        return ((W - target) ** 2).sum(1)
+
+    res = search(objective, c, samples=4000, top_k=50, seed=1)
+    assert c.feasible(res.weights[None, :])[0]
+    assert c.feasible(res.top_k).all()
+    best = project(target[None, :], c.lo, c.hi)[0]  # the constrained optimum of a distance
+    np.testing.assert_allclose(res.weights, best, atol=0.01)
+    assert res.objective <= res.averaged_objective
+    again = search(objective, c, samples=4000, top_k=50, seed=1)
+    assert np.array_equal(res.weights, again.weights)
+
+
+def test_infeasible_constraints_say_which():
+    d = ["a", "b", "c"]
+    with pytest.raises(ValueError, match="min weights sum to 1.2"):
+        Constraints(d, min_weight=0.4)
+    with pytest.raises(ValueError, match="max weights .* sum to 0.6"):
+        Constraints(d, max_weight=0.2)
+    with pytest.raises(ValueError, match="domain 'b': min_weight 0.5 > max_weight 0.3"):
+        Constraints(d, min_weight={"b": 0.5}, max_weight={"b": 0.3})
+    with pytest.raises(ValueError, match="infeasible budget: total_tokens=1000 .* "
+                                         "max_epochs=2"):
+        Constraints(d, token_counts=[100, 100, 100], total_tokens=1000, max_epochs=2)
+    with pytest.raises(ValueError, match="domain 'a': min_weight 0.5 needs"):
+        Constraints(d, min_weight={"a": 0.5}, token_counts=[10, 1000, 1000], total_tokens=100)
+    with pytest.raises(ValueError, match="token_counts: no count for domains"):
+        Constraints(d, token_counts={"a": 1}, total_tokens=1)
+    with pytest.raises(ValueError, match="together"):
+        Constraints(d, total_tokens=10)
+    with pytest.raises(ValueError, match="unknown domains"):
+        Constraints(d, min_weight={"z": 0.1})
+    with pytest.raises(ValueError, match="weights lie in"):
+        Constraints(d, max_weight=1.5)
+
+
+# ----------------------------------------------------------------------------------- Pareto
+def _brute_front(V):
+    n = len(V)
+    keep = []
+    for i in range(n):
+        dominated = any((V[j] <= V[i]).all() and (V[j] < V[i]).any() for j in range(n) if j != i)
+        if not dominated:
+            keep.append(i)
+    return np.array(keep)
+
+
+@pytest.mark.parametrize("m,seed", [(2, 0), (3, 1), (4, 2)])
+def test_pareto_front_matches_brute_force(m, seed):
+    rng = np.random.default_rng(seed)
+    V = rng.integers(0, 12, (300, m)).astype(float)  # integer values: ties and duplicates
+    V = np.vstack([V, V[:5]])
+    front = pareto_front(V)
+    np.testing.assert_array_equal(front, _brute_front(V))
+    F = V[front]
+    for a, b in itertools.product(range(len(F)), repeat=2):
+        assert not ((F[a] <= F[b]).all() and (F[a] < F[b]).any())
+    flipped = pareto_front(-V, maximize=[True] * m)
+    np.testing.assert_array_equal(flipped, front)
+
+
+def test_pareto_search_and_trade_offs():
+    c = Constraints(["a", "b", "c"])
+    f1 = lambda W: W[:, 0]  # noqa: E731 - want more of a
+    f2 = lambda W: 1 - W[:, 0] + 0.1 * W[:, 2]  # noqa: E731 - want less of a, and no c
+    pf = pareto_search([f1, f2], ["x", "y"], c, samples=3000, seed=0)
+    assert np.diff(pf.values[:, 0]).min() >= 0
+    assert c.feasible(pf.weights).all()
+    assert np.diff(pf.values[:, 1]).max() <= 0  # along the front, better x costs y
+    rows = pf.trade_offs()
+    assert rows[0]["best_at"] == "x" and rows[0]["cost"]["y"] > 0.5
+    np.testing.assert_allclose(pf.ideal(), [pf.values[:, 0].min(), pf.values[:, 1].min()])
+    with pytest.raises(ValueError, match="two objectives"):
+        pareto_search([f1], ["x"], c)
+
+
+# ---------------------------------------------------------------------------------- ablation
+def test_weights_from_affinity():
+    w = weights_from_affinity({"a": 1.0, "b": 3.0}, method="proportional")
+    assert w == pytest.approx({"a": 0.25, "b": 0.75})
+    w = weights_from_affinity([2.0, 4.0], method="proportional", higher_is_better=False)
+    np.testing.assert_allclose(w, [2 / 3, 1 / 3])
+    s = np.array([1.0, 2.0, 3.0])
+    w = weights_from_affinity(s, temperature=0.5)
+    np.testing.assert_allclose(w, np.exp(s / 0.5) / np.exp(s / 0.5).sum())
+    np.testing.assert_allclose(weights_from_affinity(s, temperature=1e6), 1 / 3, atol=1e-5)
+    assert weights_from_affinity([1000.0, 0.0], temperature=1e-3)[0] == 1.0  # no overflow
+    with pytest.raises(ValueError, match="scores > 0; domain 'b'"):
+        weights_from_affinity({"a": 1.0, "b": 0.0}, method="proportional")
+    with pytest.raises(ValueError, match="temperature"):
+        weights_from_affinity(s, temperature=0)
+    with pytest.raises(ValueError, match="method"):
+        weights_from_affinity(s, method="rank")
+
+
+# ------------------------------------------------------------------------------ whole recipe
+def test_choose_weights_end_to_end():
+    k = 4
+    X = _mixtures(120, k, 16)
+    t = np.array([-1.5, 0.5, 0.5, 0.5])  # loss falls with domain 0
+    rng = np.random.default_rng(17)
+    y1 = 2.0 + np.exp(X @ t) + rng.normal(0, 0.005, len(X))
+    y2 = 1.0 + np.exp(-(X @ t)) + rng.normal(0, 0.005, len(X))  # the opposite preference
+    s = load_sweep(X, np.column_stack([y1, y2]), domains=list("abcd"), targets=["l1", "l2"])
+    c = Constraints(s.domains, max_weight={"a": 0.6})
+    ch = choose_weights(s, ["l1"], predictor="law", constraints=c, samples=3000, top_k=30)
+    assert ch.weights["a"] == pytest.approx(0.6, abs=0.02)  # as much of a as allowed
+    assert sum(ch.weights.values()) == pytest.approx(1.0)
+    assert ch.heldout["l1"]["spearman"] > 0.95 and ch.pareto is None
+    both = choose_weights(s, {"l1": 1.0, "l2": 1.0}, predictor="law", samples=2000, top_k=20,
+                          pareto_samples=2000)
+    assert both.pareto is not None and len(both.pareto.values) >= 3
+    with pytest.raises(ValueError, match="too few runs for predictor 'law'"):
+        choose_weights(s.select(np.arange(6)), ["l1"], predictor="law", holdout=0)
+    with pytest.raises(ValueError, match="not a metric"):
+        choose_weights(s, ["l3"])
