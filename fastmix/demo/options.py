@@ -1,0 +1,131 @@
+"""The demo's settings, importable without torch (so ``fastmix demo --help`` stays fast)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["VOCAB_SIZE", "GPTConfig", "DemoOptions", "QUICK"]
+
+VOCAB_SIZE = 257  # fastmix prepare's byte tokenizer: 256 byte values + end-of-document
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of the model; ``seq_len`` bounds the learned position table."""
+
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    seq_len: int = 128
+    vocab_size: int = VOCAB_SIZE
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "seq_len", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
+            )
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """Every knob of the demo.  ``main_*`` default to the proxy's shape."""
+
+    out: Path = Path("fastmix-demo")
+    seed: int = 0
+    steps: int = 1000
+    main_steps: int | None = None
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    main_d_model: int | None = None
+    main_layers: int | None = None
+    main_heads: int | None = None
+    seq_len: int = 128
+    batch_size: int = 16
+    lr: float = 2e-3
+    step_size: float = 1.0
+    smoothing: float = 1e-3
+    proxy_loss: str = "dro"
+    resample: bool = False
+    sampler: str = "alias"
+    weights: Path | None = None
+    train_bytes: int = 1_000_000
+    heldout_bytes: int = 50_000
+    eval_windows: int = 256
+    device: str | None = None
+    threads: int | None = None
+    progress: bool = True
+    rebuild: bool = False
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        positive = (
+            "steps", "d_model", "n_layers", "n_heads", "seq_len", "batch_size", "eval_windows"
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("main_steps", "main_d_model", "main_layers", "main_heads", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "step_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if not (0.0 <= self.smoothing < 1.0):
+            raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing!r}")
+        if self.proxy_loss not in ("dro", "reweighted"):
+            raise ValueError(f"proxy_loss must be 'dro' or 'reweighted', got {self.proxy_loss!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.heldout_bytes < (self.seq_len + 1) * 4:
+            raise ValueError(
+                f"heldout_bytes ({self.heldout_bytes}) must hold at least 4 windows of "
+                f"seq_len + 1 = {self.seq_len + 1} bytes"
+            )
+        GPTConfig(self.d_model, self.n_layers, self.n_heads, self.seq_len)  # checks the shape
+        self.main_config()
+
+    def proxy_config(self, vocab_size: int = VOCAB_SIZE) -> GPTConfig:
+        """Shape of the reference and proxy models."""
+        return GPTConfig(self.d_model, self.n_layers, self.n_heads, self.seq_len, vocab_size)
+
+    def main_config(self, vocab_size: int = VOCAB_SIZE) -> GPTConfig:
+        """Shape of the two main models."""
+        return GPTConfig(
+            self.main_d_model or self.d_model,
+            self.main_layers or self.n_layers,
+            self.main_heads or self.n_heads,
+            self.seq_len,
+            vocab_size,
+        )
+
+    @property
+    def total_main_steps(self) -> int:
+        return self.main_steps or self.steps
+
+
+# --quick: smaller models, shorter windows, fewer steps (same corpus, so the cache is shared);
+# explicit flags override it.
+QUICK: dict[str, Any] = {
+    "steps": 300,
+    "d_model": 96,
+    "n_layers": 2,
+    "n_heads": 4,
+    "seq_len": 96,
+    "batch_size": 16,
+    "lr": 3e-3,
+    "eval_windows": 128,
+}

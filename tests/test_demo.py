@@ -1,0 +1,336 @@
+"""Tests of ``fastmix demo``: the corpus builder, the model, the outputs of a tiny end-to-end run,
+``weights.json`` read back, determinism and bad output folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastmix.demo import cli as demo_cli
+from fastmix.demo import report
+from fastmix.demo.corpus import (
+    DOMAINS,
+    CorpusSpec,
+    build_corpus,
+    build_domain,
+    corpus_digest,
+)
+from fastmix.demo.model import GPTConfig, TinyGPT
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_SPEC = CorpusSpec(seed=3, train_bytes=8192, heldout_bytes=2048)
+# A run that takes a few seconds on two CPU cores.
+TINY_FLAGS = [
+    "--steps", "12", "--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "32",
+    "--batch-size", "4", "--train-bytes", "8192", "--heldout-bytes", "2048",
+    "--eval-windows", "8", "--threads", "1", "--no-progress",
+]
+
+
+def _demo(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    demo_cli.configure(parser)
+    return demo_cli.run(parser.parse_args(list(argv)))
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def test_domains_are_deterministic_and_seeded() -> None:
+    for name in DOMAINS:
+        train, heldout = build_domain(name, SMALL_SPEC)
+        assert (train, heldout) == build_domain(name, SMALL_SPEC), name
+        train_text, heldout_text = "".join(train).encode(), "".join(heldout).encode()
+        assert len(train_text) == SMALL_SPEC.train_bytes, name
+        assert len(heldout_text) == SMALL_SPEC.heldout_bytes, name
+        # Held-out documents are not in the train part (a 200-byte slice never reappears).
+        probe = heldout_text[100:300]
+        assert probe not in train_text, name
+    # Generated domains follow the seed; the stdlib-based ones are reshuffled by it.
+    other = CorpusSpec(seed=4, train_bytes=8192, heldout_bytes=2048)
+    for name in DOMAINS:
+        assert build_domain(name, SMALL_SPEC)[0] != build_domain(name, other)[0], name
+
+
+def test_domains_have_their_character() -> None:
+    code, prose, math_, data, noise = (
+        "".join(build_domain(name, SMALL_SPEC)[0]).encode()
+        for name in ("code", "prose", "math", "data", "noise")
+    )
+    assert b"def " in code or b"class " in code or b"import " in code
+    assert prose.count(b" the ") > 10
+    assert math_.count(b"Answer: ") > 20
+    assert b'{"id": ' in data or b"id,date,city" in data
+    allowed = set((string.ascii_letters + string.digits + string.punctuation + " \n").encode())
+    assert set(noise) <= allowed
+    # Uniform noise: every character of the alphabet shows up, none dominates.
+    counts = np.bincount(np.frombuffer(noise, np.uint8), minlength=256)
+    assert counts[ord("a")] > 0 and counts.max() < 0.05 * len(noise)
+
+
+def test_corpus_is_cached_and_keyed(tmp_path: Path) -> None:
+    a = build_corpus(tmp_path / "a", SMALL_SPEC, progress=False)
+    b = build_corpus(tmp_path / "b", SMALL_SPEC, progress=False)
+    digest = corpus_digest(a)
+    assert digest == corpus_digest(b)
+    assert a.domains == list(DOMAINS)
+    for name in DOMAINS:
+        # fastmix prepare's byte tokenizer: bytes 0..255, every document ended by eos_id.
+        train_docs, heldout_docs = build_domain(name, SMALL_SPEC)
+        for folder, docs in ((a.train_dir, train_docs), (a.heldout_dir, heldout_docs)):
+            tokens = np.fromfile(folder / f"{name}.bin", dtype=np.uint16)
+            assert tokens.max() == a.eos_id == 256
+            assert int((tokens == a.eos_id).sum()) == len(docs)
+            assert tokens[tokens != a.eos_id].astype(np.uint8).tobytes() == "".join(docs).encode()
+    # Cached: the second call reuses the files untouched.
+    mtime = a.files()[0].stat().st_mtime_ns
+    again = build_corpus(tmp_path / "a", SMALL_SPEC, progress=False)
+    assert again.key == a.key and again.files()[0].stat().st_mtime_ns == mtime
+    # Another spec is another key: rebuilt.
+    other_spec = CorpusSpec(seed=4, train_bytes=8192, heldout_bytes=2048)
+    other = build_corpus(tmp_path / "a", other_spec, progress=False)
+    assert other.key != a.key and corpus_digest(other) != digest
+    # A damaged file invalidates the cache.
+    damaged = other.train_dir / "math.bin"
+    size = damaged.stat().st_size
+    with open(damaged, "r+b") as f:
+        f.truncate(10)
+    rebuilt = build_corpus(tmp_path / "a", other_spec, progress=False)
+    assert rebuilt.key == other_spec.cache_key()
+    assert damaged.stat().st_size == size and corpus_digest(rebuilt) == corpus_digest(other)
+    # No temporary folders are left behind.
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["corpus"]
+
+
+def test_corpus_spec_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="seed"):
+        CorpusSpec(seed=-1)
+    with pytest.raises(ValueError, match="train_bytes"):
+        CorpusSpec(train_bytes=10)
+    with pytest.raises(ValueError, match="unknown domain"):
+        build_domain("poetry", SMALL_SPEC)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_model_returns_per_token_loss() -> None:
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16))
+    tokens = torch.randint(0, 256, (3, 17))
+    loss = model(tokens)
+    assert loss.shape == (3, 16)
+    # At initialisation the prediction is close to uniform over 256 bytes: ln 256 = 5.55 nats.
+    assert abs(loss.mean().item() - math.log(256)) < 0.2
+    # Causal: the loss at position t does not depend on tokens after t + 1.
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 256
+    assert torch.allclose(model(changed)[:, :9], loss[:, :9])
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.randint(0, 256, (1, 40)))
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        GPTConfig(d_model=30, n_heads=4)
+
+
+# --------------------------------------------------------------------------- weights files
+
+
+def test_load_weights_accepts_and_rejects(tmp_path: Path) -> None:
+    domains = ["a", "b", "c"]
+    path = tmp_path / "w.json"
+    report.write_weights(path, {"a": 2.0, "b": 1.0, "c": 1.0}, method="test")
+    assert report.load_weights(path, domains) == {"a": 0.5, "b": 0.25, "c": 0.25}
+    path.write_text(json.dumps({"a": 1, "c": 3}))  # bare mapping, a domain left out
+    assert report.load_weights(path, domains) == {"a": 0.25, "b": 0.0, "c": 0.75}
+    for bad, match in (
+        ({"weights": {"a": 1, "z": 1}}, "unknown domains"),
+        ({"weights": {"a": -1, "b": 2}}, ">= 0; domain 'a'"),
+        ({"weights": {"a": 0, "b": 0}}, "positive sum"),
+        ({"weights": {"a": "x"}}, "must be a number"),
+        ([1, 2], "2 entries"),
+    ):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match) as info:
+            report.load_weights(path, domains)
+        assert str(info.value).startswith("--weights ")
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        report.load_weights(path, domains)
+
+
+# --------------------------------------------------------------------------- bad --out
+
+
+def test_out_that_is_a_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    target = tmp_path / "taken"
+    target.write_text("x")
+    assert _demo("--out", str(target), *TINY_FLAGS) == 2
+    assert "--out" in capsys.readouterr().err and target.read_text() == "x"
+    # A folder under a file cannot be created.
+    assert _demo("--out", str(target / "sub"), *TINY_FLAGS) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "cannot create" in err
+
+
+def test_read_only_out_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # Tests run as root, for whom permission bits do not stop writes: simulate both checks.
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        demo_cli.os, "access",
+        lambda p, mode: False if Path(p) == folder else real_access(p, mode),
+    )
+    assert _demo("--out", str(folder), *TINY_FLAGS) == 2
+    assert "not writable" in capsys.readouterr().err
+    monkeypatch.setattr(demo_cli.os, "access", real_access)
+
+    def read_only(self: Path, data: bytes) -> int:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    assert _demo("--out", str(folder), *TINY_FLAGS) == 2
+    err = capsys.readouterr().err
+    assert "not writable" in err and "Read-only" in err
+    assert list(folder.iterdir()) == []
+
+
+def test_bad_flags_are_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = str(tmp_path / "o")
+    assert _demo("--out", out, *TINY_FLAGS, "--d-model", "30", "--heads", "4") == 2
+    assert "multiple of n_heads" in capsys.readouterr().err
+    assert _demo("--out", out, *TINY_FLAGS, "--steps", "0") == 2
+    assert "steps" in capsys.readouterr().err
+    assert _demo("--out", out, *TINY_FLAGS, "--weights", str(tmp_path / "missing.json")) == 2
+    assert "--weights" in capsys.readouterr().err
+
+
+def test_quick_preset_and_explicit_flags() -> None:
+    from fastmix.demo.options import QUICK, DemoOptions
+
+    parser = argparse.ArgumentParser()
+    demo_cli.configure(parser)
+    default = demo_cli.options_from_args(parser.parse_args([]))
+    assert default == DemoOptions(out=Path("fastmix-demo"))
+    quick = demo_cli.options_from_args(parser.parse_args(["--quick"]))
+    assert quick.quick and all(getattr(quick, k) == v for k, v in QUICK.items())
+    assert quick.steps < default.steps
+    # An explicit flag wins over the preset.
+    mixed = demo_cli.options_from_args(parser.parse_args(["--quick", "--steps", "7"]))
+    assert mixed.steps == 7 and mixed.d_model == QUICK["d_model"]
+
+
+def test_help_is_reachable_with_python_m() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastmix", "demo", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--quick", "--out", "--steps", "--d-model", "--resample", "--weights"):
+        assert flag in proc.stdout
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("fastmix.sampler")
+    out = tmp_path_factory.mktemp("demo")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
+              torch.random.get_rng_state())
+    assert _demo("--out", str(out), *TINY_FLAGS) == 0
+    # The run leaves torch's global settings and RNG as it found them.
+    assert torch.are_deterministic_algorithms_enabled() == before[0]
+    assert torch.get_num_threads() == before[1]
+    assert torch.equal(torch.random.get_rng_state(), before[2])
+    return out
+
+
+def test_end_to_end_outputs_are_well_formed(tiny_run: Path) -> None:
+    saved = json.loads((tiny_run / "weights.json").read_text())
+    weights = saved["weights"]
+    assert list(weights) == list(DOMAINS)
+    assert all(w > 0 for w in weights.values())
+    assert math.isclose(math.fsum(weights.values()), 1.0, rel_tol=0, abs_tol=1e-12)
+    assert saved["method"] == "doremi" and saved["proxy_steps"] == 12
+
+    results = json.loads((tiny_run / "results.json").read_text())
+    trajectory = np.array(results["weight_trajectory"])
+    assert trajectory.shape == (13, len(DOMAINS))
+    assert np.allclose(trajectory.sum(axis=1), 1.0, atol=1e-5)
+    assert np.allclose(trajectory[0], 1 / len(DOMAINS))
+    # The main run's weights are DoReMi's running average of α (initial α excluded).
+    average = trajectory[1:].mean(axis=0)
+    assert np.allclose(average / average.sum(), [weights[d] for d in DOMAINS], atol=1e-5)
+    for key in ("uniform_model_bpb", "doremi_model_bpb", "reference_bpb"):
+        values = results[key]
+        assert set(values) == set(DOMAINS)
+        # A barely trained model: between 1 and 10 bits per byte on every domain.
+        assert all(1.0 < v < 10.0 for v in values.values()), (key, values)
+
+    png = (tiny_run / "doremi.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(tiny_run / "doremi.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+
+    table = (tiny_run / "table.md").read_text()
+    for name in DOMAINS:
+        assert f"| {name} | 0.200 | {weights[name]:.3f} |" in table
+    text = (tiny_run / "report.md").read_text()
+    assert "(weights.json)" in text and "(doremi.png)" in text and table in text
+    # Everything was renamed into place: no temporary file is left.
+    assert not [p.name for p in tiny_run.iterdir() if p.name.startswith(".")]
+
+
+def test_weights_json_loads_into_mixture_dataset(tiny_run: Path) -> None:
+    from fastmix.data import MixtureDataset, TokenCorpus
+
+    corpus = TokenCorpus.from_dir(tiny_run / "corpus" / "train")
+    saved = json.loads((tiny_run / "weights.json").read_text())["weights"]
+    dataset = MixtureDataset(corpus, 32, tiny_run / "weights.json", seed=1, batch_size=8)
+    assert np.allclose(dataset.weights, [saved[n] for n in corpus.names])
+    batch = next(iter(dataset))
+    assert batch["input_ids"].shape == (8, 33)
+    assert int(batch["domain"].max()) < len(DOMAINS)
+
+
+def test_same_seed_same_results_and_weights_flag(tiny_run: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    assert _demo("--out", str(again), *TINY_FLAGS) == 0
+    first = json.loads((tiny_run / "results.json").read_text())
+    second = json.loads((again / "results.json").read_text())
+    for key in ("doremi_weights", "weight_trajectory", "uniform_model_bpb", "doremi_model_bpb"):
+        assert first[key] == second[key], key  # bit for bit
+    # --weights skips the reference and the proxy and trains the main models on those weights.
+    reused = tmp_path / "reused"
+    code = _demo("--out", str(reused), *TINY_FLAGS, "--weights", str(tiny_run / "weights.json"))
+    assert code == 0
+    third = json.loads((reused / "results.json").read_text())
+    assert third["weight_trajectory"] is None and third["reference_bpb"] is None
+    assert third["doremi_weights"] == pytest.approx(first["doremi_weights"], rel=1e-12)
+    assert third["doremi_model_bpb"] == pytest.approx(first["doremi_model_bpb"], rel=1e-9)
+    assert json.loads((reused / "weights.json").read_text())["method"] == "file"
+
+
+def test_resample_mode_runs(tmp_path: Path) -> None:
+    pytest.importorskip("fastmix.sampler")
+    out = tmp_path / "resample"
+    assert _demo("--out", str(out), *TINY_FLAGS, "--resample", "--steps", "6") == 0
+    saved = json.loads((out / "weights.json").read_text())
+    assert saved["resample"] is True
+    assert math.isclose(math.fsum(saved["weights"].values()), 1.0, abs_tol=1e-12)
