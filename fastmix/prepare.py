@@ -29,7 +29,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from fastmix._io import atomic_open, atomic_write_json
 from fastmix.data import CORPUS_MANIFEST, CorpusError
 
 __all__ = [
@@ -210,44 +210,35 @@ def prepare_domain(
     out.mkdir(parents=True, exist_ok=True)
     manifest = _load_or_new_manifest(out, tok)
     target = out / f"{name}.bin"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.bin.tmp-", dir=out)
-    tmp = Path(tmp_name)
     n_tokens = n_docs = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            buffer: list[np.ndarray] = []
-            buffered = 0
-            eos = np.array([tok.eos_id], dtype=tok.dtype)
-            for text in texts:
-                if not isinstance(text, str):
-                    raise TypeError(
-                        f"domain {name!r}: documents must be str, got {type(text).__name__}"
-                    )
-                ids = np.asarray(tok.encode(text))
-                if ids.size and (ids.min() < 0 or ids.max() >= tok.vocab_size):
-                    raise ValueError(
-                        f"domain {name!r}: tokenizer produced ids outside its vocabulary"
-                    )
-                buffer += [ids.astype(tok.dtype, copy=False), eos]
-                buffered += ids.size + 1
-                n_docs += 1
-                if progress is not None:
-                    progress.update(len(text))
-                if buffered >= _FLUSH_TOKENS:
-                    f.write(np.concatenate(buffer).tobytes())
-                    n_tokens += buffered
-                    buffer, buffered = [], 0
-            if buffer:
+    with atomic_open(target) as f:
+        buffer: list[np.ndarray] = []
+        buffered = 0
+        eos = np.array([tok.eos_id], dtype=tok.dtype)
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(
+                    f"domain {name!r}: documents must be str, got {type(text).__name__}"
+                )
+            ids = np.asarray(tok.encode(text))
+            if ids.size and (ids.min() < 0 or ids.max() >= tok.vocab_size):
+                raise ValueError(
+                    f"domain {name!r}: tokenizer produced ids outside its vocabulary"
+                )
+            buffer += [ids.astype(tok.dtype, copy=False), eos]
+            buffered += ids.size + 1
+            n_docs += 1
+            if progress is not None:
+                progress.update(len(text))
+            if buffered >= _FLUSH_TOKENS:
                 f.write(np.concatenate(buffer).tobytes())
                 n_tokens += buffered
-            f.flush()
-            os.fsync(f.fileno())
+                buffer, buffered = [], 0
+        if buffer:
+            f.write(np.concatenate(buffer).tobytes())
+            n_tokens += buffered
         if n_docs == 0:
             raise ValueError(f"domain {name!r}: no documents (inputs: {list(sources) or 'none'})")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     entry = {
         "files": [target.name],
         "tokens": int(n_tokens),
@@ -256,7 +247,7 @@ def prepare_domain(
     }
     manifest = _load_or_new_manifest(out, tok)  # re-read: another domain may have been added since
     manifest["domains"][name] = entry
-    _write_json_atomic(out / CORPUS_MANIFEST, manifest)
+    atomic_write_json(out / CORPUS_MANIFEST, manifest)
     return entry
 
 
@@ -345,20 +336,6 @@ def _load_or_new_manifest(out: Path, tok: Tokenizer) -> dict[str, Any]:
         "eos_id": int(tok.eos_id),
         "domains": {},
     }
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)  # domain order is meaningful: keep it
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

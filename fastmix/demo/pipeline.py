@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastmix._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fastmix.demo import report
 from fastmix.demo.corpus import DOMAINS, CorpusSpec, build_corpus
 from fastmix.demo.model import GPTConfig
@@ -294,8 +295,8 @@ def _write_outputs(
     table = report.results_table(
         domains, uniform, doremi_weights, uniform_loss, doremi_loss, reference_loss
     )
-    report.write_text(files["table"], table)
-    report.write_json(
+    atomic_write_text(files["table"], table)
+    atomic_write_json(
         files["results"],
         {
             "unit": "held-out loss in bits per byte (nats per byte / ln 2)",
@@ -322,10 +323,10 @@ def _write_outputs(
         title=f"fastmix demo: {_shape(cfg)}, {opts.steps} steps of {opts.batch_size}x"
         f"{opts.seq_len} bytes, seed {opts.seed}",
     )
-    report.write_bytes(files["figure"], png)
+    atomic_write_bytes(files["figure"], png)
     shown = dict(timings)
     shown["total (before report)"] = time.perf_counter() - started
-    report.write_text(
+    atomic_write_text(
         files["report"],
         report.report_markdown(
             table=table,

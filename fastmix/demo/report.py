@@ -7,7 +7,6 @@ half-written file that looks valid.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix.demo.corpus import atomic_write_bytes
+from fastmix._io import atomic_write_json
 
 LN2 = math.log(2.0)
 WEIGHTS_FILE = "weights.json"
@@ -31,25 +30,13 @@ def bits(nats: float) -> float:
     return nats / LN2
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    atomic_write_bytes(path, data)
-
-
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def write_weights(
     path: str | os.PathLike[str], weights: Mapping[str, float], **metadata: Any
 ) -> None:
     """Write ``{"weights": {domain: w}, ...metadata}``; the weights sum to one."""
     total = math.fsum(weights.values())
     normalised = {name: float(w) / total for name, w in weights.items()}
-    write_json(path, {"weights": normalised, **metadata})
+    atomic_write_json(path, {"weights": normalised, **metadata})
 
 
 def load_weights(path: str | os.PathLike[str], domains: Sequence[str]) -> dict[str, float]:

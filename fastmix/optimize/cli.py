@@ -20,14 +20,14 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fastmix._io import atomic_open, atomic_write_text
 
 from .choose import Choice, choose_weights
 from .predictors import PREDICTORS
@@ -99,10 +99,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md, rows = _summary(choice, sweep, constraints, prior)
-    _write_text(out / "weights.json", json.dumps(_metadata(choice, sweep, constraints, args),
+    atomic_write_text(out / "weights.json", json.dumps(_metadata(choice, sweep, constraints, args),
                                                  indent=2) + "\n")
-    _write_text(out / "summary.md", md)
-    _write_text(out / "summary.csv", _csv(rows))
+    atomic_write_text(out / "summary.md", md)
+    atomic_write_text(out / "summary.csv", _csv(rows))
     _write_plot(out / "plot.png", choice)
     print(md)
     print(f"wrote {out / 'weights.json'}, {out / 'summary.md'}, {out / 'summary.csv'}, "
@@ -296,29 +296,6 @@ def _csv(rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda fh: fh.write(text.encode("utf-8")))
-
-
 def _write_plot(path: Path, choice: Choice) -> None:
     import matplotlib
 
@@ -352,5 +329,6 @@ def _write_plot(path: Path, choice: Choice) -> None:
         axes[0].text(0.5, 0.5, "no held-out runs (--holdout 0)", ha="center", va="center")
         axes[0].set_axis_off()
     fig.tight_layout()
-    _atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
