@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fastmix._io import atomic_write_text  # noqa: E402
 from fastmix.ops import backends, reference  # noqa: E402
 
 SEQ = 2048
@@ -236,15 +237,13 @@ def bench(args: argparse.Namespace) -> str:
                 lines.append(row)
                 print(row, flush=True)
                 if args.out is not None:  # keep what is measured even if a time limit cuts in
-                    write_atomically(args.out, "\n".join(lines) + "\n")
+                    write_text(args.out, "\n".join(lines) + "\n")
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 def main() -> int:
@@ -274,7 +273,7 @@ def main() -> int:
         args.repeats = 50 if args.device == "cuda" else 7
     text = bench(args)
     if args.out is not None:
-        write_atomically(args.out, text)
+        write_text(args.out, text)
     print(text)
     return 0
 
