@@ -64,6 +64,9 @@ def make_cases(k: int, n: int) -> dict[str, Callable[[], object]]:
         ).sample(n),
         "greedy: MixtureSampler.sample": lambda: MixtureSampler(w, method="greedy").sample(n),
         "blend_indices": lambda: blend_indices(w, n),
+        "blend_indices, portable path (no AVX-512)": lambda: _C._blend_indices_portable(
+            normalised, n
+        ),
         "naive greedy loop (C++, baseline)": lambda: _C._blend_indices_naive(normalised, n),
         "numpy default_rng().choice": lambda: np.random.default_rng(SEED).choice(k, n, p=w),
     }

@@ -379,6 +379,71 @@ def test_blend_indices_matches_naive_loop_long(k: int) -> None:
     np.testing.assert_array_equal(fast[1], naive[1])
 
 
+def _register_kernel_cases() -> list[tuple[str, np.ndarray]]:
+    """Weights around the 8-lane register boundaries of the vector kernel (K <= 64 unpruned)."""
+    rng = np.random.default_rng(2024)
+    cases = []
+    for k in (1, 2, 3, 7, 8, 9, 15, 16, 17, 22, 31, 33, 63, 64, 65):
+        cases.append((f"dirichlet0.1-k{k}", rng.dirichlet(np.full(k, 0.1))))
+        cases.append((f"dirichlet5-k{k}", rng.dirichlet(np.full(k, 5.0))))
+        cases.append((f"uniform-k{k}", np.ones(k)))  # exact ties at every round
+        dup = rng.choice([0.0, 0.5, 1.0, 2.0], size=k)
+        dup[-1] = 1.0  # at least one positive
+        cases.append((f"duplicates-zeros-k{k}", dup))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "weights"), _register_kernel_cases())
+def test_blend_indices_vector_kernel_lane_boundaries(name: str, weights: np.ndarray) -> None:
+    w = weights / np.sum(weights)
+    size = 30_000
+    fast = _C.blend_indices(w, size)
+    naive = _C._blend_indices_naive(w, size)
+    np.testing.assert_array_equal(fast[0], naive[0], err_msg=name)
+    np.testing.assert_array_equal(fast[1], naive[1], err_msg=name)
+
+
+@pytest.mark.parametrize("k", [3, 22, 64, 256, 1000])
+def test_blend_indices_portable_path_matches_naive_loop(k: int) -> None:
+    # The scalar pruning path runs on CPUs without AVX-512; check it here on any machine.
+    w = np.random.default_rng(100 + k).dirichlet(np.full(k, 0.5))
+    size = 100_000 if k <= 256 else 30_000
+    portable = _C._blend_indices_portable(w, size)
+    naive = _C._blend_indices_naive(w, size)
+    np.testing.assert_array_equal(portable[0], naive[0])
+    np.testing.assert_array_equal(portable[1], naive[1])
+
+
+@pytest.mark.parametrize("k", [2, 9, 22, 40, 64])
+def test_blend_indices_recovers_from_wrong_speculative_states(k: int) -> None:
+    # Segments of the stream run from guessed states and are verified; here every guess is wrong
+    # (all-zero counts, or one count moved), so the recovery decides every output.
+    w = np.random.default_rng(300 + k).dirichlet(np.full(k, 0.3))
+    w = w / np.sum(w)
+    size = 150_000
+    misguessed = _C._blend_indices_misguessed(w, size)
+    naive = _C._blend_indices_naive(w, size)
+    np.testing.assert_array_equal(misguessed[0], naive[0])
+    np.testing.assert_array_equal(misguessed[1], naive[1])
+
+
+@pytest.mark.parametrize("k", [22, 256])
+def test_greedy_fill_in_chunks_matches_blend_indices(k: int) -> None:
+    # Streaming restarts the fast path from a mid-stream state (step s0 > 0, counts > 0).
+    w = np.random.default_rng(k).dirichlet(np.ones(k))
+    w = w / np.sum(w)
+    expected = blend_indices(w, 50_000)[0]
+    counts = np.zeros(k, dtype=np.int64)
+    pieces, step = [], 0
+    for n in (1, 7, 4096, 10_000, 1, 35_895):
+        out = np.empty(n, dtype=np.int32)
+        _C.greedy_fill(w, step, counts, out)
+        pieces.append(out)
+        step += n
+    np.testing.assert_array_equal(np.concatenate(pieces), expected)
+    np.testing.assert_array_equal(counts, np.bincount(expected, minlength=k))
+
+
 def test_greedy_resume_from_any_state_matches() -> None:
     w = np.random.default_rng(4).dirichlet(np.ones(100))
     w = w / np.sum(w)

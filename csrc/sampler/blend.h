@@ -2,8 +2,10 @@
 //   x = max(double(s), 1.0);  d(s) = argmax_d  w[d] * x - double(count[d])   (strict >, lowest index
 //   wins ties);  count[d(s)] += 1.
 // Two implementations with identical output: greedy_naive (the rule as written, O(K) per step; the
-// benchmark baseline and the oracle) and GreedyFast (windowed candidate pruning, below).  Both can
-// start from any state (step s0, counts), which is how MixtureSampler streams the rule.
+// benchmark baseline and the oracle) and GreedyFast (below: all domains, or the candidates that
+// windowed pruning leaves, held in AVX-512 registers with one exact vector argmax per step; scalar
+// pruning where AVX-512 is missing).  Both can start from any state (step s0, counts), which is how
+// MixtureSampler streams the rule.
 #pragma once
 
 #include <algorithm>
@@ -51,8 +53,12 @@ void greedy_naive(const double* w, int64_t k, int64_t s0, int64_t n, int64_t* co
 // same strict >, chooses exactly what the full scan chooses.  L = max(v) - gap (guessed from the
 // previous window's maximum, redone if it lies above every value), with the gap adapted so that ~G
 // domains lie above it; the candidates are then ~2G domains, and a window costs one vectorisable
-// pass over K plus O(G) per step.  Measured: 1.5x the plain loop at K = 22, 5x at K = 256, 16x at
-// K = 1000; each step still pays one argmax over the candidates, whose compare chain bounds it.
+// pass over K plus O(G) per step.  With the candidates in registers (register_argmax_steps) the
+// window path measured 16 ns per step at K = 256 and 27 ns at K = 1000 (plain loop: 180 and 710);
+// the scalar candidate scan it replaces, 36 and 50 ns.  Here every step still pays one argmax whose
+// latency chain (~26 cycles on Zen 5) bounds it, and the refresh passes cost as much again.
+// (Tried: speculative segments, as for K <= 64 below, with the chains' windows in one kernel:
+// 15-16 ns at K = 256, worse at K = 1000 -- the windows get shorter -- so not kept.)
 
 // One refresh pass over all K domains at x0 for level L (defined in blend.cpp, with an AVX-512
 // version picked at run time): returns the maximum computed value, writes the number of domains with
@@ -63,13 +69,47 @@ void greedy_naive(const double* w, int64_t k, int64_t s0, int64_t n, int64_t* co
 double refresh_pass(const double* w, const double* cf, int64_t k, double x0, double level,
                     double growth, double delta, int64_t* above, int32_t* cand, int64_t* num);
 
+// The rule restricted to n candidates (weights cw, counts cc as doubles, in index order) for the m
+// steps s, s+1, ...: pos[t] = the candidate chosen at step s + t; cc is updated.  Vector registers
+// hold all n values, so one step is one exact vector argmax (defined in blend.cpp; AVX-512, picked
+// at run time).  register_argmax_available(n) says whether it can run for n candidates here.
+constexpr int64_t kRegisterArgmaxMax = 64;
+bool register_argmax_available(int64_t n);
+void register_argmax_steps(const double* cw, double* cc, int64_t n, int64_t s, int64_t m,
+                           int32_t* pos);
+
+// Speculative segments.  The rule's future depends only on (step, counts), and from step 0 the
+// counts at step x are almost always the largest-remainder rounding of w * x (or reach the same
+// state within a few hundred steps: measured for K = 2..256, Dirichlet(0.1..100), x ~ 1e6..5e6). So
+// S segments of one stream run as independent chains in one loop (their latency chains overlap):
+// segment 0 from the true state, segment j > 0 from that guessed state, storing its counts every q
+// steps.  Then, in order, each guess is compared with the true counts at its start (the final counts
+// of the verified segment before it); on a mismatch the segment is recomputed from the true state,
+// q steps at a time, until its counts equal a stored snapshot -- from there on its output is exact,
+// the same (step, counts) giving the same future -- or to its end.  The output never depends on the
+// guesses, only the speed.  register_segments_for(n) = S for n candidates; register_argmax_chains
+// runs the S chains: chain j from step s[j] and counts cc[j] (updated) for m steps into pos[j],
+// snapshots of all ceil(n / 8) * 8 lanes after every q steps into snap[j].
+int register_segments_for(int64_t n);
+void register_argmax_chains(const double* cw, int64_t n, int segments, double* const* cc,
+                            const int64_t* s, int64_t m, int32_t* const* pos,
+                            double* const* snap, int64_t q);
+
 class GreedyFast {
  public:
-  GreedyFast(const double* w, int64_t k)
-      : w_(w, w + k), k_(k), candidates_(static_cast<size_t>(k) + 8) {  // +8: refresh_pass
+  // allow_vector = false keeps to the portable scalar code (what runs without AVX-512; tests use
+  // it to check that path on any machine).  misguess = true makes every speculative segment start
+  // from a wrong state (tests of the recovery; the output must not change).
+  GreedyFast(const double* w, int64_t k, bool allow_vector = true, bool misguess = false)
+      : w_(w, w + k),
+        k_(k),
+        candidates_(static_cast<size_t>(k) + 8),
+        vector_(allow_vector),
+        misguess_(misguess) {
     // Window length ~ 0.75 sqrt(K): balances the O(K) refresh against the O(window) candidates per
-    // step (thread CPU time on the dev machine: within ~10% of the best of 0.35, 0.5, 0.75, 1 and
-    // 1.5 sqrt(K) at K = 22, 64, 256 and 1000).
+    // step.  Thread CPU time on the dev machine, register kernel, ns per step at 0.5 / 0.75 / 1 /
+    // 1.5 sqrt(K): K = 256: 17.9 / 15.9 / 15.5 / 22.6; K = 1000: 25.9 / 27.3 / 45.8 / 63.2 (above
+    // ~1 sqrt(K) the candidates often exceed the 64 lanes of the register kernel).
     max_window_ = std::max<int64_t>(
         3, static_cast<int64_t>(std::sqrt(static_cast<double>(k)) * kWindowScale));
     gap_ = static_cast<double>(max_window_) / static_cast<double>(k);
@@ -77,12 +117,29 @@ class GreedyFast {
 
   template <class Emit>
   void run(int64_t s0, int64_t n, int64_t* counts, Emit&& emit) {
+    count_f_.resize(static_cast<size_t>(k_));
+    for (int64_t d = 0; d < k_; ++d) count_f_[d] = static_cast<double>(counts[d]);  // exact < 2^53
+    if (k_ == 1) {  // nothing to choose
+      greedy_naive(w_.data(), k_, s0, n, counts, emit);
+      return;
+    }
+    if (k_ <= kRegisterAllBelow && vector_ && register_argmax_available(k_)) {
+      // Few domains: every domain is a candidate at every step, all in registers.
+      int64_t done = 0;
+      const int segments = register_segments_for(k_);
+      if (segments > 1) done = run_segments(segments, s0, n, counts, emit);
+      positions_.resize(kChunk);
+      for (; done < n; done += kChunk) {
+        const int64_t m = std::min<int64_t>(kChunk, n - done);
+        register_argmax_steps(w_.data(), count_f_.data(), k_, s0 + done, m, positions_.data());
+        emit_positions(positions_.data(), nullptr, done, m, counts, emit);
+      }
+      return;
+    }
     if (k_ < kNaiveBelow) {
       greedy_naive(w_.data(), k_, s0, n, counts, emit);
       return;
     }
-    count_f_.resize(static_cast<size_t>(k_));
-    for (int64_t d = 0; d < k_; ++d) count_f_[d] = static_cast<double>(counts[d]);  // exact < 2^53
     cand_w_.resize(static_cast<size_t>(k_));
     cand_c_.resize(static_cast<size_t>(k_));
     const double* w = w_.data();
@@ -118,6 +175,15 @@ class GreedyFast {
       }
       const double* cw = cand_w_.data();
       double* cc = cand_c_.data();
+      if (vector_ && register_argmax_available(num)) {
+        positions_.resize(static_cast<size_t>(std::max<int64_t>(m, kChunk)));
+        register_argmax_steps(cw, cc, num, s, m, positions_.data());
+        emit_positions(positions_.data(), cand, done, m, counts, emit);
+        for (int64_t j = 0; j < num; ++j) cf[cand[j]] = cc[j];
+        level = top - gap_;
+        done += m;
+        continue;
+      }
       for (int64_t t = 0; t < m; ++t) {
         const int64_t j = argmax_first(cw, cc, num, step_x(s + t));
         const int64_t d = cand[j];
@@ -133,6 +199,115 @@ class GreedyFast {
 
  private:
   static constexpr int64_t kNaiveBelow = 8;
+  // Up to this many domains the register kernel scans all of them at every step, no pruning, with
+  // speculative segments (K = 64: 8.0 ns per step; one chain unpruned 12.3 ns, pruned to ~15
+  // candidates 15.9 ns).
+  static constexpr int64_t kRegisterAllBelow = 64;
+  static constexpr int64_t kChunk = 4096;  // steps per register-kernel call in that case
+
+  static constexpr int64_t kSegment = 16384;   // steps per speculative segment (at most)
+  static constexpr int64_t kCheckpoint = 512;  // steps between the segments' count snapshots
+
+  // The register path with speculative segments (register_segments_for): whole rounds of
+  // `segments` equal segments, as long as each is >= 2 checkpoints; returns the steps done (the
+  // caller finishes the rest).  count_f_ holds the true counts on entry and on return.
+  template <class Emit>
+  int64_t run_segments(int segments, int64_t s0, int64_t n, int64_t* counts, Emit& emit) {
+    const int64_t k = k_;
+    const int64_t lanes = (k + 7) / 8 * 8;
+    positions_.resize(static_cast<size_t>(segments * kSegment));
+    snaps_.resize(static_cast<size_t>(segments * (kSegment / kCheckpoint) * lanes));
+    chain_counts_.resize(static_cast<size_t>(segments * k));
+    guesses_.resize(static_cast<size_t>(segments * k));
+    double* cc[kMaxSegments];
+    int32_t* pos[kMaxSegments];
+    double* snap[kMaxSegments];
+    int64_t start[kMaxSegments];
+    int64_t done = 0;
+    while (true) {
+      int64_t len = std::min<int64_t>(kSegment, (n - done) / segments) / kCheckpoint * kCheckpoint;
+      if (len < 2 * kCheckpoint) break;
+      for (int j = 0; j < segments; ++j) {
+        cc[j] = chain_counts_.data() + j * k;
+        pos[j] = positions_.data() + j * len;
+        snap[j] = snaps_.data() + j * (kSegment / kCheckpoint) * lanes;
+        start[j] = s0 + done + j * len;
+        if (j == 0) {
+          std::copy(count_f_.begin(), count_f_.end(), cc[0]);
+        } else {
+          guess_counts(start[j], cc[j]);
+          if (misguess_) misguess(j, cc[j]);
+          std::copy(cc[j], cc[j] + k, guesses_.data() + j * k);
+        }
+      }
+      register_argmax_chains(w_.data(), k, segments, cc, start, len, pos, snap, kCheckpoint);
+      for (int j = 1; j < segments; ++j) {
+        const double* truth = cc[j - 1];  // verified: the true counts at start[j]
+        if (std::equal(truth, truth + k, guesses_.data() + j * k)) continue;
+        std::copy(truth, truth + k, count_f_.data());  // count_f_ as scratch for the true state
+        int64_t redone = 0;
+        while (redone < len) {
+          register_argmax_steps(w_.data(), count_f_.data(), k, start[j] + redone, kCheckpoint,
+                                pos[j] + redone);
+          const double* stored = snap[j] + (redone / kCheckpoint) * lanes;
+          redone += kCheckpoint;
+          if (std::equal(count_f_.begin(), count_f_.end(), stored)) break;  // rejoined
+        }
+        if (redone == len) std::copy(count_f_.begin(), count_f_.end(), cc[j]);
+      }
+      emit_positions(positions_.data(), nullptr, done, segments * len, counts, emit);
+      std::copy(cc[segments - 1], cc[segments - 1] + k, count_f_.data());
+      done += segments * len;
+    }
+    return done;
+  }
+
+  // A likely state at step x (see register_argmax_chains): the largest-remainder rounding of
+  // w * x / sum(w), never below the current counts (counts only grow).  Any guess is safe.
+  void guess_counts(int64_t x, double* out) const {
+    const int64_t k = k_;
+    double total_w = 0.0;
+    for (int64_t d = 0; d < k; ++d) total_w += w_[d];
+    const double scale = static_cast<double>(x) / total_w;
+    int64_t assigned = 0;
+    std::vector<std::pair<double, int64_t>> remainder(static_cast<size_t>(k));
+    for (int64_t d = 0; d < k; ++d) {
+      const double target = w_[d] * scale;
+      const double whole = std::max(std::floor(target), count_f_[d]);
+      out[d] = whole;
+      assigned += static_cast<int64_t>(whole);
+      remainder[d] = {target - whole, d};
+    }
+    int64_t left = x - assigned;
+    if (left <= 0) return;  // an unlikely guess; verification will recompute the segment
+    std::stable_sort(remainder.begin(), remainder.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (int64_t i = 0; left > 0; i = (i + 1) % k, --left) out[remainder[i].second] += 1.0;
+  }
+
+  // A wrong state for tests: odd segments get all-zero counts (which never rejoin the true path, so
+  // the whole segment is recomputed), even ones one count moved between two domains (which rejoins
+  // at some snapshot, or not).
+  void misguess(int j, double* state) const {
+    if (j % 2 == 1) {
+      std::fill(state, state + k_, 0.0);
+      return;
+    }
+    const int64_t from = std::max_element(state, state + k_) - state;
+    state[from] -= 1.0;
+    state[(from + 1) % k_] += 1.0;
+  }
+
+  // emit() the m chosen candidates pos[0..m) (domain ids via ids, or the positions themselves).
+  template <class Emit>
+  static void emit_positions(const int32_t* pos, const int32_t* ids, int64_t first, int64_t m,
+                             int64_t* counts, Emit& emit) {
+    for (int64_t t = 0; t < m; ++t) {
+      const int64_t d = ids != nullptr ? ids[pos[t]] : pos[t];
+      emit(first + t, d, counts[d]);
+      counts[d] += 1;
+    }
+  }
   static constexpr double kWindowScale = 0.75;
 
   // First j maximising cw[j] * x - cc[j] (strict >): two independent branch-free scans over the
@@ -161,6 +336,12 @@ class GreedyFast {
   int64_t k_;
   std::vector<int32_t> candidates_;
   std::vector<double> count_f_, cand_w_, cand_c_;
+  std::vector<int32_t> positions_;
+  static constexpr int kMaxSegments = 4;
+
+  std::vector<double> snaps_, chain_counts_, guesses_;
+  bool vector_ = true;
+  bool misguess_ = false;
   int64_t max_window_ = 3;
   double gap_ = 0.0;
 };

@@ -156,7 +156,9 @@ void greedy_fill(const py::handle& weights, int64_t start_step, const py::handle
   });
 }
 
-template <bool kNaive>
+enum class BlendPath { kFast, kNaive, kPortable, kMisguessed };
+
+template <BlendPath kPath>
 std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend(const py::handle& weights, int64_t size) {
   auto w = expect_blend_weights(weights);
   const int64_t k = static_cast<int64_t>(w.size());
@@ -178,10 +180,11 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend(const py::handle& we
       di[j] = static_cast<int16_t>(d);
       si[j] = before;
     };
-    if (kNaive) {
+    if (kPath == BlendPath::kNaive) {
       greedy_naive(wp, k, 0, size, counts.data(), emit);
     } else {
-      GreedyFast fast(wp, k);
+      GreedyFast fast(wp, k, /*allow_vector=*/kPath != BlendPath::kPortable,
+                      /*misguess=*/kPath == BlendPath::kMisguessed);
       fast.run(0, size, counts.data(), emit);
     }
   }
@@ -268,12 +271,19 @@ in place; must sum to start_step), writing len(out) domain ids into `out` (int32
 used as given (normalise them first).  Releases the GIL.
 )doc");
 
-  m.def("blend_indices", &blend<false>, py::arg("weights"), py::arg("size"), R"doc(
+  m.def("blend_indices", &blend<BlendPath::kFast>, py::arg("weights"), py::arg("size"), R"doc(
 Megatron-LM's build_blending_indices: (dataset_index int16[size], dataset_sample_index int64[size])
-for float64 `weights` used as given.  Windowed candidate pruning; bit-identical to the plain rule.
+for float64 `weights` used as given.  Candidates in AVX-512 registers (windowed pruning above 64
+domains); bit-identical to the plain rule.
 )doc");
-  m.def("_blend_indices_naive", &blend<true>, py::arg("weights"), py::arg("size"),
+  m.def("_blend_indices_naive", &blend<BlendPath::kNaive>, py::arg("weights"), py::arg("size"),
         "The plain O(K)-per-sample loop of the same rule (benchmark baseline and test oracle).");
+  m.def("_blend_indices_portable", &blend<BlendPath::kPortable>, py::arg("weights"),
+        py::arg("size"),
+        "blend_indices without the AVX-512 kernel: the scalar pruning that runs on other CPUs.");
+  m.def("_blend_indices_misguessed", &blend<BlendPath::kMisguessed>, py::arg("weights"),
+        py::arg("size"),
+        "blend_indices with every speculative segment started from a wrong state (tests).");
 
   m.def("accumulate_counts", &accumulate_counts, py::arg("ids"), py::arg("counts"),
         "counts[ids[i]] += 1 for every i (ids int32 in [0, len(counts)), counts int64).");
