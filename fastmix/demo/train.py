@@ -223,7 +223,9 @@ def train_proxy(
             if resample_to is not None:
                 # α now shapes the batches, so the loss itself is not reweighted a second time.
                 objective = loss.mean()
-                resample_to.set_weights(mixer.weights.detach())
+                # step= fixes where the change lands, so the stream does not depend on when an
+                # asynchronous (CUDA) copy of α happens to finish.
+                resample_to.set_weights(mixer.weights.detach(), step=resample_to.next_step)
             objective.backward()
             nn.utils.clip_grad_norm_(proxy.parameters(), cfg.grad_clip)
             opt.step()
