@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fastmix import distributed
+from fastmix.mixers._common import initial_weights
 from fastmix.ops import (
     MAX_KERNEL_DOMAINS,
     domain_stats_detached,
@@ -103,7 +104,7 @@ class DoReMi:
         self.debug = bool(debug)
         self._device_fixed = device is not None
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        alpha = self._initial_weights(init_weights)
+        alpha = initial_weights(init_weights, num_domains)
         self._state = torch.stack([alpha, torch.zeros_like(alpha), alpha]).to(dev)
         self._counters = torch.zeros(3, dtype=torch.int64, device=dev)
         self._pending = torch.zeros(3, num_domains, dtype=torch.float32, device=dev)
@@ -111,18 +112,6 @@ class DoReMi:
         self._workspace: Tensor | None = None
         self._workspace_key: tuple[str, torch.device] | None = None
         self._stepped = False
-
-    # ---------------------------------------------------------------- construction helpers
-    def _initial_weights(self, init_weights: Sequence[float] | Tensor | None) -> Tensor:
-        k = self.num_domains
-        if init_weights is None:
-            return torch.full((k,), 1.0 / k, dtype=torch.float32)
-        w = torch.as_tensor(init_weights).detach().to("cpu", torch.float64).reshape(-1)
-        if w.numel() != k:
-            raise ValueError(f"init_weights must have {k} values, got {w.numel()}")
-        if not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
-            raise ValueError("init_weights must be finite and > 0")
-        return (w / w.sum()).to(torch.float32)
 
     # ---------------------------------------------------------------- public state
     @property

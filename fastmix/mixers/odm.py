@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fastmix import distributed
+from fastmix.mixers._common import initial_weights
 from fastmix.ops import domain_loss_stats
 
 __all__ = ["ODM"]
@@ -96,22 +97,11 @@ class ODM:
         self.deterministic = bool(deterministic)
         self._device_fixed = device is not None
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        self._init = self._initial_weights(init_weights).to(dev)
+        self._init = initial_weights(init_weights, num_domains).to(dev)
         self._weights = self._init.clone()
         self._rewards = torch.zeros(self.num_domains, dtype=torch.float32, device=dev)
         self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
         self.num_steps = 0
-
-    def _initial_weights(self, init_weights: Sequence[float] | Tensor | None) -> Tensor:
-        k = self.num_domains
-        if init_weights is None:
-            return torch.full((k,), 1.0 / k, dtype=torch.float32)
-        w = torch.as_tensor(init_weights).detach().to("cpu", torch.float64).reshape(-1)
-        if w.numel() != k:
-            raise ValueError(f"init_weights must have {k} values, got {w.numel()}")
-        if not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
-            raise ValueError("init_weights must be finite and > 0")
-        return (w / w.sum()).to(torch.float32)
 
     # ---------------------------------------------------------------- public state
     @property
