@@ -16,7 +16,6 @@ import argparse
 import pickle
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import cpu_model  # bench/_machine.py
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastmix.data import MixtureDataset, TokenCorpus
@@ -129,17 +129,6 @@ def planning_time_per_batch(corpus: TokenCorpus, weights: np.ndarray, steps: int
         plan_t.append(t1 - t0)
         read_t.append(t2 - t1)
     return {"plan_s": statistics.median(plan_t), "read_s": statistics.median(read_t)}
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

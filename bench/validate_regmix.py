@@ -21,13 +21,13 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_model  # bench/_machine.py
 
 from fastmix.optimize import evaluate, load_sweep, make_predictor
 
@@ -39,17 +39,6 @@ PAPER = {  # Table 2 of the RegMix paper, Spearman ρ / Pearson r in %
 }
 PREDICTORS = [("linear", {}), ("law", {}), ("trees", {}), ("trees", {"backend": "sklearn"}),
               ("law+trees", {}), ("law+trees", {"tune": True})]
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def label(name: str, kw: dict) -> str:
