@@ -110,3 +110,15 @@ def test_cxx_validates_update_arguments():
 def test_launch_without_a_gpu_raises_the_cuda_error():
     with pytest.raises(RuntimeError, match="domain_stats launch failed: cuda"):
         cuda_ops._cuda.domain_stats(**_stats_args())
+
+
+@needs_module
+def test_fused_workspace_traces_under_compile(monkeypatch):
+    # DoReMi.step allocates its workspace on the first call, possibly while torch.compile traces
+    # it: asking the compiled module for the size must not break a fullgraph compile.
+    monkeypatch.setattr(cuda_ops, "_module", lambda: cuda_ops._cuda)  # no GPU needed for the size
+    make = torch.compile(lambda: cuda_ops.fused_workspace(8, torch.device("cpu")), fullgraph=True,
+                         backend="eager")  # fmt: skip
+    workspace = make()
+    assert workspace.dtype == torch.uint8 and workspace.numel() == cuda_ops._cuda.workspace_bytes(8)
+    assert torch.all(workspace == 0)

@@ -188,3 +188,36 @@ def test_update_kernel_matches_torch(harness, tmp_path):
     torch.testing.assert_close(aux, want_aux, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_state, state, rtol=1e-5, atol=1e-8)
     assert got_counters.tolist() == [6, 1, 2]
+
+
+def test_int64_ids_beyond_int32_are_out_of_range_not_wrapped(harness, tmp_path):
+    # 2**32 + 2 would become the valid id 2 if narrowed to int before the range check
+    loss, domain, ref, mask = batch(6, (700,), 5)
+    domain[:40] = 2**32 + 2
+    domain[40:60] = -(2**32) + 1
+    (stats, oob), = run(harness, tmp_path, 0, loss, domain, 5, ref=ref, mask=mask,
+                        deterministic=True)  # fmt: skip
+    want, want_oob = reference.domain_stats(loss, domain, mask, ref, 5)
+    assert oob == int(want_oob) == int(mask[:60].sum())
+    assert torch.equal(stats[0], want[0])
+    torch.testing.assert_close(stats, want, rtol=1e-5, atol=1e-3)
+
+
+def test_fused_step_at_the_domain_limit(harness, tmp_path):
+    # K = 1024: 8 x 3 x K floats of shared accumulators (96 KiB), reused by the finisher for the
+    # [3, K] statistics and the 2K-float update scratch; 4 domains per thread in the update.
+    k = 1024
+    # 2 blocks; per-sequence ids keep the emulated warp rounds few; most domains absent
+    loss, domain, ref, mask = batch(7, (13, 200), k, per_sequence=True)
+    results = run(harness, tmp_path, 1, loss, domain, k, ref=ref, mask=mask, repeats=2,
+                  deterministic=True, step_size=0.5, smoothing=0.01)  # fmt: skip
+    alpha = torch.full((k,), 1.0 / k)
+    state = torch.stack([alpha, torch.zeros(k), alpha])
+    counters = torch.zeros(3, dtype=torch.int64)
+    for objective, aux, got_state, got_counters in results:
+        want_obj, want_aux = reference.doremi_step_(loss, domain, mask, ref, state, counters, 0.5,
+                                                    0.01, "dro")  # fmt: skip
+        torch.testing.assert_close(objective, want_obj, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(aux, want_aux, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got_state, state, rtol=1e-5, atol=1e-8)
+        assert torch.equal(got_counters, counters)

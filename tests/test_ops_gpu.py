@@ -157,9 +157,9 @@ def test_compiled_step(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_cuda_graph_capture_and_replay(backend, deterministic):
+@pytest.mark.parametrize("k", [22, 1024])  # 1024: > 48 KiB of shared memory (opt-in attribute)
+def test_cuda_graph_capture_and_replay(backend, deterministic, k):
     need(backend)
-    k = 22
     mixer = fastmix.DoReMi(k, backend=backend, device="cuda", deterministic=deterministic)
     oracle = fastmix.DoReMi(k, backend="torch", device="cuda")
     loss, domain, ref, mask = make(0, (16, 300), k, per_sequence=True)

@@ -175,3 +175,20 @@ def test_opcheck_with_the_triton_backend():
         torch.ops.fastmix.doremi_update_.default,
         (stats, mixer._state, mixer._counters, 0.5, 0.01, "reweighted", "triton"),
     )
+
+
+def test_compiled_step_with_a_forced_backend_matches_eager():
+    # A forced (or automatically chosen GPU) backend is probed through importlib and the compiled
+    # modules; under torch.compile(fullgraph=True) that probe must not break the graph.
+    kwargs = dict(backend="triton", device=DEVICE, proxy_loss="reweighted")
+    eager, compiled = fastmix.DoReMi(4, **kwargs), fastmix.DoReMi(4, **kwargs)
+    step = torch.compile(compiled.step, fullgraph=True, backend="aot_eager")
+    for seed in range(2):  # the first compiled call also allocates the workspace while tracing
+        loss, domain, ref, mask = make(seed, (3, 40), 4, per_sequence=True)
+        a_loss = loss.clone().requires_grad_(True)
+        b_loss = loss.clone().requires_grad_(True)
+        eager.step(a_loss, ref, domain, mask).backward()
+        step(b_loss, ref, domain, mask).backward()
+        torch.testing.assert_close(b_loss.grad, a_loss.grad)
+    torch.testing.assert_close(compiled.weights, eager.weights)
+    assert int(compiled.num_updates) == 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -185,7 +186,10 @@ class DoReMi:
             else:
                 import importlib
 
-                module = importlib.import_module(f"fastmix.ops.{backend}")
+                # resolve_backend imported it already; sys.modules keeps torch.compile tracing
+                # (importlib is a graph break)
+                name = f"fastmix.ops.{backend}"
+                module = sys.modules.get(name) or importlib.import_module(name)
                 self._workspace = module.fused_workspace(self.num_domains, self._state.device)
             self._workspace_key = key
         return self._workspace

@@ -59,6 +59,9 @@ def backends() -> dict[str, dict[str, Any]]:
     return {name: report[name] for name in BACKENDS}
 
 
+# Evaluated eagerly even while torch.compile traces (the answer is a constant per process): the
+# availability probes call into importlib and the compiled modules, which would break the graph.
+@torch.compiler.assume_constant_result
 def _can_run(name: str, device: torch.device) -> tuple[bool, str]:
     if name == "torch":
         return True, ""

@@ -51,6 +51,11 @@ def can_run(device: torch.device) -> tuple[bool, str]:
         return False, why
     if device.type != "cuda":
         return False, "the cuda backend runs on CUDA tensors only"
+    # setup.py builds sm_80 and sm_90 code plus compute_90 PTX: any card of capability >= 8.0 runs
+    # it; an older one would fail every launch with "no kernel image", so it falls back instead.
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False, f"cuda kernels need compute capability >= 8.0; this GPU has {major}.{minor}"
     return True, ""
 
 
@@ -100,10 +105,17 @@ def _check_state(state: Tensor, counters: Tensor) -> None:
         raise ValueError("counters must be a contiguous int64 [3] tensor")
 
 
+# A constant for torch.compile: DoReMi.step may allocate its workspace while being traced, and a
+# call into the compiled module would break the graph.
+@torch.compiler.assume_constant_result
+def _workspace_nbytes(num_domains: int) -> int:
+    return int(_module().workspace_bytes(num_domains))
+
+
 def fused_workspace(num_domains: int, device: torch.device) -> Tensor:
     """The zeroed workspace a DoReMi keeps for its fused steps (each launch re-zeroes it)."""
     _check_domains(num_domains)
-    return torch.zeros(_module().workspace_bytes(num_domains), dtype=torch.uint8, device=device)
+    return torch.zeros(_workspace_nbytes(num_domains), dtype=torch.uint8, device=device)
 
 
 def domain_stats(
