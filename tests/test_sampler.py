@@ -427,6 +427,25 @@ def test_blend_indices_recovers_from_wrong_speculative_states(k: int) -> None:
     np.testing.assert_array_equal(misguessed[1], naive[1])
 
 
+@pytest.mark.parametrize(
+    ("k", "concentration"), [(65, 0.3), (128, 0.05), (256, 1.0), (256, None), (500, 2.0)]
+)
+def test_blend_indices_windowed_segments_match_naive_loop(
+    k: int, concentration: float | None
+) -> None:
+    # K > 64: two speculative segments, each a chain of pruning windows, run in lockstep; the
+    # misguessed variant starts the second from all-zero counts, so it is recomputed and verified.
+    # Uniform weights (None) tie everywhere and leave too many candidates for the register kernel.
+    rng = np.random.default_rng(500 + k)
+    w = np.ones(k) if concentration is None else rng.dirichlet(np.full(k, concentration))
+    w = w / np.sum(w)
+    size = 120_000
+    naive = _C._blend_indices_naive(w, size)
+    for fast in (_C.blend_indices(w, size), _C._blend_indices_misguessed(w, size)):
+        np.testing.assert_array_equal(fast[0], naive[0])
+        np.testing.assert_array_equal(fast[1], naive[1])
+
+
 @pytest.mark.parametrize("k", [22, 256])
 def test_greedy_fill_in_chunks_matches_blend_indices(k: int) -> None:
     # Streaming restarts the fast path from a mid-stream state (step s0 > 0, counts > 0).

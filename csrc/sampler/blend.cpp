@@ -1,4 +1,5 @@
 // The refresh pass of GreedyFast (blend.h): scalar, plus an AVX-512 version picked at run time.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -109,10 +110,10 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw"))) inline uint64_t jo
 // Measured on Zen 5 (one thread, ns per step, S = 1): NV = 1: 6.5, 3: 7.7, 4: 8.1, 8: 11.7; the
 // loops are unrolled explicitly because GCC 12 otherwise keeps the NV >= 4 reduction tree in stack
 // memory (19 ns at NV = 4).
-template <int NV, int S>
+template <int NV, int S, bool kFused = false>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw"))) void argmax_steps_avx512(
     const double* cw, int64_t n, double* const* cc, const int64_t* s, int64_t m,
-    int32_t* const* pos, double* const* snap, int64_t q) {
+    int32_t* const* pos, double* const* snap, int64_t q, const ChainOutput* fused = nullptr) {
   __m512d wv[NV], cv[S][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < NV; ++i) {
@@ -133,14 +134,30 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw"))) void argmax_steps_
   const __m512i rot5 = _mm512_setr_epi64(5, 6, 7, 0, 1, 2, 3, 4);
   const __m512i rot6 = _mm512_setr_epi64(6, 7, 0, 1, 2, 3, 4, 5);
   const __m512i rot7 = _mm512_setr_epi64(7, 0, 1, 2, 3, 4, 5, 6);
-  double xs[S];
+  // Steps as vectors (exact: s < 2^52): step_x = max(s, 1) is one vector max, no scalar-to-vector
+  // broadcast per step.
+  __m512d xs[S];
+  int32_t* out[S];
+  int16_t* index_out[S];
+  int64_t* sample_out[S];
+  int64_t* counts_out[S];
 #pragma GCC unroll 4
-  for (int j = 0; j < S; ++j) xs[j] = static_cast<double>(s[j]);  // exact: s < 2^52
+  for (int j = 0; j < S; ++j) {
+    xs[j] = _mm512_set1_pd(static_cast<double>(s[j]));
+    if constexpr (kFused) {
+      index_out[j] = fused[j].index;
+      sample_out[j] = fused[j].sample;
+      counts_out[j] = fused[j].counts;
+    } else {
+      out[j] = pos[j];
+    }
+  }
+  int64_t until_snapshot = q > 0 ? q : -1;
   for (int64_t t = 0; t < m; ++t) {
 #pragma GCC unroll 4
     for (int j = 0; j < S; ++j) {
-      const __m512d x = _mm512_set1_pd(xs[j] > 1.0 ? xs[j] : 1.0);  // step_x
-      xs[j] += 1.0;
+      const __m512d x = _mm512_max_pd(xs[j], one);  // step_x
+      xs[j] = _mm512_add_pd(xs[j], one);
       __m512d v[NV], mx[NV];
 #pragma GCC unroll 8
       for (int i = 0; i < NV; ++i) {
@@ -189,9 +206,18 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw"))) void argmax_steps_
 #pragma GCC unroll 8
         for (int i = 0; i < NV; ++i) cv[j][i] = _mm512_mask_add_pd(cv[j][i], eq[i], cv[j][i], one);
       }
-      pos[j][t] = static_cast<int32_t>(__builtin_ctzll(bits));
+      const int chosen = __builtin_ctzll(bits);
+      if constexpr (kFused) {
+        // Scalar work beside the vector chain: it runs on other execution units (K = 22: 3.0
+        // against 3.6 ns per step with a separate output pass).
+        index_out[j][t] = static_cast<int16_t>(chosen);
+        sample_out[j][t] = counts_out[j][chosen]++;
+      } else {
+        out[j][t] = static_cast<int32_t>(chosen);
+      }
     }
-    if (q > 0 && (t + 1) % q == 0) {
+    if (--until_snapshot == 0) {
+      until_snapshot = q;
       const int64_t k = (t + 1) / q - 1;
 #pragma GCC unroll 4
       for (int j = 0; j < S; ++j) {
@@ -205,6 +231,74 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw"))) void argmax_steps_
 #pragma GCC unroll 4
     for (int j = 0; j < S; ++j) {
       _mm512_mask_storeu_pd(cc[j] + 8 * i, live_lanes(n, i), cv[j][i]);
+    }
+  }
+}
+
+// S chains over different candidate sets (weights cw[j], counts cc[j], n[j] <= 8 NV candidates
+// each), m steps in lockstep: what the windowed path (K > 64) runs for its speculative segments.
+// The same exact step as argmax_steps_avx512; every chain has its own weight registers.
+template <int NV, int S>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw"))) void argmax_multi_avx512(
+    const double* const* cw, double* const* cc, const int64_t* n, const int64_t* s, int64_t m,
+    int32_t* const* pos) {
+  __m512d wv[S][NV], cv[S][NV], xs[S];
+#pragma GCC unroll 4
+  for (int j = 0; j < S; ++j) {
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) {
+      wv[j][i] = _mm512_maskz_loadu_pd(live_lanes(n[j], i), cw[j] + 8 * i);
+      cv[j][i] =
+          _mm512_mask_loadu_pd(_mm512_set1_pd(HUGE_VAL), live_lanes(n[j], i), cc[j] + 8 * i);
+    }
+    xs[j] = _mm512_set1_pd(static_cast<double>(s[j]));
+  }
+  const __m512d one = _mm512_set1_pd(1.0);
+  for (int64_t t = 0; t < m; ++t) {
+#pragma GCC unroll 4
+    for (int j = 0; j < S; ++j) {
+      const __m512d x = _mm512_max_pd(xs[j], one);  // step_x
+      xs[j] = _mm512_add_pd(xs[j], one);
+      __m512d v[NV], mx[NV];
+#pragma GCC unroll 8
+      for (int i = 0; i < NV; ++i) {
+        v[i] = _mm512_sub_pd(_mm512_mul_pd(wv[j][i], x), cv[j][i]);  // deficit()
+        mx[i] = v[i];
+      }
+#pragma GCC unroll 8
+      for (int width = 1; width < NV; width *= 2) {
+#pragma GCC unroll 8
+        for (int i = 0; i + width < NV; i += 2 * width) mx[i] = _mm512_max_pd(mx[i], mx[i + width]);
+      }
+      // Throughput-bound with two chains: the three-shuffle butterfly (the rotations of
+      // argmax_steps_avx512 measured no better here).
+      __m512d top =
+          _mm512_max_pd(mx[0], _mm512_shuffle_f64x2(mx[0], mx[0], _MM_SHUFFLE(1, 0, 3, 2)));
+      top = _mm512_max_pd(top, _mm512_shuffle_f64x2(top, top, _MM_SHUFFLE(2, 3, 0, 1)));
+      top = _mm512_max_pd(top, _mm512_permute_pd(top, 0x55));
+      __mmask8 eq[NV];
+#pragma GCC unroll 8
+      for (int i = 0; i < NV; ++i) eq[i] = _mm512_cmp_pd_mask(v[i], top, _CMP_EQ_OQ);
+      const uint64_t bits = join_masks<NV>(eq);
+      if (__builtin_expect((bits & (bits - 1)) != 0, 0)) {  // a tie: the lowest index wins
+        const uint64_t first = bits & (0 - bits);
+#pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) {
+          cv[j][i] =
+              _mm512_mask_add_pd(cv[j][i], static_cast<__mmask8>(first >> (8 * i)), cv[j][i], one);
+        }
+      } else {
+#pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) cv[j][i] = _mm512_mask_add_pd(cv[j][i], eq[i], cv[j][i], one);
+      }
+      pos[j][t] = static_cast<int32_t>(__builtin_ctzll(bits));
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < S; ++j) {
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) {
+      _mm512_mask_storeu_pd(cc[j] + 8 * i, live_lanes(n[j], i), cv[j][i]);
     }
   }
 }
@@ -240,19 +334,74 @@ void register_argmax_steps(const double* cw, double* cc, int64_t n, int64_t s, i
   register_argmax_chains(cw, n, 1, &cc, &s, m, &pos, nullptr, 0);
 }
 
+int64_t register_multi_max(int chains) {
+#if defined(FASTMIX_X86_DISPATCH)
+  if (!cpu_has_avx512()) return 0;
+  return chains == 2 ? 48 : 0;
+#else
+  (void)chains;
+  return 0;
+#endif
+}
+
+void register_argmax_multi(const double* const* cw, double* const* cc, const int64_t* n,
+                           int chains, const int64_t* s, int64_t m, int32_t* const* pos) {
+  int64_t most = 1;
+  for (int j = 0; j < chains; ++j) most = std::max(most, n[j]);
+#if defined(FASTMIX_X86_DISPATCH)
+  if (chains == 2) {
+    switch ((most + 7) / 8) {
+      case 1: return argmax_multi_avx512<1, 2>(cw, cc, n, s, m, pos);
+      case 2: return argmax_multi_avx512<2, 2>(cw, cc, n, s, m, pos);
+      case 3: return argmax_multi_avx512<3, 2>(cw, cc, n, s, m, pos);
+      case 4: return argmax_multi_avx512<4, 2>(cw, cc, n, s, m, pos);
+      case 5: return argmax_multi_avx512<5, 2>(cw, cc, n, s, m, pos);
+      case 6: return argmax_multi_avx512<6, 2>(cw, cc, n, s, m, pos);
+      default: break;
+    }
+  }
+#endif
+  (void)cw, (void)cc, (void)s, (void)m, (void)pos;
+  throw std::logic_error("register_argmax_multi: unsupported candidate or chain count");
+}
+
 int register_segments_for(int64_t n) {
   // S chains hold S * NV count registers next to NV weights and the temporaries (32 zmm in all).
   // Thread CPU time per step on Zen 5, including the emit pass, S = 1 / 2 / 3 / 4:
   // K = 22: 9.1 / 6.4 / 4.5 / 4.0 ns; K = 30: 11.1 / 7.1 / 5.0 / 4.8;
   // K = 40: 12.5 / 7.8 / 5.8 / 5.8; K = 64: 13.9 / 9.4 / 8.0 / 8.4.  (5 and 6 chains: no better.)
+  // (Measured again with the step kept as a vector, K = 22, 4 / 5 / 6 chains: 3.6 / 3.6 / 3.8.)
   const int64_t nv = (n + 7) / 8;
   return nv <= 4 ? 4 : 3;
 }
 
 void register_argmax_chains(const double* cw, int64_t n, int segments, double* const* cc,
                             const int64_t* s, int64_t m, int32_t* const* pos,
-                            double* const* snap, int64_t q) {
+                            double* const* snap, int64_t q, const ChainOutput* fused) {
 #if defined(FASTMIX_X86_DISPATCH)
+  if (fused != nullptr) {
+#define FASTMIX_FUSED(NV)                                                          \
+  if (segments == 3) {                                                             \
+    return argmax_steps_avx512<NV, 3, true>(cw, n, cc, s, m, pos, snap, q, fused); \
+  }                                                                                \
+  if (segments == 4) {                                                             \
+    return argmax_steps_avx512<NV, 4, true>(cw, n, cc, s, m, pos, snap, q, fused); \
+  }                                                                                \
+  break
+    switch ((n + 7) / 8) {
+      case 1: FASTMIX_FUSED(1);
+      case 2: FASTMIX_FUSED(2);
+      case 3: FASTMIX_FUSED(3);
+      case 4: FASTMIX_FUSED(4);
+      case 5: FASTMIX_FUSED(5);
+      case 6: FASTMIX_FUSED(6);
+      case 7: FASTMIX_FUSED(7);
+      case 8: FASTMIX_FUSED(8);
+      default: break;
+    }
+#undef FASTMIX_FUSED
+    throw std::logic_error("register_argmax_chains: unsupported fused segment count");
+  }
 #define FASTMIX_CHAINS(NV)                                                       \
   switch (segments) {                                                            \
     case 1: return argmax_steps_avx512<NV, 1>(cw, n, cc, s, m, pos, snap, q);    \
@@ -276,6 +425,7 @@ void register_argmax_chains(const double* cw, int64_t n, int segments, double* c
 #undef FASTMIX_CHAINS
 #endif
   (void)cw, (void)n, (void)segments, (void)cc, (void)s, (void)m, (void)pos, (void)snap, (void)q;
+  (void)fused;
   throw std::logic_error("register_argmax_chains: unsupported candidate or segment count");
 }
 

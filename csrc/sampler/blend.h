@@ -55,10 +55,12 @@ void greedy_naive(const double* w, int64_t k, int64_t s0, int64_t n, int64_t* co
 // domains lie above it; the candidates are then ~2G domains, and a window costs one vectorisable
 // pass over K plus O(G) per step.  With the candidates in registers (register_argmax_steps) the
 // window path measured 16 ns per step at K = 256 and 27 ns at K = 1000 (plain loop: 180 and 710);
-// the scalar candidate scan it replaces, 36 and 50 ns.  Here every step still pays one argmax whose
-// latency chain (~26 cycles on Zen 5) bounds it, and the refresh passes cost as much again.
-// (Tried: speculative segments, as for K <= 64 below, with the chains' windows in one kernel:
-// 15-16 ns at K = 256, worse at K = 1000 -- the windows get shorter -- so not kept.)
+// the scalar candidate scan it replaces, 36 and 50 ns.  One chain pays one argmax latency chain
+// (~26 cycles on Zen 5) per step, so for 64 < K <= 512 two speculative segments of the stream (as
+// for K <= 64 below) run as chains of windows in lockstep through one kernel, each chain with its
+// own candidates (run_window_segments): K = 256 13.6 ns per step, K = 100 14.9, K = 500 16.4
+// (one chain: 15.7, 19.5, 19.2).  (Three chains: no better; K = 1000 with two: slower, 32 against
+// 26 ns, its windows holding too many candidates for two chains' registers.)
 
 // One refresh pass over all K domains at x0 for level L (defined in blend.cpp, with an AVX-512
 // version picked at run time): returns the maximum computed value, writes the number of domains with
@@ -90,10 +92,27 @@ void register_argmax_steps(const double* cw, double* cc, int64_t n, int64_t s, i
 // guesses, only the speed.  register_segments_for(n) = S for n candidates; register_argmax_chains
 // runs the S chains: chain j from step s[j] and counts cc[j] (updated) for m steps into pos[j],
 // snapshots of all ceil(n / 8) * 8 lanes after every q steps into snap[j].
+// With fused (one entry per chain; S = 3 or 4), chain j writes its output straight into the
+// caller's arrays instead of pos[j]: index[t] = the candidate chosen, sample[t] = counts[it]++
+// (counts: int64, the chain's counts at its start).
+struct ChainOutput {
+  int16_t* index;
+  int64_t* sample;
+  int64_t* counts;
+};
 int register_segments_for(int64_t n);
 void register_argmax_chains(const double* cw, int64_t n, int segments, double* const* cc,
                             const int64_t* s, int64_t m, int32_t* const* pos,
-                            double* const* snap, int64_t q);
+                            double* const* snap, int64_t q,
+                            const ChainOutput* fused = nullptr);
+
+// Chains over different candidate sets in lockstep (the windowed path's speculative segments):
+// chain j has n[j] candidates (weights cw[j], counts cc[j], updated) and runs m steps from step
+// s[j], writing candidate positions to pos[j].  register_multi_max(S) = the most candidates per
+// chain it takes for S chains (0: not available here).
+int64_t register_multi_max(int chains);
+void register_argmax_multi(const double* const* cw, double* const* cc, const int64_t* n,
+                           int chains, const int64_t* s, int64_t m, int32_t* const* pos);
 
 class GreedyFast {
  public:
@@ -113,6 +132,21 @@ class GreedyFast {
     max_window_ = std::max<int64_t>(
         3, static_cast<int64_t>(std::sqrt(static_cast<double>(k)) * kWindowScale));
     gap_ = static_cast<double>(max_window_) / static_cast<double>(k);
+  }
+
+  // The rule into blend_indices' two arrays: index[j] = the domain chosen at step s0 + j,
+  // sample[j] = its count before (counts updated).  Same output as run() with that emit; the
+  // register path with speculative segments writes the arrays from inside its kernel.
+  void run_into(int64_t s0, int64_t n, int64_t* counts, int16_t* index, int64_t* sample) {
+    auto emit = [index, sample](int64_t j, int64_t d, int64_t before) {
+      index[j] = static_cast<int16_t>(d);
+      sample[j] = before;
+    };
+    index_ = index;
+    sample_ = sample;
+    run(s0, n, counts, emit);
+    index_ = nullptr;
+    sample_ = nullptr;
   }
 
   template <class Emit>
@@ -148,6 +182,9 @@ class GreedyFast {
     const double growth = static_cast<double>(max_window_);
     double level = HUGE_VAL;  // first window: computed from the maximum below
     int64_t done = 0;
+    if (vector_ && k_ <= kWindowSegmentsMaxK && register_multi_max(kWindowSegments) > 0) {
+      done = run_window_segments(s0, n, counts, emit);
+    }
     while (done < n) {
       const int64_t s = s0 + done;
       const double x0 = step_x(s);
@@ -179,7 +216,9 @@ class GreedyFast {
         positions_.resize(static_cast<size_t>(std::max<int64_t>(m, kChunk)));
         register_argmax_steps(cw, cc, num, s, m, positions_.data());
         emit_positions(positions_.data(), cand, done, m, counts, emit);
-        for (int64_t j = 0; j < num; ++j) cf[cand[j]] = cc[j];
+        // The chosen domains' counts, from the positions rather than from cc: the kernel stores cc
+        // with masked stores, which cannot forward to loads (a stall per window on Zen 5).
+        for (int64_t t = 0; t < m; ++t) cf[cand[positions_[t]]] += 1.0;
         level = top - gap_;
         done += m;
         continue;
@@ -240,7 +279,18 @@ class GreedyFast {
           std::copy(cc[j], cc[j] + k, guesses_.data() + j * k);
         }
       }
-      register_argmax_chains(w_.data(), k, segments, cc, start, len, pos, snap, kCheckpoint);
+      const bool fused = index_ != nullptr;
+      ChainOutput out[kMaxSegments];
+      if (fused) {
+        chain_icounts_.resize(static_cast<size_t>(segments * k));
+        for (int j = 0; j < segments; ++j) {
+          int64_t* ic = chain_icounts_.data() + j * k;
+          for (int64_t d = 0; d < k; ++d) ic[d] = static_cast<int64_t>(cc[j][d]);
+          out[j] = {index_ + done + j * len, sample_ + done + j * len, ic};
+        }
+      }
+      register_argmax_chains(w_.data(), k, segments, cc, start, len, pos, snap, kCheckpoint,
+                             fused ? out : nullptr);
       for (int j = 1; j < segments; ++j) {
         const double* truth = cc[j - 1];  // verified: the true counts at start[j]
         if (std::equal(truth, truth + k, guesses_.data() + j * k)) continue;
@@ -253,11 +303,189 @@ class GreedyFast {
           redone += kCheckpoint;
           if (std::equal(count_f_.begin(), count_f_.end(), stored)) break;  // rejoined
         }
+        if (fused) {  // rewrite the recomputed steps from the true counts; the rest was right
+          int64_t* ic = chain_icounts_.data() + j * k;
+          for (int64_t d = 0; d < k; ++d) ic[d] = static_cast<int64_t>(truth[d]);
+          for (int64_t t = 0; t < redone; ++t) {
+            const int32_t d = pos[j][t];
+            out[j].index[t] = static_cast<int16_t>(d);
+            out[j].sample[t] = ic[d]++;
+          }
+        }
         if (redone == len) std::copy(count_f_.begin(), count_f_.end(), cc[j]);
       }
-      emit_positions(positions_.data(), nullptr, done, segments * len, counts, emit);
+      if (fused) {
+        for (int64_t d = 0; d < k; ++d) counts[d] = static_cast<int64_t>(cc[segments - 1][d]);
+      } else {
+        emit_positions(positions_.data(), nullptr, done, segments * len, counts, emit);
+      }
       std::copy(cc[segments - 1], cc[segments - 1] + k, count_f_.data());
       done += segments * len;
+    }
+    return done;
+  }
+
+  // ---- Speculative segments for the windowed path (K > 64): the same scheme as run_segments,
+  // with each segment a chain of pruning windows (its own counts, level and candidates).  The
+  // chains advance in lockstep through one kernel (register_argmax_multi), so their argmax
+  // latency chains overlap; windows never cross a checkpoint, so the counts at each checkpoint
+  // are exact for that chain's start.
+  struct WindowChain {
+    std::vector<double> cf, cw, cc;  // all counts; the candidates' weights and counts
+    std::vector<int32_t> cand;       // candidate domain ids (room for K + 8)
+    int64_t num = 0, left = 0;       // candidates, length of the window just opened
+    double level = HUGE_VAL, gap = 0.0;
+  };
+  static constexpr int kWindowSegments = 2;
+  static constexpr int64_t kWindowSegmentsMaxK = 512;
+
+  // Opens chain c's next window at step s, at most limit steps: the refresh pass, the level and
+  // gap adaptation and the compact copies, exactly as in run().
+  void open_window(WindowChain& c, int64_t s, int64_t limit) {
+    const double growth = static_cast<double>(max_window_);
+    const double x0 = step_x(s);
+    const double delta = (x0 + growth + 2.0) * 0x1p-48;  // exact scaling by 2^-48
+    int64_t above = 0, num = 0;
+    double top = refresh_pass(w_.data(), c.cf.data(), k_, x0, c.level, growth, delta, &above,
+                              c.cand.data(), &num);
+    if (above == 0) {
+      c.level = top - c.gap;
+      top = refresh_pass(w_.data(), c.cf.data(), k_, x0, c.level, growth, delta, &above,
+                         c.cand.data(), &num);
+    }
+    c.left = std::min<int64_t>(std::min<int64_t>(above, max_window_), limit);
+    if (above < max_window_) {
+      c.gap = std::min(c.gap * 1.25, 16.0);
+    } else if (above > 2 * max_window_) {
+      c.gap = std::max(c.gap * 0.8, 1e-9);
+    }
+    for (int64_t j = 0; j < num; ++j) {
+      c.cw[j] = w_[c.cand[j]];
+      c.cc[j] = c.cf[c.cand[j]];
+    }
+    c.num = num;
+    c.level = top - c.gap;
+  }
+
+  // Chains c[0..S) from progress p0 to p1 (steps start[j] + p), windows clipped at p1; chain j
+  // writes the chosen domain ids to out[j][p0..p1).
+  void run_lockstep(WindowChain** c, int S, const int64_t* start, int64_t p0, int64_t p1,
+                    int32_t* const* out) {
+    int64_t p = p0;
+    while (p < p1) {
+      int64_t m = p1 - p;
+      int64_t most = 0;
+      // Every chain opens a window here and all run the shortest: a fresh window per kernel call
+      // (K = 256: 14.3 against 15.3 ns per step keeping each chain's window open across calls,
+      // which splits windows into more, shorter kernel calls).
+      for (int j = 0; j < S; ++j) {
+        open_window(*c[j], start[j] + p, p1 - p);
+        m = std::min(m, c[j]->left);
+        most = std::max(most, c[j]->num);
+      }
+      int64_t s[kMaxSegments];
+      int32_t* pos[kMaxSegments];
+      for (int j = 0; j < S; ++j) {
+        s[j] = start[j] + p;
+        pos[j] = out[j] + p;
+      }
+      if (S > 1 && most <= register_multi_max(S)) {
+        const double* cw[kMaxSegments];
+        double* cc[kMaxSegments];
+        int64_t nn[kMaxSegments];
+        for (int j = 0; j < S; ++j) {
+          cw[j] = c[j]->cw.data();
+          cc[j] = c[j]->cc.data();
+          nn[j] = c[j]->num;
+        }
+        register_argmax_multi(cw, cc, nn, S, s, m, pos);
+      } else {
+        for (int j = 0; j < S; ++j) {
+          WindowChain& cj = *c[j];
+          if (register_argmax_available(cj.num)) {
+            register_argmax_steps(cj.cw.data(), cj.cc.data(), cj.num, s[j], m, pos[j]);
+            continue;
+          }
+          for (int64_t t = 0; t < m; ++t) {
+            const int64_t i = argmax_first(cj.cw.data(), cj.cc.data(), cj.num, step_x(s[j] + t));
+            pos[j][t] = static_cast<int32_t>(i);
+            cj.cc[i] += 1.0;
+          }
+        }
+      }
+      for (int j = 0; j < S; ++j) {  // candidate positions -> domain ids; the chosen counts
+        WindowChain& cj = *c[j];
+        for (int64_t t = 0; t < m; ++t) {
+          const int32_t d = cj.cand[pos[j][t]];
+          pos[j][t] = d;
+          cj.cf[d] += 1.0;
+        }
+      }
+      p += m;
+    }
+  }
+
+  template <class Emit>
+  int64_t run_window_segments(int64_t s0, int64_t n, int64_t* counts, Emit& emit) {
+    const int S = kWindowSegments;
+    const int64_t k = k_;
+    const int64_t checkpoints = kSegment / kCheckpoint;
+    window_chains_.resize(S + 1);  // the last one: scratch for recomputing a misguessed segment
+    for (auto& c : window_chains_) {
+      c.cf.resize(static_cast<size_t>(k));
+      c.cw.resize(static_cast<size_t>(k) + 8);
+      c.cc.resize(static_cast<size_t>(k) + 8);
+      c.cand.resize(static_cast<size_t>(k) + 8);
+      if (c.gap == 0.0) c.gap = gap_;
+    }
+    positions_.resize(static_cast<size_t>(S * kSegment));
+    snaps_.resize(static_cast<size_t>(S * checkpoints * k));
+    guesses_.resize(static_cast<size_t>(S * k));
+    WindowChain* chain[kMaxSegments];
+    int32_t* out[kMaxSegments];
+    int64_t start[kMaxSegments];
+    int64_t done = 0;
+    while (true) {
+      const int64_t len =
+          std::min<int64_t>(kSegment, (n - done) / S) / kCheckpoint * kCheckpoint;
+      if (len < 2 * kCheckpoint) break;
+      for (int j = 0; j < S; ++j) {
+        chain[j] = &window_chains_[j];
+        out[j] = positions_.data() + j * len;
+        start[j] = s0 + done + j * len;
+        if (j == 0) {
+          std::copy(count_f_.begin(), count_f_.end(), chain[0]->cf.begin());
+        } else {
+          guess_counts(start[j], chain[j]->cf.data());
+          if (misguess_) misguess(j, chain[j]->cf.data());
+          std::copy(chain[j]->cf.begin(), chain[j]->cf.end(), guesses_.begin() + j * k);
+        }
+      }
+      for (int64_t p = 0; p < len; p += kCheckpoint) {
+        run_lockstep(chain, S, start, p, p + kCheckpoint, out);
+        for (int j = 1; j < S; ++j) {
+          std::copy(chain[j]->cf.begin(), chain[j]->cf.end(),
+                    snaps_.begin() + (j * checkpoints + p / kCheckpoint) * k);
+        }
+      }
+      for (int j = 1; j < S; ++j) {
+        const std::vector<double>& truth = chain[j - 1]->cf;  // verified: true counts at start[j]
+        if (std::equal(truth.begin(), truth.end(), guesses_.begin() + j * k)) continue;
+        WindowChain* redo = &window_chains_[S];
+        std::copy(truth.begin(), truth.end(), redo->cf.begin());
+        int64_t redone = 0;
+        bool rejoined = false;
+        while (redone < len && !rejoined) {
+          run_lockstep(&redo, 1, &start[j], redone, redone + kCheckpoint, &out[j]);
+          const auto stored = snaps_.begin() + (j * checkpoints + redone / kCheckpoint) * k;
+          redone += kCheckpoint;
+          rejoined = std::equal(redo->cf.begin(), redo->cf.end(), stored);
+        }
+        if (!rejoined) std::copy(redo->cf.begin(), redo->cf.end(), chain[j]->cf.begin());
+      }
+      emit_positions(positions_.data(), nullptr, done, S * len, counts, emit);
+      std::copy(chain[S - 1]->cf.begin(), chain[S - 1]->cf.end(), count_f_.begin());
+      done += S * len;
     }
     return done;
   }
@@ -340,6 +568,10 @@ class GreedyFast {
   static constexpr int kMaxSegments = 4;
 
   std::vector<double> snaps_, chain_counts_, guesses_;
+  std::vector<int64_t> chain_icounts_;
+  std::vector<WindowChain> window_chains_;
+  int16_t* index_ = nullptr;  // run_into's arrays while it runs
+  int64_t* sample_ = nullptr;
   bool vector_ = true;
   bool misguess_ = false;
   int64_t max_window_ = 3;

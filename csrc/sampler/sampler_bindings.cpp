@@ -185,7 +185,7 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend(const py::handle& we
     } else {
       GreedyFast fast(wp, k, /*allow_vector=*/kPath != BlendPath::kPortable,
                       /*misguess=*/kPath == BlendPath::kMisguessed);
-      fast.run(0, size, counts.data(), emit);
+      fast.run_into(0, size, counts.data(), di, si);
     }
   }
   return {dataset_index, sample_index};
