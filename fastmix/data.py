@@ -394,6 +394,7 @@ _METHODS = ("alias", "stratified", "greedy")
 _POLICIES = ("reshuffle", "stop", "error")
 _STATE_FORMAT = "fastmix.MixtureDataset"
 _STATE_VERSION = 1
+_MAP_FIELDS = ("file", "offset", "epoch", "window")  # what _C.map_windows writes per sample
 # Ring of weight changes in shared memory.  A change is pending only until every worker has started
 # its step (at most prefetch_factor * num_workers steps), so 1024 slots are far more than needed
 # even when a rule changes the weights every step.
@@ -612,8 +613,10 @@ class _Stream:
                 self.merge(-1, int(step), np.asarray(weights, np.float64))
         # Output buffers of the rank's slice, reused every step (the batch copies out of them).
         n = ds._slice[1] - ds._slice[0]
-        self._out = {k: np.empty(n, np.int64) for k in ("file", "offset", "epoch", "window")}
-        self._none = {k: np.empty(0, np.int64) for k in ("file", "offset", "epoch", "window")}
+        self._out = {k: np.empty(n, np.int64) for k in _MAP_FIELDS}
+        self._none = {k: np.empty(0, np.int64) for k in _MAP_FIELDS}
+        self._out_views = [self._out[k] for k in _MAP_FIELDS]
+        self._none_views = [self._none[k] for k in _MAP_FIELDS]
 
     def merge(self, event_id: int, step: int, weights: np.ndarray) -> None:
         if step < self.step:
@@ -712,13 +715,14 @@ class _Stream:
     ) -> int:
         """Map samples ``done..`` of the global step; fills ``out`` for slice rows ``[b0, b1)``."""
         ds = self.ds
-        if done < b1:  # part of the slice is still to map: its rows from max(b0, done) on
+        if done == 0 and out is self._out:  # the common case: the whole slice, no redraw
+            begin, end, views = b0, b1, self._out_views
+        elif done < b1:  # part of the slice is still to map: its rows from max(b0, done) on
             lo = max(b0, done)
             begin, end = lo - done, b1 - done
-            views = [out[k][lo - b0 :] for k in ("file", "offset", "epoch", "window")]
+            views = [out[k][lo - b0 :] for k in _MAP_FIELDS]
         else:
-            begin = end = 0
-            views = [self._none[k] for k in ("file", "offset", "epoch", "window")]
+            begin, end, views = 0, 0, self._none_views
         return _C.map_windows(
             domains[done:], self.cursors, ds._n_windows, ds._caps, ds._file_begin,
             ds._file_window_end, ds.seed, ds.seq_len, begin, end, *views,

@@ -78,6 +78,8 @@ def _as_weights(weights: Any, name: str = "weights") -> tuple[np.ndarray, tuple[
 
 
 def _check_int(value: Any, name: str, low: int = 0, high: int | None = None) -> int:
+    if type(value) is int and value >= low and high is None:
+        return value  # the common case, without the ~0.4 us ABC check (sample() is per batch)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value = int(value)
