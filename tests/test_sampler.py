@@ -446,6 +446,39 @@ def test_blend_indices_windowed_segments_match_naive_loop(
         np.testing.assert_array_equal(fast[1], naive[1])
 
 
+@pytest.mark.parametrize("k", [65, 100, 200, 300, 512])
+@pytest.mark.parametrize("concentration", [0.05, 10.0])
+def test_blend_indices_long_windows_match_naive_loop(k: int, concentration: float) -> None:
+    # 64 < K <= 512: windows of sqrt(K) (at most 16) steps whose candidates (up to 64 per chain,
+    # 8 registers) are compressed inside the refresh pass; the output arrays are written as each
+    # window closes (and rewritten where a misguessed segment is recomputed).  Dirichlet(0.05)
+    # concentrates the weight on a few domains, Dirichlet(10) spreads it evenly (many candidates).
+    w = np.random.default_rng(700 + k).dirichlet(np.full(k, concentration))
+    w = w / np.sum(w)
+    size = 60_000
+    naive = _C._blend_indices_naive(w, size)
+    for fast in (_C.blend_indices(w, size), _C._blend_indices_misguessed(w, size)):
+        np.testing.assert_array_equal(fast[0], naive[0])
+        np.testing.assert_array_equal(fast[1], naive[1])
+
+
+@pytest.mark.parametrize("k", [100, 300])
+def test_greedy_fill_windowed_segments_from_mid_stream(k: int) -> None:
+    # greedy_fill takes the windowed path without the output arrays (ids only), from a state
+    # reached by earlier calls; it must continue the naive rule exactly.
+    w = np.random.default_rng(900 + k).dirichlet(np.ones(k))
+    w = w / np.sum(w)
+    expected = _C._blend_indices_naive(w, 80_000)[0]
+    counts = np.zeros(k, dtype=np.int64)
+    pieces, step = [], 0
+    for n in (3, 39_997, 40_000):
+        out = np.empty(n, dtype=np.int32)
+        _C.greedy_fill(w, step, counts, out)
+        pieces.append(out)
+        step += n
+    np.testing.assert_array_equal(np.concatenate(pieces), expected)
+
+
 @pytest.mark.parametrize("k", [22, 256])
 def test_greedy_fill_in_chunks_matches_blend_indices(k: int) -> None:
     # Streaming restarts the fast path from a mid-stream state (step s0 > 0, counts > 0).

@@ -18,7 +18,8 @@ namespace fastmix {
 namespace {
 
 double refresh_scalar(const double* w, const double* cf, int64_t k, double x0, double level,
-                      double growth, double delta, int64_t* above, int32_t* cand, int64_t* num) {
+                      double growth, double delta, int64_t* above, int32_t* cand, int64_t* num,
+                      double* cw, double* cc) {
   double top = -HUGE_VAL;
   int64_t n_above = 0, n_cand = 0;
   for (int64_t d = 0; d < k; ++d) {
@@ -26,6 +27,10 @@ double refresh_scalar(const double* w, const double* cf, int64_t k, double x0, d
     top = v > top ? v : top;
     n_above += v >= level ? 1 : 0;
     cand[n_cand] = static_cast<int32_t>(d);
+    if (cw != nullptr) {
+      cw[n_cand] = w[d];
+      cc[n_cand] = cf[d];
+    }
     n_cand += (v + w[d] * growth + delta >= level) ? 1 : 0;
   }
   *above = n_above;
@@ -36,11 +41,11 @@ double refresh_scalar(const double* w, const double* cf, int64_t k, double x0, d
 #if defined(FASTMIX_X86_DISPATCH)
 __attribute__((target("avx512f,avx512vl,avx512dq"))) double refresh_avx512(
     const double* w, const double* cf, int64_t k, double x0, double level, double growth,
-    double delta, int64_t* above, int32_t* cand, int64_t* num) {
+    double delta, int64_t* above, int32_t* cand, int64_t* num, double* cw, double* cc) {
   const __m512d xv = _mm512_set1_pd(x0);
   const __m512d lv = _mm512_set1_pd(level);
   const __m512d gv = _mm512_set1_pd(growth);
-  const __m512d dv = _mm512_set1_pd(delta);
+  const __m512d ldv = _mm512_set1_pd(level - delta);
   __m512d topv = _mm512_set1_pd(-HUGE_VAL);
   __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i eight = _mm256_set1_epi32(8);
@@ -54,13 +59,19 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) double refresh_avx512(
     const __m512d v = _mm512_sub_pd(_mm512_mul_pd(wv, xv), cv);  // deficit(): mul then sub
     topv = _mm512_mask_max_pd(topv, live, topv, v);
     const __mmask8 is_above = _mm512_mask_cmp_pd_mask(live, v, lv, _CMP_GE_OQ);
-    const __m512d reach = _mm512_add_pd(_mm512_add_pd(v, _mm512_mul_pd(wv, gv)), dv);
-    const __mmask8 is_cand = _mm512_mask_cmp_pd_mask(live, reach, lv, _CMP_GE_OQ);
+    // v + w * growth >= level - delta: one add fewer than adding delta per lane; the roundings
+    // differ by ~2^-53 (growth + 2), far inside delta's margin (see blend.h).
+    const __m512d reach = _mm512_add_pd(v, _mm512_mul_pd(wv, gv));
+    const __mmask8 is_cand = _mm512_mask_cmp_pd_mask(live, reach, ldv, _CMP_GE_OQ);
     n_above += __builtin_popcount(static_cast<unsigned>(is_above));
     // Compress in a register, then a plain 8-lane store (the caller's buffer has 8 spare slots):
     // a masked compress-store to memory is microcoded and ~10x slower on AMD Zen 4/5.
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(cand + n_cand),
                         _mm256_maskz_compress_epi32(is_cand, idx));
+    if (cw != nullptr) {  // the candidates' weights and counts, compressed the same way
+      _mm512_storeu_pd(cw + n_cand, _mm512_maskz_compress_pd(is_cand, wv));
+      _mm512_storeu_pd(cc + n_cand, _mm512_maskz_compress_pd(is_cand, cv));
+    }
     n_cand += __builtin_popcount(static_cast<unsigned>(is_cand));
     idx = _mm256_add_epi32(idx, eight);
   }
@@ -96,6 +107,25 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw"))) inline uint64_t jo
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) bits |= static_cast<uint64_t>(eq[i]) << (8 * i);
     return bits;
+  }
+}
+
+// join_masks entirely inside the mask unit, for any NV <= 8 (the windowed kernel's choice).
+template <int NV>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw"))) inline uint64_t join_masks_wide(
+    const __mmask8* eq) {
+  if constexpr (NV <= 4) {
+    return join_masks<NV>(eq);
+  } else {
+    const __mmask16 m01 = _mm512_kunpackb(eq[1], eq[0]);
+    const __mmask16 m23 = _mm512_kunpackb(eq[3], eq[2]);
+    const __mmask16 m45 = NV >= 6 ? _mm512_kunpackb(eq[NV >= 6 ? 5 : 4], eq[4]) : eq[4];
+    const __mmask16 m67 =
+        NV == 8 ? _mm512_kunpackb(eq[NV == 8 ? 7 : 4], eq[NV >= 7 ? 6 : 4])
+                : (NV == 7 ? static_cast<__mmask16>(eq[NV >= 7 ? 6 : 4]) : static_cast<__mmask16>(0));
+    const __mmask32 low = _mm512_kunpackw(m23, m01);
+    const __mmask32 high = _mm512_kunpackw(m67, m45);
+    return _cvtmask64_u64(_mm512_kunpackd(high, low));
   }
 }
 
@@ -279,7 +309,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw"))) void argmax_multi_
       __mmask8 eq[NV];
 #pragma GCC unroll 8
       for (int i = 0; i < NV; ++i) eq[i] = _mm512_cmp_pd_mask(v[i], top, _CMP_EQ_OQ);
-      const uint64_t bits = join_masks<NV>(eq);
+      const uint64_t bits = join_masks_wide<NV>(eq);
       if (__builtin_expect((bits & (bits - 1)) != 0, 0)) {  // a tie: the lowest index wins
         const uint64_t first = bits & (0 - bits);
 #pragma GCC unroll 8
@@ -313,11 +343,14 @@ bool cpu_has_avx512() {
 }  // namespace
 
 double refresh_pass(const double* w, const double* cf, int64_t k, double x0, double level,
-                    double growth, double delta, int64_t* above, int32_t* cand, int64_t* num) {
+                    double growth, double delta, int64_t* above, int32_t* cand, int64_t* num,
+                    double* cw, double* cc) {
 #if defined(FASTMIX_X86_DISPATCH)
-  if (cpu_has_avx512()) return refresh_avx512(w, cf, k, x0, level, growth, delta, above, cand, num);
+  if (cpu_has_avx512()) {
+    return refresh_avx512(w, cf, k, x0, level, growth, delta, above, cand, num, cw, cc);
+  }
 #endif
-  return refresh_scalar(w, cf, k, x0, level, growth, delta, above, cand, num);
+  return refresh_scalar(w, cf, k, x0, level, growth, delta, above, cand, num, cw, cc);
 }
 
 bool register_argmax_available(int64_t n) {
@@ -337,7 +370,7 @@ void register_argmax_steps(const double* cw, double* cc, int64_t n, int64_t s, i
 int64_t register_multi_max(int chains) {
 #if defined(FASTMIX_X86_DISPATCH)
   if (!cpu_has_avx512()) return 0;
-  return chains == 2 ? 48 : 0;
+  return chains == 2 ? 64 : 0;
 #else
   (void)chains;
   return 0;
@@ -357,6 +390,8 @@ void register_argmax_multi(const double* const* cw, double* const* cc, const int
       case 4: return argmax_multi_avx512<4, 2>(cw, cc, n, s, m, pos);
       case 5: return argmax_multi_avx512<5, 2>(cw, cc, n, s, m, pos);
       case 6: return argmax_multi_avx512<6, 2>(cw, cc, n, s, m, pos);
+      case 7: return argmax_multi_avx512<7, 2>(cw, cc, n, s, m, pos);
+      case 8: return argmax_multi_avx512<8, 2>(cw, cc, n, s, m, pos);
       default: break;
     }
   }

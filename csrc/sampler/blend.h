@@ -60,16 +60,24 @@ void greedy_naive(const double* w, int64_t k, int64_t s0, int64_t n, int64_t* co
 // for K <= 64 below) run as chains of windows in lockstep through one kernel, each chain with its
 // own candidates (run_window_segments): K = 256 13.6 ns per step, K = 100 14.9, K = 500 16.4
 // (one chain: 15.7, 19.5, 19.2).  (Three chains: no better; K = 1000 with two: slower, 32 against
-// 26 ns, its windows holding too many candidates for two chains' registers.)
+// 26 ns, its windows holding too many candidates for two chains' registers.)  Then, for the two
+// chains: windows of sqrt(K) steps (at most 16) with up to 64 candidates per chain, the candidates'
+// weights and counts compressed inside the refresh pass, the output arrays written as the windows
+// close: K = 256 12.1 ns per step against 13.8 (same run, 10M steps), K = 100 10.0 against 14.9.
+// (Tried, slower: an outer window of 4 inner ones whose refresh passes scan only the outer
+// candidates, 14.7 ns at K = 256 -- the windows' fixed costs, not the O(K) scan, dominate; three
+// chains with the weights read from memory, 12.1 ns.)
 
 // One refresh pass over all K domains at x0 for level L (defined in blend.cpp, with an AVX-512
 // version picked at run time): returns the maximum computed value, writes the number of domains with
 // value >= L to *above and the candidates (value + w * growth + delta >= L), in index order, to
-// cand[0..*num); cand must have room for K + 8 entries.  The candidate test may round differently
-// between versions; the proof above holds for any rounding of it because delta carries a ~3x margin,
-// and the output never depends on it.
+// cand[0..*num), with their weights and counts to cw and cc when given (compressed in registers
+// alongside the ids); cand, cw and cc must have room for K + 8 entries.  The candidate test may
+// round differently between versions; the proof above holds for any rounding of it because delta
+// carries a ~3x margin, and the output never depends on it.
 double refresh_pass(const double* w, const double* cf, int64_t k, double x0, double level,
-                    double growth, double delta, int64_t* above, int32_t* cand, int64_t* num);
+                    double growth, double delta, int64_t* above, int32_t* cand, int64_t* num,
+                    double* cw = nullptr, double* cc = nullptr);
 
 // The rule restricted to n candidates (weights cw, counts cc as doubles, in index order) for the m
 // steps s, s+1, ...: pos[t] = the candidate chosen at step s + t; cc is updated.  Vector registers
@@ -131,6 +139,14 @@ class GreedyFast {
     // ~1 sqrt(K) the candidates often exceed the 64 lanes of the register kernel).
     max_window_ = std::max<int64_t>(
         3, static_cast<int64_t>(std::sqrt(static_cast<double>(k)) * kWindowScale));
+    if (uses_window_segments()) {
+      // Two chains in lockstep (run_window_segments) pay a fixed cost per window (kernel entry
+      // and exit, two refresh passes), so longer windows: sqrt(K), at most kSegmentWindowMax.
+      // ns per step, 0.75 sqrt(K) / this: K = 100: 12.0 / 10.2; K = 256: 12.4 / 11.8; K = 500
+      // (capped at 16 here; sqrt(K) = 22 measured 19.0): 15.5 / 15.5.
+      max_window_ = std::max<int64_t>(
+          3, static_cast<int64_t>(std::min(std::sqrt(static_cast<double>(k)), kSegmentWindowMax)));
+    }
     gap_ = static_cast<double>(max_window_) / static_cast<double>(k);
   }
 
@@ -182,7 +198,7 @@ class GreedyFast {
     const double growth = static_cast<double>(max_window_);
     double level = HUGE_VAL;  // first window: computed from the maximum below
     int64_t done = 0;
-    if (vector_ && k_ <= kWindowSegmentsMaxK && register_multi_max(kWindowSegments) > 0) {
+    if (uses_window_segments()) {
       done = run_window_segments(s0, n, counts, emit);
     }
     while (done < n) {
@@ -347,11 +363,11 @@ class GreedyFast {
     const double delta = (x0 + growth + 2.0) * 0x1p-48;  // exact scaling by 2^-48
     int64_t above = 0, num = 0;
     double top = refresh_pass(w_.data(), c.cf.data(), k_, x0, c.level, growth, delta, &above,
-                              c.cand.data(), &num);
+                              c.cand.data(), &num, c.cw.data(), c.cc.data());
     if (above == 0) {
       c.level = top - c.gap;
       top = refresh_pass(w_.data(), c.cf.data(), k_, x0, c.level, growth, delta, &above,
-                         c.cand.data(), &num);
+                         c.cand.data(), &num, c.cw.data(), c.cc.data());
     }
     c.left = std::min<int64_t>(std::min<int64_t>(above, max_window_), limit);
     if (above < max_window_) {
@@ -359,18 +375,16 @@ class GreedyFast {
     } else if (above > 2 * max_window_) {
       c.gap = std::max(c.gap * 0.8, 1e-9);
     }
-    for (int64_t j = 0; j < num; ++j) {
-      c.cw[j] = w_[c.cand[j]];
-      c.cc[j] = c.cf[c.cand[j]];
-    }
     c.num = num;
     c.level = top - c.gap;
   }
 
   // Chains c[0..S) from progress p0 to p1 (steps start[j] + p), windows clipped at p1; chain j
   // writes the chosen domain ids to out[j][p0..p1).
+  // With direct (run_into), chain j also writes its steps into the caller's arrays: index, and
+  // sample = its counts (int64, from the chain's start) before each step.
   void run_lockstep(WindowChain** c, int S, const int64_t* start, int64_t p0, int64_t p1,
-                    int32_t* const* out) {
+                    int32_t* const* out, const ChainOutput* direct = nullptr) {
     int64_t p = p0;
     while (p < p1) {
       int64_t m = p1 - p;
@@ -415,6 +429,18 @@ class GreedyFast {
       }
       for (int j = 0; j < S; ++j) {  // candidate positions -> domain ids; the chosen counts
         WindowChain& cj = *c[j];
+        if (direct != nullptr) {  // the output arrays here, not in a separate pass (~0.4 ns/step)
+          int16_t* index = direct[j].index + p;
+          int64_t* sample = direct[j].sample + p;
+          int64_t* ic = direct[j].counts;
+          for (int64_t t = 0; t < m; ++t) {
+            const int32_t d = cj.cand[pos[j][t]];
+            index[t] = static_cast<int16_t>(d);
+            sample[t] = ic[d]++;
+            cj.cf[d] += 1.0;
+          }
+          continue;
+        }
         for (int64_t t = 0; t < m; ++t) {
           const int32_t d = cj.cand[pos[j][t]];
           pos[j][t] = d;
@@ -461,8 +487,18 @@ class GreedyFast {
           std::copy(chain[j]->cf.begin(), chain[j]->cf.end(), guesses_.begin() + j * k);
         }
       }
+      const bool direct = index_ != nullptr;
+      ChainOutput into[kMaxSegments] = {};
+      if (direct) {
+        chain_icounts_.resize(static_cast<size_t>((S + 1) * k));
+        for (int j = 0; j < S; ++j) {
+          int64_t* ic = chain_icounts_.data() + j * k;
+          for (int64_t d = 0; d < k; ++d) ic[d] = static_cast<int64_t>(chain[j]->cf[d]);
+          into[j] = {index_ + done + j * len, sample_ + done + j * len, ic};
+        }
+      }
       for (int64_t p = 0; p < len; p += kCheckpoint) {
-        run_lockstep(chain, S, start, p, p + kCheckpoint, out);
+        run_lockstep(chain, S, start, p, p + kCheckpoint, out, direct ? into : nullptr);
         for (int j = 1; j < S; ++j) {
           std::copy(chain[j]->cf.begin(), chain[j]->cf.end(),
                     snaps_.begin() + (j * checkpoints + p / kCheckpoint) * k);
@@ -473,17 +509,27 @@ class GreedyFast {
         if (std::equal(truth.begin(), truth.end(), guesses_.begin() + j * k)) continue;
         WindowChain* redo = &window_chains_[S];
         std::copy(truth.begin(), truth.end(), redo->cf.begin());
+        ChainOutput redo_into = into[j];  // rewrites the recomputed steps from the true counts
+        if (direct) {
+          redo_into.counts = chain_icounts_.data() + S * k;
+          for (int64_t d = 0; d < k; ++d) redo_into.counts[d] = static_cast<int64_t>(truth[d]);
+        }
         int64_t redone = 0;
         bool rejoined = false;
         while (redone < len && !rejoined) {
-          run_lockstep(&redo, 1, &start[j], redone, redone + kCheckpoint, &out[j]);
+          run_lockstep(&redo, 1, &start[j], redone, redone + kCheckpoint, &out[j],
+                       direct ? &redo_into : nullptr);
           const auto stored = snaps_.begin() + (j * checkpoints + redone / kCheckpoint) * k;
           redone += kCheckpoint;
           rejoined = std::equal(redo->cf.begin(), redo->cf.end(), stored);
         }
         if (!rejoined) std::copy(redo->cf.begin(), redo->cf.end(), chain[j]->cf.begin());
       }
-      emit_positions(positions_.data(), nullptr, done, S * len, counts, emit);
+      if (direct) {
+        for (int64_t d = 0; d < k; ++d) counts[d] = static_cast<int64_t>(chain[S - 1]->cf[d]);
+      } else {
+        emit_positions(positions_.data(), nullptr, done, S * len, counts, emit);
+      }
       std::copy(chain[S - 1]->cf.begin(), chain[S - 1]->cf.end(), count_f_.begin());
       done += S * len;
     }
@@ -537,6 +583,12 @@ class GreedyFast {
     }
   }
   static constexpr double kWindowScale = 0.75;
+  static constexpr double kSegmentWindowMax = 16.0;
+
+  bool uses_window_segments() const {
+    return vector_ && k_ > kRegisterAllBelow && k_ <= kWindowSegmentsMaxK &&
+           register_multi_max(kWindowSegments) > 0;
+  }
 
   // First j maximising cw[j] * x - cc[j] (strict >): two independent branch-free scans over the
   // halves, then the lower half wins ties, which is the first-index rule.
