@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ops_helpers import make_batch
 
 import fastmix
 from fastmix.ops import reference
@@ -29,18 +30,6 @@ def oracle_stats(loss, domain, k, ref_loss=None, mask=None):
         out[1, d] = flat[sel].sum()
         out[2, d] = excess[sel].sum()
     return out
-
-
-def make_batch(seed, shape, k, dtype=torch.float32, per_sequence=False, id_dtype=torch.int64,
-               with_mask=True, with_ref=True, used=None):  # fmt: skip
-    g = torch.Generator().manual_seed(seed)
-    loss = (torch.rand(shape, generator=g) * 6).to(dtype)
-    ref = (torch.rand(shape, generator=g) * 6).to(dtype) if with_ref else None
-    used = k if used is None else used
-    id_shape = shape[:1] if per_sequence else shape
-    domain = torch.randint(0, used, id_shape, generator=g).to(id_dtype)
-    mask = torch.rand(shape, generator=g) > 0.3 if with_mask else None
-    return loss, domain, ref, mask
 
 
 CASES = [

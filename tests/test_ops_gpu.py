@@ -3,8 +3,11 @@ step(), torch.compile, CUDA-graph capture and replay."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+from ops_helpers import make_batch
 
 import fastmix
 from fastmix.ops import resolve_backend
@@ -17,22 +20,14 @@ pytestmark = [
 BACKENDS = ["cuda", "triton"]
 
 
+make = partial(make_batch, device="cuda")
+
+
 def need(backend: str) -> None:
     try:
         resolve_backend(backend, torch.device("cuda"))
     except RuntimeError as exc:
         pytest.skip(str(exc))
-
-
-def make(seed, shape, k, dtype=torch.float32, per_sequence=False, id_dtype=torch.int64,
-         with_mask=True, with_ref=True):  # fmt: skip
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    loss = (torch.rand(shape, generator=g, device="cuda") * 6).to(dtype)
-    ref = (torch.rand(shape, generator=g, device="cuda") * 6).to(dtype) if with_ref else None
-    id_shape = shape[:1] if per_sequence else shape
-    domain = torch.randint(0, k, id_shape, generator=g, device="cuda").to(id_dtype)
-    mask = torch.rand(shape, generator=g, device="cuda") > 0.3 if with_mask else None
-    return loss, domain, ref, mask
 
 
 SHAPES = [((1,), 1, False), ((4097,), 3, False), ((3, 4097), 8, True), ((64, 2048), 22, True),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
+from ops_helpers import make_batch
 
 import fastmix
 from fastmix.ops import reference
@@ -19,16 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if not triton_ops.can_run(torch.device(DEVICE))[0]:
     pytest.skip("triton cannot run here (no CUDA, interpreter off)", allow_module_level=True)
 
-
-def make(seed, shape, k, dtype=torch.float32, per_sequence=False, id_dtype=torch.int64,
-         with_mask=True, with_ref=True):  # fmt: skip
-    g = torch.Generator().manual_seed(seed)
-    loss = (torch.rand(shape, generator=g) * 6).to(dtype)
-    ref = (torch.rand(shape, generator=g) * 6).to(dtype) if with_ref else None
-    domain = torch.randint(0, k, shape[:1] if per_sequence else shape, generator=g).to(id_dtype)
-    mask = torch.rand(shape, generator=g) > 0.3 if with_mask else None
-    move = (lambda t: None if t is None else t.to(DEVICE))  # noqa: E731
-    return move(loss), move(domain), move(ref), move(mask)
+make = partial(make_batch, device=DEVICE)
 
 
 SHAPES = [((1,), 1, False), ((999,), 3, False), ((7, 129), 22, True), ((5, 67), 8, False),
