@@ -16,7 +16,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +26,8 @@ import pytest
 
 if __package__ in (None, ""):  # run as a script: import the checkout this file lives in
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import cpu_model  # noqa: E402  (bench/_machine.py)
 
 from fastmix import _C, MixtureSampler, blend_indices, sample_domains  # noqa: E402
 
@@ -64,7 +65,10 @@ def make_cases(k: int, n: int) -> dict[str, Callable[[], object]]:
         ).sample(n),
         "greedy: MixtureSampler.sample": lambda: MixtureSampler(w, method="greedy").sample(n),
         "blend_indices": lambda: blend_indices(w, n),
-        "blend_indices, portable path (no AVX-512)": lambda: _C._blend_indices_portable(
+        "blend_indices, AVX2 path (CPUs without AVX-512)": lambda: _C._blend_indices_avx2(
+            normalised, n
+        ),
+        "blend_indices, portable path (no AVX2)": lambda: _C._blend_indices_portable(
             normalised, n
         ),
         "naive greedy loop (C++, baseline)": lambda: _C._blend_indices_naive(normalised, n),
@@ -92,17 +96,6 @@ def test_sampler_throughput(benchmark, case: str, k: int) -> None:
 
 
 # ----------------------------------------------------------------------------- script mode
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     """(median CPU seconds of this thread, median wall seconds) over `repeats` calls.
 

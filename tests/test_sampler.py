@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -401,6 +403,64 @@ def test_blend_indices_vector_kernel_lane_boundaries(name: str, weights: np.ndar
     naive = _C._blend_indices_naive(w, size)
     np.testing.assert_array_equal(fast[0], naive[0], err_msg=name)
     np.testing.assert_array_equal(fast[1], naive[1], err_msg=name)
+
+
+def _avx2_kernel_cases() -> list[tuple[str, np.ndarray]]:
+    """Weights around the 4-lane register boundaries of the AVX2 kernel (K <= 32 unpruned)."""
+    rng = np.random.default_rng(2025)
+    cases = []
+    for k in (1, 2, 3, 4, 5, 8, 12, 13, 21, 22, 24, 31, 32, 33, 40):
+        cases.append((f"dirichlet0.1-k{k}", rng.dirichlet(np.full(k, 0.1))))
+        cases.append((f"dirichlet5-k{k}", rng.dirichlet(np.full(k, 5.0))))
+        cases.append((f"uniform-k{k}", np.ones(k)))  # exact ties at every round
+        dup = rng.choice([0.0, 0.5, 1.0, 2.0], size=k)
+        dup[-1] = 1.0
+        cases.append((f"duplicates-zeros-k{k}", dup))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "weights"), _avx2_kernel_cases())
+def test_blend_indices_avx2_path_matches_naive_loop(name: str, weights: np.ndarray) -> None:
+    # CPUs with AVX2 but no AVX-512 run the register kernel on 4-lane registers (up to 32 domains,
+    # and for the windows' candidates above); forced here on any machine that has AVX2 (on one
+    # without, the call runs the scalar path, which must match as well).  The misguessed variant
+    # starts every speculative segment from a wrong state, so the recovery decides the output.
+    w = weights / np.sum(weights)
+    size = 40_000
+    naive = _C._blend_indices_naive(w, size)
+    for fast in (_C._blend_indices_avx2(w, size), _C._blend_indices_avx2_misguessed(w, size)):
+        np.testing.assert_array_equal(fast[0], naive[0], err_msg=name)
+        np.testing.assert_array_equal(fast[1], naive[1], err_msg=name)
+
+
+@pytest.mark.parametrize("k", [22, 100, 256])
+def test_blend_indices_avx2_path_long_streams(k: int) -> None:
+    # Long enough for several rounds of speculative segments (K <= 32) and many windows (K > 32).
+    w = np.random.default_rng(1100 + k).dirichlet(np.ones(k))
+    size = 300_000
+    naive = _C._blend_indices_naive(w, size)
+    fast = _C._blend_indices_avx2(w, size)
+    np.testing.assert_array_equal(fast[0], naive[0])
+    np.testing.assert_array_equal(fast[1], naive[1])
+
+
+def test_best_isa_follows_the_cpu_flags() -> None:
+    # blend_indices picks its kernels from the CPU's features at run time.
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() not in ("x86_64", "AMD64") or not cpuinfo.exists():
+        pytest.skip("x86-64 Linux only (reads /proc/cpuinfo)")
+    flags: set[str] = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if {"avx512f", "avx512vl", "avx512dq"} <= flags:
+        expected = "avx512"
+    elif "avx2" in flags:
+        expected = "avx2"
+    else:
+        expected = "scalar"
+    assert _C._best_isa() == expected
 
 
 @pytest.mark.parametrize("k", [3, 22, 64, 256, 1000])

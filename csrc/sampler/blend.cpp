@@ -1,4 +1,5 @@
-// The refresh pass of GreedyFast (blend.h): scalar, plus an AVX-512 version picked at run time.
+// GreedyFast's kernels (blend.h): the refresh pass (scalar, AVX-512) and the register argmax
+// (AVX-512, AVX2), each picked at run time.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -333,46 +334,171 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw"))) void argmax_multi_
   }
 }
 
+// The same exact step with AVX2 (4 lanes per register, no mask registers), for CPUs without
+// AVX-512: up to kAvx2RegisterMax candidates in NV = ceil(n / 4) registers, S chains in one loop.
+// An equality compare gives an all-ones lane, so "count += 1 where the value is the maximum" is an
+// and with 1.0 and an add; movemask brings the lanes to a word for the position and the tie test.
+template <int NV, int S, bool kFused = false>
+__attribute__((target("avx2"))) void argmax_steps_avx2(
+    const double* cw, int64_t n, double* const* cc, const int64_t* s, int64_t m,
+    int32_t* const* pos, double* const* snap, int64_t q, const ChainOutput* fused = nullptr) {
+  constexpr int kLanes = 4 * NV;
+  // Only the counts stay in registers: with 16 ymm registers, weights and values held as well
+  // spill from NV = 5 on (K = 22: 11 ns per step).  The weights are read from memory and each
+  // value is computed twice, for the maximum and for the equality test (the same two roundings,
+  // so the same value).
+  alignas(32) double wbuf[kLanes];
+  alignas(32) double buffer[kLanes];
+  __m256d cv[S][NV];
+  for (int l = 0; l < kLanes; ++l) wbuf[l] = l < n ? cw[l] : 0.0;  // padding: weight 0 ...
+#pragma GCC unroll 4
+  for (int j = 0; j < S; ++j) {
+    for (int l = 0; l < kLanes; ++l) buffer[l] = l < n ? cc[j][l] : HUGE_VAL;  // ... count +inf
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) cv[j][i] = _mm256_load_pd(buffer + 4 * i);
+  }
+  const __m256d one = _mm256_set1_pd(1.0);
+  const int64_t stride = (n + 7) / 8 * 8;  // snapshot spacing, as for the AVX-512 kernel
+  __m256d xs[S];
+  int32_t* out[S];
+  int16_t* index_out[S];
+  int64_t* sample_out[S];
+  int64_t* counts_out[S];
+#pragma GCC unroll 4
+  for (int j = 0; j < S; ++j) {
+    xs[j] = _mm256_set1_pd(static_cast<double>(s[j]));
+    if constexpr (kFused) {
+      index_out[j] = fused[j].index;
+      sample_out[j] = fused[j].sample;
+      counts_out[j] = fused[j].counts;
+    } else {
+      out[j] = pos[j];
+    }
+  }
+  int64_t until_snapshot = q > 0 ? q : -1;
+  for (int64_t t = 0; t < m; ++t) {
+#pragma GCC unroll 4
+    for (int j = 0; j < S; ++j) {
+      const __m256d x = _mm256_max_pd(xs[j], one);  // step_x
+      xs[j] = _mm256_add_pd(xs[j], one);
+      // deficit(): multiply, then subtract
+      __m256d top = _mm256_sub_pd(_mm256_mul_pd(_mm256_load_pd(wbuf), x), cv[j][0]);
+      if constexpr (NV > 1) {
+        __m256d other = _mm256_sub_pd(_mm256_mul_pd(_mm256_load_pd(wbuf + 4), x), cv[j][1]);
+#pragma GCC unroll 8
+        for (int i = 2; i < NV; i += 2) {
+          top = _mm256_max_pd(
+              top, _mm256_sub_pd(_mm256_mul_pd(_mm256_load_pd(wbuf + 4 * i), x), cv[j][i]));
+          if (i + 1 < NV) {
+            other = _mm256_max_pd(
+                other,
+                _mm256_sub_pd(_mm256_mul_pd(_mm256_load_pd(wbuf + 4 * i + 4), x), cv[j][i + 1]));
+          }
+        }
+        top = _mm256_max_pd(top, other);
+      }
+      top = _mm256_max_pd(top, _mm256_permute2f128_pd(top, top, 1));
+      top = _mm256_max_pd(top, _mm256_permute_pd(top, 5));  // the maximum in every lane
+      __m256d eq[NV];
+      uint64_t bits = 0;
+#pragma GCC unroll 8
+      for (int i = 0; i < NV; ++i) {
+        const __m256d v = _mm256_sub_pd(_mm256_mul_pd(_mm256_load_pd(wbuf + 4 * i), x), cv[j][i]);
+        eq[i] = _mm256_cmp_pd(v, top, _CMP_EQ_OQ);
+        bits |= static_cast<uint64_t>(_mm256_movemask_pd(eq[i])) << (4 * i);
+      }
+      const int chosen = __builtin_ctzll(bits);
+      if (__builtin_expect((bits & (bits - 1)) != 0, 0)) {  // a tie: the lowest index wins
+        alignas(32) double add[kLanes] = {};
+        add[chosen] = 1.0;
+#pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) {
+          cv[j][i] = _mm256_add_pd(cv[j][i], _mm256_load_pd(add + 4 * i));
+        }
+      } else {
+#pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) cv[j][i] = _mm256_add_pd(cv[j][i], _mm256_and_pd(eq[i], one));
+      }
+      if constexpr (kFused) {
+        index_out[j][t] = static_cast<int16_t>(chosen);
+        sample_out[j][t] = counts_out[j][chosen]++;
+      } else {
+        out[j][t] = static_cast<int32_t>(chosen);
+      }
+    }
+    if (--until_snapshot == 0) {
+      until_snapshot = q;
+      const int64_t k = (t + 1) / q - 1;
+#pragma GCC unroll 4
+      for (int j = 0; j < S; ++j) {
+#pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) _mm256_storeu_pd(snap[j] + k * stride + 4 * i, cv[j][i]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < S; ++j) {
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) _mm256_store_pd(buffer + 4 * i, cv[j][i]);
+    for (int64_t l = 0; l < n; ++l) cc[j][l] = buffer[l];
+  }
+}
+
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
   return has;
 }
 #endif
 
 }  // namespace
 
-double refresh_pass(const double* w, const double* cf, int64_t k, double x0, double level,
+Isa best_isa() {
+#if defined(FASTMIX_X86_DISPATCH)
+  if (cpu_has_avx512()) return Isa::kAvx512;
+  if (cpu_has_avx2()) return Isa::kAvx2;
+#endif
+  return Isa::kScalar;
+}
+
+double refresh_pass(Isa isa, const double* w, const double* cf, int64_t k, double x0, double level,
                     double growth, double delta, int64_t* above, int32_t* cand, int64_t* num,
                     double* cw, double* cc) {
 #if defined(FASTMIX_X86_DISPATCH)
-  if (cpu_has_avx512()) {
+  if (isa == Isa::kAvx512 && cpu_has_avx512()) {
     return refresh_avx512(w, cf, k, x0, level, growth, delta, above, cand, num, cw, cc);
   }
 #endif
+  (void)isa;
   return refresh_scalar(w, cf, k, x0, level, growth, delta, above, cand, num, cw, cc);
 }
 
-bool register_argmax_available(int64_t n) {
+bool register_argmax_available(Isa isa, int64_t n) {
 #if defined(FASTMIX_X86_DISPATCH)
-  return n >= 1 && n <= kRegisterArgmaxMax && cpu_has_avx512();
-#else
-  (void)n;
-  return false;
+  if (n < 1) return false;
+  if (isa == Isa::kAvx512 && cpu_has_avx512()) return n <= kRegisterArgmaxMax;
+  if (isa >= Isa::kAvx2 && cpu_has_avx2()) return n <= kAvx2RegisterMax;
 #endif
+  (void)isa, (void)n;
+  return false;
 }
 
-void register_argmax_steps(const double* cw, double* cc, int64_t n, int64_t s, int64_t m,
+void register_argmax_steps(Isa isa, const double* cw, double* cc, int64_t n, int64_t s, int64_t m,
                            int32_t* pos) {
-  register_argmax_chains(cw, n, 1, &cc, &s, m, &pos, nullptr, 0);
+  register_argmax_chains(isa, cw, n, 1, &cc, &s, m, &pos, nullptr, 0);
 }
 
-int64_t register_multi_max(int chains) {
+int64_t register_multi_max(Isa isa, int chains) {
 #if defined(FASTMIX_X86_DISPATCH)
-  if (!cpu_has_avx512()) return 0;
+  if (isa != Isa::kAvx512 || !cpu_has_avx512()) return 0;
   return chains == 2 ? 64 : 0;
 #else
-  (void)chains;
+  (void)isa, (void)chains;
   return 0;
 #endif
 }
@@ -400,7 +526,11 @@ void register_argmax_multi(const double* const* cw, double* const* cc, const int
   throw std::logic_error("register_argmax_multi: unsupported candidate or chain count");
 }
 
-int register_segments_for(int64_t n) {
+int register_segments_for(Isa isa, int64_t n) {
+  // AVX2: three chains.  Thread CPU time per step on Zen 4 (AMD EPYC family 25), one / two / three
+  // chains: K = 8: 7.4 / 4.0 / 3.0 ns; K = 16: 8.1 / 4.9 / 4.4; K = 22: 9.0 / 7.9 / 8.1; K = 32:
+  // 13.1 / 11.9 / 9.2 (the scalar path: 28 to 39 ns).
+  if (isa != Isa::kAvx512 || !register_argmax_available(Isa::kAvx512, n)) return 3;
   // S chains hold S * NV count registers next to NV weights and the temporaries (32 zmm in all).
   // Thread CPU time per step on Zen 5, including the emit pass, S = 1 / 2 / 3 / 4:
   // K = 22: 9.1 / 6.4 / 4.5 / 4.0 ns; K = 30: 11.1 / 7.1 / 5.0 / 4.8;
@@ -410,10 +540,41 @@ int register_segments_for(int64_t n) {
   return nv <= 4 ? 4 : 3;
 }
 
-void register_argmax_chains(const double* cw, int64_t n, int segments, double* const* cc,
+void register_argmax_chains(Isa isa, const double* cw, int64_t n, int segments, double* const* cc,
                             const int64_t* s, int64_t m, int32_t* const* pos,
                             double* const* snap, int64_t q, const ChainOutput* fused) {
 #if defined(FASTMIX_X86_DISPATCH)
+  if (!register_argmax_available(Isa::kAvx512, n) || isa != Isa::kAvx512) {
+    if (register_argmax_available(isa, n)) {
+      // AVX2: one chain (single steps, recomputation) or three (segments, plain or fused).
+#define FASTMIX_AVX2(NV)                                                                  \
+  if (segments == 1 && fused == nullptr) {                                                \
+    return argmax_steps_avx2<NV, 1>(cw, n, cc, s, m, pos, snap, q);                        \
+  }                                                                                       \
+  if (segments == 3 && fused != nullptr) {                                                \
+    return argmax_steps_avx2<NV, 3, true>(cw, n, cc, s, m, pos, snap, q, fused);           \
+  }                                                                                       \
+  if (segments == 3) return argmax_steps_avx2<NV, 3>(cw, n, cc, s, m, pos, snap, q);       \
+  if (segments == 2 && fused != nullptr) {                                                \
+    return argmax_steps_avx2<NV, 2, true>(cw, n, cc, s, m, pos, snap, q, fused);           \
+  }                                                                                       \
+  if (segments == 2) return argmax_steps_avx2<NV, 2>(cw, n, cc, s, m, pos, snap, q);       \
+  break
+      switch ((n + 3) / 4) {
+        case 1: FASTMIX_AVX2(1);
+        case 2: FASTMIX_AVX2(2);
+        case 3: FASTMIX_AVX2(3);
+        case 4: FASTMIX_AVX2(4);
+        case 5: FASTMIX_AVX2(5);
+        case 6: FASTMIX_AVX2(6);
+        case 7: FASTMIX_AVX2(7);
+        case 8: FASTMIX_AVX2(8);
+        default: break;
+      }
+#undef FASTMIX_AVX2
+    }
+    throw std::logic_error("register_argmax_chains: unsupported candidate or segment count");
+  }
   if (fused != nullptr) {
 #define FASTMIX_FUSED(NV)                                                          \
   if (segments == 3) {                                                             \
@@ -459,8 +620,8 @@ void register_argmax_chains(const double* cw, int64_t n, int segments, double* c
   }
 #undef FASTMIX_CHAINS
 #endif
-  (void)cw, (void)n, (void)segments, (void)cc, (void)s, (void)m, (void)pos, (void)snap, (void)q;
-  (void)fused;
+  (void)isa, (void)cw, (void)n, (void)segments, (void)cc, (void)s, (void)m, (void)pos, (void)snap;
+  (void)q, (void)fused;
   throw std::logic_error("register_argmax_chains: unsupported candidate or segment count");
 }
 

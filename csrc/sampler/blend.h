@@ -3,8 +3,8 @@
 //   wins ties);  count[d(s)] += 1.
 // Two implementations with identical output: greedy_naive (the rule as written, O(K) per step; the
 // benchmark baseline and the oracle) and GreedyFast (below: all domains, or the candidates that
-// windowed pruning leaves, held in AVX-512 registers with one exact vector argmax per step; scalar
-// pruning where AVX-512 is missing).  Both can start from any state (step s0, counts), which is how
+// windowed pruning leaves, held in AVX-512 registers with one exact vector argmax per step; AVX2
+// registers for up to 32 on CPUs without AVX-512; scalar pruning on the rest).  Both can start from any state (step s0, counts), which is how
 // MixtureSampler streams the rule.
 #pragma once
 
@@ -68,24 +68,32 @@ void greedy_naive(const double* w, int64_t k, int64_t s0, int64_t n, int64_t* co
 // candidates, 14.7 ns at K = 256 -- the windows' fixed costs, not the O(K) scan, dominate; three
 // chains with the weights read from memory, 12.1 ns.)
 
+// The instruction sets the kernels below use, best first.  best_isa() is what this CPU runs;
+// GreedyFast can be told to use less (tests check every path on any machine that has it), and a
+// request above what the CPU has falls back to the best it has.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+Isa best_isa();
+
 // One refresh pass over all K domains at x0 for level L (defined in blend.cpp, with an AVX-512
-// version picked at run time): returns the maximum computed value, writes the number of domains with
+// version for isa = kAvx512): returns the maximum computed value, writes the number of domains with
 // value >= L to *above and the candidates (value + w * growth + delta >= L), in index order, to
 // cand[0..*num), with their weights and counts to cw and cc when given (compressed in registers
 // alongside the ids); cand, cw and cc must have room for K + 8 entries.  The candidate test may
 // round differently between versions; the proof above holds for any rounding of it because delta
 // carries a ~3x margin, and the output never depends on it.
-double refresh_pass(const double* w, const double* cf, int64_t k, double x0, double level,
+double refresh_pass(Isa isa, const double* w, const double* cf, int64_t k, double x0, double level,
                     double growth, double delta, int64_t* above, int32_t* cand, int64_t* num,
                     double* cw = nullptr, double* cc = nullptr);
 
 // The rule restricted to n candidates (weights cw, counts cc as doubles, in index order) for the m
 // steps s, s+1, ...: pos[t] = the candidate chosen at step s + t; cc is updated.  Vector registers
-// hold all n values, so one step is one exact vector argmax (defined in blend.cpp; AVX-512, picked
-// at run time).  register_argmax_available(n) says whether it can run for n candidates here.
+// hold all n values, so one step is one exact vector argmax (defined in blend.cpp: AVX-512 up to
+// 64 candidates, AVX2 up to kAvx2RegisterMax).  register_argmax_available(isa, n) says whether it
+// can run for n candidates with that instruction set here.
 constexpr int64_t kRegisterArgmaxMax = 64;
-bool register_argmax_available(int64_t n);
-void register_argmax_steps(const double* cw, double* cc, int64_t n, int64_t s, int64_t m,
+constexpr int64_t kAvx2RegisterMax = 32;
+bool register_argmax_available(Isa isa, int64_t n);
+void register_argmax_steps(Isa isa, const double* cw, double* cc, int64_t n, int64_t s, int64_t m,
                            int32_t* pos);
 
 // Speculative segments.  The rule's future depends only on (step, counts), and from step 0 the
@@ -99,17 +107,17 @@ void register_argmax_steps(const double* cw, double* cc, int64_t n, int64_t s, i
 // the same (step, counts) giving the same future -- or to its end.  The output never depends on the
 // guesses, only the speed.  register_segments_for(n) = S for n candidates; register_argmax_chains
 // runs the S chains: chain j from step s[j] and counts cc[j] (updated) for m steps into pos[j],
-// snapshots of all ceil(n / 8) * 8 lanes after every q steps into snap[j].
-// With fused (one entry per chain; S = 3 or 4), chain j writes its output straight into the
-// caller's arrays instead of pos[j]: index[t] = the candidate chosen, sample[t] = counts[it]++
-// (counts: int64, the chain's counts at its start).
+// snapshots of the counts after every q steps into snap[j] (ceil(n / 8) * 8 entries apart; the
+// first n are the counts).  With fused (one entry per chain; S = 2, 3 or 4), chain j writes its
+// output straight into the caller's arrays instead of pos[j]: index[t] = the candidate chosen,
+// sample[t] = counts[it]++ (counts: int64, the chain's counts at its start).
 struct ChainOutput {
   int16_t* index;
   int64_t* sample;
   int64_t* counts;
 };
-int register_segments_for(int64_t n);
-void register_argmax_chains(const double* cw, int64_t n, int segments, double* const* cc,
+int register_segments_for(Isa isa, int64_t n);
+void register_argmax_chains(Isa isa, const double* cw, int64_t n, int segments, double* const* cc,
                             const int64_t* s, int64_t m, int32_t* const* pos,
                             double* const* snap, int64_t q,
                             const ChainOutput* fused = nullptr);
@@ -118,20 +126,22 @@ void register_argmax_chains(const double* cw, int64_t n, int segments, double* c
 // chain j has n[j] candidates (weights cw[j], counts cc[j], updated) and runs m steps from step
 // s[j], writing candidate positions to pos[j].  register_multi_max(S) = the most candidates per
 // chain it takes for S chains (0: not available here).
-int64_t register_multi_max(int chains);
+int64_t register_multi_max(Isa isa, int chains);
 void register_argmax_multi(const double* const* cw, double* const* cc, const int64_t* n,
                            int chains, const int64_t* s, int64_t m, int32_t* const* pos);
 
 class GreedyFast {
  public:
-  // allow_vector = false keeps to the portable scalar code (what runs without AVX-512; tests use
-  // it to check that path on any machine).  misguess = true makes every speculative segment start
-  // from a wrong state (tests of the recovery; the output must not change).
-  GreedyFast(const double* w, int64_t k, bool allow_vector = true, bool misguess = false)
+  // isa: the best instruction set to use (Isa::kScalar is the portable code that runs on any
+  // CPU; tests force each level to check its path on any machine).  misguess = true makes every
+  // speculative segment start from a wrong state (tests of the recovery; the output must not
+  // change).
+  GreedyFast(const double* w, int64_t k, Isa isa = best_isa(), bool misguess = false)
       : w_(w, w + k),
         k_(k),
         candidates_(static_cast<size_t>(k) + 8),
-        vector_(allow_vector),
+        isa_(std::min(isa, best_isa())),
+        vector_(isa_ != Isa::kScalar),
         misguess_(misguess) {
     // Window length ~ 0.75 sqrt(K): balances the O(K) refresh against the O(window) candidates per
     // step.  Thread CPU time on the dev machine, register kernel, ns per step at 0.5 / 0.75 / 1 /
@@ -173,15 +183,15 @@ class GreedyFast {
       greedy_naive(w_.data(), k_, s0, n, counts, emit);
       return;
     }
-    if (k_ <= kRegisterAllBelow && vector_ && register_argmax_available(k_)) {
+    if (k_ <= kRegisterAllBelow && vector_ && register_argmax_available(isa_, k_)) {
       // Few domains: every domain is a candidate at every step, all in registers.
       int64_t done = 0;
-      const int segments = register_segments_for(k_);
+      const int segments = register_segments_for(isa_, k_);
       if (segments > 1) done = run_segments(segments, s0, n, counts, emit);
       positions_.resize(kChunk);
       for (; done < n; done += kChunk) {
         const int64_t m = std::min<int64_t>(kChunk, n - done);
-        register_argmax_steps(w_.data(), count_f_.data(), k_, s0 + done, m, positions_.data());
+        register_argmax_steps(isa_, w_.data(), count_f_.data(), k_, s0 + done, m, positions_.data());
         emit_positions(positions_.data(), nullptr, done, m, counts, emit);
       }
       return;
@@ -206,10 +216,10 @@ class GreedyFast {
       const double x0 = step_x(s);
       const double delta = (x0 + growth + 2.0) * 0x1p-48;  // exact scaling by 2^-48
       int64_t above = 0, num = 0;
-      double top = refresh_pass(w, cf, k_, x0, level, growth, delta, &above, cand, &num);
+      double top = refresh_pass(isa_, w, cf, k_, x0, level, growth, delta, &above, cand, &num);
       if (above == 0) {  // the guessed level is above every value: redo with one below the top
         level = top - gap_;
-        top = refresh_pass(w, cf, k_, x0, level, growth, delta, &above, cand, &num);
+        top = refresh_pass(isa_, w, cf, k_, x0, level, growth, delta, &above, cand, &num);
       }
       const int64_t m = std::min<int64_t>(std::min<int64_t>(above, max_window_), n - done);
       // Aim for ~max_window_ values above the level next time; guess the next level from this top.
@@ -228,9 +238,9 @@ class GreedyFast {
       }
       const double* cw = cand_w_.data();
       double* cc = cand_c_.data();
-      if (vector_ && register_argmax_available(num)) {
+      if (vector_ && register_argmax_available(isa_, num)) {
         positions_.resize(static_cast<size_t>(std::max<int64_t>(m, kChunk)));
-        register_argmax_steps(cw, cc, num, s, m, positions_.data());
+        register_argmax_steps(isa_, cw, cc, num, s, m, positions_.data());
         emit_positions(positions_.data(), cand, done, m, counts, emit);
         // The chosen domains' counts, from the positions rather than from cc: the kernel stores cc
         // with masked stores, which cannot forward to loads (a stall per window on Zen 5).
@@ -305,7 +315,7 @@ class GreedyFast {
           out[j] = {index_ + done + j * len, sample_ + done + j * len, ic};
         }
       }
-      register_argmax_chains(w_.data(), k, segments, cc, start, len, pos, snap, kCheckpoint,
+      register_argmax_chains(isa_, w_.data(), k, segments, cc, start, len, pos, snap, kCheckpoint,
                              fused ? out : nullptr);
       for (int j = 1; j < segments; ++j) {
         const double* truth = cc[j - 1];  // verified: the true counts at start[j]
@@ -313,7 +323,7 @@ class GreedyFast {
         std::copy(truth, truth + k, count_f_.data());  // count_f_ as scratch for the true state
         int64_t redone = 0;
         while (redone < len) {
-          register_argmax_steps(w_.data(), count_f_.data(), k, start[j] + redone, kCheckpoint,
+          register_argmax_steps(isa_, w_.data(), count_f_.data(), k, start[j] + redone, kCheckpoint,
                                 pos[j] + redone);
           const double* stored = snap[j] + (redone / kCheckpoint) * lanes;
           redone += kCheckpoint;
@@ -362,11 +372,11 @@ class GreedyFast {
     const double x0 = step_x(s);
     const double delta = (x0 + growth + 2.0) * 0x1p-48;  // exact scaling by 2^-48
     int64_t above = 0, num = 0;
-    double top = refresh_pass(w_.data(), c.cf.data(), k_, x0, c.level, growth, delta, &above,
+    double top = refresh_pass(isa_, w_.data(), c.cf.data(), k_, x0, c.level, growth, delta, &above,
                               c.cand.data(), &num, c.cw.data(), c.cc.data());
     if (above == 0) {
       c.level = top - c.gap;
-      top = refresh_pass(w_.data(), c.cf.data(), k_, x0, c.level, growth, delta, &above,
+      top = refresh_pass(isa_, w_.data(), c.cf.data(), k_, x0, c.level, growth, delta, &above,
                          c.cand.data(), &num, c.cw.data(), c.cc.data());
     }
     c.left = std::min<int64_t>(std::min<int64_t>(above, max_window_), limit);
@@ -403,7 +413,7 @@ class GreedyFast {
         s[j] = start[j] + p;
         pos[j] = out[j] + p;
       }
-      if (S > 1 && most <= register_multi_max(S)) {
+      if (S > 1 && most <= register_multi_max(isa_, S)) {
         const double* cw[kMaxSegments];
         double* cc[kMaxSegments];
         int64_t nn[kMaxSegments];
@@ -416,8 +426,8 @@ class GreedyFast {
       } else {
         for (int j = 0; j < S; ++j) {
           WindowChain& cj = *c[j];
-          if (register_argmax_available(cj.num)) {
-            register_argmax_steps(cj.cw.data(), cj.cc.data(), cj.num, s[j], m, pos[j]);
+          if (register_argmax_available(isa_, cj.num)) {
+            register_argmax_steps(isa_, cj.cw.data(), cj.cc.data(), cj.num, s[j], m, pos[j]);
             continue;
           }
           for (int64_t t = 0; t < m; ++t) {
@@ -587,7 +597,7 @@ class GreedyFast {
 
   bool uses_window_segments() const {
     return vector_ && k_ > kRegisterAllBelow && k_ <= kWindowSegmentsMaxK &&
-           register_multi_max(kWindowSegments) > 0;
+           register_multi_max(isa_, kWindowSegments) > 0;
   }
 
   // First j maximising cw[j] * x - cc[j] (strict >): two independent branch-free scans over the
@@ -624,6 +634,7 @@ class GreedyFast {
   std::vector<WindowChain> window_chains_;
   int16_t* index_ = nullptr;  // run_into's arrays while it runs
   int64_t* sample_ = nullptr;
+  Isa isa_;
   bool vector_ = true;
   bool misguess_ = false;
   int64_t max_window_ = 3;

@@ -156,7 +156,14 @@ void greedy_fill(const py::handle& weights, int64_t start_step, const py::handle
   });
 }
 
-enum class BlendPath { kFast, kNaive, kPortable, kMisguessed };
+enum class BlendPath { kFast, kNaive, kPortable, kMisguessed, kAvx2, kAvx2Misguessed };
+
+// The instruction set a path may use (the test-only paths force a lower one than the CPU's best).
+Isa isa_for(BlendPath path) {
+  if (path == BlendPath::kPortable) return Isa::kScalar;
+  if (path == BlendPath::kAvx2 || path == BlendPath::kAvx2Misguessed) return Isa::kAvx2;
+  return best_isa();
+}
 
 template <BlendPath kPath>
 std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend(const py::handle& weights, int64_t size) {
@@ -183,8 +190,9 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend(const py::handle& we
     if (kPath == BlendPath::kNaive) {
       greedy_naive(wp, k, 0, size, counts.data(), emit);
     } else {
-      GreedyFast fast(wp, k, /*allow_vector=*/kPath != BlendPath::kPortable,
-                      /*misguess=*/kPath == BlendPath::kMisguessed);
+      const bool misguess =
+          kPath == BlendPath::kMisguessed || kPath == BlendPath::kAvx2Misguessed;
+      GreedyFast fast(wp, k, isa_for(kPath), misguess);
       fast.run_into(0, size, counts.data(), di, si);
     }
   }
@@ -274,7 +282,8 @@ used as given (normalise them first).  Releases the GIL.
   m.def("blend_indices", &blend<BlendPath::kFast>, py::arg("weights"), py::arg("size"), R"doc(
 Megatron-LM's build_blending_indices: (dataset_index int16[size], dataset_sample_index int64[size])
 for float64 `weights` used as given.  Candidates in AVX-512 registers (windowed pruning above 64
-domains); bit-identical to the plain rule.
+domains; AVX2 registers up to 32 domains on CPUs without AVX-512); bit-identical to the plain
+rule.
 )doc");
   m.def("_blend_indices_naive", &blend<BlendPath::kNaive>, py::arg("weights"), py::arg("size"),
         "The plain O(K)-per-sample loop of the same rule (benchmark baseline and test oracle).");
@@ -284,6 +293,17 @@ domains); bit-identical to the plain rule.
   m.def("_blend_indices_misguessed", &blend<BlendPath::kMisguessed>, py::arg("weights"),
         py::arg("size"),
         "blend_indices with every speculative segment started from a wrong state (tests).");
+  m.def("_blend_indices_avx2", &blend<BlendPath::kAvx2>, py::arg("weights"), py::arg("size"),
+        "blend_indices as a CPU with AVX2 but no AVX-512 runs it (the scalar path without AVX2).");
+  m.def("_blend_indices_avx2_misguessed", &blend<BlendPath::kAvx2Misguessed>, py::arg("weights"),
+        py::arg("size"), "_blend_indices_avx2 with every speculative segment misguessed (tests).");
+  m.def("_best_isa", []() {
+    switch (best_isa()) {
+      case Isa::kAvx512: return "avx512";
+      case Isa::kAvx2: return "avx2";
+      default: return "scalar";
+    }
+  }, "The instruction set blend_indices uses on this CPU: 'avx512', 'avx2' or 'scalar'.");
 
   m.def("accumulate_counts", &accumulate_counts, py::arg("ids"), py::arg("counts"),
         "counts[ids[i]] += 1 for every i (ids int32 in [0, len(counts)), counts int64).");
