@@ -556,6 +556,29 @@ def test_greedy_fill_in_chunks_matches_blend_indices(k: int) -> None:
     np.testing.assert_array_equal(counts, np.bincount(expected, minlength=k))
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("k", [5, 22, 32, 100])
+def test_greedy_fill_every_instruction_set_continues_the_rule(isa: str, k: int) -> None:
+    # The streaming path (ids only, speculative segments without the fused output) on each set of
+    # kernels a CPU may have (a set this one lacks falls back to the best it has).
+    w = np.random.default_rng(1300 + k).dirichlet(np.ones(k))
+    w = w / np.sum(w)
+    expected = _C._blend_indices_naive(w, 120_000)[0]
+    counts = np.zeros(k, dtype=np.int64)
+    pieces, step = [], 0
+    for n in (5, 70_000, 49_995):
+        out = np.empty(n, dtype=np.int32)
+        _C.greedy_fill(w, step, counts, out, isa=isa)
+        pieces.append(out)
+        step += n
+    np.testing.assert_array_equal(np.concatenate(pieces), expected)
+
+
+def test_greedy_fill_rejects_an_unknown_isa() -> None:
+    with pytest.raises(ValueError, match="isa must be"):
+        _C.greedy_fill(np.ones(3) / 3, 0, np.zeros(3, dtype=np.int64), np.empty(4, np.int32), "sse")
+
+
 def test_greedy_resume_from_any_state_matches() -> None:
     w = np.random.default_rng(4).dirichlet(np.ones(100))
     w = w / np.sum(w)

@@ -126,8 +126,19 @@ py::array_t<double> expect_blend_weights(const py::handle& obj) {
   return w;
 }
 
+// "best" (what this CPU runs), or a lower instruction set for tests: "avx512", "avx2", "scalar".
+Isa parse_isa(const std::string& name) {
+  if (name == "best") return best_isa();
+  if (name == "avx512") return Isa::kAvx512;
+  if (name == "avx2") return Isa::kAvx2;
+  if (name == "scalar") return Isa::kScalar;
+  throw std::invalid_argument("isa must be 'best', 'avx512', 'avx2' or 'scalar', got '" + name +
+                              "'");
+}
+
 void greedy_fill(const py::handle& weights, int64_t start_step, const py::handle& counts_obj,
-                 const py::handle& out_obj) {
+                 const py::handle& out_obj, const std::string& isa_name) {
+  const Isa isa = parse_isa(isa_name);
   auto w = expect_blend_weights(weights);
   auto counts = expect_array<int64_t>(counts_obj, "counts", true);
   auto out = expect_array<int32_t>(out_obj, "out", true);
@@ -150,7 +161,7 @@ void greedy_fill(const py::handle& weights, int64_t start_step, const py::handle
   int64_t* cp = counts.mutable_data();
   int32_t* dst = out.mutable_data();
   py::gil_scoped_release release;
-  GreedyFast fast(wp, k);
+  GreedyFast fast(wp, k, isa);
   fast.run(start_step, n, cp, [dst](int64_t j, int64_t d, int64_t) {
     dst[j] = static_cast<int32_t>(d);
   });
@@ -273,10 +284,11 @@ Write draws [start, start + len(out)) of the segment that began at absolute posi
            py::arg("index"), "The `block` domain ids of block `index` of the segment (int32).");
 
   m.def("greedy_fill", &greedy_fill, py::arg("weights"), py::arg("start_step"), py::arg("counts"),
-        py::arg("out"), R"doc(
+        py::arg("out"), py::arg("isa") = "best", R"doc(
 Continue the largest-deficit rule from step `start_step` with per-domain `counts` (int64, updated
 in place; must sum to start_step), writing len(out) domain ids into `out` (int32).  `weights` are
-used as given (normalise them first).  Releases the GIL.
+used as given (normalise them first).  `isa` ("best", or "avx512", "avx2", "scalar" to use at most
+that instruction set; tests) does not change the output.  Releases the GIL.
 )doc");
 
   m.def("blend_indices", &blend<BlendPath::kFast>, py::arg("weights"), py::arg("size"), R"doc(
