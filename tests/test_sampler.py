@@ -406,10 +406,10 @@ def test_blend_indices_vector_kernel_lane_boundaries(name: str, weights: np.ndar
 
 
 def _avx2_kernel_cases() -> list[tuple[str, np.ndarray]]:
-    """Weights around the 4-lane register boundaries of the AVX2 kernel (K <= 32 unpruned)."""
+    """Weights around the 4-lane register boundaries of the AVX2 kernel (K <= 48 unpruned)."""
     rng = np.random.default_rng(2025)
     cases = []
-    for k in (1, 2, 3, 4, 5, 8, 12, 13, 21, 22, 24, 31, 32, 33, 40):
+    for k in (1, 2, 3, 4, 5, 8, 12, 13, 21, 22, 24, 31, 32, 33, 40, 47, 48, 49):
         cases.append((f"dirichlet0.1-k{k}", rng.dirichlet(np.full(k, 0.1))))
         cases.append((f"dirichlet5-k{k}", rng.dirichlet(np.full(k, 5.0))))
         cases.append((f"uniform-k{k}", np.ones(k)))  # exact ties at every round
@@ -421,7 +421,7 @@ def _avx2_kernel_cases() -> list[tuple[str, np.ndarray]]:
 
 @pytest.mark.parametrize(("name", "weights"), _avx2_kernel_cases())
 def test_blend_indices_avx2_path_matches_naive_loop(name: str, weights: np.ndarray) -> None:
-    # CPUs with AVX2 but no AVX-512 run the register kernel on 4-lane registers (up to 32 domains,
+    # CPUs with AVX2 but no AVX-512 run the register kernel on 4-lane registers (up to 48 domains,
     # and for the windows' candidates above); forced here on any machine that has AVX2 (on one
     # without, the call runs the scalar path, which must match as well).  The misguessed variant
     # starts every speculative segment from a wrong state, so the recovery decides the output.
@@ -433,9 +433,10 @@ def test_blend_indices_avx2_path_matches_naive_loop(name: str, weights: np.ndarr
         np.testing.assert_array_equal(fast[1], naive[1], err_msg=name)
 
 
-@pytest.mark.parametrize("k", [22, 100, 256])
+@pytest.mark.parametrize("k", [22, 101, 256])
 def test_blend_indices_avx2_path_long_streams(k: int) -> None:
-    # Long enough for several rounds of speculative segments (K <= 32) and many windows (K > 32).
+    # Long enough for several rounds of speculative segments (K <= 32) and many windows (K > 48,
+    # refreshed 4 domains per register; 101 leaves a scalar tail).
     w = np.random.default_rng(1100 + k).dirichlet(np.ones(k))
     size = 300_000
     naive = _C._blend_indices_naive(w, size)

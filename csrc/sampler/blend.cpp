@@ -1,5 +1,5 @@
-// GreedyFast's kernels (blend.h): the refresh pass (scalar, AVX-512) and the register argmax
-// (AVX-512, AVX2), each picked at run time.
+// GreedyFast's kernels (blend.h): the refresh pass and the register argmax, scalar, AVX2 and
+// AVX-512, each picked at run time.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -79,6 +79,80 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) double refresh_avx512(
   *above = n_above;
   *num = n_cand;
   return _mm512_reduce_max_pd(topv);
+}
+
+// The refresh pass with AVX2 (CPUs without AVX-512): four domains per register; AVX2 has no
+// compress, so the candidate lanes are packed with a permutation looked up by their 4-bit mask.
+// The candidate test is the AVX-512 version's (v + w * growth >= level - delta).
+struct CompressTable {
+  int32_t ids[16][4];     // the set lanes of each mask, in order (ids)
+  int32_t halves[16][8];  // the same for doubles, as pairs of 32-bit halves
+  CompressTable() : ids(), halves() {
+    for (int mask = 0; mask < 16; ++mask) {
+      int out = 0;
+      for (int lane = 0; lane < 4; ++lane) {
+        if (((mask >> lane) & 1) == 0) continue;
+        ids[mask][out] = lane;
+        halves[mask][2 * out] = 2 * lane;
+        halves[mask][2 * out + 1] = 2 * lane + 1;
+        ++out;
+      }
+    }
+  }
+};
+
+__attribute__((target("avx2,popcnt"))) double refresh_avx2(
+    const double* w, const double* cf, int64_t k, double x0, double level, double growth,
+    double delta, int64_t* above, int32_t* cand, int64_t* num, double* cw, double* cc) {
+  static const CompressTable table;
+  const __m256d xv = _mm256_set1_pd(x0);
+  const __m256d lv = _mm256_set1_pd(level);
+  const __m256d gv = _mm256_set1_pd(growth);
+  const __m256d ldv = _mm256_set1_pd(level - delta);
+  __m256d topv = _mm256_set1_pd(-HUGE_VAL);
+  int64_t n_above = 0, n_cand = 0, d = 0;
+  for (; d + 4 <= k; d += 4) {
+    const __m256d wv = _mm256_loadu_pd(w + d);
+    const __m256d cv = _mm256_loadu_pd(cf + d);
+    const __m256d v = _mm256_sub_pd(_mm256_mul_pd(wv, xv), cv);  // deficit(): mul then sub
+    topv = _mm256_max_pd(topv, v);
+    n_above += __builtin_popcount(
+        static_cast<unsigned>(_mm256_movemask_pd(_mm256_cmp_pd(v, lv, _CMP_GE_OQ))));
+    const __m256d reach = _mm256_add_pd(v, _mm256_mul_pd(wv, gv));
+    const int is_cand = _mm256_movemask_pd(_mm256_cmp_pd(reach, ldv, _CMP_GE_OQ));
+    // Plain 4- and 8-lane stores: the caller's buffers have 8 spare slots.
+    const __m128i lanes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(table.ids[is_cand]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(cand + n_cand),
+                     _mm_add_epi32(lanes, _mm_set1_epi32(static_cast<int32_t>(d))));
+    if (cw != nullptr) {
+      const __m256i perm =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table.halves[is_cand]));
+      _mm256_storeu_pd(cw + n_cand, _mm256_castps_pd(_mm256_permutevar8x32_ps(
+                                        _mm256_castpd_ps(wv), perm)));
+      _mm256_storeu_pd(cc + n_cand, _mm256_castps_pd(_mm256_permutevar8x32_ps(
+                                        _mm256_castpd_ps(cv), perm)));
+    }
+    n_cand += __builtin_popcount(static_cast<unsigned>(is_cand));
+  }
+  alignas(32) double tops[4];
+  _mm256_store_pd(tops, topv);
+  double top = std::max(std::max(tops[0], tops[1]), std::max(tops[2], tops[3]));
+  for (; d < k; ++d) {  // the last k % 4 domains
+    const double v = deficit(w[d], x0, cf[d]);
+    top = v > top ? v : top;
+    n_above += v >= level ? 1 : 0;
+    if (v + w[d] * growth >= level - delta) {
+      cand[n_cand] = static_cast<int32_t>(d);
+      if (cw != nullptr) {
+        cw[n_cand] = w[d];
+        cc[n_cand] = cf[d];
+      }
+      ++n_cand;
+    }
+  }
+  *above = n_above;
+  *num = n_cand;
+  return top;
 }
 
 // Mask of the real lanes of register i when n lanes are used.
@@ -473,6 +547,9 @@ double refresh_pass(Isa isa, const double* w, const double* cf, int64_t k, doubl
   if (isa == Isa::kAvx512 && cpu_has_avx512()) {
     return refresh_avx512(w, cf, k, x0, level, growth, delta, above, cand, num, cw, cc);
   }
+  if (isa >= Isa::kAvx2 && cpu_has_avx2()) {
+    return refresh_avx2(w, cf, k, x0, level, growth, delta, above, cand, num, cw, cc);
+  }
 #endif
   (void)isa;
   return refresh_scalar(w, cf, k, x0, level, growth, delta, above, cand, num, cw, cc);
@@ -527,10 +604,12 @@ void register_argmax_multi(const double* const* cw, double* const* cc, const int
 }
 
 int register_segments_for(Isa isa, int64_t n) {
-  // AVX2: three chains.  Thread CPU time per step on Zen 4 (AMD EPYC family 25), one / two / three
+  // AVX2: three chains up to 32 candidates, one above (registers).  Thread CPU time per step on Zen 4 (AMD EPYC family 25), one / two / three
   // chains: K = 8: 7.4 / 4.0 / 3.0 ns; K = 16: 8.1 / 4.9 / 4.4; K = 22: 9.0 / 7.9 / 8.1; K = 32:
   // 13.1 / 11.9 / 9.2 (the scalar path: 28 to 39 ns).
-  if (isa != Isa::kAvx512 || !register_argmax_available(Isa::kAvx512, n)) return 3;
+  if (isa != Isa::kAvx512 || !register_argmax_available(Isa::kAvx512, n)) {
+    return n <= kAvx2SegmentsMax ? 3 : 1;
+  }
   // S chains hold S * NV count registers next to NV weights and the temporaries (32 zmm in all).
   // Thread CPU time per step on Zen 5, including the emit pass, S = 1 / 2 / 3 / 4:
   // K = 22: 9.1 / 6.4 / 4.5 / 4.0 ns; K = 30: 11.1 / 7.1 / 5.0 / 4.8;
@@ -572,6 +651,16 @@ void register_argmax_chains(Isa isa, const double* cw, int64_t n, int segments, 
         default: break;
       }
 #undef FASTMIX_AVX2
+      // Above 32 candidates, one chain only (its counts alone fill 9 to 12 of the 16 registers).
+      if (segments == 1 && fused == nullptr) {
+        switch ((n + 3) / 4) {
+          case 9: return argmax_steps_avx2<9, 1>(cw, n, cc, s, m, pos, snap, q);
+          case 10: return argmax_steps_avx2<10, 1>(cw, n, cc, s, m, pos, snap, q);
+          case 11: return argmax_steps_avx2<11, 1>(cw, n, cc, s, m, pos, snap, q);
+          case 12: return argmax_steps_avx2<12, 1>(cw, n, cc, s, m, pos, snap, q);
+          default: break;
+        }
+      }
     }
     throw std::logic_error("register_argmax_chains: unsupported candidate or segment count");
   }

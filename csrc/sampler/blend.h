@@ -4,7 +4,7 @@
 // Two implementations with identical output: greedy_naive (the rule as written, O(K) per step; the
 // benchmark baseline and the oracle) and GreedyFast (below: all domains, or the candidates that
 // windowed pruning leaves, held in AVX-512 registers with one exact vector argmax per step; AVX2
-// registers for up to 32 on CPUs without AVX-512; scalar pruning on the rest).  Both can start from any state (step s0, counts), which is how
+// registers for up to 48 on CPUs without AVX-512; scalar pruning on the rest).  Both can start from any state (step s0, counts), which is how
 // MixtureSampler streams the rule.
 #pragma once
 
@@ -74,8 +74,8 @@ void greedy_naive(const double* w, int64_t k, int64_t s0, int64_t n, int64_t* co
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 Isa best_isa();
 
-// One refresh pass over all K domains at x0 for level L (defined in blend.cpp, with an AVX-512
-// version for isa = kAvx512): returns the maximum computed value, writes the number of domains with
+// One refresh pass over all K domains at x0 for level L (defined in blend.cpp: scalar, AVX2 and
+// AVX-512 versions, the best that isa allows): returns the maximum computed value, writes the number of domains with
 // value >= L to *above and the candidates (value + w * growth + delta >= L), in index order, to
 // cand[0..*num), with their weights and counts to cw and cc when given (compressed in registers
 // alongside the ids); cand, cw and cc must have room for K + 8 entries.  The candidate test may
@@ -91,7 +91,8 @@ double refresh_pass(Isa isa, const double* w, const double* cf, int64_t k, doubl
 // 64 candidates, AVX2 up to kAvx2RegisterMax).  register_argmax_available(isa, n) says whether it
 // can run for n candidates with that instruction set here.
 constexpr int64_t kRegisterArgmaxMax = 64;
-constexpr int64_t kAvx2RegisterMax = 32;
+constexpr int64_t kAvx2RegisterMax = 48;
+constexpr int64_t kAvx2SegmentsMax = 32;  // speculative segments (3 chains) up to this many
 bool register_argmax_available(Isa isa, int64_t n);
 void register_argmax_steps(Isa isa, const double* cw, double* cc, int64_t n, int64_t s, int64_t m,
                            int32_t* pos);

@@ -294,7 +294,7 @@ that instruction set; tests) does not change the output.  Releases the GIL.
   m.def("blend_indices", &blend<BlendPath::kFast>, py::arg("weights"), py::arg("size"), R"doc(
 Megatron-LM's build_blending_indices: (dataset_index int16[size], dataset_sample_index int64[size])
 for float64 `weights` used as given.  Candidates in AVX-512 registers (windowed pruning above 64
-domains; AVX2 registers up to 32 domains on CPUs without AVX-512); bit-identical to the plain
+domains; AVX2 registers up to 48 domains on CPUs without AVX-512); bit-identical to the plain
 rule.
 )doc");
   m.def("_blend_indices_naive", &blend<BlendPath::kNaive>, py::arg("weights"), py::arg("size"),
