@@ -558,7 +558,7 @@ def test_greedy_fill_in_chunks_matches_blend_indices(k: int) -> None:
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
-@pytest.mark.parametrize("k", [5, 22, 32, 100])
+@pytest.mark.parametrize("k", [5, 22, 32, 40, 100])
 def test_greedy_fill_every_instruction_set_continues_the_rule(isa: str, k: int) -> None:
     # The streaming path (ids only, speculative segments without the fused output) on each set of
     # kernels a CPU may have (a set this one lacks falls back to the best it has).
