@@ -604,9 +604,10 @@ void register_argmax_multi(const double* const* cw, double* const* cc, const int
 }
 
 int register_segments_for(Isa isa, int64_t n) {
-  // AVX2: three chains up to 32 candidates, one above (registers).  Thread CPU time per step on Zen 4 (AMD EPYC family 25), one / two / three
-  // chains: K = 8: 7.4 / 4.0 / 3.0 ns; K = 16: 8.1 / 4.9 / 4.4; K = 22: 9.0 / 7.9 / 8.1; K = 32:
-  // 13.1 / 11.9 / 9.2 (the scalar path: 28 to 39 ns).
+  // AVX2: three chains up to 32 candidates, one above (registers).  Thread CPU time per step on
+  // Zen 4 (AMD EPYC family 25), one / two / three chains: K = 8: 7.4 / 4.0 / 3.0 ns; K = 16:
+  // 8.1 / 4.9 / 4.4; K = 22: 9.0 / 7.9 / 8.1; K = 32: 13.1 / 11.9 / 9.2 (the scalar path: 28 to
+  // 39 ns).
   if (isa != Isa::kAvx512 || !register_argmax_available(Isa::kAvx512, n)) {
     return n <= kAvx2SegmentsMax ? 3 : 1;
   }

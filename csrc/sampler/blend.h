@@ -4,8 +4,8 @@
 // Two implementations with identical output: greedy_naive (the rule as written, O(K) per step; the
 // benchmark baseline and the oracle) and GreedyFast (below: all domains, or the candidates that
 // windowed pruning leaves, held in AVX-512 registers with one exact vector argmax per step; AVX2
-// registers for up to 48 on CPUs without AVX-512; scalar pruning on the rest).  Both can start from any state (step s0, counts), which is how
-// MixtureSampler streams the rule.
+// registers for up to 48 on CPUs without AVX-512; scalar pruning on the rest).  Both can start
+// from any state (step s0, counts), which is how MixtureSampler streams the rule.
 #pragma once
 
 #include <algorithm>
@@ -75,10 +75,10 @@ enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 Isa best_isa();
 
 // One refresh pass over all K domains at x0 for level L (defined in blend.cpp: scalar, AVX2 and
-// AVX-512 versions, the best that isa allows): returns the maximum computed value, writes the number of domains with
-// value >= L to *above and the candidates (value + w * growth + delta >= L), in index order, to
-// cand[0..*num), with their weights and counts to cw and cc when given (compressed in registers
-// alongside the ids); cand, cw and cc must have room for K + 8 entries.  The candidate test may
+// AVX-512 versions, the best that isa allows): returns the maximum computed value, writes the
+// number of domains with value >= L to *above and the candidates (value + w * growth + delta >=
+// L), in index order, to cand[0..*num), with their weights and counts to cw and cc when given
+// (packed in registers alongside the ids); cand, cw and cc must have room for K + 8 entries.  The candidate test may
 // round differently between versions; the proof above holds for any rounding of it because delta
 // carries a ~3x margin, and the output never depends on it.
 double refresh_pass(Isa isa, const double* w, const double* cf, int64_t k, double x0, double level,
@@ -192,7 +192,8 @@ class GreedyFast {
       positions_.resize(kChunk);
       for (; done < n; done += kChunk) {
         const int64_t m = std::min<int64_t>(kChunk, n - done);
-        register_argmax_steps(isa_, w_.data(), count_f_.data(), k_, s0 + done, m, positions_.data());
+        register_argmax_steps(isa_, w_.data(), count_f_.data(), k_, s0 + done, m,
+                              positions_.data());
         emit_positions(positions_.data(), nullptr, done, m, counts, emit);
       }
       return;
