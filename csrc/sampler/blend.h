@@ -78,9 +78,9 @@ Isa best_isa();
 // AVX-512 versions, the best that isa allows): returns the maximum computed value, writes the
 // number of domains with value >= L to *above and the candidates (value + w * growth + delta >=
 // L), in index order, to cand[0..*num), with their weights and counts to cw and cc when given
-// (packed in registers alongside the ids); cand, cw and cc must have room for K + 8 entries.  The candidate test may
-// round differently between versions; the proof above holds for any rounding of it because delta
-// carries a ~3x margin, and the output never depends on it.
+// (packed in registers alongside the ids); cand, cw and cc must have room for K + 8 entries.
+// The candidate test may round differently between versions; the proof above holds for any
+// rounding of it because delta carries a ~3x margin, and the output never depends on it.
 double refresh_pass(Isa isa, const double* w, const double* cf, int64_t k, double x0, double level,
                     double growth, double delta, int64_t* above, int32_t* cand, int64_t* num,
                     double* cw = nullptr, double* cc = nullptr);
