@@ -381,11 +381,11 @@ def test_blend_indices_matches_naive_loop_long(k: int) -> None:
     np.testing.assert_array_equal(fast[1], naive[1])
 
 
-def _register_kernel_cases() -> list[tuple[str, np.ndarray]]:
-    """Weights around the 8-lane register boundaries of the vector kernel (K <= 64 unpruned)."""
-    rng = np.random.default_rng(2024)
+def _lane_boundary_cases(ks: tuple[int, ...], seed: int) -> list[tuple[str, np.ndarray]]:
+    """Weights for K around a vector kernel's register boundaries: spread, peaked, tied, zeros."""
+    rng = np.random.default_rng(seed)
     cases = []
-    for k in (1, 2, 3, 7, 8, 9, 15, 16, 17, 22, 31, 33, 63, 64, 65):
+    for k in ks:
         cases.append((f"dirichlet0.1-k{k}", rng.dirichlet(np.full(k, 0.1))))
         cases.append((f"dirichlet5-k{k}", rng.dirichlet(np.full(k, 5.0))))
         cases.append((f"uniform-k{k}", np.ones(k)))  # exact ties at every round
@@ -395,7 +395,15 @@ def _register_kernel_cases() -> list[tuple[str, np.ndarray]]:
     return cases
 
 
-@pytest.mark.parametrize(("name", "weights"), _register_kernel_cases())
+# AVX-512: 8 lanes per register, K <= 64 unpruned.
+_AVX512_CASES = _lane_boundary_cases((1, 2, 3, 7, 8, 9, 15, 16, 17, 22, 31, 33, 63, 64, 65), 2024)
+# AVX2: 4 lanes per register, K <= 48 unpruned (three segments up to 32).
+_AVX2_CASES = _lane_boundary_cases(
+    (1, 2, 3, 4, 5, 8, 12, 13, 21, 22, 24, 31, 32, 33, 40, 47, 48, 49), 2025
+)
+
+
+@pytest.mark.parametrize(("name", "weights"), _AVX512_CASES)
 def test_blend_indices_vector_kernel_lane_boundaries(name: str, weights: np.ndarray) -> None:
     w = weights / np.sum(weights)
     size = 30_000
@@ -405,21 +413,7 @@ def test_blend_indices_vector_kernel_lane_boundaries(name: str, weights: np.ndar
     np.testing.assert_array_equal(fast[1], naive[1], err_msg=name)
 
 
-def _avx2_kernel_cases() -> list[tuple[str, np.ndarray]]:
-    """Weights around the 4-lane register boundaries of the AVX2 kernel (K <= 48 unpruned)."""
-    rng = np.random.default_rng(2025)
-    cases = []
-    for k in (1, 2, 3, 4, 5, 8, 12, 13, 21, 22, 24, 31, 32, 33, 40, 47, 48, 49):
-        cases.append((f"dirichlet0.1-k{k}", rng.dirichlet(np.full(k, 0.1))))
-        cases.append((f"dirichlet5-k{k}", rng.dirichlet(np.full(k, 5.0))))
-        cases.append((f"uniform-k{k}", np.ones(k)))  # exact ties at every round
-        dup = rng.choice([0.0, 0.5, 1.0, 2.0], size=k)
-        dup[-1] = 1.0
-        cases.append((f"duplicates-zeros-k{k}", dup))
-    return cases
-
-
-@pytest.mark.parametrize(("name", "weights"), _avx2_kernel_cases())
+@pytest.mark.parametrize(("name", "weights"), _AVX2_CASES)
 def test_blend_indices_avx2_path_matches_naive_loop(name: str, weights: np.ndarray) -> None:
     # CPUs with AVX2 but no AVX-512 run the register kernel on 4-lane registers (up to 48 domains,
     # and for the windows' candidates above); forced here on any machine that has AVX2 (on one
@@ -523,6 +517,20 @@ def test_blend_indices_long_windows_match_naive_loop(k: int, concentration: floa
         np.testing.assert_array_equal(fast[1], naive[1])
 
 
+def _greedy_fill_in_pieces(
+    w: np.ndarray, sizes: tuple[int, ...], isa: str = "best"
+) -> tuple[np.ndarray, np.ndarray]:
+    """greedy_fill called once per size from step 0, each call continuing the last: (ids, counts)."""
+    counts = np.zeros(len(w), dtype=np.int64)
+    pieces, step = [], 0
+    for n in sizes:
+        out = np.empty(n, dtype=np.int32)
+        _C.greedy_fill(w, step, counts, out, isa=isa)
+        pieces.append(out)
+        step += n
+    return np.concatenate(pieces), counts
+
+
 @pytest.mark.parametrize("k", [100, 300])
 def test_greedy_fill_windowed_segments_from_mid_stream(k: int) -> None:
     # greedy_fill takes the windowed path without the output arrays (ids only), from a state
@@ -530,14 +538,8 @@ def test_greedy_fill_windowed_segments_from_mid_stream(k: int) -> None:
     w = np.random.default_rng(900 + k).dirichlet(np.ones(k))
     w = w / np.sum(w)
     expected = _C._blend_indices_naive(w, 80_000)[0]
-    counts = np.zeros(k, dtype=np.int64)
-    pieces, step = [], 0
-    for n in (3, 39_997, 40_000):
-        out = np.empty(n, dtype=np.int32)
-        _C.greedy_fill(w, step, counts, out)
-        pieces.append(out)
-        step += n
-    np.testing.assert_array_equal(np.concatenate(pieces), expected)
+    ids, _ = _greedy_fill_in_pieces(w, (3, 39_997, 40_000))
+    np.testing.assert_array_equal(ids, expected)
 
 
 @pytest.mark.parametrize("k", [22, 256])
@@ -546,14 +548,8 @@ def test_greedy_fill_in_chunks_matches_blend_indices(k: int) -> None:
     w = np.random.default_rng(k).dirichlet(np.ones(k))
     w = w / np.sum(w)
     expected = blend_indices(w, 50_000)[0]
-    counts = np.zeros(k, dtype=np.int64)
-    pieces, step = [], 0
-    for n in (1, 7, 4096, 10_000, 1, 35_895):
-        out = np.empty(n, dtype=np.int32)
-        _C.greedy_fill(w, step, counts, out)
-        pieces.append(out)
-        step += n
-    np.testing.assert_array_equal(np.concatenate(pieces), expected)
+    ids, counts = _greedy_fill_in_pieces(w, (1, 7, 4096, 10_000, 1, 35_895))
+    np.testing.assert_array_equal(ids, expected)
     np.testing.assert_array_equal(counts, np.bincount(expected, minlength=k))
 
 
@@ -565,14 +561,8 @@ def test_greedy_fill_every_instruction_set_continues_the_rule(isa: str, k: int) 
     w = np.random.default_rng(1300 + k).dirichlet(np.ones(k))
     w = w / np.sum(w)
     expected = _C._blend_indices_naive(w, 120_000)[0]
-    counts = np.zeros(k, dtype=np.int64)
-    pieces, step = [], 0
-    for n in (5, 70_000, 49_995):
-        out = np.empty(n, dtype=np.int32)
-        _C.greedy_fill(w, step, counts, out, isa=isa)
-        pieces.append(out)
-        step += n
-    np.testing.assert_array_equal(np.concatenate(pieces), expected)
+    ids, _ = _greedy_fill_in_pieces(w, (5, 70_000, 49_995), isa=isa)
+    np.testing.assert_array_equal(ids, expected)
 
 
 def test_greedy_fill_rejects_an_unknown_isa() -> None:
