@@ -520,7 +520,7 @@ def test_blend_indices_long_windows_match_naive_loop(k: int, concentration: floa
 def _greedy_fill_in_pieces(
     w: np.ndarray, sizes: tuple[int, ...], isa: str = "best"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """greedy_fill called once per size from step 0, each call continuing the last: (ids, counts)."""
+    """greedy_fill once per size from step 0, each call continuing the last: (ids, counts)."""
     counts = np.zeros(len(w), dtype=np.int64)
     pieces, step = [], 0
     for n in sizes:
