@@ -598,14 +598,17 @@ void register_argmax_multi(const double* const* cw, double* const* cc, const int
   throw std::logic_error("register_argmax_multi: unsupported candidate or chain count");
 }
 
+// Whether the AVX-512 register kernel takes n candidates for this isa (else AVX2, if any).
+static bool uses_avx512_kernel(Isa isa, int64_t n) {
+  return isa == Isa::kAvx512 && register_argmax_available(Isa::kAvx512, n);
+}
+
 int register_segments_for(Isa isa, int64_t n) {
   // AVX2: three chains up to 32 candidates, one above (registers).  Thread CPU time per step on
   // Zen 4 (AMD EPYC family 25), one / two / three chains: K = 8: 7.4 / 4.0 / 3.0 ns; K = 16:
   // 8.1 / 4.9 / 4.4; K = 22: 9.0 / 7.9 / 8.1; K = 32: 13.1 / 11.9 / 9.2 (the scalar path: 28 to
   // 39 ns).
-  if (isa != Isa::kAvx512 || !register_argmax_available(Isa::kAvx512, n)) {
-    return n <= kAvx2SegmentsMax ? 3 : 1;
-  }
+  if (!uses_avx512_kernel(isa, n)) return n <= kAvx2SegmentsMax ? 3 : 1;
   // S chains hold S * NV count registers next to NV weights and the temporaries (32 zmm in all).
   // Thread CPU time per step on Zen 5, including the emit pass, S = 1 / 2 / 3 / 4:
   // K = 22: 9.1 / 6.4 / 4.5 / 4.0 ns; K = 30: 11.1 / 7.1 / 5.0 / 4.8;
@@ -619,7 +622,7 @@ void register_argmax_chains(Isa isa, const double* cw, int64_t n, int segments, 
                             const int64_t* s, int64_t m, int32_t* const* pos,
                             double* const* snap, int64_t q, const ChainOutput* fused) {
 #if defined(FASTMIX_X86_DISPATCH)
-  if (!register_argmax_available(Isa::kAvx512, n) || isa != Isa::kAvx512) {
+  if (!uses_avx512_kernel(isa, n)) {
     if (register_argmax_available(isa, n)) {
       // AVX2: one chain (single steps, recomputation) or three (segments, plain or fused).
 #define FASTMIX_AVX2(NV)                                                                  \
@@ -630,10 +633,6 @@ void register_argmax_chains(Isa isa, const double* cw, int64_t n, int segments, 
     return argmax_steps_avx2<NV, 3, true>(cw, n, cc, s, m, pos, snap, q, fused);           \
   }                                                                                       \
   if (segments == 3) return argmax_steps_avx2<NV, 3>(cw, n, cc, s, m, pos, snap, q);       \
-  if (segments == 2 && fused != nullptr) {                                                \
-    return argmax_steps_avx2<NV, 2, true>(cw, n, cc, s, m, pos, snap, q, fused);           \
-  }                                                                                       \
-  if (segments == 2) return argmax_steps_avx2<NV, 2>(cw, n, cc, s, m, pos, snap, q);       \
   break
       switch ((n + 3) / 4) {
         case 1: FASTMIX_AVX2(1);

@@ -109,7 +109,7 @@ void register_argmax_steps(Isa isa, const double* cw, double* cc, int64_t n, int
 // guesses, only the speed.  register_segments_for(n) = S for n candidates; register_argmax_chains
 // runs the S chains: chain j from step s[j] and counts cc[j] (updated) for m steps into pos[j],
 // snapshots of the counts after every q steps into snap[j] (ceil(n / 8) * 8 entries apart; the
-// first n are the counts).  With fused (one entry per chain; S = 2, 3 or 4), chain j writes its
+// first n are the counts).  With fused (one entry per chain; S = 3 or 4), chain j writes its
 // output straight into the caller's arrays instead of pos[j]: index[t] = the candidate chosen,
 // sample[t] = counts[it]++ (counts: int64, the chain's counts at its start).
 struct ChainOutput {
