@@ -513,6 +513,101 @@ __attribute__((target("avx2"))) void argmax_steps_avx2(
   }
 }
 
+// ---- Screened lanes (blend.h): the fixed-point kernel and its anchoring, AVX-512 ----
+
+// Rows of 16 lanes, row d of lane j at rows[16 * d + j]; R rows in registers (K rounded up to
+// even; the padding rows hold INT32_MIN, which never comes near a lane's maximum).  Runs m steps:
+// tops[16 t + j] = lane j's maximum at step t (its low bits name the row).  Returns the lanes
+// that are uncertain: a step with more than one row within `margin` of the maximum, or a maximum
+// outside the range in which no row can overflow (see blend.h).
+template <int R>
+__attribute__((target("avx512f,avx512vl,avx512dq"))) uint32_t screen_steps_avx512(
+    const int32_t* step_add, int32_t* rows, int64_t m, int32_t margin, int32_t* tops) {
+  __m512i row[R];
+  int32_t add_max = 0;
+#pragma GCC unroll 32
+  for (int d = 0; d < R; ++d) {
+    row[d] = _mm512_loadu_si512(rows + 16 * d);
+    add_max = std::max(add_max, step_add[d]);
+  }
+  const __m512i one = _mm512_set1_epi32(kScreenOne);
+  const __m512i marginv = _mm512_set1_epi32(margin);
+  const __m512i unit = _mm512_set1_epi32(1);
+  __m512i near = _mm512_setzero_si512();  // per lane: the rows within the margin, all steps
+  __m512i high = _mm512_set1_epi32(INT32_MIN), low = _mm512_set1_epi32(INT32_MAX);
+  for (int64_t t = 0; t < m; ++t) {
+    // The maximum in four independent chains (integer max: 1 cycle, the rows' updates overlap).
+    __m512i a = row[0], b = row[1], c = R > 2 ? row[2] : row[0], e = R > 3 ? row[3] : row[1];
+#pragma GCC unroll 32
+    for (int d = 4; d < R; d += 4) {
+      a = _mm512_max_epi32(a, row[d]);
+      if (d + 1 < R) b = _mm512_max_epi32(b, row[d + 1]);
+      if (d + 2 < R) c = _mm512_max_epi32(c, row[d + 2]);
+      if (d + 3 < R) e = _mm512_max_epi32(e, row[d + 3]);
+    }
+    const __m512i top = _mm512_max_epi32(_mm512_max_epi32(a, b), _mm512_max_epi32(c, e));
+    _mm512_storeu_si512(tops + 16 * t, top);
+    high = _mm512_max_epi32(high, top);
+    low = _mm512_min_epi32(low, top);
+    const __m512i floor = _mm512_sub_epi32(top, marginv);
+#pragma GCC unroll 32
+    for (int d = 0; d < R; ++d) {
+      // The rows near the top: exactly the chosen one on a certain step (then it is the only row
+      // decremented); counting them costs one add per row, a second-largest tracker two.
+      const __mmask16 chosen = _mm512_cmpge_epi32_mask(row[d], floor);
+      near = _mm512_mask_add_epi32(near, chosen, near, unit);
+      row[d] = _mm512_add_epi32(row[d], _mm512_set1_epi32(step_add[d]));
+      row[d] = _mm512_mask_sub_epi32(row[d], chosen, row[d], one);
+    }
+  }
+#pragma GCC unroll 32
+  for (int d = 0; d < R; ++d) _mm512_storeu_si512(rows + 16 * d, row[d]);
+  // Rows only grow by step_add and only the chosen (near the top) drop by one: bounding the tops
+  // bounds every row.
+  const __mmask16 ties = _mm512_cmpneq_epi32_mask(near, _mm512_set1_epi32(static_cast<int32_t>(m)));
+  const __mmask16 too_high =
+      _mm512_cmpgt_epi32_mask(high, _mm512_set1_epi32(INT32_MAX - add_max - 64));
+  const __mmask16 too_low =
+      _mm512_cmplt_epi32_mask(low, _mm512_set1_epi32(INT32_MIN + kScreenOne + margin + 64));
+  return static_cast<uint32_t>(ties | too_high | too_low);
+}
+
+// rows = the packed fixed-point deficits of k domains (R rows) for the 16 lanes at steps step[j]
+// >= 1 with counts[16 d + j]; returns the lanes with a deficit outside [-kScreenRange, 2] (not
+// screened: 32-bit rows could overflow), *x_max = the largest step.
+__attribute__((target("avx512f,avx512vl,avx512dq"))) uint32_t screen_anchor_avx512(
+    const double* w, int64_t k, int64_t r, const int64_t* counts, const int64_t* step,
+    int32_t* rows, double* x_max) {
+  const __m512d xa = _mm512_cvtepi64_pd(_mm512_loadu_si512(step));
+  const __m512d xb = _mm512_cvtepi64_pd(_mm512_loadu_si512(step + 8));
+  *x_max = _mm512_reduce_max_pd(_mm512_max_pd(xa, xb));
+  const __m512d scale = _mm512_set1_pd(std::ldexp(1.0, kScreenFraction));
+  const __m512d lo = _mm512_set1_pd(-kScreenRange), hi = _mm512_set1_pd(2.0);
+  __mmask8 in_a = 0xFF, in_b = 0xFF;
+  for (int64_t d = 0; d < k; ++d) {
+    const __m512d wv = _mm512_set1_pd(w[d]);
+    // deficit(): one multiply, one subtract, as the rule computes it.
+    __m512d va = _mm512_sub_pd(_mm512_mul_pd(wv, xa),
+                               _mm512_cvtepi64_pd(_mm512_loadu_si512(counts + 16 * d)));
+    __m512d vb = _mm512_sub_pd(_mm512_mul_pd(wv, xb),
+                               _mm512_cvtepi64_pd(_mm512_loadu_si512(counts + 16 * d + 8)));
+    in_a &= _mm512_cmp_pd_mask(va, lo, _CMP_GE_OQ) & _mm512_cmp_pd_mask(va, hi, _CMP_LE_OQ);
+    in_b &= _mm512_cmp_pd_mask(vb, lo, _CMP_GE_OQ) & _mm512_cmp_pd_mask(vb, hi, _CMP_LE_OQ);
+    va = _mm512_min_pd(_mm512_max_pd(va, lo), hi);  // the lane is not screened; keep it finite
+    vb = _mm512_min_pd(_mm512_max_pd(vb, lo), hi);
+    const __m256i ia = _mm512_cvt_roundpd_epi32(_mm512_mul_pd(va, scale),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i ib = _mm512_cvt_roundpd_epi32(_mm512_mul_pd(vb, scale),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(ia), ib, 1);
+    const __m512i packed = _mm512_or_si512(_mm512_slli_epi32(a, kScreenIndexBits),
+                                           _mm512_set1_epi32(static_cast<int32_t>(d)));
+    _mm512_storeu_si512(rows + 16 * d, packed);
+  }
+  for (int64_t d = k; d < r; ++d) _mm512_storeu_si512(rows + 16 * d, _mm512_set1_epi32(INT32_MIN));
+  return static_cast<uint32_t>(static_cast<uint16_t>(~(in_a | (in_b << 8))));
+}
+
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -707,6 +802,60 @@ void register_argmax_chains(Isa isa, const double* cw, int64_t n, int segments, 
   (void)isa, (void)cw, (void)n, (void)segments, (void)cc, (void)s, (void)m, (void)pos, (void)snap;
   (void)q, (void)fused;
   throw std::logic_error("register_argmax_chains: unsupported candidate or segment count");
+}
+
+bool screen_available(Isa isa, int64_t k) {
+#if defined(FASTMIX_X86_DISPATCH)
+  return isa == Isa::kAvx512 && cpu_has_avx512() && k >= 2 && k <= kScreenMax;
+#else
+  (void)isa, (void)k;
+  return false;
+#endif
+}
+
+uint32_t screen_anchor(const double* w, int64_t k, const int64_t* counts, const int64_t* step,
+                       int32_t* rows, double* x_max) {
+#if defined(FASTMIX_X86_DISPATCH)
+  if (screen_available(Isa::kAvx512, k)) {
+    return screen_anchor_avx512(w, k, screen_rows(k), counts, step, rows, x_max);
+  }
+#endif
+  (void)w, (void)counts, (void)step, (void)rows, (void)x_max;
+  throw std::logic_error("screen_anchor: not available for this CPU or domain count");
+}
+
+uint32_t screen_steps(const int32_t* step_add, int64_t k, int32_t* rows, int64_t m,
+                      int32_t margin, int32_t* tops) {
+#if defined(FASTMIX_X86_DISPATCH)
+  if (screen_available(Isa::kAvx512, k)) {
+#define FASTMIX_SCREEN(R) \
+  case R:                 \
+    return screen_steps_avx512<R>(step_add, rows, m, margin, tops)
+    switch (screen_rows(k)) {
+      FASTMIX_SCREEN(2);
+      FASTMIX_SCREEN(4);
+      FASTMIX_SCREEN(6);
+      FASTMIX_SCREEN(8);
+      FASTMIX_SCREEN(10);
+      FASTMIX_SCREEN(12);
+      FASTMIX_SCREEN(14);
+      FASTMIX_SCREEN(16);
+      FASTMIX_SCREEN(18);
+      FASTMIX_SCREEN(20);
+      FASTMIX_SCREEN(22);
+      FASTMIX_SCREEN(24);
+      FASTMIX_SCREEN(26);
+      FASTMIX_SCREEN(28);
+      FASTMIX_SCREEN(30);
+      FASTMIX_SCREEN(32);
+      default:
+        break;
+    }
+#undef FASTMIX_SCREEN
+  }
+#endif
+  (void)step_add, (void)rows, (void)m, (void)margin, (void)tops;
+  throw std::logic_error("screen_steps: not available for this CPU or domain count");
 }
 
 }  // namespace fastmix

@@ -131,6 +131,56 @@ int64_t register_multi_max(Isa isa, int chains);
 void register_argmax_multi(const double* const* cw, double* const* cc, const int64_t* n,
                            int chains, const int64_t* s, int64_t m, int32_t* const* pos);
 
+// Screened lanes (2 <= K <= kScreenMax, AVX-512).  The register kernels evaluate the rule's
+// doubles for every domain at every step; on CPUs whose 512-bit units are half width (Zen 4)
+// that is ~21 cycles per step at K = 22.  Screening runs 16 speculative segments at once, one
+// per 32-bit lane, in fixed point, and proves each step's choice exact or hands the window back:
+//  * at a window's start (step s >= 1, so x = s and x grows by one per step: steps 0 and 1 share
+//    x = 1, step 0 is done by the exact rule) every deficit is computed as the rule computes it,
+//    v = w[d] * x - count[d] in doubles, and held as A[d] = round(v * 2^F); each step adds
+//    Om[d] = round(w[d] * 2^F) to every row and subtracts 2^F from the chosen row.  Row d packs
+//    A[d] * 32 + d, so one integer max finds the largest and names its row (K <= 32);
+//  * after t steps, A[d] * 2^-F is within (1 + t) 2^-F / 2 + e of the exact w[d] * x - count[d],
+//    and so is the rule's double (e = 2^-52 (x + 8) bounds the doubles' rounding at |v| <= 4);
+//    so when every other row is more than margin = 2 + W + 4 e 2^F units below the largest, the
+//    rule chooses that row, and it is no tie;
+//  * each step counts, per lane, the rows within the margin of the largest (the rows it
+//    decrements); a lane where any step counted more than one, or whose deficits left
+//    [-kScreenRange, 2] at the start (32-bit rows could overflow) or drifted out of range inside
+//    the window (tracked through the largest row), is uncertain: that window is recomputed from
+//    its counts by the exact register kernel.  Each window starts again from the exact counts,
+//    which the output pass keeps.
+// The lanes' starting states are guessed and verified as for run_segments below.  Exact ties
+// (equal weights, weights with small common denominators) make most windows uncertain; then
+// the path gives up after a short first round and the register kernel runs alone.
+constexpr int kScreenLanes = 16;
+constexpr int64_t kScreenMax = 32;
+constexpr int kScreenFraction = 24;
+constexpr int kScreenIndexBits = 5;
+constexpr int32_t kScreenOne = int32_t{1} << (kScreenFraction + kScreenIndexBits);
+constexpr double kScreenRange = 3.0;
+constexpr int64_t kScreenWindow = 64;
+inline int64_t screen_rows(int64_t k) { return (k + 1) / 2 * 2; }
+bool screen_available(Isa isa, int64_t k);
+// rows[16 d + j] = lane j's packed deficit of domain d at step step[j] >= 1 with counts
+// counts[16 d + j]; returns the lanes outside the range (bit j), *x_max = the largest step.
+uint32_t screen_anchor(const double* w, int64_t k, const int64_t* counts, const int64_t* step,
+                       int32_t* rows, double* x_max);
+// m steps of all 16 lanes: tops[16 t + j] = lane j's largest packed row at step t (its row id
+// in the low kScreenIndexBits); step_add[d] = Om[d] * 32; returns the uncertain lanes.
+uint32_t screen_steps(const int32_t* step_add, int64_t k, int32_t* rows, int64_t m,
+                      int32_t margin, int32_t* tops);
+
+// What the screened path did in a GreedyFast's runs (tests check that it runs, and recovers).
+struct ScreenStats {
+  int64_t steps = 0;       // steps run by screened lanes, verified or not
+  int64_t windows = 0;     // lane windows
+  int64_t uncertain = 0;   // lane windows recomputed by the exact kernel
+  int64_t misguessed = 0;  // lanes whose guessed start state was wrong
+  int64_t redone = 0;      // steps recomputed for them
+  bool gave_up = false;    // too many uncertain windows: the register kernel ran the rest
+};
+
 class GreedyFast {
  public:
   // isa: the best instruction set to use (Isa::kScalar is the portable code that runs on any
@@ -176,6 +226,8 @@ class GreedyFast {
     sample_ = nullptr;
   }
 
+  const ScreenStats& screen_stats() const { return screen_; }
+
   template <class Emit>
   void run(int64_t s0, int64_t n, int64_t* counts, Emit&& emit) {
     count_f_.resize(static_cast<size_t>(k_));
@@ -187,8 +239,9 @@ class GreedyFast {
     if (k_ <= kRegisterAllBelow && vector_ && register_argmax_available(isa_, k_)) {
       // Few domains: every domain is a candidate at every step, all in registers.
       int64_t done = 0;
+      if (screen_available(isa_, k_)) done = run_screened(s0, n, done, counts, emit);
       const int segments = register_segments_for(isa_, k_);
-      if (segments > 1) done = run_segments(segments, s0, n, counts, emit);
+      if (segments > 1) done = run_segments(segments, s0, n, done, counts, emit);
       positions_.resize(kChunk);
       for (; done < n; done += kChunk) {
         const int64_t m = std::min<int64_t>(kChunk, n - done);
@@ -279,7 +332,8 @@ class GreedyFast {
   // `segments` equal segments, as long as each is >= 2 checkpoints; returns the steps done (the
   // caller finishes the rest).  count_f_ holds the true counts on entry and on return.
   template <class Emit>
-  int64_t run_segments(int segments, int64_t s0, int64_t n, int64_t* counts, Emit& emit) {
+  int64_t run_segments(int segments, int64_t s0, int64_t n, int64_t done, int64_t* counts,
+                       Emit& emit) {
     const int64_t k = k_;
     const int64_t lanes = (k + 7) / 8 * 8;
     positions_.resize(static_cast<size_t>(segments * kSegment));
@@ -290,7 +344,6 @@ class GreedyFast {
     int32_t* pos[kMaxSegments];
     double* snap[kMaxSegments];
     int64_t start[kMaxSegments];
-    int64_t done = 0;
     while (true) {
       int64_t len = std::min<int64_t>(kSegment, (n - done) / segments) / kCheckpoint * kCheckpoint;
       if (len < 2 * kCheckpoint) break;
@@ -349,6 +402,185 @@ class GreedyFast {
       }
       std::copy(cc[segments - 1], cc[segments - 1] + k, count_f_.data());
       done += segments * len;
+    }
+    return done;
+  }
+
+  // ---- Screened lanes (see screen_steps above): rounds of 16 speculative segments, one per
+  // lane, windows of kScreenWindow steps, each lane's counts kept in lane_counts_[16 d + j].
+  static constexpr int64_t kScreenSegment = 8192;    // steps per lane per round (at most)
+  static constexpr int64_t kScreenCheckpoint = 128;  // steps between the lanes' count snapshots
+  static constexpr int64_t kScreenProbe = 1024;      // the first round's lanes: cheap to give up
+
+  // Where lane j's steps go: the caller's arrays (run_into) or domain ids in positions_.
+  struct LaneOut {
+    int16_t* index;
+    int64_t* sample;
+    int32_t* pos;
+  };
+
+  // The exact rule (register kernel) for lane j's m steps from step s, its counts updated, its
+  // choices written to out from offset t.
+  void exact_lane(int j, int64_t s, int64_t m, const LaneOut& out, int64_t t) {
+    constexpr int S = kScreenLanes;
+    int64_t* c = lane_counts_.data() + j;
+    for (int64_t d = 0; d < k_; ++d) lane_cf_[d] = static_cast<double>(c[S * d]);
+    lane_pos_.resize(static_cast<size_t>(m));
+    register_argmax_steps(isa_, w_.data(), lane_cf_.data(), k_, s, m, lane_pos_.data());
+    write_lane(lane_pos_.data(), 1, m, c, out, t);
+  }
+
+  // m choices (domain ids at ids[stride * i], low kScreenIndexBits bits) into out from offset t,
+  // from the lane's counts c (stride kScreenLanes), which are updated.
+  static void write_lane(const int32_t* ids, int64_t stride, int64_t m, int64_t* c,
+                         const LaneOut& out, int64_t t) {
+    constexpr int S = kScreenLanes;
+    constexpr int32_t kMask = (1 << kScreenIndexBits) - 1;
+    if (out.index != nullptr) {
+      int16_t* index = out.index + t;
+      int64_t* sample = out.sample + t;
+      for (int64_t i = 0; i < m; ++i) {
+        const int32_t d = ids[stride * i] & kMask;
+        index[i] = static_cast<int16_t>(d);
+        sample[i] = c[S * d]++;
+      }
+      return;
+    }
+    int32_t* pos = out.pos + t;
+    for (int64_t i = 0; i < m; ++i) {
+      const int32_t d = ids[stride * i] & kMask;
+      pos[i] = d;
+      c[S * d] += 1;
+    }
+  }
+
+  // Whole rounds of 16 lanes from step s0 + done while they fit; returns the new done.
+  // count_f_ holds the true counts on entry and on return.
+  template <class Emit>
+  int64_t run_screened(int64_t s0, int64_t n, int64_t done, int64_t* counts, Emit& emit) {
+    constexpr int S = kScreenLanes;
+    const int64_t k = k_;
+    const int64_t rows = screen_rows(k);
+    if (screen_.gave_up) return done;
+    if (s0 + done == 0 && n > done) {  // step 0: x = 1 as at step 1, so not a lane step
+      auto first = [&emit, done](int64_t j, int64_t d, int64_t before) {
+        emit(done + j, d, before);
+      };
+      greedy_naive(w_.data(), k, 0, 1, counts, first);
+      for (int64_t d = 0; d < k; ++d) count_f_[d] = static_cast<double>(counts[d]);
+      done += 1;
+    }
+    step_add_.assign(static_cast<size_t>(rows), 0);
+    for (int64_t d = 0; d < k; ++d) {
+      const double om = std::nearbyint(std::ldexp(w_[d], kScreenFraction));  // <= 2^F
+      step_add_[d] = static_cast<int32_t>(om) * (int32_t{1} << kScreenIndexBits);
+    }
+    lane_counts_.resize(static_cast<size_t>(S * k));
+    lane_rows_.resize(static_cast<size_t>(S * rows));
+    lane_cf_.resize(static_cast<size_t>(k));
+    tops_.resize(static_cast<size_t>(S * kScreenWindow));
+    const int64_t checkpoints = kScreenSegment / kScreenCheckpoint;
+    lane_snaps_.resize(static_cast<size_t>(S * checkpoints * k));
+    lane_guess_.resize(static_cast<size_t>(S * k));
+    lane_final_.resize(static_cast<size_t>(k));
+    const bool fused = index_ != nullptr;
+    bool first_round = screen_.windows == 0;
+    while (true) {
+      int64_t len = std::min<int64_t>(kScreenSegment, (n - done) / S);
+      if (first_round) len = std::min(len, kScreenProbe);
+      len = len / kScreenCheckpoint * kScreenCheckpoint;
+      if (len < 2 * kScreenCheckpoint) break;
+      // The doubles' rounding grows with x: past x ~ 2^43 the margin would swamp the screening.
+      if (s0 + done + S * len > (int64_t{1} << 43)) break;
+      int64_t start[S];
+      LaneOut out[S];
+      if (!fused) positions_.resize(static_cast<size_t>(S * len));
+      for (int j = 0; j < S; ++j) {
+        start[j] = s0 + done + j * len;
+        int64_t* guess = lane_guess_.data() + j * k;
+        if (j == 0) {
+          std::copy(counts, counts + k, guess);
+        } else {
+          guess_counts(start[j], lane_cf_.data());
+          if (misguess_) misguess(j, lane_cf_.data());
+          for (int64_t d = 0; d < k; ++d) guess[d] = static_cast<int64_t>(lane_cf_[d]);
+        }
+        for (int64_t d = 0; d < k; ++d) lane_counts_[S * d + j] = guess[d];
+        out[j] = fused ? LaneOut{index_ + done + j * len, sample_ + done + j * len, nullptr}
+                       : LaneOut{nullptr, nullptr, positions_.data() + j * len};
+      }
+      int64_t uncertain = 0;
+      for (int64_t p = 0; p < len; p += kScreenWindow) {
+        int64_t step[S];
+        for (int j = 0; j < S; ++j) step[j] = start[j] + p;
+        double x_max = 0.0;
+        uint32_t unsure = screen_anchor(w_.data(), k, lane_counts_.data(), step, lane_rows_.data(),
+                                        &x_max);
+        // margin = 2 + W + 4 e 2^F units (blend.h), packed: * 32 + 31.
+        const double margin_units =
+            std::ceil(2.0 + kScreenWindow + std::ldexp(x_max + 8.0, kScreenFraction - 50));
+        const int32_t margin = static_cast<int32_t>(margin_units) * 32 + 31;
+        unsure |= screen_steps(step_add_.data(), k, lane_rows_.data(), kScreenWindow, margin,
+                               tops_.data());
+        for (int j = 0; j < S; ++j) {
+          if ((unsure >> j) & 1u) {
+            exact_lane(j, step[j], kScreenWindow, out[j], p);
+            ++uncertain;
+          } else {
+            write_lane(tops_.data() + j, S, kScreenWindow, lane_counts_.data() + j, out[j], p);
+          }
+        }
+        if ((p + kScreenWindow) % kScreenCheckpoint == 0) {
+          const int64_t i = (p + kScreenWindow) / kScreenCheckpoint - 1;
+          for (int j = 1; j < S; ++j) {
+            int64_t* snap = lane_snaps_.data() + (j * checkpoints + i) * k;
+            for (int64_t d = 0; d < k; ++d) snap[d] = lane_counts_[S * d + j];
+          }
+        }
+      }
+      screen_.windows += S * (len / kScreenWindow);
+      screen_.uncertain += uncertain;
+      // Verify, in order: lane j's guess against lane j - 1's final (true) counts.
+      for (int j = 1; j < S; ++j) {
+        int64_t* c = lane_counts_.data() + j;
+        const int64_t* guess = lane_guess_.data() + j * k;
+        bool right = true;
+        for (int64_t d = 0; d < k; ++d) right = right && c[S * d - 1] == guess[d];
+        if (right) continue;
+        ++screen_.misguessed;
+        for (int64_t d = 0; d < k; ++d) {
+          lane_final_[d] = c[S * d];
+          c[S * d] = c[S * d - 1];
+        }
+        int64_t redone = 0;
+        bool rejoined = false;
+        while (redone < len && !rejoined) {
+          exact_lane(j, start[j] + redone, kScreenCheckpoint, out[j], redone);
+          const int64_t* snap =
+              lane_snaps_.data() + (j * checkpoints + redone / kScreenCheckpoint) * k;
+          redone += kScreenCheckpoint;
+          rejoined = true;
+          for (int64_t d = 0; d < k; ++d) rejoined = rejoined && c[S * d] == snap[d];
+        }
+        screen_.redone += redone;
+        // Rejoined: the same (step, counts) as the guessed run, so its rest and end are right.
+        if (rejoined) {
+          for (int64_t d = 0; d < k; ++d) c[S * d] = lane_final_[d];
+        }
+      }
+      if (fused) {
+        for (int64_t d = 0; d < k; ++d) counts[d] = lane_counts_[S * d + S - 1];
+      } else {
+        emit_positions(positions_.data(), nullptr, done, S * len, counts, emit);
+      }
+      for (int64_t d = 0; d < k; ++d) count_f_[d] = static_cast<double>(counts[d]);
+      screen_.steps += S * len;
+      done += S * len;
+      if (8 * uncertain > S * (len / kScreenWindow)) {  // mostly ties: not worth screening
+        screen_.gave_up = true;
+        break;
+      }
+      first_round = false;
     }
     return done;
   }
@@ -634,6 +866,10 @@ class GreedyFast {
   std::vector<double> snaps_, chain_counts_, guesses_;
   std::vector<int64_t> chain_icounts_;
   std::vector<WindowChain> window_chains_;
+  std::vector<int64_t> lane_counts_, lane_snaps_, lane_guess_, lane_final_;
+  std::vector<int32_t> lane_rows_, step_add_, tops_, lane_pos_;
+  std::vector<double> lane_cf_;
+  ScreenStats screen_;
   int16_t* index_ = nullptr;  // run_into's arrays while it runs
   int64_t* sample_ = nullptr;
   Isa isa_;

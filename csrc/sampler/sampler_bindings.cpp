@@ -177,7 +177,8 @@ Isa isa_for(BlendPath path) {
 }
 
 template <BlendPath kPath>
-std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend(const py::handle& weights, int64_t size) {
+std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend_run(const py::handle& weights,
+                                                               int64_t size, ScreenStats* stats) {
   auto w = expect_blend_weights(weights);
   const int64_t k = static_cast<int64_t>(w.size());
   if (k > 32767) {
@@ -205,9 +206,30 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend(const py::handle& we
           kPath == BlendPath::kMisguessed || kPath == BlendPath::kAvx2Misguessed;
       GreedyFast fast(wp, k, isa_for(kPath), misguess);
       fast.run_into(0, size, counts.data(), di, si);
+      if (stats != nullptr) *stats = fast.screen_stats();
     }
   }
   return {dataset_index, sample_index};
+}
+
+template <BlendPath kPath>
+std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend(const py::handle& weights, int64_t size) {
+  return blend_run<kPath>(weights, size, nullptr);
+}
+
+// blend_indices (or its misguessed variant) and what the screened lanes did (tests).
+py::tuple blend_screened(const py::handle& weights, int64_t size, bool misguess) {
+  ScreenStats stats;
+  auto arrays = misguess ? blend_run<BlendPath::kMisguessed>(weights, size, &stats)
+                         : blend_run<BlendPath::kFast>(weights, size, &stats);
+  py::dict info;
+  info["steps"] = stats.steps;
+  info["windows"] = stats.windows;
+  info["uncertain"] = stats.uncertain;
+  info["misguessed"] = stats.misguessed;
+  info["redone"] = stats.redone;
+  info["gave_up"] = stats.gave_up;
+  return py::make_tuple(arrays.first, arrays.second, info);
 }
 
 void accumulate_counts(const py::handle& ids_obj, const py::handle& counts_obj) {
@@ -309,6 +331,10 @@ rule.
         "blend_indices as a CPU with AVX2 but no AVX-512 runs it (the scalar path without AVX2).");
   m.def("_blend_indices_avx2_misguessed", &blend<BlendPath::kAvx2Misguessed>, py::arg("weights"),
         py::arg("size"), "_blend_indices_avx2 with every speculative segment misguessed (tests).");
+  m.def("_blend_indices_screened", &blend_screened, py::arg("weights"), py::arg("size"),
+        py::arg("misguess") = false,
+        "(dataset_index, sample_index, what the screened lanes did: a dict) of blend_indices, or "
+        "of its misguessed variant (tests).");
   m.def("_best_isa", []() {
     switch (best_isa()) {
       case Isa::kAvx512: return "avx512";
