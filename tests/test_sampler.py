@@ -396,7 +396,9 @@ def _lane_boundary_cases(ks: tuple[int, ...], seed: int) -> list[tuple[str, np.n
 
 
 # AVX-512: 8 lanes per register, K <= 64 unpruned.
-_AVX512_CASES = _lane_boundary_cases((1, 2, 3, 7, 8, 9, 15, 16, 17, 22, 31, 33, 63, 64, 65), 2024)
+_AVX512_CASES = _lane_boundary_cases(
+    (1, 2, 3, 7, 8, 9, 15, 16, 17, 22, 31, 32, 33, 63, 64, 65), 2024
+)
 # AVX2: 4 lanes per register, K <= 48 unpruned (three segments up to 32).
 _AVX2_CASES = _lane_boundary_cases(
     (1, 2, 3, 4, 5, 8, 12, 13, 21, 22, 24, 31, 32, 33, 40, 47, 48, 49), 2025
@@ -515,6 +517,91 @@ def test_blend_indices_long_windows_match_naive_loop(k: int, concentration: floa
     for fast in (_C.blend_indices(w, size), _C._blend_indices_misguessed(w, size)):
         np.testing.assert_array_equal(fast[0], naive[0])
         np.testing.assert_array_equal(fast[1], naive[1])
+
+
+_SCREENS = _C._best_isa() == "avx512"  # the screened lanes run on AVX-512 CPUs only
+
+
+def _assert_blend_matches_naive(w: np.ndarray, got: tuple, name: str = "") -> None:
+    naive = _C._blend_indices_naive(w, len(got[0]))
+    np.testing.assert_array_equal(got[0], naive[0], err_msg=name)
+    np.testing.assert_array_equal(got[1], naive[1], err_msg=name)
+
+
+@pytest.mark.parametrize("k", [2, 5, 22, 32])
+def test_blend_indices_screened_lanes_run_and_match(k: int) -> None:
+    # K <= 32 on AVX-512: 16 speculative segments in 32-bit fixed point; a step is kept only when
+    # no other domain is within the rounding margin of the largest, otherwise the lane's window is
+    # recomputed in doubles.  Generic weights keep almost every window and still meet a few close
+    # calls in 1M steps; the lanes' guessed starts are verified and some are recomputed.
+    w = np.random.default_rng(1500 + k).dirichlet(np.ones(k))
+    w = w / np.sum(w)
+    index, sample, info = _C._blend_indices_screened(w, 1_000_000)
+    _assert_blend_matches_naive(w, (index, sample), f"k={k}")
+    if not _SCREENS:
+        assert info["steps"] == 0
+        return
+    assert not info["gave_up"]
+    assert info["steps"] >= 950_000
+    assert info["windows"] == info["steps"] // 64
+    assert 0 < info["uncertain"] < info["windows"] // 50
+    assert info["misguessed"] > 0 and info["redone"] > 0
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [np.ones(12), np.array([0.5, 0.3, 0.2]), np.round(np.linspace(0.01, 0.2, 22), 2)],
+    ids=["uniform", "tenths", "hundredths"],
+)
+def test_blend_indices_screened_lanes_give_up_on_ties(weights: np.ndarray) -> None:
+    # Weights with small common denominators tie exactly (in doubles) at a large share of steps;
+    # every window is then uncertain, and after a short first round the double kernel runs alone.
+    w = weights / np.sum(weights)
+    index, sample, info = _C._blend_indices_screened(w, 200_000)
+    _assert_blend_matches_naive(w, (index, sample))
+    if _SCREENS:
+        assert info["gave_up"]
+        assert info["uncertain"] == info["windows"] > 0
+        assert info["steps"] <= 16 * 256
+
+
+@pytest.mark.parametrize("k", [3, 22, 31])
+def test_blend_indices_screened_lanes_recover_from_wrong_guesses(k: int) -> None:
+    # Every lane after the first starts from a wrong state (all-zero counts, or one count moved):
+    # the zero states leave the fixed-point range (their windows are recomputed) and never rejoin.
+    w = np.random.default_rng(1600 + k).dirichlet(np.full(k, 0.5))
+    w = w / np.sum(w)
+    index, sample, info = _C._blend_indices_screened(w, 100_000, misguess=True)
+    _assert_blend_matches_naive(w, (index, sample))
+    if _SCREENS:
+        assert info["misguessed"] == 15 and info["redone"] > 0
+
+
+def test_greedy_fill_screened_lanes_from_far_states() -> None:
+    # Streaming from states far from the weights (deficits of thousands, outside the 32-bit
+    # range: those lanes' windows are recomputed until the rule has caught up), and at steps near
+    # 2^40, where the doubles' rounding widens the margin; checked against the scalar path.
+    k = 22
+    w = np.random.default_rng(1700).dirichlet(np.ones(k))
+    w = w / np.sum(w)
+    starts = []
+    lopsided = np.zeros(k, dtype=np.int64)
+    lopsided[0] = 6_000
+    starts.append((6_000, lopsided))
+    big = 2**40 + 12_345
+    near = np.floor(w * big).astype(np.int64)
+    near[np.argsort(-(w * big - near))[: big - near.sum()]] += 1
+    starts.append((big, near))
+    for start, counts in starts:
+        ids = {}
+        ends = {}
+        for isa in ("best", "scalar"):
+            c = counts.copy()
+            out = np.empty(60_000, dtype=np.int32)
+            _C.greedy_fill(w, start, c, out, isa=isa)
+            ids[isa], ends[isa] = out, c
+        np.testing.assert_array_equal(ids["best"], ids["scalar"], err_msg=str(start))
+        np.testing.assert_array_equal(ends["best"], ends["scalar"], err_msg=str(start))
 
 
 def _greedy_fill_in_pieces(
