@@ -1,5 +1,5 @@
 // GreedyFast's kernels (blend.h): the refresh pass and the register argmax, scalar, AVX2 and
-// AVX-512, each picked at run time.
+// AVX-512, each picked at run time; the screened lanes' fixed-point kernel (AVX-512).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -4,8 +4,10 @@
 // Two implementations with identical output: greedy_naive (the rule as written, O(K) per step; the
 // benchmark baseline and the oracle) and GreedyFast (below: all domains, or the candidates that
 // windowed pruning leaves, held in AVX-512 registers with one exact vector argmax per step; AVX2
-// registers for up to 48 on CPUs without AVX-512; scalar pruning on the rest).  Both can start
-// from any state (step s0, counts), which is how MixtureSampler streams the rule.
+// registers for up to 48 on CPUs without AVX-512; scalar pruning on the rest; up to 32 domains,
+// first 16 segments at once in fixed point, each step proved exact or recomputed: screened
+// lanes, below).  Both can start from any state (step s0, counts), which is how MixtureSampler
+// streams the rule.
 #pragma once
 
 #include <algorithm>
