@@ -519,7 +519,9 @@ def test_blend_indices_long_windows_match_naive_loop(k: int, concentration: floa
         np.testing.assert_array_equal(fast[1], naive[1])
 
 
-_SCREENS = _C._best_isa() == "avx512"  # the screened lanes run on AVX-512 CPUs only
+# The screened lanes run on CPUs with AVX-512, or AVX2 (two registers per row; forced by "avx2").
+_SCREENS = _C._best_isa() != "scalar"
+_SCREEN_ISAS = ["best", "avx2"]
 
 
 def _assert_blend_matches_naive(w: np.ndarray, got: tuple, name: str = "") -> None:
@@ -528,15 +530,16 @@ def _assert_blend_matches_naive(w: np.ndarray, got: tuple, name: str = "") -> No
     np.testing.assert_array_equal(got[1], naive[1], err_msg=name)
 
 
+@pytest.mark.parametrize("isa", _SCREEN_ISAS)
 @pytest.mark.parametrize("k", [2, 5, 22, 32])
-def test_blend_indices_screened_lanes_run_and_match(k: int) -> None:
+def test_blend_indices_screened_lanes_run_and_match(k: int, isa: str) -> None:
     # K <= 32 on AVX-512: 16 speculative segments in 32-bit fixed point; a step is kept only when
     # no other domain is within the rounding margin of the largest, otherwise the lane's window is
     # recomputed in doubles.  Generic weights keep almost every window and still meet a few close
     # calls in 1M steps; the lanes' guessed starts are verified and some are recomputed.
     w = np.random.default_rng(1500 + k).dirichlet(np.ones(k))
     w = w / np.sum(w)
-    index, sample, info = _C._blend_indices_screened(w, 1_000_000)
+    index, sample, info = _C._blend_indices_screened(w, 1_000_000, isa=isa)
     _assert_blend_matches_naive(w, (index, sample), f"k={k}")
     if not _SCREENS:
         assert info["steps"] == 0
@@ -553,11 +556,12 @@ def test_blend_indices_screened_lanes_run_and_match(k: int) -> None:
     [np.ones(12), np.array([0.5, 0.3, 0.2]), np.round(np.linspace(0.01, 0.2, 22), 2)],
     ids=["uniform", "tenths", "hundredths"],
 )
-def test_blend_indices_screened_lanes_give_up_on_ties(weights: np.ndarray) -> None:
+@pytest.mark.parametrize("isa", _SCREEN_ISAS)
+def test_blend_indices_screened_lanes_give_up_on_ties(weights: np.ndarray, isa: str) -> None:
     # Weights with small common denominators tie exactly (in doubles) at a large share of steps;
     # every window is then uncertain, and after a short first round the double kernel runs alone.
     w = weights / np.sum(weights)
-    index, sample, info = _C._blend_indices_screened(w, 200_000)
+    index, sample, info = _C._blend_indices_screened(w, 200_000, isa=isa)
     _assert_blend_matches_naive(w, (index, sample))
     if _SCREENS:
         assert info["gave_up"]
@@ -565,13 +569,19 @@ def test_blend_indices_screened_lanes_give_up_on_ties(weights: np.ndarray) -> No
         assert info["steps"] <= 16 * 256
 
 
+def test_blend_indices_screened_rejects_an_unknown_isa() -> None:
+    with pytest.raises(ValueError, match="isa must be"):
+        _C._blend_indices_screened(np.ones(3) / 3, 10, isa="avx512")
+
+
+@pytest.mark.parametrize("isa", _SCREEN_ISAS)
 @pytest.mark.parametrize("k", [3, 22, 31])
-def test_blend_indices_screened_lanes_recover_from_wrong_guesses(k: int) -> None:
+def test_blend_indices_screened_lanes_recover_from_wrong_guesses(k: int, isa: str) -> None:
     # Every lane after the first starts from a wrong state (all-zero counts, or one count moved):
     # the zero states leave the fixed-point range (their windows are recomputed) and never rejoin.
     w = np.random.default_rng(1600 + k).dirichlet(np.full(k, 0.5))
     w = w / np.sum(w)
-    index, sample, info = _C._blend_indices_screened(w, 100_000, misguess=True)
+    index, sample, info = _C._blend_indices_screened(w, 100_000, misguess=True, isa=isa)
     _assert_blend_matches_naive(w, (index, sample))
     if _SCREENS:
         assert info["misguessed"] == 15 and info["redone"] > 0
@@ -595,13 +605,14 @@ def test_greedy_fill_screened_lanes_from_far_states() -> None:
     for start, counts in starts:
         ids = {}
         ends = {}
-        for isa in ("best", "scalar"):
+        for isa in ("best", "avx2", "scalar"):
             c = counts.copy()
             out = np.empty(60_000, dtype=np.int32)
             _C.greedy_fill(w, start, c, out, isa=isa)
             ids[isa], ends[isa] = out, c
-        np.testing.assert_array_equal(ids["best"], ids["scalar"], err_msg=str(start))
-        np.testing.assert_array_equal(ends["best"], ends["scalar"], err_msg=str(start))
+        for isa in ("best", "avx2"):
+            np.testing.assert_array_equal(ids[isa], ids["scalar"], err_msg=f"{isa} {start}")
+            np.testing.assert_array_equal(ends[isa], ends["scalar"], err_msg=f"{isa} {start}")
 
 
 def _greedy_fill_in_pieces(

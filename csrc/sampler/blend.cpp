@@ -608,6 +608,120 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) uint32_t screen_anchor_avx5
   return static_cast<uint32_t>(static_cast<uint16_t>(~(in_a | (in_b << 8))));
 }
 
+// The same two for CPUs with AVX2 but no AVX-512: a row of 16 lanes is two 8-lane registers, the
+// rows live in memory (16 registers hold few of them), and each step's maximum is accumulated
+// while the previous step's rows are updated (one pass over the rows per step).
+template <int R>
+__attribute__((target("avx2"))) uint32_t screen_steps_avx2(const int32_t* step_add, int32_t* rows,
+                                                          int64_t m, int32_t margin,
+                                                          int32_t* tops) {
+  int32_t add_max = 0;
+  for (int d = 0; d < R; ++d) add_max = std::max(add_max, step_add[d]);
+  const __m256i one = _mm256_set1_epi32(kScreenOne);
+  const __m256i marginv = _mm256_set1_epi32(margin + 1);  // r >= top - margin <=> r > top - margin - 1
+  __m256i near[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  __m256i high[2] = {_mm256_set1_epi32(INT32_MIN), _mm256_set1_epi32(INT32_MIN)};
+  __m256i low[2] = {_mm256_set1_epi32(INT32_MAX), _mm256_set1_epi32(INT32_MAX)};
+  __m256i top[2];
+  for (int h = 0; h < 2; ++h) {  // the first step's maximum
+    __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 8 * h));
+    for (int d = 1; d < R; ++d) {
+      a = _mm256_max_epi32(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 16 * d + 8 * h)));
+    }
+    top[h] = a;
+  }
+  for (int64_t t = 0; t < m; ++t) {
+    for (int h = 0; h < 2; ++h) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(tops + 16 * t + 8 * h), top[h]);
+      high[h] = _mm256_max_epi32(high[h], top[h]);
+      low[h] = _mm256_min_epi32(low[h], top[h]);
+      const __m256i floor = _mm256_sub_epi32(top[h], marginv);
+      __m256i a = _mm256_set1_epi32(INT32_MIN), b = a;
+#pragma GCC unroll 32
+      for (int d = 0; d < R; ++d) {
+        __m256i* p = reinterpret_cast<__m256i*>(rows + 16 * d + 8 * h);
+        __m256i row = _mm256_loadu_si256(p);
+        const __m256i chosen = _mm256_cmpgt_epi32(row, floor);  // all ones where chosen
+        near[h] = _mm256_sub_epi32(near[h], chosen);
+        row = _mm256_add_epi32(row, _mm256_set1_epi32(step_add[d]));
+        row = _mm256_sub_epi32(row, _mm256_and_si256(chosen, one));
+        _mm256_storeu_si256(p, row);
+        if (d % 2 == 0) {
+          a = _mm256_max_epi32(a, row);
+        } else {
+          b = _mm256_max_epi32(b, row);
+        }
+      }
+      top[h] = _mm256_max_epi32(a, b);  // the next step's
+    }
+  }
+  uint32_t unsure = 0;
+  for (int h = 0; h < 2; ++h) {
+    const __m256i ties = _mm256_xor_si256(
+        _mm256_cmpeq_epi32(near[h], _mm256_set1_epi32(static_cast<int32_t>(m))),
+        _mm256_set1_epi32(-1));
+    const __m256i too_high =
+        _mm256_cmpgt_epi32(high[h], _mm256_set1_epi32(INT32_MAX - add_max - 64));
+    const __m256i too_low =
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(INT32_MIN + kScreenOne + margin + 64), low[h]);
+    const __m256i bad = _mm256_or_si256(ties, _mm256_or_si256(too_high, too_low));
+    unsure |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(bad))) << (8 * h);
+  }
+  return unsure;
+}
+
+// int64 -> double, exact for 0 <= v < 2^52 (counts and steps here): v's bits under 2^52's.
+__attribute__((target("avx2"))) inline __m256d small_int64_to_double(__m256i v) {
+  const __m256d magic = _mm256_set1_pd(0x1p52);
+  return _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(v, _mm256_castpd_si256(magic))), magic);
+}
+
+__attribute__((target("avx2"))) uint32_t screen_anchor_avx2(const double* w, int64_t k, int64_t r,
+                                                           const int64_t* counts,
+                                                           const int64_t* step, int32_t* rows,
+                                                           double* x_max) {
+  __m256d x[4];
+  __m256d xm = _mm256_setzero_pd();
+  for (int q = 0; q < 4; ++q) {
+    x[q] = small_int64_to_double(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(step + 4 * q)));
+    xm = _mm256_max_pd(xm, x[q]);
+  }
+  alignas(32) double xs[4];
+  _mm256_store_pd(xs, xm);
+  *x_max = std::max(std::max(xs[0], xs[1]), std::max(xs[2], xs[3]));
+  const __m256d scale = _mm256_set1_pd(std::ldexp(1.0, kScreenFraction));
+  const __m256d lo = _mm256_set1_pd(-kScreenRange), hi = _mm256_set1_pd(2.0);
+  uint32_t in = 0xFFFFu;
+  for (int64_t d = 0; d < k; ++d) {
+    const __m256d wv = _mm256_set1_pd(w[d]);
+    __m128i fixed[4];
+    for (int q = 0; q < 4; ++q) {
+      const __m256d c = small_int64_to_double(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(counts + 16 * d + 4 * q)));
+      __m256d v = _mm256_sub_pd(_mm256_mul_pd(wv, x[q]), c);  // deficit(): mul, then sub
+      const __m256d inside =
+          _mm256_and_pd(_mm256_cmp_pd(v, lo, _CMP_GE_OQ), _mm256_cmp_pd(v, hi, _CMP_LE_OQ));
+      in &= ~(0xFu << (4 * q)) | (static_cast<uint32_t>(_mm256_movemask_pd(inside)) << (4 * q));
+      v = _mm256_min_pd(_mm256_max_pd(v, lo), hi);
+      fixed[q] = _mm256_cvttpd_epi32(_mm256_round_pd(
+          _mm256_mul_pd(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    const __m256i index = _mm256_set1_epi32(static_cast<int32_t>(d));
+    for (int h = 0; h < 2; ++h) {
+      const __m256i a = _mm256_set_m128i(fixed[2 * h + 1], fixed[2 * h]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows + 16 * d + 8 * h),
+                          _mm256_or_si256(_mm256_slli_epi32(a, kScreenIndexBits), index));
+    }
+  }
+  for (int64_t d = k; d < r; ++d) {
+    for (int h = 0; h < 2; ++h) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows + 16 * d + 8 * h),
+                          _mm256_set1_epi32(INT32_MIN));
+    }
+  }
+  return ~in & 0xFFFFu;
+}
+
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -806,31 +920,37 @@ void register_argmax_chains(Isa isa, const double* cw, int64_t n, int segments, 
 
 bool screen_available(Isa isa, int64_t k) {
 #if defined(FASTMIX_X86_DISPATCH)
-  return isa == Isa::kAvx512 && cpu_has_avx512() && k >= 2 && k <= kScreenMax;
+  if (k < 2 || k > kScreenMax) return false;
+  return (isa == Isa::kAvx512 && cpu_has_avx512()) || (isa >= Isa::kAvx2 && cpu_has_avx2());
 #else
   (void)isa, (void)k;
   return false;
 #endif
 }
 
-uint32_t screen_anchor(const double* w, int64_t k, const int64_t* counts, const int64_t* step,
-                       int32_t* rows, double* x_max) {
+uint32_t screen_anchor(Isa isa, const double* w, int64_t k, const int64_t* counts,
+                       const int64_t* step, int32_t* rows, double* x_max) {
 #if defined(FASTMIX_X86_DISPATCH)
-  if (screen_available(Isa::kAvx512, k)) {
-    return screen_anchor_avx512(w, k, screen_rows(k), counts, step, rows, x_max);
+  if (screen_available(isa, k)) {
+    if (isa == Isa::kAvx512 && cpu_has_avx512()) {
+      return screen_anchor_avx512(w, k, screen_rows(k), counts, step, rows, x_max);
+    }
+    return screen_anchor_avx2(w, k, screen_rows(k), counts, step, rows, x_max);
   }
 #endif
-  (void)w, (void)counts, (void)step, (void)rows, (void)x_max;
+  (void)isa, (void)w, (void)counts, (void)step, (void)rows, (void)x_max;
   throw std::logic_error("screen_anchor: not available for this CPU or domain count");
 }
 
-uint32_t screen_steps(const int32_t* step_add, int64_t k, int32_t* rows, int64_t m,
+uint32_t screen_steps(Isa isa, const int32_t* step_add, int64_t k, int32_t* rows, int64_t m,
                       int32_t margin, int32_t* tops) {
 #if defined(FASTMIX_X86_DISPATCH)
-  if (screen_available(Isa::kAvx512, k)) {
-#define FASTMIX_SCREEN(R) \
-  case R:                 \
-    return screen_steps_avx512<R>(step_add, rows, m, margin, tops)
+  if (screen_available(isa, k)) {
+    const bool wide = isa == Isa::kAvx512 && cpu_has_avx512();
+#define FASTMIX_SCREEN(R)                                                     \
+  case R:                                                                     \
+    return wide ? screen_steps_avx512<R>(step_add, rows, m, margin, tops)     \
+                : screen_steps_avx2<R>(step_add, rows, m, margin, tops)
     switch (screen_rows(k)) {
       FASTMIX_SCREEN(2);
       FASTMIX_SCREEN(4);
@@ -854,8 +974,7 @@ uint32_t screen_steps(const int32_t* step_add, int64_t k, int32_t* rows, int64_t
 #undef FASTMIX_SCREEN
   }
 #endif
-  (void)step_add, (void)rows, (void)m, (void)margin, (void)tops;
+  (void)isa, (void)step_add, (void)rows, (void)m, (void)margin, (void)tops;
   throw std::logic_error("screen_steps: not available for this CPU or domain count");
 }
-
 }  // namespace fastmix

@@ -133,10 +133,11 @@ int64_t register_multi_max(Isa isa, int chains);
 void register_argmax_multi(const double* const* cw, double* const* cc, const int64_t* n,
                            int chains, const int64_t* s, int64_t m, int32_t* const* pos);
 
-// Screened lanes (2 <= K <= kScreenMax, AVX-512).  The register kernels evaluate the rule's
-// doubles for every domain at every step; on CPUs whose 512-bit units are half width (Zen 4)
-// that is ~21 cycles per step at K = 22.  Screening runs 16 speculative segments at once, one
-// per 32-bit lane, in fixed point, and proves each step's choice exact or hands the window back:
+// Screened lanes (2 <= K <= kScreenMax; AVX-512, or AVX2 with a row in two registers).  The
+// register kernels evaluate the rule's doubles for every domain at every step; on CPUs whose
+// 512-bit units are half width (Zen 4) that is ~21 cycles per step at K = 22.  Screening runs 16
+// speculative segments at once, one per 32-bit lane, in fixed point, and proves each step's
+// choice exact or hands the window back:
 //  * at a window's start (step s >= 1, so x = s and x grows by one per step: steps 0 and 1 share
 //    x = 1, step 0 is done by the exact rule) every deficit is computed as the rule computes it,
 //    v = w[d] * x - count[d] in doubles, and held as A[d] = round(v * 2^F); each step adds
@@ -162,7 +163,8 @@ void register_argmax_multi(const double* const* cw, double* const* cc, const int
 // freshly faulted pages).  Windows of 64 / 128 / 256 steps: 3.5 / 3.5 / 3.7 ns.  Tried and
 // slower: writing the previous window's output from inside the kernel, step by step for all 16
 // lanes (4.5 ns: 32 output streams at once), and computing each sample from the chosen row
-// instead of counting (4.2 ns).
+// instead of counting (4.2 ns).  The AVX2 kernel (forced on that machine): 4.7 ns against 8.6 to
+// 9.4 for the AVX2 register kernel.
 constexpr int kScreenLanes = 16;
 constexpr int64_t kScreenMax = 32;
 constexpr int kScreenFraction = 24;
@@ -174,11 +176,11 @@ inline int64_t screen_rows(int64_t k) { return (k + 1) / 2 * 2; }
 bool screen_available(Isa isa, int64_t k);
 // rows[16 d + j] = lane j's packed deficit of domain d at step step[j] >= 1 with counts
 // counts[16 d + j]; returns the lanes outside the range (bit j), *x_max = the largest step.
-uint32_t screen_anchor(const double* w, int64_t k, const int64_t* counts, const int64_t* step,
-                       int32_t* rows, double* x_max);
+uint32_t screen_anchor(Isa isa, const double* w, int64_t k, const int64_t* counts,
+                       const int64_t* step, int32_t* rows, double* x_max);
 // m steps of all 16 lanes: tops[16 t + j] = lane j's largest packed row at step t (its row id
 // in the low kScreenIndexBits); step_add[d] = Om[d] * 32; returns the uncertain lanes.
-uint32_t screen_steps(const int32_t* step_add, int64_t k, int32_t* rows, int64_t m,
+uint32_t screen_steps(Isa isa, const int32_t* step_add, int64_t k, int32_t* rows, int64_t m,
                       int32_t margin, int32_t* tops);
 
 // What the screened path did in a GreedyFast's runs (tests check that it runs, and recovers).
@@ -524,14 +526,14 @@ class GreedyFast {
         int64_t step[S];
         for (int j = 0; j < S; ++j) step[j] = start[j] + p;
         double x_max = 0.0;
-        uint32_t unsure = screen_anchor(w_.data(), k, lane_counts_.data(), step, lane_rows_.data(),
-                                        &x_max);
+        uint32_t unsure = screen_anchor(isa_, w_.data(), k, lane_counts_.data(), step,
+                                        lane_rows_.data(), &x_max);
         // margin = 2 + W + 4 e 2^F units (blend.h), packed: * 32 + 31.
         const double margin_units =
             std::ceil(2.0 + kScreenWindow + std::ldexp(x_max + 8.0, kScreenFraction - 50));
         const int32_t margin = static_cast<int32_t>(margin_units) * 32 + 31;
-        unsure |= screen_steps(step_add_.data(), k, lane_rows_.data(), kScreenWindow, margin,
-                               tops_.data());
+        unsure |= screen_steps(isa_, step_add_.data(), k, lane_rows_.data(), kScreenWindow,
+                               margin, tops_.data());
         for (int j = 0; j < S; ++j) {
           if ((unsure >> j) & 1u) {
             exact_lane(j, step[j], kScreenWindow, out[j], p);

@@ -218,10 +218,15 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend(const py::handle& we
 }
 
 // blend_indices (or its misguessed variant) and what the screened lanes did (tests).
-py::tuple blend_screened(const py::handle& weights, int64_t size, bool misguess) {
+py::tuple blend_screened(const py::handle& weights, int64_t size, bool misguess,
+                         const std::string& isa) {
+  if (isa != "best" && isa != "avx2") throw std::invalid_argument("isa must be 'best' or 'avx2'");
   ScreenStats stats;
-  auto arrays = misguess ? blend_run<BlendPath::kMisguessed>(weights, size, &stats)
-                         : blend_run<BlendPath::kFast>(weights, size, &stats);
+  const bool avx2 = isa == "avx2";
+  auto arrays = avx2 ? (misguess ? blend_run<BlendPath::kAvx2Misguessed>(weights, size, &stats)
+                                 : blend_run<BlendPath::kAvx2>(weights, size, &stats))
+                     : (misguess ? blend_run<BlendPath::kMisguessed>(weights, size, &stats)
+                                 : blend_run<BlendPath::kFast>(weights, size, &stats));
   py::dict info;
   info["steps"] = stats.steps;
   info["windows"] = stats.windows;
@@ -333,9 +338,9 @@ to the plain rule.
   m.def("_blend_indices_avx2_misguessed", &blend<BlendPath::kAvx2Misguessed>, py::arg("weights"),
         py::arg("size"), "_blend_indices_avx2 with every speculative segment misguessed (tests).");
   m.def("_blend_indices_screened", &blend_screened, py::arg("weights"), py::arg("size"),
-        py::arg("misguess") = false,
+        py::arg("misguess") = false, py::arg("isa") = "best",
         "(dataset_index, sample_index, what the screened lanes did: a dict) of blend_indices, or "
-        "of its misguessed variant (tests).");
+        "of its misguessed variant, with the CPU's best kernels or ('avx2') at most AVX2 (tests).");
   m.def("_best_isa", []() {
     switch (best_isa()) {
       case Isa::kAvx512: return "avx512";
