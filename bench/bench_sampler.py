@@ -2,8 +2,8 @@
 
     pytest bench/bench_sampler.py --benchmark-only     # pytest-benchmark tables
     python bench/bench_sampler.py [--n N] [--repeats R] [--out PATH]
-        # prints ns/draw medians, ratios and the CPU model, and writes
-        # bench/results/sampler-cpu.md
+        # prints ns/draw medians, ratios and the CPU model; with --out, also writes the table
+        # there (e.g. bench/results/sampler-cpu-<cpu>.md; never a committed file by default)
 
 N = 10M draws, K = 22 and 256 (Dirichlet(1) weights), one thread (torch.set_num_threads(1)).
 Set FASTMIX_BENCH_N to shrink N for a quick pytest run.
@@ -144,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=N, help="draws per call (default 10M)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
     parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path(__file__).parent / "results" / "sampler-cpu.md",
-        help="markdown file for the table",
+        "--out", type=Path, default=None, help="markdown file for the table (default: print only)"
     )
     args = parser.parse_args(argv)
     torch = _torch()
@@ -168,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if os.environ.get("FASTMIX_BENCH_NOTE"):
         text += f"\n{os.environ['FASTMIX_BENCH_NOTE']}\n"
+    if args.out is None:
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
     tmp.write_text(text)
