@@ -491,8 +491,7 @@ class GreedyFast {
     lane_rows_.resize(static_cast<size_t>(S * rows));
     lane_cf_.resize(static_cast<size_t>(k));
     tops_.resize(static_cast<size_t>(S * kScreenWindow));
-    const int64_t checkpoints = kScreenSegment / kScreenCheckpoint;
-    lane_snaps_.resize(static_cast<size_t>(S * checkpoints * k));
+    lane_snaps_.resize(static_cast<size_t>(S * (kScreenSegment / kScreenCheckpoint) * k));
     lane_guess_.resize(static_cast<size_t>(S * k));
     lane_final_.resize(static_cast<size_t>(k));
     const bool fused = index_ != nullptr;
@@ -543,43 +542,12 @@ class GreedyFast {
           }
         }
         if ((p + kScreenWindow) % kScreenCheckpoint == 0) {
-          const int64_t i = (p + kScreenWindow) / kScreenCheckpoint - 1;
-          for (int j = 1; j < S; ++j) {
-            int64_t* snap = lane_snaps_.data() + (j * checkpoints + i) * k;
-            for (int64_t d = 0; d < k; ++d) snap[d] = lane_counts_[S * d + j];
-          }
+          snapshot_lanes((p + kScreenWindow) / kScreenCheckpoint - 1);
         }
       }
       screen_.windows += S * (len / kScreenWindow);
       screen_.uncertain += uncertain;
-      // Verify, in order: lane j's guess against lane j - 1's final (true) counts.
-      for (int j = 1; j < S; ++j) {
-        int64_t* c = lane_counts_.data() + j;
-        const int64_t* guess = lane_guess_.data() + j * k;
-        bool right = true;
-        for (int64_t d = 0; d < k; ++d) right = right && c[S * d - 1] == guess[d];
-        if (right) continue;
-        ++screen_.misguessed;
-        for (int64_t d = 0; d < k; ++d) {
-          lane_final_[d] = c[S * d];
-          c[S * d] = c[S * d - 1];
-        }
-        int64_t redone = 0;
-        bool rejoined = false;
-        while (redone < len && !rejoined) {
-          exact_lane(j, start[j] + redone, kScreenCheckpoint, out[j], redone);
-          const int64_t* snap =
-              lane_snaps_.data() + (j * checkpoints + redone / kScreenCheckpoint) * k;
-          redone += kScreenCheckpoint;
-          rejoined = true;
-          for (int64_t d = 0; d < k; ++d) rejoined = rejoined && c[S * d] == snap[d];
-        }
-        screen_.redone += redone;
-        // Rejoined: the same (step, counts) as the guessed run, so its rest and end are right.
-        if (rejoined) {
-          for (int64_t d = 0; d < k; ++d) c[S * d] = lane_final_[d];
-        }
-      }
+      verify_lanes(start, len, out);
       if (fused) {
         for (int64_t d = 0; d < k; ++d) counts[d] = lane_counts_[S * d + S - 1];
       } else {
@@ -595,6 +563,51 @@ class GreedyFast {
       first_round = false;
     }
     return done;
+  }
+
+  // Lanes 1..15's counts at checkpoint i (after (i + 1) kScreenCheckpoint steps of the round).
+  void snapshot_lanes(int64_t i) {
+    constexpr int S = kScreenLanes;
+    const int64_t checkpoints = kScreenSegment / kScreenCheckpoint;
+    for (int j = 1; j < S; ++j) {
+      int64_t* snap = lane_snaps_.data() + (j * checkpoints + i) * k_;
+      for (int64_t d = 0; d < k_; ++d) snap[d] = lane_counts_[S * d + j];
+    }
+  }
+
+  // In order, lane j's guessed start against lane j - 1's final (true) counts; a wrong one is
+  // recomputed from the truth a checkpoint at a time until its counts meet its own snapshot (the
+  // same step and counts: from there on the guessed run was right, its end included).
+  void verify_lanes(const int64_t* start, int64_t len, const LaneOut* out) {
+    constexpr int S = kScreenLanes;
+    const int64_t k = k_;
+    const int64_t checkpoints = kScreenSegment / kScreenCheckpoint;
+    for (int j = 1; j < S; ++j) {
+      int64_t* c = lane_counts_.data() + j;
+      const int64_t* guess = lane_guess_.data() + j * k;
+      bool right = true;
+      for (int64_t d = 0; d < k; ++d) right = right && c[S * d - 1] == guess[d];
+      if (right) continue;
+      ++screen_.misguessed;
+      for (int64_t d = 0; d < k; ++d) {
+        lane_final_[d] = c[S * d];
+        c[S * d] = c[S * d - 1];
+      }
+      int64_t redone = 0;
+      bool rejoined = false;
+      while (redone < len && !rejoined) {
+        exact_lane(j, start[j] + redone, kScreenCheckpoint, out[j], redone);
+        const int64_t* snap =
+            lane_snaps_.data() + (j * checkpoints + redone / kScreenCheckpoint) * k;
+        redone += kScreenCheckpoint;
+        rejoined = true;
+        for (int64_t d = 0; d < k; ++d) rejoined = rejoined && c[S * d] == snap[d];
+      }
+      screen_.redone += redone;
+      if (rejoined) {
+        for (int64_t d = 0; d < k; ++d) c[S * d] = lane_final_[d];
+      }
+    }
   }
 
   // ---- Speculative segments for the windowed path (K > 64): the same scheme as run_segments,
