@@ -615,6 +615,19 @@ def test_greedy_fill_screened_lanes_from_far_states() -> None:
             np.testing.assert_array_equal(ends[isa], ends["scalar"], err_msg=f"{isa} {start}")
 
 
+def test_greedy_fill_takes_unnormalised_weights_on_every_path() -> None:
+    # greedy_fill uses the weights as given; weights above 1 are outside the screened lanes'
+    # 32-bit range (they must not be screened), weights summing below 1 drift out of it.
+    for w in (np.array([300.0, 100.0, 50.0]), np.array([0.2, 0.1, 0.05, 0.05])):
+        ids = {}
+        for isa in ("best", "avx2", "scalar"):
+            out = np.empty(40_000, dtype=np.int32)
+            _C.greedy_fill(w, 0, np.zeros(len(w), dtype=np.int64), out, isa=isa)
+            ids[isa] = out
+        np.testing.assert_array_equal(ids["best"], ids["scalar"])
+        np.testing.assert_array_equal(ids["avx2"], ids["scalar"])
+
+
 def _greedy_fill_in_pieces(
     w: np.ndarray, sizes: tuple[int, ...], isa: str = "best"
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -474,6 +474,9 @@ class GreedyFast {
     const int64_t k = k_;
     const int64_t rows = screen_rows(k);
     if (screen_.gave_up) return done;
+    // A weight above 1 (greedy_fill takes weights as given) would overflow the 32-bit step; the
+    // bounds above assume w <= 1 as well.
+    if (*std::max_element(w_.begin(), w_.end()) > 1.0) return done;
     if (s0 + done == 0 && n > done) {  // step 0: x = 1 as at step 1, so not a lane step
       auto first = [&emit, done](int64_t j, int64_t d, int64_t before) {
         emit(done + j, d, before);
