@@ -515,6 +515,19 @@ __attribute__((target("avx2"))) void argmax_steps_avx2(
 
 // ---- Screened lanes (blend.h): the fixed-point kernel and its anchoring, AVX-512 ----
 
+// The range a lane's largest row must stay in through a window so that no row overflows (see
+// blend.h): up to `high` every row can take one more step (rows grow by at most the largest
+// step_add), and from `low` up the chosen rows (within `margin` of the largest) can drop by one.
+struct ScreenRange {
+  int32_t high, low;
+};
+template <int R>
+ScreenRange screen_range(const int32_t* step_add, int32_t margin) {
+  int32_t add_max = 0;
+  for (int d = 0; d < R; ++d) add_max = std::max(add_max, step_add[d]);
+  return {INT32_MAX - add_max - 64, INT32_MIN + kScreenOne + margin + 64};
+}
+
 // Rows of 16 lanes, row d of lane j at rows[16 * d + j]; R rows in registers (K rounded up to
 // even; the padding rows hold INT32_MIN, which never comes near a lane's maximum).  Runs m steps:
 // tops[16 t + j] = lane j's maximum at step t (its low bits name the row).  Returns the lanes
@@ -524,12 +537,8 @@ template <int R>
 __attribute__((target("avx512f,avx512vl,avx512dq"))) uint32_t screen_steps_avx512(
     const int32_t* step_add, int32_t* rows, int64_t m, int32_t margin, int32_t* tops) {
   __m512i row[R];
-  int32_t add_max = 0;
 #pragma GCC unroll 32
-  for (int d = 0; d < R; ++d) {
-    row[d] = _mm512_loadu_si512(rows + 16 * d);
-    add_max = std::max(add_max, step_add[d]);
-  }
+  for (int d = 0; d < R; ++d) row[d] = _mm512_loadu_si512(rows + 16 * d);
   const __m512i one = _mm512_set1_epi32(kScreenOne);
   const __m512i marginv = _mm512_set1_epi32(margin);
   const __m512i unit = _mm512_set1_epi32(1);
@@ -564,11 +573,10 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) uint32_t screen_steps_avx51
   for (int d = 0; d < R; ++d) _mm512_storeu_si512(rows + 16 * d, row[d]);
   // Rows only grow by step_add and only the chosen (near the top) drop by one: bounding the tops
   // bounds every row.
+  const ScreenRange range = screen_range<R>(step_add, margin);
   const __mmask16 ties = _mm512_cmpneq_epi32_mask(near, _mm512_set1_epi32(static_cast<int32_t>(m)));
-  const __mmask16 too_high =
-      _mm512_cmpgt_epi32_mask(high, _mm512_set1_epi32(INT32_MAX - add_max - 64));
-  const __mmask16 too_low =
-      _mm512_cmplt_epi32_mask(low, _mm512_set1_epi32(INT32_MIN + kScreenOne + margin + 64));
+  const __mmask16 too_high = _mm512_cmpgt_epi32_mask(high, _mm512_set1_epi32(range.high));
+  const __mmask16 too_low = _mm512_cmplt_epi32_mask(low, _mm512_set1_epi32(range.low));
   return static_cast<uint32_t>(ties | too_high | too_low);
 }
 
@@ -615,8 +623,6 @@ template <int R>
 __attribute__((target("avx2"))) uint32_t screen_steps_avx2(const int32_t* step_add, int32_t* rows,
                                                           int64_t m, int32_t margin,
                                                           int32_t* tops) {
-  int32_t add_max = 0;
-  for (int d = 0; d < R; ++d) add_max = std::max(add_max, step_add[d]);
   const __m256i one = _mm256_set1_epi32(kScreenOne);
   const __m256i marginv = _mm256_set1_epi32(margin + 1);  // r >= top - margin <=> r > top - margin - 1
   __m256i near[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
@@ -655,15 +661,14 @@ __attribute__((target("avx2"))) uint32_t screen_steps_avx2(const int32_t* step_a
       top[h] = _mm256_max_epi32(a, b);  // the next step's
     }
   }
+  const ScreenRange range = screen_range<R>(step_add, margin);
   uint32_t unsure = 0;
   for (int h = 0; h < 2; ++h) {
     const __m256i ties = _mm256_xor_si256(
         _mm256_cmpeq_epi32(near[h], _mm256_set1_epi32(static_cast<int32_t>(m))),
         _mm256_set1_epi32(-1));
-    const __m256i too_high =
-        _mm256_cmpgt_epi32(high[h], _mm256_set1_epi32(INT32_MAX - add_max - 64));
-    const __m256i too_low =
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(INT32_MIN + kScreenOne + margin + 64), low[h]);
+    const __m256i too_high = _mm256_cmpgt_epi32(high[h], _mm256_set1_epi32(range.high));
+    const __m256i too_low = _mm256_cmpgt_epi32(_mm256_set1_epi32(range.low), low[h]);
     const __m256i bad = _mm256_or_si256(ties, _mm256_or_si256(too_high, too_low));
     unsure |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(bad))) << (8 * h);
   }
