@@ -167,18 +167,30 @@ void greedy_fill(const py::handle& weights, int64_t start_step, const py::handle
   });
 }
 
+// How to run the rule: the plain loop, or GreedyFast with at most `isa` (test-only paths force a
+// lower one than the CPU's best) and, for tests of the recovery, misguessed speculative segments.
+struct BlendHow {
+  bool naive;
+  Isa isa;
+  bool misguess;
+};
+
 enum class BlendPath { kFast, kNaive, kPortable, kMisguessed, kAvx2, kAvx2Misguessed };
 
-// The instruction set a path may use (the test-only paths force a lower one than the CPU's best).
-Isa isa_for(BlendPath path) {
-  if (path == BlendPath::kPortable) return Isa::kScalar;
-  if (path == BlendPath::kAvx2 || path == BlendPath::kAvx2Misguessed) return Isa::kAvx2;
-  return best_isa();
+BlendHow how_for(BlendPath path) {
+  switch (path) {
+    case BlendPath::kNaive: return {true, Isa::kScalar, false};
+    case BlendPath::kPortable: return {false, Isa::kScalar, false};
+    case BlendPath::kMisguessed: return {false, best_isa(), true};
+    case BlendPath::kAvx2: return {false, Isa::kAvx2, false};
+    case BlendPath::kAvx2Misguessed: return {false, Isa::kAvx2, true};
+    default: return {false, best_isa(), false};
+  }
 }
 
-template <BlendPath kPath>
 std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend_run(const py::handle& weights,
-                                                               int64_t size, ScreenStats* stats) {
+                                                               int64_t size, const BlendHow& how,
+                                                               ScreenStats* stats) {
   auto w = expect_blend_weights(weights);
   const int64_t k = static_cast<int64_t>(w.size());
   if (k > 32767) {
@@ -199,12 +211,10 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend_run(const py::handle
       di[j] = static_cast<int16_t>(d);
       si[j] = before;
     };
-    if (kPath == BlendPath::kNaive) {
+    if (how.naive) {
       greedy_naive(wp, k, 0, size, counts.data(), emit);
     } else {
-      const bool misguess =
-          kPath == BlendPath::kMisguessed || kPath == BlendPath::kAvx2Misguessed;
-      GreedyFast fast(wp, k, isa_for(kPath), misguess);
+      GreedyFast fast(wp, k, how.isa, how.misguess);
       fast.run_into(0, size, counts.data(), di, si);
       if (stats != nullptr) *stats = fast.screen_stats();
     }
@@ -214,7 +224,7 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend_run(const py::handle
 
 template <BlendPath kPath>
 std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend(const py::handle& weights, int64_t size) {
-  return blend_run<kPath>(weights, size, nullptr);
+  return blend_run(weights, size, how_for(kPath), nullptr);
 }
 
 // blend_indices (or its misguessed variant) and what the screened lanes did (tests).
@@ -222,11 +232,8 @@ py::tuple blend_screened(const py::handle& weights, int64_t size, bool misguess,
                          const std::string& isa) {
   if (isa != "best" && isa != "avx2") throw std::invalid_argument("isa must be 'best' or 'avx2'");
   ScreenStats stats;
-  const bool avx2 = isa == "avx2";
-  auto arrays = avx2 ? (misguess ? blend_run<BlendPath::kAvx2Misguessed>(weights, size, &stats)
-                                 : blend_run<BlendPath::kAvx2>(weights, size, &stats))
-                     : (misguess ? blend_run<BlendPath::kMisguessed>(weights, size, &stats)
-                                 : blend_run<BlendPath::kFast>(weights, size, &stats));
+  const BlendHow how{false, isa == "avx2" ? Isa::kAvx2 : best_isa(), misguess};
+  auto arrays = blend_run(weights, size, how, &stats);
   py::dict info;
   info["steps"] = stats.steps;
   info["windows"] = stats.windows;
