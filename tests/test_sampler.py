@@ -305,6 +305,12 @@ def test_set_weights_by_name_in_any_order() -> None:
 
 
 # ------------------------------------------------------------------------------- blend_indices
+def _assert_blend_equal(got: tuple, expected: tuple, name: str = "") -> None:
+    """Both blend_indices arrays (dataset_index, dataset_sample_index) are equal."""
+    np.testing.assert_array_equal(got[0], expected[0], err_msg=name)
+    np.testing.assert_array_equal(got[1], expected[1], err_msg=name)
+
+
 def _blend_reference(weights: list[float], size: int) -> tuple[list[int], list[int]]:
     """The rule as written in Megatron-LM's helpers.cpp, in plain Python floats."""
     w = np.asarray(weights, dtype=np.float64)
@@ -366,8 +372,7 @@ def test_blend_indices_matches_naive_loop(weights: list[float], size: int) -> No
     w = w / np.sum(w)
     fast = _C.blend_indices(w, size)
     naive = _C._blend_indices_naive(w, size)
-    np.testing.assert_array_equal(fast[0], naive[0])
-    np.testing.assert_array_equal(fast[1], naive[1])
+    _assert_blend_equal(fast, naive)
 
 
 @pytest.mark.parametrize("k", [5, 22, 64, 256, 2000])
@@ -377,8 +382,7 @@ def test_blend_indices_matches_naive_loop_long(k: int) -> None:
     fast = blend_indices(w, size)
     w = w / np.sum(w)
     naive = _C._blend_indices_naive(w, size)
-    np.testing.assert_array_equal(fast[0], naive[0])
-    np.testing.assert_array_equal(fast[1], naive[1])
+    _assert_blend_equal(fast, naive)
 
 
 def _lane_boundary_cases(ks: tuple[int, ...], seed: int) -> list[tuple[str, np.ndarray]]:
@@ -411,8 +415,7 @@ def test_blend_indices_vector_kernel_lane_boundaries(name: str, weights: np.ndar
     size = 30_000
     fast = _C.blend_indices(w, size)
     naive = _C._blend_indices_naive(w, size)
-    np.testing.assert_array_equal(fast[0], naive[0], err_msg=name)
-    np.testing.assert_array_equal(fast[1], naive[1], err_msg=name)
+    _assert_blend_equal(fast, naive, name)
 
 
 @pytest.mark.parametrize(("name", "weights"), _AVX2_CASES)
@@ -425,8 +428,7 @@ def test_blend_indices_avx2_path_matches_naive_loop(name: str, weights: np.ndarr
     size = 40_000
     naive = _C._blend_indices_naive(w, size)
     for fast in (_C._blend_indices_avx2(w, size), _C._blend_indices_avx2_misguessed(w, size)):
-        np.testing.assert_array_equal(fast[0], naive[0], err_msg=name)
-        np.testing.assert_array_equal(fast[1], naive[1], err_msg=name)
+        _assert_blend_equal(fast, naive, name)
 
 
 @pytest.mark.parametrize("k", [22, 101, 256])
@@ -437,8 +439,7 @@ def test_blend_indices_avx2_path_long_streams(k: int) -> None:
     size = 300_000
     naive = _C._blend_indices_naive(w, size)
     fast = _C._blend_indices_avx2(w, size)
-    np.testing.assert_array_equal(fast[0], naive[0])
-    np.testing.assert_array_equal(fast[1], naive[1])
+    _assert_blend_equal(fast, naive)
 
 
 def test_best_isa_follows_the_cpu_flags() -> None:
@@ -467,8 +468,7 @@ def test_blend_indices_portable_path_matches_naive_loop(k: int) -> None:
     size = 100_000 if k <= 256 else 30_000
     portable = _C._blend_indices_portable(w, size)
     naive = _C._blend_indices_naive(w, size)
-    np.testing.assert_array_equal(portable[0], naive[0])
-    np.testing.assert_array_equal(portable[1], naive[1])
+    _assert_blend_equal(portable, naive)
 
 
 @pytest.mark.parametrize("k", [2, 9, 22, 40, 64])
@@ -480,8 +480,7 @@ def test_blend_indices_recovers_from_wrong_speculative_states(k: int) -> None:
     size = 150_000
     misguessed = _C._blend_indices_misguessed(w, size)
     naive = _C._blend_indices_naive(w, size)
-    np.testing.assert_array_equal(misguessed[0], naive[0])
-    np.testing.assert_array_equal(misguessed[1], naive[1])
+    _assert_blend_equal(misguessed, naive)
 
 
 @pytest.mark.parametrize(
@@ -499,8 +498,7 @@ def test_blend_indices_windowed_segments_match_naive_loop(
     size = 120_000
     naive = _C._blend_indices_naive(w, size)
     for fast in (_C.blend_indices(w, size), _C._blend_indices_misguessed(w, size)):
-        np.testing.assert_array_equal(fast[0], naive[0])
-        np.testing.assert_array_equal(fast[1], naive[1])
+        _assert_blend_equal(fast, naive)
 
 
 @pytest.mark.parametrize("k", [65, 100, 200, 300, 512])
@@ -515,19 +513,12 @@ def test_blend_indices_long_windows_match_naive_loop(k: int, concentration: floa
     size = 60_000
     naive = _C._blend_indices_naive(w, size)
     for fast in (_C.blend_indices(w, size), _C._blend_indices_misguessed(w, size)):
-        np.testing.assert_array_equal(fast[0], naive[0])
-        np.testing.assert_array_equal(fast[1], naive[1])
+        _assert_blend_equal(fast, naive)
 
 
 # The screened lanes run on CPUs with AVX-512, or AVX2 (two registers per row; forced by "avx2").
 _SCREENS = _C._best_isa() != "scalar"
 _SCREEN_ISAS = ["best", "avx2"]
-
-
-def _assert_blend_matches_naive(w: np.ndarray, got: tuple, name: str = "") -> None:
-    naive = _C._blend_indices_naive(w, len(got[0]))
-    np.testing.assert_array_equal(got[0], naive[0], err_msg=name)
-    np.testing.assert_array_equal(got[1], naive[1], err_msg=name)
 
 
 @pytest.mark.parametrize("isa", _SCREEN_ISAS)
@@ -540,7 +531,7 @@ def test_blend_indices_screened_lanes_run_and_match(k: int, isa: str) -> None:
     w = np.random.default_rng(1500 + k).dirichlet(np.ones(k))
     w = w / np.sum(w)
     index, sample, info = _C._blend_indices_screened(w, 1_000_000, isa=isa)
-    _assert_blend_matches_naive(w, (index, sample), f"k={k}")
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, len(index)), f"k={k}")
     if not _SCREENS:
         assert info["steps"] == 0
         return
@@ -562,7 +553,7 @@ def test_blend_indices_screened_lanes_give_up_on_ties(weights: np.ndarray, isa: 
     # every window is then uncertain, and after a short first round the double kernel runs alone.
     w = weights / np.sum(weights)
     index, sample, info = _C._blend_indices_screened(w, 200_000, isa=isa)
-    _assert_blend_matches_naive(w, (index, sample))
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, len(index)))
     if _SCREENS:
         assert info["gave_up"]
         assert info["uncertain"] == info["windows"] > 0
@@ -582,7 +573,7 @@ def test_blend_indices_screened_lanes_recover_from_wrong_guesses(k: int, isa: st
     w = np.random.default_rng(1600 + k).dirichlet(np.full(k, 0.5))
     w = w / np.sum(w)
     index, sample, info = _C._blend_indices_screened(w, 100_000, misguess=True, isa=isa)
-    _assert_blend_matches_naive(w, (index, sample))
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, len(index)))
     if _SCREENS:
         assert info["misguessed"] == 15 and info["redone"] > 0
 
