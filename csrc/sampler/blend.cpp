@@ -528,6 +528,16 @@ ScreenRange screen_range(const int32_t* step_add, int32_t margin) {
   return {INT32_MAX - add_max - 64, INT32_MIN + kScreenOne + margin + 64};
 }
 
+// The rows' total change over m steps in which every step dropped exactly one row by kScreenOne
+// (each step drops at least its top; more than one is a near tie).  Compared in 64 bits, where
+// nothing wraps while the range above holds.
+template <int R>
+int64_t screen_change(const int32_t* step_add, int64_t m) {
+  int64_t sum = 0;
+  for (int d = 0; d < R; ++d) sum += step_add[d];
+  return m * (sum - kScreenOne);
+}
+
 // Rows of 16 lanes, row d of lane j at rows[16 * d + j]; R rows in registers (K rounded up to
 // even; the padding rows hold INT32_MIN, which never comes near a lane's maximum).  Runs m steps:
 // tops[16 t + j] = lane j's maximum at step t (its low bits name the row).  Returns the lanes
@@ -540,9 +550,6 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) uint32_t screen_steps_avx51
 #pragma GCC unroll 32
   for (int d = 0; d < R; ++d) row[d] = _mm512_loadu_si512(rows + 16 * d);
   const __m512i one = _mm512_set1_epi32(kScreenOne);
-  const __m512i marginv = _mm512_set1_epi32(margin);
-  const __m512i unit = _mm512_set1_epi32(1);
-  __m512i near = _mm512_setzero_si512();  // per lane: the rows within the margin, all steps
   __m512i high = _mm512_set1_epi32(INT32_MIN), low = _mm512_set1_epi32(INT32_MAX);
   for (int64_t t = 0; t < m; ++t) {
     // The maximum in four independent chains (integer max: 1 cycle, the rows' updates overlap).
@@ -558,23 +565,38 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) uint32_t screen_steps_avx51
     _mm512_storeu_si512(tops + 16 * t, top);
     high = _mm512_max_epi32(high, top);
     low = _mm512_min_epi32(low, top);
-    const __m512i floor = _mm512_sub_epi32(top, marginv);
+    const __m512i floor = _mm512_sub_epi32(top, _mm512_set1_epi32(margin));
 #pragma GCC unroll 32
     for (int d = 0; d < R; ++d) {
-      // The rows near the top: exactly the chosen one on a certain step (then it is the only row
-      // decremented); counting them costs one add per row, a second-largest tracker two.
+      // Every row near the top drops by one: exactly the chosen one on a certain step.  Whether
+      // more than one did is read from the rows' sum at the end (four operations per row and
+      // step; counting them here was a fifth).
       const __mmask16 chosen = _mm512_cmpge_epi32_mask(row[d], floor);
-      near = _mm512_mask_add_epi32(near, chosen, near, unit);
       row[d] = _mm512_add_epi32(row[d], _mm512_set1_epi32(step_add[d]));
       row[d] = _mm512_mask_sub_epi32(row[d], chosen, row[d], one);
     }
   }
+  // More than one row dropped at some step: the rows' total change tells (screen_change).
+  __m512i change[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
 #pragma GCC unroll 32
-  for (int d = 0; d < R; ++d) _mm512_storeu_si512(rows + 16 * d, row[d]);
+  for (int d = 0; d < R; ++d) {
+    const __m512i before = _mm512_loadu_si512(rows + 16 * d);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i after64 = _mm512_cvtepi32_epi64(
+          h == 0 ? _mm512_castsi512_si256(row[d]) : _mm512_extracti64x4_epi64(row[d], 1));
+      const __m512i before64 = _mm512_cvtepi32_epi64(
+          h == 0 ? _mm512_castsi512_si256(before) : _mm512_extracti64x4_epi64(before, 1));
+      change[h] = _mm512_add_epi64(change[h], _mm512_sub_epi64(after64, before64));
+    }
+    _mm512_storeu_si512(rows + 16 * d, row[d]);
+  }
+  const __m512i expected = _mm512_set1_epi64(screen_change<R>(step_add, m));
+  const __mmask16 ties = static_cast<__mmask16>(
+      _mm512_cmpneq_epi64_mask(change[0], expected) |
+      (_mm512_cmpneq_epi64_mask(change[1], expected) << 8));
   // Rows only grow by step_add and only the chosen (near the top) drop by one: bounding the tops
   // bounds every row.
   const ScreenRange range = screen_range<R>(step_add, margin);
-  const __mmask16 ties = _mm512_cmpneq_epi32_mask(near, _mm512_set1_epi32(static_cast<int32_t>(m)));
   const __mmask16 too_high = _mm512_cmpgt_epi32_mask(high, _mm512_set1_epi32(range.high));
   const __mmask16 too_low = _mm512_cmplt_epi32_mask(low, _mm512_set1_epi32(range.low));
   return static_cast<uint32_t>(ties | too_high | too_low);
@@ -619,13 +641,26 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) uint32_t screen_anchor_avx5
 // The same two for CPUs with AVX2 but no AVX-512: a row of 16 lanes is two 8-lane registers, the
 // rows live in memory (16 registers hold few of them), and each step's maximum is accumulated
 // while the previous step's rows are updated (one pass over the rows per step).
+// sums[q] = lanes 4q..4q+3's sums of their R rows, in 64 bits.
+template <int R>
+__attribute__((target("avx2"))) void screen_sums_avx2(const int32_t* rows, __m256i* sums) {
+  for (int q = 0; q < 4; ++q) sums[q] = _mm256_setzero_si256();
+  for (int d = 0; d < R; ++d) {
+    for (int q = 0; q < 4; ++q) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + 16 * d + 4 * q));
+      sums[q] = _mm256_add_epi64(sums[q], _mm256_cvtepi32_epi64(v));
+    }
+  }
+}
+
 template <int R>
 __attribute__((target("avx2"))) uint32_t screen_steps_avx2(const int32_t* step_add, int32_t* rows,
                                                           int64_t m, int32_t margin,
                                                           int32_t* tops) {
   const __m256i one = _mm256_set1_epi32(kScreenOne);
   const __m256i marginv = _mm256_set1_epi32(margin + 1);  // r >= top - margin <=> r > top - margin - 1
-  __m256i near[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  __m256i before[4];
+  screen_sums_avx2<R>(rows, before);
   __m256i high[2] = {_mm256_set1_epi32(INT32_MIN), _mm256_set1_epi32(INT32_MIN)};
   __m256i low[2] = {_mm256_set1_epi32(INT32_MAX), _mm256_set1_epi32(INT32_MAX)};
   __m256i top[2];
@@ -648,7 +683,6 @@ __attribute__((target("avx2"))) uint32_t screen_steps_avx2(const int32_t* step_a
         __m256i* p = reinterpret_cast<__m256i*>(rows + 16 * d + 8 * h);
         __m256i row = _mm256_loadu_si256(p);
         const __m256i chosen = _mm256_cmpgt_epi32(row, floor);  // all ones where chosen
-        near[h] = _mm256_sub_epi32(near[h], chosen);
         row = _mm256_add_epi32(row, _mm256_set1_epi32(step_add[d]));
         row = _mm256_sub_epi32(row, _mm256_and_si256(chosen, one));
         _mm256_storeu_si256(p, row);
@@ -661,15 +695,22 @@ __attribute__((target("avx2"))) uint32_t screen_steps_avx2(const int32_t* step_a
       top[h] = _mm256_max_epi32(a, b);  // the next step's
     }
   }
+  // More than one row dropped at some step: see screen_steps_avx512.
+  __m256i after[4];
+  screen_sums_avx2<R>(rows, after);
+  const __m256i expected = _mm256_set1_epi64x(screen_change<R>(step_add, m));
+  uint32_t ties = 0;
+  for (int q = 0; q < 4; ++q) {
+    const __m256i right = _mm256_cmpeq_epi64(_mm256_sub_epi64(after[q], before[q]), expected);
+    ties |= (~static_cast<uint32_t>(_mm256_movemask_pd(_mm256_castsi256_pd(right))) & 0xFu)
+            << (4 * q);
+  }
   const ScreenRange range = screen_range<R>(step_add, margin);
-  uint32_t unsure = 0;
+  uint32_t unsure = ties;
   for (int h = 0; h < 2; ++h) {
-    const __m256i ties = _mm256_xor_si256(
-        _mm256_cmpeq_epi32(near[h], _mm256_set1_epi32(static_cast<int32_t>(m))),
-        _mm256_set1_epi32(-1));
     const __m256i too_high = _mm256_cmpgt_epi32(high[h], _mm256_set1_epi32(range.high));
     const __m256i too_low = _mm256_cmpgt_epi32(_mm256_set1_epi32(range.low), low[h]);
-    const __m256i bad = _mm256_or_si256(ties, _mm256_or_si256(too_high, too_low));
+    const __m256i bad = _mm256_or_si256(too_high, too_low);
     unsure |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(bad))) << (8 * h);
   }
   return unsure;

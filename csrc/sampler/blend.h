@@ -147,8 +147,11 @@ void register_argmax_multi(const double* const* cw, double* const* cc, const int
 //    and so is the rule's double (e = 2^-52 (x + 8) bounds the doubles' rounding at |v| <= 4);
 //    so when every other row is more than margin = 2 + W + 4 e 2^F units below the largest, the
 //    rule chooses that row, and it is no tie;
-//  * each step counts, per lane, the rows within the margin of the largest (the rows it
-//    decrements); a lane where any step counted more than one, or whose deficits left
+//  * each step decrements every row within the margin of the largest, at least one (the largest);
+//    the rows' total change over the window, taken in 64 bits at its end, says whether some step
+//    decremented more than one (four vector operations per row and step, where counting the near
+//    rows at every step was a fifth: K = 22 3.4 against 3.65 ns per step, AVX2 3.65 against 4.3,
+//    in the same runs); a lane where some step did, or whose deficits left
 //    [-kScreenRange, 2] at the start (32-bit rows could overflow) or drifted out of range inside
 //    the window (tracked through the largest row), is uncertain: that window is recomputed from
 //    its counts by the exact register kernel.  Each window starts again from the exact counts,
@@ -158,9 +161,9 @@ void register_argmax_multi(const double* const* cw, double* const* cc, const int
 // doubles at K = 22; a published table of 14 weights, 4%) make most windows uncertain; then the
 // path gives up after a short first round and the register kernel runs alone.
 // Thread CPU time on Zen 4 (AMD EPYC family 25 model 17), K = 22, Dirichlet(1), 10M steps into
-// fresh arrays: 3.5 ns per step against 6.1 for the register kernel; ~1.1 of it the kernel (5
-// integer operations per row and step), ~1.6 writing the output (~1.3 for the stores alone into
-// freshly faulted pages).  Windows of 64 / 128 / 256 steps: 3.5 / 3.5 / 3.7 ns.  Tried and
+// fresh arrays: 3.4 ns per step against 6.1 for the register kernel; ~0.8 of it the kernel (four
+// integer operations per row and step), ~1.0 writing the output and ~0.7 the OS zeroing the fresh
+// pages it goes to (perf).  Windows of 64 / 128 / 256 steps: 3.5 / 3.5 / 3.7 ns.  Tried and
 // slower: writing the previous window's output from inside the kernel, step by step for all 16
 // lanes (4.5 ns: 32 output streams at once), and computing each sample from the chosen row
 // instead of counting (4.2 ns).  The AVX2 kernel (forced on that machine): 4.7 ns against 8.6 to
