@@ -527,7 +527,9 @@ def test_blend_indices_screened_lanes_run_and_match(k: int, isa: str) -> None:
     # K <= 32 on AVX-512: 16 speculative segments in 32-bit fixed point; a step is kept only when
     # no other domain is within the rounding margin of the largest, otherwise the lane's window is
     # recomputed in doubles.  Generic weights keep almost every window and still meet a few close
-    # calls in 1M steps; the lanes' guessed starts are verified and some are recomputed.
+    # calls in 1M steps; each lane's start is guessed and warmed up for two windows (the rule from
+    # a guess 128 steps early), which gets nearly every start right (wrong ones are recomputed:
+    # test_blend_indices_screened_lanes_recover_from_wrong_guesses).
     w = np.random.default_rng(1500 + k).dirichlet(np.ones(k))
     w = w / np.sum(w)
     index, sample, info = _C._blend_indices_screened(w, 1_000_000, isa=isa)
@@ -539,7 +541,8 @@ def test_blend_indices_screened_lanes_run_and_match(k: int, isa: str) -> None:
     assert info["steps"] >= 950_000
     assert info["windows"] == info["steps"] // 64
     assert 0 < info["uncertain"] < info["windows"] // 50
-    assert info["misguessed"] > 0 and info["redone"] > 0
+    lanes = 15 * (1 + (info["steps"] - 16 * 256) // (16 * 8192))
+    assert info["misguessed"] <= lanes // 20
 
 
 @pytest.mark.parametrize(

@@ -154,20 +154,29 @@ void register_argmax_multi(const double* const* cw, double* const* cc, const int
 //    in the same runs); a lane where some step did, or whose deficits left
 //    [-kScreenRange, 2] at the start (32-bit rows could overflow) or drifted out of range inside
 //    the window (tracked through the largest row), is uncertain: that window is recomputed from
-//    its counts by the exact register kernel.  Each window starts again from the exact counts,
-//    which the output pass keeps.
-// The lanes' starting states are guessed and verified as for run_segments below.  Exact ties
-// (equal weights, weights with small common denominators: rounded to 0.01, 29% of steps tie in
-// doubles at K = 22; a published table of 14 weights, 4%) make most windows uncertain; then the
-// path gives up after a short first round and the register kernel runs alone.
+//    its counts by the exact register kernel.  Each window starts again from the exact counts;
+//  * a certain window's output needs no counting: the chosen row d at step t has value
+//    V0[d] + t Om[d] - 2^F n, n = the times d was chosen before t in the window, so n follows from
+//    the step's top and the window's first rows, and the sample is the start count plus n
+//    (screen_write: whole vectors of 16 steps, looked up by in-register permutes, where counting
+//    in memory made a store-to-load chain per domain).
+// Each lane's starting state is a guess, verified as for run_segments below: the largest-remainder
+// rounding of w * x at 128 steps before its start, then two windows of the rule, unwritten (the
+// guess at the start itself was wrong in 69% of lanes at K = 22, one count off between two
+// domains; after the warm-up, in 0 of 1140 lanes, K = 32: 4).  Exact ties (equal weights, small
+// common denominators: rounded to 0.01, 29% of steps tie in doubles at K = 22; a published table
+// of 14 weights, 4%) make most windows uncertain; then the path gives up after a short first
+// round and the register kernel runs alone.
 // Thread CPU time on Zen 4 (AMD EPYC family 25 model 17), K = 22, Dirichlet(1), 10M steps into
-// fresh arrays: 3.4 ns per step against 6.1 for the register kernel; ~0.8 of it the kernel (four
-// integer operations per row and step), ~1.0 writing the output and ~0.7 the OS zeroing the fresh
-// pages it goes to (perf).  Windows of 64 / 128 / 256 steps: 3.5 / 3.5 / 3.7 ns.  Tried and
-// slower: writing the previous window's output from inside the kernel, step by step for all 16
-// lanes (4.5 ns: 32 output streams at once), and computing each sample from the chosen row
-// instead of counting (4.2 ns).  The AVX2 kernel (forced on that machine): 4.7 ns against 8.6 to
-// 9.4 for the AVX2 register kernel.
+// fresh arrays, in the same runs: 2.8 ns per step with screen_write, 3.4 counting in a scalar
+// pass, 3.65 with five operations per row and step in the kernel (tie counting), 6.1 for the
+// register kernel alone.  Of the 2.8 (perf): the kernel ~0.8 (four integer operations per row and
+// step), screen_write ~0.7 (mostly waiting on its stores into fresh memory) and the OS zeroing
+// those fresh pages ~0.5.  Windows of 64 / 128 / 256 steps: 3.5 / 3.5 / 3.7 ns (before
+// screen_write).  Tried and slower: writing the previous window's output from inside the
+// kernel, step by step for all 16 lanes (4.5 ns: 32 output streams at once), and computing each
+// sample from the chosen row in a scalar pass (4.2 ns).  The AVX2 kernel (forced on that
+// machine, counting in a scalar pass): 3.8 ns against 8.6 to 9.4 for the AVX2 register kernel.
 constexpr int kScreenLanes = 16;
 constexpr int64_t kScreenMax = 32;
 constexpr int kScreenFraction = 24;
@@ -185,6 +194,20 @@ uint32_t screen_anchor(Isa isa, const double* w, int64_t k, const int64_t* count
 // in the low kScreenIndexBits); step_add[d] = Om[d] * 32; returns the uncertain lanes.
 uint32_t screen_steps(Isa isa, const int32_t* step_add, int64_t k, int32_t* rows, int64_t m,
                       int32_t margin, int32_t* tops);
+
+// Where a screened lane's window goes: blend_indices' arrays (index, sample), domain ids (pos), or
+// nowhere (all null: warm-up steps, only counts kept).
+struct ScreenLaneOut {
+  int16_t* index;
+  int64_t* sample;
+  int32_t* pos;
+};
+// After screen_steps: the certain lanes' (bit j of lanes) choices written to out[j] from offset
+// at, and their counts[16 d + j] advanced to the window's end, from the rows at its start (rows0)
+// and end (rows) and the tops alone.  Returns false where not available (then write_lane does it).
+bool screen_write(Isa isa, int64_t k, const int32_t* step_add, const int32_t* rows0,
+                  const int32_t* rows, const int32_t* tops, int64_t* counts, uint32_t lanes,
+                  const ScreenLaneOut* out, int64_t at);
 
 // What the screened path did in a GreedyFast's runs (tests check that it runs, and recovers).
 struct ScreenStats {
@@ -426,13 +449,12 @@ class GreedyFast {
   static constexpr int64_t kScreenSegment = 8192;    // steps per lane per round (at most)
   static constexpr int64_t kScreenCheckpoint = 128;  // steps between the lanes' count snapshots
   static constexpr int64_t kScreenProbe = 256;       // the first round's lanes: cheap to give up
+  // Steps each lane runs, unwritten, before its segment: the rule from a largest-remainder guess
+  // at start - 128 has met the true state at start in 900 of 900 samples (K = 5, 22, 32), the
+  // guess at start itself in 37% (most often one count is off by one between two domains).
+  static constexpr int64_t kScreenWarmup = 2 * kScreenWindow;
 
-  // Where lane j's steps go: the caller's arrays (run_into) or domain ids in positions_.
-  struct LaneOut {
-    int16_t* index;
-    int64_t* sample;
-    int32_t* pos;
-  };
+  using LaneOut = ScreenLaneOut;
 
   // The exact rule (register kernel) for lane j's m steps from step s, its counts updated, its
   // choices written to out from offset t.
@@ -461,12 +483,16 @@ class GreedyFast {
       }
       return;
     }
-    int32_t* pos = out.pos + t;
-    for (int64_t i = 0; i < m; ++i) {
-      const int32_t d = ids[stride * i] & kMask;
-      pos[i] = d;
-      c[S * d] += 1;
+    if (out.pos != nullptr) {
+      int32_t* pos = out.pos + t;
+      for (int64_t i = 0; i < m; ++i) {
+        const int32_t d = ids[stride * i] & kMask;
+        pos[i] = d;
+        c[S * d] += 1;
+      }
+      return;
     }
+    for (int64_t i = 0; i < m; ++i) c[S * (ids[stride * i] & kMask)] += 1;
   }
 
   // Whole rounds of 16 lanes from step s0 + done while they fit; returns the new done.
@@ -495,6 +521,7 @@ class GreedyFast {
     }
     lane_counts_.resize(static_cast<size_t>(S * k));
     lane_rows_.resize(static_cast<size_t>(S * rows));
+    lane_rows0_.resize(static_cast<size_t>(S * rows));
     lane_cf_.resize(static_cast<size_t>(k));
     tops_.resize(static_cast<size_t>(S * kScreenWindow));
     lane_snaps_.resize(static_cast<size_t>(S * (kScreenSegment / kScreenCheckpoint) * k));
@@ -514,22 +541,21 @@ class GreedyFast {
       if (!fused) positions_.resize(static_cast<size_t>(S * len));
       for (int j = 0; j < S; ++j) {
         start[j] = s0 + done + j * len;
-        int64_t* guess = lane_guess_.data() + j * k;
+        // Lane 0 starts from the true state; its warm-up steps (from start[0]) are thrown away.
         if (j == 0) {
-          std::copy(counts, counts + k, guess);
+          for (int64_t d = 0; d < k; ++d) lane_counts_[S * d] = counts[d];
         } else {
-          guess_counts(start[j], lane_cf_.data());
-          if (misguess_) misguess(j, lane_cf_.data());
-          for (int64_t d = 0; d < k; ++d) guess[d] = static_cast<int64_t>(lane_cf_[d]);
+          guess_counts(start[j] - kScreenWarmup, lane_cf_.data());
+          for (int64_t d = 0; d < k; ++d) lane_counts_[S * d + j] = static_cast<int64_t>(lane_cf_[d]);
         }
-        for (int64_t d = 0; d < k; ++d) lane_counts_[S * d + j] = guess[d];
         out[j] = fused ? LaneOut{index_ + done + j * len, sample_ + done + j * len, nullptr}
                        : LaneOut{nullptr, nullptr, positions_.data() + j * len};
       }
       int64_t uncertain = 0;
-      for (int64_t p = 0; p < len; p += kScreenWindow) {
+      for (int64_t p = -kScreenWarmup; p < len; p += kScreenWindow) {
+        if (p == 0) start_lanes(counts);
         int64_t step[S];
-        for (int j = 0; j < S; ++j) step[j] = start[j] + p;
+        for (int j = 0; j < S; ++j) step[j] = p >= 0 ? start[j] + p : start[j] + p + (j == 0 ? kScreenWarmup : 0);
         double x_max = 0.0;
         uint32_t unsure = screen_anchor(isa_, w_.data(), k, lane_counts_.data(), step,
                                         lane_rows_.data(), &x_max);
@@ -537,17 +563,23 @@ class GreedyFast {
         const double margin_units =
             std::ceil(2.0 + kScreenWindow + std::ldexp(x_max + 8.0, kScreenFraction - 50));
         const int32_t margin = static_cast<int32_t>(margin_units) * 32 + 31;
+        std::copy(lane_rows_.begin(), lane_rows_.end(), lane_rows0_.begin());
         unsure |= screen_steps(isa_, step_add_.data(), k, lane_rows_.data(), kScreenWindow,
                                margin, tops_.data());
+        static const LaneOut kWarmup[S] = {};
+        const LaneOut* to = p >= 0 ? out : kWarmup;
+        const bool written = screen_write(isa_, k, step_add_.data(), lane_rows0_.data(),
+                                          lane_rows_.data(), tops_.data(), lane_counts_.data(),
+                                          ~unsure & 0xFFFFu, to, p);
         for (int j = 0; j < S; ++j) {
           if ((unsure >> j) & 1u) {
-            exact_lane(j, step[j], kScreenWindow, out[j], p);
-            ++uncertain;
-          } else {
-            write_lane(tops_.data() + j, S, kScreenWindow, lane_counts_.data() + j, out[j], p);
+            exact_lane(j, step[j], kScreenWindow, to[j], p);
+            uncertain += p >= 0;
+          } else if (!written) {
+            write_lane(tops_.data() + j, S, kScreenWindow, lane_counts_.data() + j, to[j], p);
           }
         }
-        if ((p + kScreenWindow) % kScreenCheckpoint == 0) {
+        if (p >= 0 && (p + kScreenWindow) % kScreenCheckpoint == 0) {
           snapshot_lanes((p + kScreenWindow) / kScreenCheckpoint - 1);
         }
       }
@@ -569,6 +601,22 @@ class GreedyFast {
       first_round = false;
     }
     return done;
+  }
+
+  // After the warm-up: lane 0 back to the true counts, lanes 1..15's states kept as their guesses
+  // (made wrong on purpose for tests: misguess_).
+  void start_lanes(const int64_t* counts) {
+    constexpr int S = kScreenLanes;
+    for (int64_t d = 0; d < k_; ++d) lane_counts_[S * d] = counts[d];
+    for (int j = 0; j < S; ++j) {
+      int64_t* guess = lane_guess_.data() + j * k_;
+      if (misguess_ && j > 0) {
+        for (int64_t d = 0; d < k_; ++d) lane_cf_[d] = static_cast<double>(lane_counts_[S * d + j]);
+        misguess(j, lane_cf_.data());
+        for (int64_t d = 0; d < k_; ++d) lane_counts_[S * d + j] = static_cast<int64_t>(lane_cf_[d]);
+      }
+      for (int64_t d = 0; d < k_; ++d) guess[d] = lane_counts_[S * d + j];
+    }
   }
 
   // Lanes 1..15's counts at checkpoint i (after (i + 1) kScreenCheckpoint steps of the round).
@@ -898,7 +946,7 @@ class GreedyFast {
   std::vector<int64_t> chain_icounts_;
   std::vector<WindowChain> window_chains_;
   std::vector<int64_t> lane_counts_, lane_snaps_, lane_guess_, lane_final_;
-  std::vector<int32_t> lane_rows_, step_add_, tops_, lane_pos_;
+  std::vector<int32_t> lane_rows_, lane_rows0_, step_add_, tops_, lane_pos_;
   std::vector<double> lane_cf_;
   ScreenStats screen_;
   int16_t* index_ = nullptr;  // run_into's arrays while it runs
