@@ -522,7 +522,7 @@ _SCREEN_ISAS = ["best", "avx2"]
 
 
 @pytest.mark.parametrize("isa", _SCREEN_ISAS)
-@pytest.mark.parametrize("k", [2, 5, 22, 32])
+@pytest.mark.parametrize("k", [2, 5, 16, 17, 22, 32])  # 16 / 17: one or two count lookups
 def test_blend_indices_screened_lanes_run_and_match(k: int, isa: str) -> None:
     # K <= 32 on AVX-512: 16 speculative segments in 32-bit fixed point; a step is kept only when
     # no other domain is within the rounding margin of the largest, otherwise the lane's window is
