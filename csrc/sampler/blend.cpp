@@ -712,7 +712,8 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) void screen_write_avx512(
           __builtin_prefetch(reinterpret_cast<const char*>(o.index + at + W) + q, 1, 3);
         }
       }
-      const __m512i v_lo = _mm512_load_si512(v0[j]), v_hi = _mm512_load_si512(v0[j] + 16);
+      const __m512i v_lo = _mm512_load_si512(v0[j]);
+      const __m512i v_hi = r > 16 ? _mm512_load_si512(v0[j] + 16) : v_lo;  // only d < r looked up
       __m512i c[4];
       for (int q = 0; q < 4; ++q) c[q] = 8 * q < k ? _mm512_load_si512(c0[j] + 8 * q) : c[0];
       for (int b = 0; b < W / 16; ++b) {
