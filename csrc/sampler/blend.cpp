@@ -724,8 +724,9 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) void screen_write_avx512(
           continue;
         }
         const __m512i t = _mm512_add_epi32(iota, _mm512_set1_epi32(16 * b));
-        const __m512i value = _mm512_add_epi32(_mm512_permutex2var_epi32(v_lo, d, v_hi),
-                                               _mm512_mullo_epi32(_mm512_permutex2var_epi32(om_lo, d, om_hi), t));
+        const __m512i om_d = _mm512_permutex2var_epi32(om_lo, d, om_hi);
+        const __m512i value =
+            _mm512_add_epi32(_mm512_permutex2var_epi32(v_lo, d, v_hi), _mm512_mullo_epi32(om_d, t));
         const __m512i n = _mm512_srai_epi32(
             _mm512_sub_epi32(value, _mm512_srai_epi32(top, kScreenIndexBits)), kScreenFraction);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.index + at + 16 * b),
@@ -746,7 +747,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) void screen_write_avx512(
     }
   }
   // The certain lanes' counts at the window's end: n over the whole window, from the last rows.
-  const __mmask8 lanes_lo = static_cast<__mmask8>(lanes), lanes_hi = static_cast<__mmask8>(lanes >> 8);
+  const __mmask8 keep[2] = {static_cast<__mmask8>(lanes), static_cast<__mmask8>(lanes >> 8)};
   for (int64_t d = 0; d < k; ++d) {
     const __m512i n = _mm512_srai_epi32(
         _mm512_sub_epi32(
@@ -759,7 +760,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) void screen_write_avx512(
       const __m512i n64 = _mm512_cvtepi32_epi64(h == 0 ? _mm512_castsi512_si256(n)
                                                        : _mm512_extracti64x4_epi64(n, 1));
       const __m512i before = _mm512_loadu_si512(p);
-      _mm512_storeu_si512(p, _mm512_mask_add_epi64(before, h == 0 ? lanes_lo : lanes_hi, before, n64));
+      _mm512_storeu_si512(p, _mm512_mask_add_epi64(before, keep[h], before, n64));
     }
   }
 }
@@ -800,10 +801,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) uint32_t screen_anchor_avx5
   return static_cast<uint32_t>(static_cast<uint16_t>(~(in_a | (in_b << 8))));
 }
 
-// The same two for CPUs with AVX2 but no AVX-512: a row of 16 lanes is two 8-lane registers, the
-// rows live in memory (16 registers hold few of them), and each step's maximum is accumulated
-// while the previous step's rows are updated (one pass over the rows per step).
-// sums[q] = lanes 4q..4q+3's sums of their R rows, in 64 bits.
+// sums[q] = lanes 4q..4q+3's sums of their R rows, in 64 bits (the AVX2 kernel's tie check).
 template <int R>
 __attribute__((target("avx2"))) void screen_sums_avx2(const int32_t* rows, __m256i* sums) {
   for (int q = 0; q < 4; ++q) sums[q] = _mm256_setzero_si256();
@@ -815,6 +813,9 @@ __attribute__((target("avx2"))) void screen_sums_avx2(const int32_t* rows, __m25
   }
 }
 
+// The same two for CPUs with AVX2 but no AVX-512: a row of 16 lanes is two 8-lane registers, the
+// rows live in memory (16 registers hold few of them), and each step's maximum is accumulated
+// while the previous step's rows are updated (one pass over the rows per step).
 template <int R>
 __attribute__((target("avx2"))) uint32_t screen_steps_avx2(const int32_t* step_add, int32_t* rows,
                                                           int64_t m, int32_t margin,

@@ -546,7 +546,9 @@ class GreedyFast {
           for (int64_t d = 0; d < k; ++d) lane_counts_[S * d] = counts[d];
         } else {
           guess_counts(start[j] - kScreenWarmup, lane_cf_.data());
-          for (int64_t d = 0; d < k; ++d) lane_counts_[S * d + j] = static_cast<int64_t>(lane_cf_[d]);
+          for (int64_t d = 0; d < k; ++d) {
+            lane_counts_[S * d + j] = static_cast<int64_t>(lane_cf_[d]);
+          }
         }
         out[j] = fused ? LaneOut{index_ + done + j * len, sample_ + done + j * len, nullptr}
                        : LaneOut{nullptr, nullptr, positions_.data() + j * len};
@@ -554,8 +556,9 @@ class GreedyFast {
       int64_t uncertain = 0;
       for (int64_t p = -kScreenWarmup; p < len; p += kScreenWindow) {
         if (p == 0) start_lanes(counts);
+        // Warm-up windows (p < 0) run before each lane's start, lane 0's from its start.
         int64_t step[S];
-        for (int j = 0; j < S; ++j) step[j] = p >= 0 ? start[j] + p : start[j] + p + (j == 0 ? kScreenWarmup : 0);
+        for (int j = 0; j < S; ++j) step[j] = start[j] + p + (p < 0 && j == 0 ? kScreenWarmup : 0);
         double x_max = 0.0;
         uint32_t unsure = screen_anchor(isa_, w_.data(), k, lane_counts_.data(), step,
                                         lane_rows_.data(), &x_max);
@@ -608,12 +611,14 @@ class GreedyFast {
   void start_lanes(const int64_t* counts) {
     constexpr int S = kScreenLanes;
     for (int64_t d = 0; d < k_; ++d) lane_counts_[S * d] = counts[d];
-    for (int j = 0; j < S; ++j) {
+    for (int j = 1; j < S; ++j) {  // verify_lanes reads the guesses of lanes 1..15
       int64_t* guess = lane_guess_.data() + j * k_;
-      if (misguess_ && j > 0) {
+      if (misguess_) {
         for (int64_t d = 0; d < k_; ++d) lane_cf_[d] = static_cast<double>(lane_counts_[S * d + j]);
         misguess(j, lane_cf_.data());
-        for (int64_t d = 0; d < k_; ++d) lane_counts_[S * d + j] = static_cast<int64_t>(lane_cf_[d]);
+        for (int64_t d = 0; d < k_; ++d) {
+          lane_counts_[S * d + j] = static_cast<int64_t>(lane_cf_[d]);
+        }
       }
       for (int64_t d = 0; d < k_; ++d) guess[d] = lane_counts_[S * d + j];
     }
