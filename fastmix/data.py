@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import numbers
 import os
 import queue
 import threading
@@ -124,14 +125,21 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
         _check_weight_values(out, names)
         return out
     if isinstance(source, torch.Tensor):
+        if source.dtype == torch.bool or source.is_complex():
+            raise TypeError(f"weights must be real numbers, got a {source.dtype} tensor")
         source = source.detach().to("cpu", torch.float64).numpy()
     try:
-        out = np.asarray(source, dtype=np.float64)
+        raw = np.asarray(source)
     except (TypeError, ValueError):
+        raw = None
+    # Strings, booleans and complex numbers would convert (or fail) with no word about why.
+    if raw is None or raw.dtype.kind not in "iuf" and raw.size:
+        what = type(source).__name__ if raw is None else f"{type(source).__name__} of {raw.dtype}"
         raise TypeError(
-            f"weights must be a path, a mapping, a sequence, an array or a tensor, got "
-            f"{type(source).__name__}"
-        ) from None
+            f"weights must be a path, a mapping, or a sequence, an array or a tensor of real "
+            f"numbers, got {what}"
+        )
+    out = raw.astype(np.float64)
     if out.ndim != 1:
         raise ValueError(f"weights must be 1-D, got shape {tuple(out.shape)}")
     if names is not None and len(out) != len(names):
@@ -141,10 +149,12 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
 
 
 def _as_weight(value: Any, name: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"weights[{name!r}] must be a number, got {value!r}") from None
+    # float() would also take "0.5" and True: a weight is a real number, nothing that converts.
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.number)):
+        raise TypeError(f"weights[{name!r}] must be a number, got {value!r}")
+    if isinstance(value, np.number) and not np.isrealobj(value):
+        raise TypeError(f"weights[{name!r}] must be a real number, got {value!r}")
+    return float(value)
 
 
 def _check_weight_values(w: np.ndarray, names: Sequence[str] | None) -> None:
@@ -155,8 +165,12 @@ def _check_weight_values(w: np.ndarray, names: Sequence[str] | None) -> None:
     bad = np.flatnonzero(w < 0)
     if bad.size:
         raise ValueError(f"weights must be >= 0; domain {label(int(bad[0]))} is {w[bad[0]]}")
-    if w.size == 0 or not w.sum() > 0:
+    with np.errstate(over="ignore"):  # an overflowing sum is reported below, not warned about
+        total = w.sum()
+    if w.size == 0 or not total > 0:
         raise ValueError("weights must have a positive sum")
+    if not np.isfinite(total):
+        raise ValueError("weights sum overflows float64: scale them down")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,12 +238,26 @@ class TokenCorpus:
         manifest = _read_manifest(root)
         if manifest is None:
             raise CorpusError(f"{str(root)!r} has no {CORPUS_MANIFEST} (run `fastmix prepare`)")
-        domains = {
-            name: [root / f for f in info["files"]] for name, info in manifest["domains"].items()
-        }
+        where = repr(str(root / CORPUS_MANIFEST))
+        domains = {}
+        for name, info in manifest["domains"].items():
+            files = info.get("files") if isinstance(info, Mapping) else None
+            if (
+                not isinstance(files, list)
+                or not files
+                or not all(isinstance(f, str) and f for f in files)
+            ):
+                raise CorpusError(f"{where}: domain {name!r} needs 'files', a list of file names")
+            domains[name] = [root / f for f in files]
         if not domains:
-            raise CorpusError(f"{str(root / CORPUS_MANIFEST)!r} lists no domains")
-        corpus = cls(domains, dtype=manifest["dtype"])
+            raise CorpusError(f"{where} lists no domains")
+        if "dtype" not in manifest:
+            raise CorpusError(f"{where} has no 'dtype' ('uint16' or 'uint32')")
+        try:
+            dtype = _bin_dtype(manifest["dtype"], "dtype")
+        except ValueError as e:
+            raise CorpusError(f"{where}: {e}") from None
+        corpus = cls(domains, dtype=dtype)
         corpus.manifest = manifest
         return corpus
 
@@ -254,6 +282,12 @@ class TokenCorpus:
                 raise CorpusError(
                     f"{where}: a .npy token file must be a 1-D integer array, got shape "
                     f"{arr.shape} and dtype {arr.dtype}"
+                )
+            if arr.dtype.kind == "u" and arr.dtype.itemsize == 8:
+                # input_ids are int64: ids from 2**63 on would come out negative.
+                raise CorpusError(
+                    f"{where}: uint64 token ids do not fit int64 input_ids; save the array as "
+                    "uint32 or int64"
                 )
             return arr.dtype, int(arr.offset), int(arr.shape[0])
         dt = self._bin_dtype
@@ -481,9 +515,11 @@ class _Control:
             count = int(v["count"][0])
             slot = count % _EVENT_CAPACITY
             if count >= _EVENT_CAPACITY and v["event_flag"][slot] != _CANCELLED:
+                # The slot's change is consumed once every live iterator has started its step
+                # (it was collected then); with none live, the next one starts at ``floor``.
                 live = v["started"][v["started"] >= 0]
-                oldest_position = int(live.min()) if live.size else floor
-                if v["event_step"][slot] > oldest_position:
+                consumed_through = int(live.min()) if live.size else floor - 1
+                if v["event_step"][slot] > consumed_through:
                     raise RuntimeError(
                         f"more than {_EVENT_CAPACITY} weight changes are pending at once; "
                         "change the weights at most once per step"
@@ -857,7 +893,8 @@ class MixtureDataset(IterableDataset):
     ``StatefulDataLoader`` saves each worker's position and resumes it bit-identically.  Changes
     made with ``set_weights`` after a worker's last snapshot live in the main process: save
     ``dataset.state_dict()`` alongside ``loader.state_dict()`` and load it (before the loader's)
-    when resuming, or they are lost.
+    when resuming, or they are lost.  That state also holds ``next_step`` as it was (how far the
+    workers had run), the earliest step a change made after resuming can reach.
     """
 
     def __init__(
@@ -1107,6 +1144,10 @@ class MixtureDataset(IterableDataset):
         state["events"] = (
             [] if in_worker else [[s, w] for s, w in self._control.dump() if s >= self._floor]
         )
+        if not in_worker:
+            # The earliest step a change can reach now: with DataLoader workers they, not this
+            # process, hold the position, so a resumed run must not place a change before it.
+            state["floor"] = self.next_step
         state["exhausted"] = self.exhausted_at
         return state
 
@@ -1121,6 +1162,7 @@ class MixtureDataset(IterableDataset):
                     f"state was saved with {key}={state.get(key)!r}, this dataset has "
                     f"{key}={header[key]!r}"
                 )
+        _check_state_body(state, self.corpus.num_domains)
         state = dict(state)
         self._resume = state
         self._active = None
@@ -1135,6 +1177,7 @@ class MixtureDataset(IterableDataset):
             changes.update((int(s), w) for s, w in state.get("events", []) if s >= self._floor)
             for s in sorted(changes):
                 self._control.publish(np.asarray(changes[s], np.float64), s, self._floor)
+            self._floor = max(self._floor, int(state.get("floor", self._floor)))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -1147,6 +1190,44 @@ class MixtureDataset(IterableDataset):
             f"batch_size={self.batch_size}, rank={self.rank}/{self.world_size}, "
             f"method={self.method!r}, seed={self.seed})"
         )
+
+
+def _check_state_body(state: Mapping[str, Any], num_domains: int) -> None:
+    """Checks the position part of a ``MixtureDataset`` state (the header is checked first)."""
+
+    def bad(key: str, why: str) -> ValueError:
+        return ValueError(f"state[{key!r}] {why}: not a MixtureDataset state_dict, or damaged")
+
+    def count(key: str) -> None:
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise bad(key, f"must be a non-negative int, got {value!r}")
+
+    for key in ("step", "cursors", "user_weights", "dropped", "finished", "sampler"):
+        if key not in state:
+            raise bad(key, "is missing")
+    count("step")
+    for key in ("floor", "next_step"):
+        if state.get(key) is not None:
+            count(key)
+    for key in ("cursors", "user_weights", "dropped"):
+        try:
+            n = len(state[key])
+        except TypeError:
+            n = -1
+        if n != num_domains:
+            raise bad(key, f"must hold one entry per domain ({num_domains})")
+    try:
+        _check_weight_values(np.asarray(state["user_weights"], np.float64), None)
+    except (TypeError, ValueError) as e:
+        raise bad("user_weights", f"is not a valid weight vector ({e})") from None
+    sampler = state["sampler"]
+    if not isinstance(sampler, Mapping) or len(sampler.get("weights", ())) != num_domains:
+        raise bad("sampler", f"must be a MixtureSampler state over {num_domains} domains")
+    for key in ("pending", "events"):
+        for entry in state.get(key, []):
+            if len(entry) != 2 or len(entry[1]) != num_domains:
+                raise bad(key, f"must list [step, weights over {num_domains} domains] pairs")
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -29,7 +29,8 @@ import io
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,35 +153,45 @@ def read_documents(
         raw = gzip.open(path, "rb") if is_gz else open(path, "rb")
     except OSError as e:
         raise ValueError(f"input {str(path)!r}: cannot be read ({e.strerror or e})") from None
-    with raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
-        if is_jsonl:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(
-                        f"input {str(path)!r}, line {lineno}: invalid JSON ({e})"
-                    ) from None
-                if not isinstance(obj, dict) or text_field not in obj:
-                    raise ValueError(
-                        f"input {str(path)!r}, line {lineno}: no {text_field!r} field "
-                        "(choose the field with --text-field)"
-                    )
-                text = obj[text_field]
-                if not isinstance(text, str):
-                    raise ValueError(
-                        f"input {str(path)!r}, line {lineno}: field {text_field!r} is not a string"
-                    )
-                yield text
-        elif lines:
-            for line in f:
-                line = line.rstrip("\n")
-                if line.strip():
-                    yield line
-        else:
-            yield f.read()
+    try:
+        with raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
+            yield from _parse_documents(f, path, text_field, is_jsonl, lines)
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz, a failing disk
+        raise ValueError(f"input {str(path)!r}: cannot be read ({e})") from None
+
+
+def _parse_documents(
+    f: io.TextIOWrapper, path: Path, text_field: str, is_jsonl: bool, lines: bool
+) -> Iterator[str]:
+    """The documents of one decoded input file (see ``read_documents``)."""
+    if is_jsonl:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"input {str(path)!r}, line {lineno}: invalid JSON ({e})"
+                ) from None
+            if not isinstance(obj, dict) or text_field not in obj:
+                raise ValueError(
+                    f"input {str(path)!r}, line {lineno}: no {text_field!r} field "
+                    "(choose the field with --text-field)"
+                )
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"input {str(path)!r}, line {lineno}: field {text_field!r} is not a string"
+                )
+            yield text
+    elif lines:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.strip():
+                yield line
+    else:
+        yield f.read()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,9 +216,12 @@ def prepare_domain(
     ``progress`` is an optional tqdm-like object whose ``update(n)`` gets the characters consumed.
     """
     _check_domain_name(name)
+    if isinstance(texts, (str, bytes)):  # iterating it would make one document per character
+        raise TypeError(
+            f"texts must be an iterable of documents (str), not a single {type(texts).__name__}"
+        )
+    out = _out_dir(out_dir)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = _load_or_new_manifest(out, tok)
     target = out / f"{name}.bin"
     n_tokens = n_docs = 0
@@ -251,8 +265,20 @@ def prepare_domain(
     return entry
 
 
+def _out_dir(out_dir: str | os.PathLike) -> Path:
+    """Creates ``out_dir`` (and its parents); a ValueError naming it when that is impossible."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {str(out)!r} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out_dir {str(out)!r} cannot be created ({e.strerror or e})") from None
+    return out
+
+
 def prepare_corpus(
-    domains: dict[str, Sequence[str | os.PathLike]],
+    domains: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]],
     out_dir: str | os.PathLike,
     tokenizer: str = "byte",
     *,
@@ -260,10 +286,19 @@ def prepare_corpus(
     lines: bool = False,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Tokenise every domain's input files; returns the written manifest (``corpus.json``)."""
-    if not domains:
-        raise ValueError("domains: nothing to prepare")
+    """Tokenise every domain's input files; returns the written manifest (``corpus.json``).
+
+    ``domains`` maps a domain name to one input file or a list of them.
+    """
+    if not isinstance(domains, Mapping) or not domains:
+        raise ValueError("domains: nothing to prepare (a mapping name -> file or list of files)")
+    # One path for a domain is a list of one (a str is not a list of one-character paths).
+    domains = {
+        name: [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        for name, paths in domains.items()
+    }
     tok = get_tokenizer(tokenizer)
+    _out_dir(out_dir)  # before any tokenising: a bad out_dir fails at once
     for name, paths in domains.items():
         _check_domain_name(name)
         for p in paths:

@@ -137,7 +137,8 @@ def sample_domains(
     if offset + n > _U64:
         raise ValueError(f"offset + n must be <= 2**64, got {offset + n}")
     out = np.empty(n, dtype=np.int32) if out is None else _check_out(out, n)
-    _C.AliasTable(raw).fill(seed, offset, out)
+    if n:  # n = 0 at offset 2**64 is a valid empty slice the C++ uint64 cannot take
+        _C.AliasTable(raw).fill(seed, offset, out)
     return out
 
 

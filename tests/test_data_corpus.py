@@ -79,6 +79,27 @@ def test_bad_files_name_domain_and_file(tmp_path):
         TokenCorpus({})
     with pytest.raises(CorpusError, match="no corpus.json"):
         TokenCorpus.from_dir(tmp_path)
+    big = np.array([1, 2**63 + 5], np.uint64)  # would come out negative as int64 input_ids
+    np.save(tmp_path / "u64.npy", big)
+    with pytest.raises(CorpusError, match=r"domain 'u', file .*u64.npy.*uint64"):
+        TokenCorpus({"u": tmp_path / "u64.npy"})
+
+
+@pytest.mark.parametrize(
+    "manifest, match",
+    [
+        ({"domains": {"a": {"files": ["a.bin"]}}}, "no 'dtype'"),
+        ({"dtype": "uint16", "domains": {"a": {}}}, "domain 'a' needs 'files'"),
+        ({"dtype": "uint16", "domains": {"a": {"files": "a.bin"}}}, "domain 'a' needs 'files'"),
+        ({"dtype": "uint16", "domains": {"a": ["a.bin"]}}, "domain 'a' needs 'files'"),
+        ({"dtype": "float32", "domains": {"a": {"files": ["a.bin"]}}}, "dtype must be"),
+    ],
+)
+def test_a_malformed_manifest_is_a_corpus_error(tmp_path, manifest, match):
+    write_bin(tmp_path / "a.bin", np.arange(10))
+    (tmp_path / "corpus.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorpusError, match=match):
+        TokenCorpus.from_dir(tmp_path)
 
 
 def test_load_weights_every_source(tmp_path):
@@ -112,3 +133,13 @@ def test_load_weights_bad_input(tmp_path):
         load_weights(tmp_path / "bad.json", names)
     with pytest.raises(TypeError, match="must be a number"):
         load_weights({"a": "x"}, names)
+    # Strings and booleans convert to floats, but they are not weights.
+    with pytest.raises(TypeError, match=r"weights\['a'\] must be a number"):
+        load_weights({"a": "0.5", "b": 1}, names)
+    with pytest.raises(TypeError, match=r"weights\['b'\] must be a number"):
+        load_weights({"a": 1, "b": True}, names)
+    for bad in (["1", "2"], [True, False], [1 + 0j, 1], np.array(["1", "2"]), torch.tensor([True])):
+        with pytest.raises(TypeError, match="real numbers"):
+            load_weights(bad, names)
+    with pytest.raises(ValueError, match="overflows"):
+        load_weights([1e308, 1e308], names)

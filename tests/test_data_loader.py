@@ -190,3 +190,39 @@ def test_cpu_tensor_weights_reach_workers(corpus):
     step = ds.set_weights(torch.tensor([0.0, 1.0, 0.0]))
     got = [d for _, d in flatten(take(it, 6))]
     assert got[2 * (step - 1) :] == [1] * (len(got) - 2 * (step - 1))
+
+
+def test_change_right_after_resuming_workers_reaches_them(corpus):
+    """With workers the main process holds no position; its state records the progress floor."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader_of(ds):
+        return StatefulDataLoader(ds, batch_size=None, num_workers=2)
+
+    ds = make(corpus, 0, 1, 2)
+    loader = loader_of(ds)
+    it = iter(loader)
+    full = [next(it) for _ in range(6)]
+    saved = pickle.dumps({"loader": loader.state_dict(), "data": ds.state_dict()})
+    full += [next(it) for _ in range(14)]  # the same stream, no change made
+    del it
+    state = pickle.loads(saved)
+    floor = state["data"]["floor"]
+    assert 6 <= floor <= 20  # at least the consumed steps; at most what the workers prefetched
+
+    ds = make(corpus, 0, 1, 2)
+    loader = loader_of(ds)
+    ds.load_state_dict(state["data"])
+    loader.load_state_dict(state["loader"])
+    assert ds.next_step == floor
+    with pytest.raises(ValueError, match=f"earliest step a change can reach now is {floor}"):
+        ds.set_weights([0, 1, 0], step=3)  # already produced before the checkpoint
+    assert ds.set_weights([0, 0, 1]) == floor
+    it = iter(loader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        resumed = [next(it) for _ in range(6, floor + 4)]
+    del it
+    # Steps before the floor are what the uninterrupted run produced; from it on only domain c.
+    assert flatten(resumed[: floor - 6]) == flatten(full[6:floor])
+    assert {d for _, d in flatten(resumed[floor - 6 :])} == {2}

@@ -267,3 +267,58 @@ def test_bad_input_is_clear(tmp_path):
     with pytest.raises(ValueError, match="with world_size=2 pass step="):
         ranked.set_weights([1, 0])
     assert ranked.set_weights([1, 0], step=3) == 3
+
+
+def test_a_full_ring_never_overwrites_a_change_not_yet_applied(corpus):
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 0, 0], batch_size=2, seed=0)
+    changes = [[0, 1, 0], [0, 0, 1]]
+    with pytest.raises(RuntimeError, match="weight changes are pending at once"):
+        for step in range(2000):  # none applied yet: the 1025th would overwrite step 0's
+            ds.set_weights(changes[step % 2], step=step)
+    assert step == 1024
+    # The 1024 changes that were accepted all apply, the first one included.
+    assert [d for _, d in stream(ds, 3)] == [1, 1, 2, 2, 1, 1]
+
+
+def test_set_weights_rejects_a_sum_that_overflows(corpus):
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
+    it = iter(ds)
+    next(it)
+    with pytest.raises(ValueError, match="overflows"):
+        ds.set_weights([1e308] * 3)
+    assert ds.weight_schedule == []
+    next(it)  # the stream goes on with the weights it had
+
+
+def test_load_state_dict_checks_the_body(corpus):
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
+    it = iter(ds)
+    take(it, 2)
+    good = ds.state_dict()
+    k1 = MixtureDataset(corpus, SEQ_LEN, [1, 0, 0], batch_size=2)
+    cases = [
+        ("cursors", None, "cursors.*missing"),
+        ("user_weights", [1, 1], "user_weights.*one entry per domain"),
+        ("user_weights", [1, -1, 1], "user_weights.*not a valid weight"),
+        ("dropped", [False], "dropped.*one entry per domain"),
+        ("step", -1, "step.*non-negative int"),
+        ("step", 1.5, "step.*non-negative int"),
+        ("floor", "7", "floor.*non-negative int"),
+        ("pending", [[9, [1, 1]]], "pending.*pairs"),
+    ]
+    for key, value, match in cases:
+        bad = dict(good)
+        if value is None:
+            del bad[key]
+        else:
+            bad[key] = value
+        fresh = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
+        with pytest.raises(ValueError, match=match):
+            fresh.load_state_dict(bad)
+        assert fresh._resume is None  # nothing was loaded
+    one_domain = dict(good, sampler=dict(good["sampler"], weights=[1.0]))
+    with pytest.raises(ValueError, match="sampler.*over 3 domains"):
+        k1.load_state_dict(one_domain)
+    fresh = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
+    fresh.load_state_dict(good)
+    assert stream(fresh, 3) == flatten(take(it, 3))

@@ -1,5 +1,6 @@
 """fastmix prepare: tokenisation, layout, the command line and crash safety."""
 
+import gzip
 import json
 
 import numpy as np
@@ -46,6 +47,9 @@ def test_python_api_adds_domains_and_lines_mode(tmp_path):
     )
     assert manifest["domains"]["lines"]["documents"] == 2
     assert set(manifest["domains"]) == {"one", "two", "lines"}
+    # One path (a str, not a list of one-character paths) is a domain of one file.
+    manifest = prepare_corpus({"single": str(tmp_path / "l.txt")}, tmp_path, show_progress=False)
+    assert manifest["domains"]["single"]["sources"] == [str(tmp_path / "l.txt")]
 
 
 def test_failure_midway_leaves_nothing_that_loads(tmp_path):
@@ -97,6 +101,25 @@ def test_bad_input_is_clear(tmp_path, capsys):
     assert rc == 2 and "missing.txt" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected DOMAIN=FILE"):
         parse_inputs(["d="])
+    with pytest.raises(TypeError, match="texts must be an iterable of documents"):
+        prepare_domain("x", "hello", tmp_path / "s")  # not five one-letter documents
+    assert not (tmp_path / "s").exists()
+    # Corrupt and truncated gzip input, an out_dir that is a file: one line, no traceback.
+    (tmp_path / "corrupt.jsonl.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+    whole = gzip.compress(b'{"text": "abc"}\n' * 1000)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "ok.txt").write_text("some text")
+    for inputs, out, named in (
+        ([f"d={tmp_path / 'corrupt.jsonl.gz'}"], tmp_path / "o2", "corrupt.jsonl.gz"),
+        ([f"d={tmp_path / 'cut.jsonl.gz'}"], tmp_path / "o2", "cut.jsonl.gz"),
+        ([f"d={tmp_path / 'ok.txt'}"], tmp_path / "afile", "afile"),
+        ([f"d={tmp_path / 'ok.txt'}"], tmp_path / "afile" / "sub", "afile"),
+    ):
+        rc = cli.main(["prepare", *inputs, "-o", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and named in err and "Traceback" not in err
+        assert not (tmp_path / "o2" / "d.bin").exists()
     assert parse_inputs(["web=a.jsonl,b.jsonl", "dir/code.txt"]) == {
         "web": ["a.jsonl", "b.jsonl"],
         "code": ["dir/code.txt"],

@@ -152,6 +152,9 @@ def test_short_and_long_calls_agree(k: int) -> None:
 def test_offset_near_the_end_of_the_counter_space() -> None:
     ids = sample_domains([1, 2], 10, seed=1, offset=2**64 - 10)
     np.testing.assert_array_equal(ids[5:], sample_domains([1, 2], 5, seed=1, offset=2**64 - 5))
+    assert sample_domains([1, 2], 0, seed=1, offset=2**64).shape == (0,)  # the empty last slice
+    with pytest.raises(ValueError, match="offset \\+ n must be <= 2\\*\\*64"):
+        sample_domains([1, 2], 1, seed=1, offset=2**64)
 
 
 def test_out_argument_is_filled_and_returned() -> None:
