@@ -248,6 +248,161 @@ def test_load_state_dict_validates():
         mixer.load_state_dict([1, 2])
 
 
+def _trained(**kwargs):
+    mixer = DoReMi(3, step_size=0.8, **kwargs)
+    for seed in range(3):
+        mixer.step(*batch(seed, k=3))
+    return mixer
+
+
+def _assert_same_state(a, b):
+    for key, value in a.items():
+        other = b[key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+NAN3 = torch.tensor([float("nan"), 0.5, 0.5])
+
+
+@pytest.mark.parametrize(
+    "key,value,exc,match",
+    [
+        ("weights", NAN3, ValueError, "state\\['weights'\\] must be finite"),
+        ("weights", torch.tensor([-0.1, 0.6, 0.5]), ValueError, "'weights'\\] must be >= 0"),
+        ("weights", torch.ones(3), ValueError, "state\\['weights'\\] must be normalised"),
+        ("weights", torch.tensor([0.0, 0.0, 0.0]), ValueError, "'weights'.*normalised"),
+        ("weights", torch.tensor([1e39, 0.0, 0.0], dtype=torch.float64), ValueError,
+         "'weights'.*finite"),
+        ("weights", [0.2, 0.3, 0.5j], TypeError, "'weights'.*floating point"),
+        ("average_weights", NAN3, ValueError, "'average_weights'.*finite"),
+        ("average_weights", torch.tensor([0.5, 0.6, -0.1]), ValueError, "'average_weights'.*>= 0"),
+        ("average_weights", torch.tensor([0.5, 0.5, 0.5]), ValueError,
+         "'average_weights'.*normalised"),
+        ("excess", torch.tensor([0.1, float("inf"), 0.0]), ValueError, "'excess'.*finite"),
+        ("excess", torch.tensor([0.1, -1.0, 0.0]), ValueError, "'excess'.*>= 0"),
+        ("excess", torch.tensor([1, 0, 0]), TypeError, "'excess'.*floating point"),
+        ("num_updates", -5, ValueError, "state\\['num_updates'\\] must be >= 0"),
+        ("num_updates", torch.tensor(-5), ValueError, "'num_updates'.*>= 0"),
+        ("num_updates", 2.7, TypeError, "'num_updates'.*must be an int"),
+        ("num_updates", torch.tensor(2.7), TypeError, "'num_updates'.*integer"),
+        ("num_updates", torch.tensor([1, 2]), ValueError, "'num_updates'.*scalar"),
+        ("num_skipped", torch.tensor(-1), ValueError, "'num_skipped'.*>= 0"),
+        ("num_out_of_range", True, TypeError, "'num_out_of_range'.*bool"),
+        ("num_out_of_range", "3", TypeError, "'num_out_of_range'.*int"),
+        ("num_domains", "3", TypeError, "state\\['num_domains'\\] must be an int"),
+        ("num_domains", 3.0, TypeError, "'num_domains'.*int"),
+        ("step_size", 10**400, ValueError, "state\\['step_size'\\] must be finite"),
+        ("step_size", -1.0, ValueError, "'step_size'"),
+        ("smoothing", 2.0, ValueError, "'smoothing'"),
+        ("proxy_loss", ["dro"], ValueError, "'proxy_loss'"),
+    ],
+)
+def test_load_state_dict_rejects_bad_values_and_changes_nothing(key, value, exc, match):
+    mixer = _trained()
+    before = mixer.state_dict()
+    state = mixer.state_dict()
+    state[key] = value
+    with pytest.raises(exc, match=match):
+        mixer.load_state_dict(state)
+    _assert_same_state(before, mixer.state_dict())
+    assert (mixer.step_size, mixer.smoothing, mixer.proxy_loss) == (0.8, 1e-3, "dro")
+
+
+def test_load_state_dict_accepts_real_states_bit_exactly():
+    # zero weights come from a float32 softmax underflow with smoothing 0 (a legitimate state)
+    source = DoReMi(3, step_size=1e4, smoothing=0.0)
+    loss, ref = torch.tensor([3.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 1.0])
+    source.step(loss, ref, torch.tensor([0, 1, 2]))
+    assert float(source.weights.min()) == 0.0
+    target = DoReMi(3)
+    target.load_state_dict(source.state_dict())
+    _assert_same_state(source.state_dict(), target.state_dict())
+    # float64 tensors and Python ints are accepted (converted to the state's dtypes)
+    state = _trained().state_dict()
+    state64 = dict(state, weights=state["weights"].double(), num_updates=3, num_skipped=0)
+    target.load_state_dict(state64)
+    _assert_same_state(state, target.state_dict())
+
+
+def test_average_weights_tolerance_grows_with_the_number_of_updates():
+    # the running mean is updated in float32, so its sum drifts a little with every update
+    state = DoReMi(3).state_dict()
+    state["average_weights"] = torch.tensor([0.5, 0.25, 0.2505])  # sum 1.0005
+    with pytest.raises(ValueError, match="'average_weights'.*normalised"):
+        DoReMi(3).load_state_dict(state)
+    state["num_updates"] = torch.tensor(100_000)
+    mixer = DoReMi(3)
+    mixer.load_state_dict(state)
+    assert torch.equal(mixer.average_weights, state["average_weights"])
+    assert int(mixer.num_updates) == 100_000
+
+
+@pytest.mark.parametrize(
+    "init,exc,match",
+    [
+        ("abc", TypeError, "init_weights must be a sequence"),
+        ([None, 1, 1], TypeError, "init_weights must hold real numbers, got NoneType"),
+        ([1 + 1j, 1, 1], TypeError, "init_weights must hold real numbers, got complex"),
+        ([True, 1, 1], TypeError, "init_weights must hold real numbers, got bool"),
+        ([[1.0], 2.0, 3.0], TypeError, "init_weights must hold real numbers, got list"),
+        (torch.tensor([1 + 1j, 1, 1]), TypeError, "init_weights must be real"),
+        (torch.tensor([True, True, True]), TypeError, "init_weights must be real"),
+        ({1.0, 2.0, 3.0}, TypeError, "init_weights must be a sequence"),
+        ([10**400, 1, 1], ValueError, "init_weights must be finite"),
+        ([1.0, float("inf"), 1.0], ValueError, "init_weights must be finite"),
+        # positive, but below float32's smallest subnormal once normalised: it would be 0
+        ([1e-46, 1.0, 1.0], ValueError, "init_weights\\[0\\] is 0 in float32"),
+        (torch.tensor([1.0, 1e-300, 1.0], dtype=torch.float64), ValueError,
+         "init_weights\\[1\\] is 0 in float32"),
+        ([1e308, 1e308, 1.0], ValueError, "init_weights\\[2\\] is 0 in float32"),
+    ],
+)
+def test_init_weights_errors_name_the_argument(init, exc, match):
+    with pytest.raises(exc, match=match):
+        DoReMi(3, init_weights=init)
+
+
+@pytest.mark.parametrize(
+    "init,want",
+    [
+        # parsed in float64: a float32 detour would make 1e39 inf and 1e-40 a subnormal's 0
+        ([1e39, 1e39, 2e39], [0.25, 0.25, 0.5]),
+        ([1e308, 1e308, 1e308], [1 / 3, 1 / 3, 1 / 3]),  # the float64 sum overflows: rescaled
+        ([1e-40, 1.0, 1.0], [5e-41, 0.5, 0.5]),
+        ((1, 2, 5), [1 / 8, 2 / 8, 5 / 8]),
+    ],
+)
+def test_init_weights_extreme_but_valid_values(init, want):
+    weights = DoReMi(3, init_weights=init).weights
+    torch.testing.assert_close(weights, torch.tensor(want), rtol=1e-6, atol=0)
+    assert bool((weights > 0).all())
+
+
+def test_init_weights_from_numpy_keeps_float64_precision():
+    np = pytest.importorskip("numpy")
+    weights = DoReMi(2, init_weights=np.array([1e-40, 1.0])).weights
+    assert float(weights[0]) > 0
+    with pytest.raises(ValueError, match="init_weights\\[0\\] is 0 in float32"):
+        DoReMi(2, init_weights=np.array([1e-300, 1.0]))
+    with pytest.raises(TypeError, match="init_weights"):
+        DoReMi(2, init_weights=np.array([1 + 1j, 1]))
+
+
+def test_device_errors_name_the_argument():
+    with pytest.raises(ValueError, match="device 'gpu0' is not a valid torch device"):
+        DoReMi(3, device="gpu0")
+    with pytest.raises(TypeError, match="device must be a str or torch.device"):
+        DoReMi(3, device=1.5)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda:999'"):
+            DoReMi(3, device="cuda:999")
+    else:
+        with pytest.raises(ValueError, match="device='cuda' needs CUDA"):
+            DoReMi(3, device="cuda")
+        with pytest.raises(ValueError, match="device='cuda' needs CUDA"):
+            DoReMi(3).to("cuda")
+
+
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
@@ -257,6 +412,8 @@ def test_load_state_dict_validates():
         (dict(step_size=float("nan")), ValueError, "step_size"),
         (dict(step_size="1"), TypeError, "step_size"),
         (dict(smoothing=1.5), ValueError, "smoothing"),
+        (dict(step_size=10**400), ValueError, "step_size must be finite"),
+        (dict(smoothing=10**400), ValueError, "smoothing must be finite"),
         (dict(proxy_loss="mean"), ValueError, "proxy_loss"),
         (dict(init_weights=[1.0, 2.0]), ValueError, "init_weights must have 3"),
         (dict(init_weights=[1.0, 0.0, 2.0]), ValueError, "init_weights must be finite and > 0"),

@@ -145,6 +145,108 @@ def test_bad_input():
         odm.load_state_dict({"num_domains": 3})
 
 
+def test_update_detaches_statistics_that_require_grad():
+    # stats of a loss that requires grad: the state must not take a grad_fn (which would keep
+    # every step's autograd graph alive and make .numpy() fail)
+    loss = (torch.rand(40, generator=torch.Generator().manual_seed(4)) * 3).requires_grad_(True)
+    domain = torch.arange(40) % 3
+    stats = torch.stack([torch.bincount(domain, minlength=3).float(),
+                         torch.zeros(3).index_add(0, domain, loss)])
+    assert stats.requires_grad
+    odm, plain = ODM(3), ODM(3)
+    for _ in range(2):
+        odm.update(stats)
+        plain.update(stats.detach())
+    assert not odm.weights.requires_grad and not odm.rewards.requires_grad
+    assert odm.weights.grad_fn is None and odm.rewards.grad_fn is None
+    for value in odm.state_dict().values():
+        assert not (isinstance(value, torch.Tensor) and value.requires_grad)
+    assert odm.weights.numpy().shape == (3,)
+    assert torch.equal(odm.weights, plain.weights) and torch.equal(odm.rewards, plain.rewards)
+
+
+def _trained_odm():
+    odm = ODM(3, smoothing=0.8, warmup_steps=1)
+    for loss, dom in _batches(3, 4, seed=5, unseen=set()):
+        odm.step(loss, dom)
+    return odm
+
+
+def _assert_same_state(a, b):
+    for key, value in a.items():
+        other = b[key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+@pytest.mark.parametrize(
+    "key,value,exc,match",
+    [
+        ("weights", torch.tensor([float("nan"), 0.5, 0.5]), ValueError, "'weights'.*finite"),
+        ("weights", torch.tensor([-0.2, 0.6, 0.6]), ValueError, "'weights'.*>= 0"),
+        ("weights", torch.ones(3), ValueError, "'weights'.*normalised"),
+        ("weights", torch.zeros(3), ValueError, "'weights'.*normalised"),
+        ("weights", torch.ones(4) / 4, ValueError, "'weights'.*shape"),
+        ("rewards", torch.tensor([1.0, -2.0, 3.0]), ValueError, "'rewards'.*>= 0"),
+        ("rewards", torch.tensor([1.0, float("inf"), 3.0]), ValueError, "'rewards'.*finite"),
+        ("rewards", torch.tensor([1, 2, 3]), TypeError, "'rewards'.*floating point"),
+        ("init_weights", torch.tensor([0.0, 0.5, 0.5]), ValueError, "'init_weights'.*> 0"),
+        ("init_weights", torch.tensor([0.5, 0.5, 0.5]), ValueError, "'init_weights'.*normalised"),
+        ("init_weights", torch.tensor([float("nan"), 0.5, 0.5]), ValueError,
+         "'init_weights'.*finite"),
+        ("num_steps", -5, ValueError, "state\\['num_steps'\\] must be >= 0"),
+        ("num_steps", 2.7, TypeError, "'num_steps'.*int"),
+        ("num_steps", torch.tensor(2.7), TypeError, "'num_steps'.*integer"),
+        ("warmup_steps", -1, ValueError, "'warmup_steps'.*>= 0"),
+        ("num_skipped", torch.tensor(-1), ValueError, "'num_skipped'.*>= 0"),
+        ("num_skipped", torch.tensor(1.5), TypeError, "'num_skipped'.*integer"),
+        ("num_skipped", torch.tensor([1, 2]), ValueError, "'num_skipped'.*scalar"),
+        ("num_domains", "3", TypeError, "state\\['num_domains'\\] must be an int"),
+        ("smoothing", 1.0, ValueError, "'smoothing'.*< 1"),
+        ("smoothing", 10**400, ValueError, "'smoothing'.*finite"),
+    ],
+)
+def test_load_state_dict_rejects_bad_values_and_changes_nothing(key, value, exc, match):
+    odm = _trained_odm()
+    before = odm.state_dict()
+    state = odm.state_dict()
+    state[key] = value
+    with pytest.raises(exc, match=match):
+        odm.load_state_dict(state)
+    _assert_same_state(before, odm.state_dict())
+
+
+def test_load_state_dict_round_trip_is_bit_exact():
+    source = _trained_odm()
+    target = ODM(3)
+    target.load_state_dict(source.state_dict())
+    _assert_same_state(source.state_dict(), target.state_dict())
+    # a counter saved as a tensor and float64 weights are converted, not rejected
+    state = source.state_dict()
+    state["num_steps"] = torch.tensor(state["num_steps"])
+    state["weights"] = state["weights"].double()
+    other = ODM(3)
+    other.load_state_dict(state)
+    _assert_same_state(source.state_dict(), other.state_dict())
+
+
+def test_constructor_errors_name_the_argument():
+    with pytest.raises(ValueError, match="smoothing must be finite"):
+        ODM(3, smoothing=10**400)
+    with pytest.raises(TypeError, match="init_weights must be a sequence"):
+        ODM(3, init_weights="abc")
+    with pytest.raises(TypeError, match="init_weights must hold real numbers"):
+        ODM(3, init_weights=[None, 1, 1])
+    with pytest.raises(ValueError, match="init_weights\\[0\\] is 0 in float32"):
+        ODM(2, init_weights=[1e-46, 1.0])
+    huge = ODM(2, init_weights=[1e39, 3e39]).weights  # inf if parsed through float32
+    torch.testing.assert_close(huge, torch.tensor([0.25, 0.75]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' needs CUDA"):
+            ODM(3, device="cuda")
+        with pytest.raises(ValueError, match="device='cuda' needs CUDA"):
+            ODM(3).to("cuda")
+
+
 def test_exported_from_package():
     import fastmix
 

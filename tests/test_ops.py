@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from ops_helpers import make_batch
@@ -168,6 +171,85 @@ def test_gradients_match_plain_autograd():
     torch.testing.assert_close(g_ref, w_ref.float())
 
 
+def _plain_grads(loss, ref, domain, mask, weight, k, wrt):
+    """Gradients of Σ weight·stats by plain autograd (the formula of the test above)."""
+    ids = domain.reshape(-1, 1).expand(loss.shape) if domain.dim() < loss.dim() else domain
+    onehot = torch.nn.functional.one_hot(ids.long(), k).double() * mask[..., None]
+    plain_loss = (onehot * loss.double()[..., None]).sum((0, 1))
+    plain_excess = (onehot * (loss.double() - ref.double()).clamp_min(0)[..., None]).sum((0, 1))
+    objective = (plain_loss * weight[1].double()).sum() + (plain_excess * weight[2].double()).sum()
+    return torch.autograd.grad(objective, wrt)
+
+
+def test_gradients_with_ref_domain_and_mask_from_inference_mode():
+    # a reference model run under torch.inference_mode() gives inference tensors, which autograd
+    # refuses to save for backward; the op must not try to
+    base_loss, base_domain, base_ref, base_mask = make_batch(8, (3, 29), 4, per_sequence=True)
+    with torch.inference_mode():
+        ref, domain, mask = base_ref.clone(), base_domain.clone(), base_mask.clone()
+    assert ref.is_inference() and domain.is_inference() and mask.is_inference()
+    loss = base_loss.clone().requires_grad_(True)
+    weight = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    got = fastmix.domain_loss_stats(loss, domain, 4, ref_loss=ref, mask=mask)
+    (g_loss,) = torch.autograd.grad((got * weight).sum(), loss)
+    (w_loss,) = _plain_grads(loss, base_ref, base_domain, base_mask, weight, 4, (loss,))
+    torch.testing.assert_close(g_loss, w_loss.float())
+    assert bool((g_loss != weight[1][base_domain][:, None] * base_mask).any())  # excess counted
+
+    # and the other way round: the loss from inference mode, the gradient to ref_loss
+    with torch.inference_mode():
+        frozen_loss = base_loss.clone()
+    ref_grad = base_ref.clone().requires_grad_(True)
+    got = fastmix.domain_loss_stats(frozen_loss, domain, 4, ref_loss=ref_grad, mask=mask)
+    (g_ref,) = torch.autograd.grad((got * weight).sum(), ref_grad)
+    (w_ref,) = _plain_grads(base_loss, ref_grad, base_domain, base_mask, weight, 4, (ref_grad,))
+    torch.testing.assert_close(g_ref, w_ref.float())
+
+
+def test_backward_does_not_keep_ref_loss_alive():
+    # only where the excess is positive is saved for backward, not the reference loss itself
+    loss, domain, ref, mask = make_batch(9, (4, 16), 3)
+    loss.requires_grad_(True)
+    stats = fastmix.domain_loss_stats(loss, domain, 3, ref_loss=ref, mask=mask)
+    alive = weakref.ref(ref)
+    del ref
+    gc.collect()
+    assert alive() is None
+    stats[2].sum().backward()
+    assert loss.grad is not None and bool((loss.grad != 0).any())
+
+
+def test_bfloat16_ref_gradient_keeps_its_dtype():
+    loss, domain, ref, mask = make_batch(10, (2, 21), 3, dtype=torch.bfloat16)
+    loss.requires_grad_(True)
+    ref.requires_grad_(True)
+    stats = fastmix.domain_loss_stats(loss, domain, 3, ref_loss=ref, mask=mask)
+    g_loss, g_ref = torch.autograd.grad(stats[2].sum(), (loss, ref))
+    assert g_loss.dtype == g_ref.dtype == torch.bfloat16
+    active = mask & (loss.float() > ref.float())
+    torch.testing.assert_close(g_ref, -active.to(torch.bfloat16))
+    torch.testing.assert_close(g_loss, active.to(torch.bfloat16))
+
+
+def test_compiled_stats_drop_out_of_range_ids_silently():
+    # documented: the CPU value check is eager-only (it would break the graph); compiled, a bad
+    # id is dropped and shows only as a token count below the number of unmasked tokens
+    loss, _, ref, _ = make_batch(11, (6,), 3, with_mask=False)
+    domain = torch.tensor([0, 1, 2, 3, -1, 1])
+    with pytest.raises(ValueError, match="domain ids must be in"):
+        fastmix.domain_loss_stats(loss, domain, 3, ref_loss=ref)
+
+    def stats(loss, domain, ref):
+        return fastmix.domain_loss_stats(loss, domain, 3, ref_loss=ref)
+
+    got = torch.compile(stats, fullgraph=True, backend="eager")(loss, domain, ref)
+    assert got[0].tolist() == [1.0, 2.0, 1.0]
+    assert float(got[0].sum()) < loss.numel()
+    keep = torch.tensor([True, True, True, False, False, True])
+    want = oracle_stats(loss[keep], domain[keep], 3, ref[keep])
+    torch.testing.assert_close(got, want.float())
+
+
 @pytest.mark.parametrize("per_sequence", [False, True])
 def test_opcheck_domain_stats(per_sequence):
     loss, domain, ref, mask = make_batch(1, (3, 17), 4, per_sequence=per_sequence)
@@ -175,6 +257,9 @@ def test_opcheck_domain_stats(per_sequence):
     op = torch.ops.fastmix.domain_stats.default
     torch.library.opcheck(op, (loss, domain, mask, ref, 4, "torch", False))
     torch.library.opcheck(op, (loss, domain, None, None, 4, "torch", True))
+    # with the gradient to ref_loss too (its backward uses only the saved `loss > ref` mask)
+    ref = ref.clone().requires_grad_(True)
+    torch.library.opcheck(op, (loss, domain, mask, ref, 4, "torch", False))
 
 
 def test_opcheck_update_step_and_grad():

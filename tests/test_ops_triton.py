@@ -170,6 +170,23 @@ def test_opcheck_with_the_triton_backend():
     )
 
 
+def test_gradients_from_inference_mode_tensors_match_torch():
+    # ref_loss, ids and mask made under torch.inference_mode() cannot be saved for backward:
+    # the op saves a `loss > ref_loss` mask (and normal copies of ids/mask) instead
+    loss, domain, ref, mask = make(12, (3, 45), 6, per_sequence=True)
+    with torch.inference_mode():
+        i_ref, i_domain, i_mask = ref.clone(), domain.clone(), mask.clone()
+    weight = torch.randn(3, 6, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grads = []
+    for backend, args in (("triton", (i_domain, i_ref, i_mask)), ("torch", (domain, ref, mask))):
+        x = loss.clone().requires_grad_(True)
+        stats = fastmix.domain_loss_stats(x, args[0], 6, ref_loss=args[1], mask=args[2],
+                                          backend=backend)  # fmt: skip
+        grads.append(torch.autograd.grad((stats * weight).sum(), x)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+    assert bool((grads[0] != 0).any())
+
+
 def test_compiled_step_with_a_forced_backend_matches_eager():
     # A forced (or automatically chosen GPU) backend is probed through importlib and the compiled
     # modules; under torch.compile(fullgraph=True) that probe must not break the graph.

@@ -1,24 +1,196 @@
-"""What the online mixers share."""
+"""What the online mixers share: hyperparameter, device and checkpoint validation."""
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+# Float32 weights renormalised by a float32 softmax / division can each be off by about one ulp,
+# so their sum drifts from 1 by up to ~K·eps (measured: 7e-7 for K = 1024 after 20k updates).
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+def check_float(name: str, value: Any, low: float, high: float | None = None) -> float:
+    """``value`` as a finite float in [low, high] (TypeError/ValueError naming ``name``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+    try:
+        value = float(value)
+    except OverflowError:  # a Python int beyond float range, e.g. 10**400
+        raise ValueError(
+            f"{name} must be finite and {bound}, got an int too large for a float"
+        ) from None
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return value
+
+
+def state_device(device: Any) -> torch.device:
+    """The device a mixer's state lives on (CPU when ``device`` is None), checked up front.
+
+    Without the check a CUDA device on a machine without CUDA fails later, deep inside torch, with
+    a bare AssertionError that does not say which argument was wrong.
+    """
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a valid torch device: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} needs CUDA, which is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    return dev
+
+
+def _weights_float64(init_weights: Any) -> Tensor:
+    """``init_weights`` as a flat float64 CPU tensor, parsed without a float32 detour.
+
+    ``torch.as_tensor`` of a Python list would go through float32, turning 1e-46 into 0 and 1e39
+    into inf before any check could see the real values.
+    """
+    if isinstance(init_weights, Tensor):
+        w = init_weights.detach()
+    elif hasattr(init_weights, "__array__") and not isinstance(init_weights, Sequence):
+        try:  # a NumPy array: its dtype maps to a torch dtype exactly
+            w = torch.as_tensor(init_weights)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"init_weights must hold real numbers: {exc}") from None
+    else:
+        if isinstance(init_weights, (str, bytes)) or not isinstance(init_weights, Sequence):
+            raise TypeError(
+                "init_weights must be a sequence of real numbers or a tensor, got "
+                f"{type(init_weights).__name__}"
+            )
+        for x in init_weights:
+            # bools and complex numbers would be converted silently (True -> 1.0, 1+1j -> 1.0)
+            if isinstance(x, bool) or not isinstance(x, (numbers.Real, Tensor)):
+                raise TypeError(f"init_weights must hold real numbers, got {type(x).__name__}")
+        try:
+            w = torch.as_tensor(init_weights, dtype=torch.float64)
+        except OverflowError:
+            raise ValueError("init_weights must be finite and > 0, got an int too large for "
+                             "a float") from None
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"init_weights must hold real numbers: {exc}") from None
+    if w.dtype == torch.bool or w.is_complex():
+        raise TypeError(f"init_weights must be real numbers, got dtype {w.dtype}")
+    return w.to("cpu", torch.float64).reshape(-1)
 
 
 def initial_weights(init_weights: Sequence[float] | Tensor | None, num_domains: int) -> Tensor:
     """Validated, normalised float32 starting weights (uniform when ``init_weights`` is None).
 
     Every weight must be > 0: both rules update multiplicatively (DoReMi in log space, ODM through
-    its rewards), so a zero would stay zero for the whole run.
+    its rewards), so a zero would stay zero for the whole run.  That includes a weight that is
+    positive but so small next to the largest that it rounds to 0 in the float32 state.
     """
     if init_weights is None:
         return torch.full((num_domains,), 1.0 / num_domains, dtype=torch.float32)
-    w = torch.as_tensor(init_weights).detach().to("cpu", torch.float64).reshape(-1)
+    w = _weights_float64(init_weights)
     if w.numel() != num_domains:
         raise ValueError(f"init_weights must have {num_domains} values, got {w.numel()}")
     if not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
         raise ValueError("init_weights must be finite and > 0")
-    return (w / w.sum()).to(torch.float32)
+    total = w.sum()
+    if not bool(torch.isfinite(total)):  # e.g. [1e308, 1e308]: scale down first, exactly
+        w = w / w.max()
+        total = w.sum()
+    out = (w / total).to(torch.float32)
+    tiny = (out <= 0).nonzero().reshape(-1)
+    if tiny.numel():
+        raise ValueError(
+            f"init_weights[{int(tiny[0])}] is 0 in float32 (the state's dtype) after "
+            f"normalising: every weight must be at least "
+            f"{torch.finfo(torch.float32).smallest_normal * _EPS32:.1e} of their sum"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def state_int(state: dict[str, Any], key: str, default: Any = 0, low: int = 0) -> int:
+    """``state[key]`` (Python int or a one-element integer tensor) as an int >= ``low``."""
+    value = state.get(key, default)
+    name = f"state[{key!r}]"
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer, got a bool")
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
+        if value.is_floating_point() or value.is_complex():
+            # a float counter would be truncated silently (2.7 -> 2)
+            raise TypeError(f"{name} must be an integer, got dtype {value.dtype}")
+        value = int(value.reshape(()).item())  # loading is a host operation: syncing is fine
+    else:
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if value >= 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value
+
+
+def weights_tolerance(num_domains: int) -> float:
+    """How far from 1 the sum of K float32 weights may drift through the updates."""
+    return max(1e-5, 8 * num_domains * _EPS32)
+
+
+def state_vector(
+    state: dict[str, Any],
+    key: str,
+    num_domains: int,
+    device: torch.device,
+    *,
+    default: Any = None,
+    positive: bool = False,
+    sum_tolerance: float | None = None,
+) -> Tensor:
+    """``state[key]`` as a float32 ``[K]`` tensor on ``device``, checked for a checkpoint load.
+
+    Finite and >= 0 (> 0 with ``positive``); with ``sum_tolerance``, a weight vector whose sum
+    must be within that of 1.  The checks run on the float32 values that will be stored, so a
+    float64 value that overflows or underflows in float32 is caught too.
+    """
+    name = f"state[{key!r}]"
+    value = state.get(key, default)
+    if not isinstance(value, Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise TypeError(f"{name} must be a tensor of floats: {exc}") from None
+    if value.shape != (num_domains,):
+        raise ValueError(f"{name} must have shape ({num_domains},), got {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {value.dtype}")
+    out = value.detach().to(device, torch.float32)
+    host = out.to("cpu", torch.float64)
+    if not bool(torch.isfinite(host).all()):
+        raise ValueError(f"{name} must be finite (in float32)")
+    if positive and bool((host <= 0).any()):
+        raise ValueError(f"{name} must be > 0 (in float32)")
+    if bool((host < 0).any()):
+        raise ValueError(f"{name} must be >= 0")
+    if sum_tolerance is not None:
+        total = float(host.sum())
+        if not abs(total - 1.0) <= sum_tolerance:
+            raise ValueError(
+                f"{name} must be normalised weights (sum 1 within {sum_tolerance:.1e}), "
+                f"got sum {total!r}"
+            )
+    return out

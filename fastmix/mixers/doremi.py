@@ -11,7 +11,6 @@ branch on a device value, so it runs under ``torch.compile(fullgraph=True)`` and
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -21,7 +20,14 @@ import torch
 from torch import Tensor
 
 from fastmix import distributed
-from fastmix.mixers._common import initial_weights
+from fastmix.mixers._common import (
+    check_float,
+    initial_weights,
+    state_device,
+    state_int,
+    state_vector,
+    weights_tolerance,
+)
 from fastmix.ops import (
     MAX_KERNEL_DOMAINS,
     domain_stats_detached,
@@ -36,16 +42,6 @@ from fastmix.ops import (
 __all__ = ["DoReMi"]
 
 _STATE_VERSION = 1
-
-
-def _check_float(name: str, value: Any, low: float, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be finite and {bound}, got {value}")
-    return value
 
 
 class DoReMi:
@@ -96,15 +92,15 @@ class DoReMi:
         if backend is not None and backend not in ("cuda", "triton", "torch"):
             raise ValueError(f"backend must be 'cuda', 'triton', 'torch' or None, got {backend!r}")
         self.num_domains = num_domains
-        self.step_size = _check_float("step_size", step_size, 0.0)
-        self.smoothing = _check_float("smoothing", smoothing, 0.0, 1.0)
+        self.step_size = check_float("step_size", step_size, 0.0)
+        self.smoothing = check_float("smoothing", smoothing, 0.0, 1.0)
         self.proxy_loss = proxy_loss
         self.backend = backend
         self.process_group = process_group
         self.deterministic = bool(deterministic)
         self.debug = bool(debug)
         self._device_fixed = device is not None
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = state_device(device)
         alpha = initial_weights(init_weights, num_domains)
         self._state = torch.stack([alpha, torch.zeros_like(alpha), alpha]).to(dev)
         self._counters = torch.zeros(3, dtype=torch.int64, device=dev)
@@ -148,7 +144,7 @@ class DoReMi:
 
     def to(self, device: torch.device | str) -> DoReMi:
         """Move the state to ``device`` (returns self)."""
-        dev = torch.device(device)
+        dev = state_device(device)
         self._state = self._state.to(dev)
         self._counters = self._counters.to(dev)
         self._pending = self._pending.to(dev)
@@ -310,7 +306,12 @@ class DoReMi:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (validated: K, shapes, hyperparameters)."""
+        """Restore :meth:`state_dict` output.
+
+        Validated before anything changes (a rejected state leaves this DoReMi as it was): K, the
+        hyperparameters, shapes, counters (integers >= 0), λ (finite, >= 0), α and its average
+        (finite, >= 0, summing to 1).  Raises TypeError/ValueError naming the state key.
+        """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = [
@@ -322,33 +323,44 @@ class DoReMi:
             raise ValueError(f"state is missing {missing}")
         if state.get("version", _STATE_VERSION) != _STATE_VERSION:
             raise ValueError(f"state version {state['version']} is not {_STATE_VERSION}")
-        if state["num_domains"] != self.num_domains:
-            raise ValueError(
-                f"state has num_domains={state['num_domains']}, this DoReMi has "
-                f"{self.num_domains}"
+        num_domains = state["num_domains"]
+        if isinstance(num_domains, bool) or not isinstance(num_domains, int):
+            raise TypeError(
+                f"state['num_domains'] must be an int, got {type(num_domains).__name__}"
             )
-        k = self.num_domains
-        rows = []
-        for key in ("weights", "excess", "average_weights"):
-            value = torch.as_tensor(state[key])
-            if value.shape != (k,):
-                raise ValueError(f"state[{key!r}] must have shape ({k},), got {tuple(value.shape)}")
-            if not value.is_floating_point():
-                raise TypeError(f"state[{key!r}] must be floating point, got {value.dtype}")
-            rows.append(value.detach().to(self._state.device, torch.float32))
-        counters = []
-        for key in ("num_updates", "num_skipped", "num_out_of_range"):
-            value = torch.as_tensor(state.get(key, 0))
-            if value.numel() != 1:
-                raise ValueError(f"state[{key!r}] must be a scalar, got shape {tuple(value.shape)}")
-            counters.append(value.detach().reshape(()).to(self._state.device, torch.int64))
-        step_size = _check_float("step_size", state.get("step_size", self.step_size), 0.0)
-        smoothing = _check_float("smoothing", state.get("smoothing", self.smoothing), 0.0, 1.0)
+        if num_domains != self.num_domains:
+            raise ValueError(
+                f"state has num_domains={num_domains}, this DoReMi has {self.num_domains}"
+            )
+        k, dev = self.num_domains, self._state.device
+        counts = [
+            state_int(state, key) for key in ("num_updates", "num_skipped", "num_out_of_range")
+        ]
+        tol = weights_tolerance(k)
+        # α may hold exact zeros: with smoothing 0 a float32 softmax can underflow (and a zero
+        # then stays zero, as the rule says), so only >= 0 is required of the saved weights.
+        weights = state_vector(state, "weights", k, dev, sum_tolerance=tol)
+        excess = state_vector(state, "excess", k, dev)
+        # The running mean is updated incrementally in float32; each update can move its sum
+        # by about half an ulp of each entry (~6e-8 in total), so the drift grows with the
+        # number of updates (measured: 1e-4 after 20k updates for K = 3).
+        average = state_vector(
+            state, "average_weights", k, dev, sum_tolerance=tol + 1.2e-7 * counts[0]
+        )
+        step_size = check_float(
+            "state['step_size']", state.get("step_size", self.step_size), 0.0
+        )
+        smoothing = check_float(
+            "state['smoothing']", state.get("smoothing", self.smoothing), 0.0, 1.0
+        )
         proxy = state.get("proxy_loss", self.proxy_loss)
-        if proxy not in reference.PROXY_LOSSES:
-            raise ValueError(f"state['proxy_loss'] must be one of {reference.PROXY_LOSSES}")
-        self._state.copy_(torch.stack(rows))
-        self._counters.copy_(torch.stack(counters))
+        if not isinstance(proxy, str) or proxy not in reference.PROXY_LOSSES:
+            raise ValueError(
+                f"state['proxy_loss'] must be one of {reference.PROXY_LOSSES}, got {proxy!r}"
+            )
+        # everything is checked: only now change the object
+        self._state.copy_(torch.stack([weights, excess, average]))
+        self._counters.copy_(torch.tensor(counts, dtype=torch.int64, device=dev))
         self._pending.zero_()
         self._num_pending = 0
         self.step_size, self.smoothing, self.proxy_loss = step_size, smoothing, proxy

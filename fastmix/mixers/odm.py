@@ -27,7 +27,14 @@ import torch
 from torch import Tensor
 
 from fastmix import distributed
-from fastmix.mixers._common import initial_weights
+from fastmix.mixers._common import (
+    check_float,
+    initial_weights,
+    state_device,
+    state_int,
+    state_vector,
+    weights_tolerance,
+)
 from fastmix.ops import domain_loss_stats
 
 __all__ = ["ODM"]
@@ -36,15 +43,6 @@ _STATE_VERSION = 1
 # exp(80) ≈ 5.5e34: far above any real loss's reward yet K·exp(80) stays finite in float32 for
 # K < 6000, so a diverging domain saturates instead of turning π into NaN.
 _MAX_LOSS = 80.0
-
-
-def _check_float(name: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name} must be finite and in [{low}, {high}], got {value}")
-    return value
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -86,7 +84,7 @@ class ODM:
         deterministic: bool = False,
     ) -> None:
         self.num_domains = _check_int("num_domains", num_domains, 1)
-        self.smoothing = _check_float("smoothing", smoothing, 0.0, 1.0)
+        self.smoothing = check_float("smoothing", smoothing, 0.0, 1.0)
         if self.smoothing == 1.0:
             raise ValueError("smoothing must be < 1 (β = 1 never updates the rewards)")
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
@@ -96,7 +94,7 @@ class ODM:
         self.process_group = process_group
         self.deterministic = bool(deterministic)
         self._device_fixed = device is not None
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = state_device(device)
         self._init = initial_weights(init_weights, num_domains).to(dev)
         self._weights = self._init.clone()
         self._rewards = torch.zeros(self.num_domains, dtype=torch.float32, device=dev)
@@ -132,7 +130,7 @@ class ODM:
 
     def to(self, device: torch.device | str) -> ODM:
         """Move the state to ``device`` (returns self)."""
-        dev = torch.device(device)
+        dev = state_device(device)
         self._init = self._init.to(dev)
         self._weights = self._weights.to(dev)
         self._rewards = self._rewards.to(dev)
@@ -167,6 +165,9 @@ class ODM:
         """
         if not isinstance(stats, Tensor):
             raise TypeError(f"stats must be a torch.Tensor, got {type(stats).__name__}")
+        # Statistics of a loss that requires grad would give the rewards and π a grad_fn, and
+        # each step's graph would then stay alive through the state (as step() does, detach).
+        stats = stats.detach()
         if stats.dim() != 2 or stats.shape[0] < 2 or stats.shape[1] != self.num_domains:
             raise ValueError(
                 f"stats must be [3, {self.num_domains}] (count, loss sum, excess sum), got "
@@ -221,7 +222,13 @@ class ODM:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (validated: K, shapes, hyperparameters)."""
+        """Restore :meth:`state_dict` output.
+
+        Validated before anything changes (a rejected state leaves this ODM as it was): K, the
+        hyperparameters, shapes, counters (integers >= 0), R̂ (finite, >= 0), π (finite, >= 0,
+        summing to 1) and the initial weights (finite, > 0, summing to 1).  Raises
+        TypeError/ValueError naming the state key.
+        """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = [k for k in ("num_domains", "weights", "rewards", "num_steps") if k not in state]
@@ -229,30 +236,32 @@ class ODM:
             raise ValueError(f"state is missing {missing}")
         if state.get("version", _STATE_VERSION) != _STATE_VERSION:
             raise ValueError(f"state version {state['version']} is not {_STATE_VERSION}")
-        if state["num_domains"] != self.num_domains:
-            raise ValueError(f"state has num_domains={state['num_domains']}, this ODM has "
+        num_domains = state["num_domains"]
+        if isinstance(num_domains, bool) or not isinstance(num_domains, int):
+            raise TypeError(
+                f"state['num_domains'] must be an int, got {type(num_domains).__name__}")
+        if num_domains != self.num_domains:
+            raise ValueError(f"state has num_domains={num_domains}, this ODM has "
                              f"{self.num_domains}")
-        k = self.num_domains
-        tensors = {}
-        for key in ("weights", "rewards", "init_weights"):
-            value = torch.as_tensor(state.get(key, self._init))
-            if value.shape != (k,):
-                raise ValueError(f"state[{key!r}] must have shape ({k},), got {tuple(value.shape)}")
-            if not value.is_floating_point():
-                raise TypeError(f"state[{key!r}] must be floating point, got {value.dtype}")
-            tensors[key] = value.detach().to(self.device, torch.float32)
-        smoothing = _check_float("smoothing", state.get("smoothing", self.smoothing), 0.0, 1.0)
+        k, dev = self.num_domains, self.device
+        tol = weights_tolerance(k)
+        weights = state_vector(state, "weights", k, dev, sum_tolerance=tol)
+        rewards = state_vector(state, "rewards", k, dev)
+        # the constructor's rule: a zero initial weight would stay zero through the warm-up
+        init = state_vector(state, "init_weights", k, dev, default=self._init, positive=True,
+                            sum_tolerance=tol)
+        smoothing = check_float("state['smoothing']", state.get("smoothing", self.smoothing),
+                                0.0, 1.0)
         if smoothing == 1.0:
             raise ValueError("state['smoothing'] must be < 1")
-        warmup = _check_int("warmup_steps", state.get("warmup_steps", self.warmup_steps), 0)
-        steps = _check_int("num_steps", state["num_steps"], 0)
-        skipped = torch.as_tensor(state.get("num_skipped", 0))
-        if skipped.numel() != 1:
-            raise ValueError("state['num_skipped'] must be a scalar")
-        self._weights.copy_(tensors["weights"])
-        self._rewards.copy_(tensors["rewards"])
-        self._init.copy_(tensors["init_weights"])
-        self._skipped.copy_(skipped.reshape(()).to(self.device, torch.int64))
+        warmup = state_int(state, "warmup_steps", self.warmup_steps)
+        steps = state_int(state, "num_steps")
+        skipped = state_int(state, "num_skipped", 0)
+        # everything is checked: only now change the object
+        self._weights.copy_(weights)
+        self._rewards.copy_(rewards)
+        self._init.copy_(init)
+        self._skipped.fill_(skipped)
         self.smoothing, self.warmup_steps, self.num_steps = smoothing, warmup, steps
 
     def __repr__(self) -> str:

@@ -214,24 +214,48 @@ def _(loss, domain, mask, ref_loss, num_domains, backend, deterministic):
     )
 
 
+def _saveable(t: Tensor) -> Tensor:
+    """``t``, or a normal copy of it when it is an inference tensor.
+
+    Ids, masks and reference losses are often made under ``torch.inference_mode()``; autograd
+    refuses to save such tensors ("Inference tensors cannot be saved for backward").  Dynamo
+    cannot trace ``is_inference()``, so traced code skips the check: there the compiled graph
+    decides what it saves, and inference-tensor inputs still fail (torch's advice for compiled
+    code is ``torch.no_grad()`` instead of ``torch.inference_mode()``).
+    """
+    if torch.compiler.is_compiling():
+        return t
+    return t.clone() if t.is_inference() else t
+
+
 def _stats_setup_context(ctx, inputs, output):
     loss, domain, mask, ref_loss, _, _, _ = inputs
     ctx.has_mask = mask is not None
-    ctx.has_ref = ref_loss is not None
+    ctx.ref_dtype = None if ref_loss is None else ref_loss.dtype
+    # The backward needs only where the clipped excess has slope 1, not ref_loss itself: saving
+    # that bool mask keeps no (possibly inference, possibly large) reference loss alive.
+    active = (
+        reference.excess_active(loss, ref_loss)
+        if ref_loss is not None
+        else loss.new_empty(0, dtype=torch.bool)
+    )
     ctx.save_for_backward(
-        loss, domain, mask if mask is not None else loss.new_empty(0, dtype=torch.bool),
-        ref_loss if ref_loss is not None else loss.new_empty(0),
+        _saveable(loss),
+        _saveable(domain),
+        _saveable(mask) if mask is not None else loss.new_empty(0, dtype=torch.bool),
+        active,
     )
 
 
 def _stats_backward(ctx, grad_stats, _grad_oob):
-    loss, domain, mask, ref_loss = ctx.saved_tensors
+    loss, domain, mask, active = ctx.saved_tensors
     g_loss, g_ref = reference.stats_grad(
         grad_stats,
         loss,
         domain,
         mask if ctx.has_mask else None,
-        ref_loss if ctx.has_ref else None,
+        active if ctx.ref_dtype is not None else None,
+        ctx.ref_dtype,
     )
     return g_loss, None, None, g_ref, None, None, None
 
@@ -365,7 +389,10 @@ class _ProxyObjective(torch.autograd.Function):
         ctx.proxy = proxy
         ctx.has_mask = mask is not None
         ctx.save_for_backward(
-            loss, domain, aux, mask if mask is not None else loss.new_empty(0, dtype=torch.bool)
+            _saveable(loss),
+            _saveable(domain),
+            aux,
+            _saveable(mask) if mask is not None else loss.new_empty(0, dtype=torch.bool),
         )
         return objective.view_as(objective)
 
@@ -412,8 +439,13 @@ def domain_loss_stats(
         backend: "cuda", "triton" or "torch" to force one (also ``FASTMIX_BACKEND``).
         deterministic: bitwise-reproducible sums (no order-dependent float atomics).
 
-    Ids outside [0, K) on unmasked tokens raise ValueError on CPU; on GPU they are dropped (and
-    counted by :class:`fastmix.DoReMi`).  Gradients flow to ``loss`` and ``ref_loss``.
+    Ids outside [0, K) on unmasked tokens raise ValueError only in eager mode on CPU, where the
+    check costs no device sync.  On GPU, and on any device under ``torch.compile`` or in a CUDA
+    graph (a data-dependent check would break the graph), such tokens are silently dropped: they
+    add to no domain's statistics.  To detect them, compare the counted tokens with the
+    unmasked ones, e.g. ``stats[0].sum() < mask.sum()`` (``loss.numel()`` without a mask), or
+    use :class:`fastmix.DoReMi`, which counts them in ``num_out_of_range`` (``debug=True`` or
+    ``check()`` raises).  Gradients flow to ``loss`` and ``ref_loss``.
     """
     validate_inputs(loss, domain, num_domains, ref_loss, mask)
     name = resolve_backend(backend, loss.device)

@@ -199,14 +199,30 @@ def objective_grad(
     return (grad * per_token).reshape(loss.shape).to(loss.dtype)
 
 
+def excess_active(loss: Tensor, ref_loss: Tensor) -> Tensor:
+    """Flat bool: where ``max(loss - ref_loss, 0)`` has slope 1 (``loss - ref_loss > 0``).
+
+    All the backward of ``domain_stats`` needs from ``ref_loss``; a NaN difference gives False.
+    Compared in the inputs' own dtype, which for IEEE floats (gradual underflow) is the same as
+    the forward's float32 ``loss - ref_loss > 0``, and avoids a no-op ``.float()`` that would
+    return its input (not allowed below autograd, where setup_context runs).
+    """
+    return torch.gt(loss, ref_loss).reshape(-1)
+
+
 def stats_grad(
     grad_stats: Tensor,
     loss: Tensor,
     domain: Tensor,
     mask: Tensor | None,
-    ref_loss: Tensor | None,
+    active: Tensor | None,
+    ref_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Gradients of ``domain_stats`` w.r.t. loss and ref_loss (the count row has none)."""
+    """Gradients of ``domain_stats`` w.r.t. loss and ref_loss (the count row has none).
+
+    ``active`` is :func:`excess_active` of the forward's loss and ref_loss (None without a
+    ref_loss) and ``ref_dtype`` the ref_loss's dtype; ref_loss has loss's shape.
+    """
     k = grad_stats.shape[1]
     ids = expand_domain(domain, loss).long()
     keep = (ids >= 0) & (ids < k)
@@ -216,9 +232,8 @@ def stats_grad(
     zero = torch.zeros((), dtype=torch.float32, device=loss.device)
     g_loss = torch.where(keep, grad_stats[1][safe], zero)
     g_ref = None
-    if ref_loss is not None:
-        diff = loss.reshape(-1).float() - ref_loss.reshape(-1).float()
-        g_excess = torch.where(keep & (diff > 0), grad_stats[2][safe], zero)
+    if active is not None:
+        g_excess = torch.where(keep & active, grad_stats[2][safe], zero)
         g_loss = g_loss + g_excess
-        g_ref = (-g_excess).reshape(ref_loss.shape).to(ref_loss.dtype)
+        g_ref = (-g_excess).reshape(loss.shape).to(ref_dtype)
     return g_loss.reshape(loss.shape).to(loss.dtype), g_ref
