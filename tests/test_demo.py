@@ -334,3 +334,23 @@ def test_resample_mode_runs(tmp_path: Path) -> None:
     saved = json.loads((out / "weights.json").read_text())
     assert saved["resample"] is True
     assert math.isclose(math.fsum(saved["weights"].values()), 1.0, abs_tol=1e-12)
+
+
+def test_shape_and_seed_errors_name_the_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = str(tmp_path / "o")
+    assert _demo("--out", out, *TINY_FLAGS, "--main-d-model", "100", "--main-heads", "3") == 2
+    assert "d_model 100 (--main-d-model) must be a multiple of n_heads 3 (--main-heads)" in (
+        capsys.readouterr().err
+    )
+    assert _demo("--out", out, *TINY_FLAGS, "--main-heads", "3") == 2  # width from --d-model
+    assert "d_model 32 (--d-model) must be a multiple of n_heads 3 (--main-heads)" in (
+        capsys.readouterr().err
+    )
+    for seed in ("-1", str(2**64)):
+        assert _demo("--out", out, *TINY_FLAGS, "--seed", seed) == 2
+        assert f"(--seed) must be an integer in [0, 2**64 - 3], got {seed}" in (
+            capsys.readouterr().err
+        )
+    assert not Path(out).exists()  # refused before anything was created

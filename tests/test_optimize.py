@@ -388,3 +388,114 @@ def test_choose_weights_end_to_end():
         choose_weights(s.select(np.arange(6)), ["l1"], predictor="law", holdout=0)
     with pytest.raises(ValueError, match="not a metric"):
         choose_weights(s, ["l3"])
+
+
+# ------------------------------------------------------------------------------ regressions
+def test_projection_stays_inside_the_bounds_exactly():
+    # The even split of the last rounding gap pushed the 5e-18 entry to -1.7e-17, which
+    # weights.json readers reject as a negative weight.
+    row = [0.14338615194069437, 0.00933030057322569, 0.29322850533623096,
+           4.9771608919960494e-18, 0.554055042149849]
+    w = project([row], np.zeros(5), np.ones(5))[0]
+    assert (w >= 0).all() and (w <= 1).all()
+    assert abs(w.sum() - 1) <= 2.3e-16
+    rng = np.random.default_rng(18)
+    for k in (3, 8, 17, 30):
+        V = rng.dirichlet(np.full(k, 0.1), size=2000)
+        V[V < 1e-6] *= 1e-12  # many tiny entries: the case that went negative
+        lo = np.where(rng.random(k) < 0.3, rng.uniform(0, 0.5 / k, k), 0.0)
+        hi = np.where(rng.random(k) < 0.3, rng.uniform(0.5, 1, k), 1.0)
+        W = project(V, lo, hi)
+        assert (W >= lo).all() and (W <= hi).all()
+        assert np.abs(W.sum(1) - 1).max() <= 1e-15
+
+
+def test_non_numeric_cells_and_colliding_names_are_named(tmp_path):
+    mix = {"run": ["r0", "r1", "r2"], "a": ["0.5", "0.0O1", "0.2"], "b": ["0.5", "1", "0.8"]}
+    met = {"run": ["r0", "r1", "r2"], "loss": [1.0, 2.0, 3.0]}
+    with pytest.raises(ValueError, match=r"mixtures: column 'a' holds numbers, but run 'r1' "
+                                         r"\(row 1\) is '0.0O1', not a number"):
+        load_sweep(mix, met)
+    # empty cells keep their meaning: a NaN metric, dropped on request
+    s = load_sweep({"a": [0.5, 1.0, 0.2], "b": [0.5, 0.0, 0.8]},
+                   {"loss": ["1", "", "3"], "note": ["", "", ""]}, targets=["loss"],
+                   missing="drop")
+    assert s.num_runs == 2
+    with pytest.raises(ValueError, match=r"strip_prefix 'x_' makes domain names collide: "
+                                         r"\['x_a', 'a'\] all become 'a'"):
+        load_sweep({"x_a": [0.5], "a": [0.5]}, {"loss": [1.0]}, strip_prefix="x_")
+    with pytest.raises(ValueError, match=r"names must be unique; \['a'\] repeat"):
+        Constraints(["a", "b", "a"])
+    with pytest.raises(ValueError, match="no numeric columns"):
+        load_sweep({"a": [1.0]}, {"note": ["x"]})
+
+
+def test_read_csv_columns_reports_the_file_and_line(tmp_path):
+    from fastmix.optimize.sweep import read_csv_columns
+
+    p = tmp_path / "s.csv"
+    p.write_bytes(b"\xef\xbb\xbfindex,a\n1,0.5\n")
+    assert read_csv_columns(p) == {"index": ["1"], "a": ["0.5"]}
+    p.write_bytes(b"index,a\n1,0.5\n2,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"s\.csv: line 3 is not UTF-8"):
+        read_csv_columns(p)
+    p.write_text('index,a\n1,"x\ny"\n2\n')  # a quoted cell spans lines 2-3
+    with pytest.raises(ValueError, match=r"s\.csv: line 4 has 1 fields, header has 2"):
+        read_csv_columns(p)
+
+
+def test_library_arguments_of_the_wrong_type_are_named():
+    d = ["a", "b", "c"]
+    with pytest.raises(TypeError, match="total_tokens must be a number, got '2'"):
+        Constraints(d, token_counts=[1, 1, 1], total_tokens="2")
+    with pytest.raises(TypeError, match="max_epochs must be a number"):
+        Constraints(d, token_counts=[1, 1, 1], total_tokens=2, max_epochs="2")
+    with pytest.raises(TypeError, match=r"token_counts\['a'\] must be a number"):
+        Constraints(d, token_counts={"a": "many", "b": 1, "c": 1}, total_tokens=2)
+    with pytest.raises(TypeError, match="min_weight must be a number"):
+        Constraints(d, min_weight=["0.1", "0", "0"])
+    c = Constraints(d)
+
+    def objective(W):
+        return W[:, 0]
+
+    with pytest.raises(TypeError, match="samples must be an integer, got 100.5"):
+        search(objective, c, samples=100.5, top_k=10)
+    with pytest.raises(TypeError, match="top_k must be an integer"):
+        search(objective, c, samples=100, top_k=1.5)
+    with pytest.raises(ValueError, match=r"prior must be 3 weights \(one per domain\), got "
+                                         r"shape \(2,\)"):
+        pareto_search([objective, objective], ["x", "y"], c, prior=[0.5, 0.5], samples=50)
+    with pytest.raises(ValueError, match="prior must be 3 non-negative"):
+        search(objective, c, prior=[-1.0, 1.0, 1.0], samples=50, top_k=5)
+    with pytest.raises(ValueError, match="maximize needs 2 flags"):
+        pareto_search([objective, objective], ["x", "y"], c, maximize=[True], samples=50)
+
+
+def test_tree_predictor_without_tree_libraries(monkeypatch):
+    import sys
+
+    # None in sys.modules makes the import fail, as when neither is installed.
+    monkeypatch.setitem(sys.modules, "lightgbm", None)
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    with pytest.raises(ImportError, match=r'law\+trees.*pip install "fastmix\[trees\]"'):
+        make_predictor("law+trees")
+    with pytest.raises(ImportError, match="scikit-learn is not installed"):
+        TreePredictor(backend="sklearn")
+    make_predictor("law")  # the others need neither
+    make_predictor("linear")
+
+
+def test_choose_weights_checks_settings_before_fitting():
+    X = _mixtures(40, 3, 19)
+    s = load_sweep(X, X[:, 0] + 1.0, domains=list("abc"), targets=["l"])
+    with pytest.raises(ValueError, match="prior must be 3 weights"):
+        choose_weights(s, ["l"], predictor="linear", prior=[0.5, 0.5])
+    with pytest.raises(TypeError, match=r"prior\['a'\] must be a number"):
+        choose_weights(s, ["l"], predictor="linear", prior={"a": "x", "b": 1, "c": 1})
+    with pytest.raises(TypeError, match="samples must be an integer"):
+        choose_weights(s, ["l"], predictor="linear", samples=1e3)
+    ch = choose_weights(s, ["l"], predictor="linear", samples=500, top_k=10,
+                        prior={"a": 1, "b": 1, "c": 2})
+    w = np.array(list(ch.weights.values()))
+    assert (w >= 0).all() and abs(w.sum() - 1) < 1e-12

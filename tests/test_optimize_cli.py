@@ -103,6 +103,24 @@ def test_single_csv_with_prefix_and_token_budget(tmp_path):
         (["--target", "val/loss", "--token-counts", "web=1,code=1,books=1,math=1",
           "--total-tokens", "100", "--max-epochs", "4"], "infeasible budget"),
         (["--target", "val/loss", "--min-weight", "nope=0.1"], "unknown domain 'nope'"),
+        # flags, not the library's argument names (min_weight, max_epochs, ...)
+        (["--target", "val/loss", "--min-weight", "web=0.5", "--max-weight", "web=0.3"],
+         "domain 'web': --min-weight 0.5 > --max-weight 0.3"),
+        (["--target", "val/loss", "--max-epochs", "2"],
+         "--max-epochs needs --token-counts and --total-tokens"),
+        (["--target", "val/loss", "--token-counts", "web=1,code=1,books=1,math=1"],
+         "--token-counts and --total-tokens must be given together"),
+        (["--target", "val/loss", "--token-counts", "web=5,code=1", "--total-tokens", "1"],
+         "--token-counts: no count for domains ['books', 'math']"),
+        (["--target", "val/loss", "--token-counts", "100", "--total-tokens", "10"],
+         "--token-counts: '100' is not NAME=COUNT"),
+        (["--target", "val/loss=-1"], "--target: weight of 'val/loss' must be >= 0, got -1"),
+        (["--target", "val/loss", "--maximize", "val/code"],
+         "--maximize: ['val/code'] are not among the --target metrics ['val/loss']"),
+        (["--target", "val/loss", "--seed", "-1"], "--seed must lie in [0, 2**32 - 1], got -1"),
+        (["--target", "val/loss", "--samples", "0"], "--samples must be >= 1, got 0"),
+        (["--target", "val/loss", "--samples", "-5"], "--samples must be >= 1, got -5"),
+        (["--target", "val/loss", "--samples", "100000000"], "--samples must be at most 2,000,000"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, message):
@@ -110,7 +128,8 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, message):
     rc = main(["optimize", *files, "--predictor", "linear", "--samples", "200", "--top-k",
                "10", "--out", str(tmp_path / "o"), *extra])
     assert rc == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1  # one line, no traceback
     assert not (tmp_path / "o" / "weights.json").exists()
 
 
@@ -141,3 +160,201 @@ def test_same_seed_same_weights(tmp_path):
         outs.append(json.loads((tmp_path / name / "weights.json").read_text()))
     assert outs[0]["weights"] == outs[1]["weights"]
     assert outs[0]["heldout"] == outs[1]["heldout"]
+
+
+def _rewrite(path, edit):
+    """Rewrite a CSV written by ``_sweep`` through ``edit(rows) -> rows``."""
+    rows = list(csv.reader(path.open(newline="")))
+    with path.open("w", newline="") as fh:
+        csv.writer(fh).writerows(edit(rows))
+
+
+def _fast(files, out, *extra):
+    return main(["optimize", *files, "--predictor", "linear", "--samples", "300", "--top-k",
+                 "10", "--out", str(out), *extra])
+
+
+def test_a_typo_in_a_numeric_column_is_an_error_naming_it(tmp_path, capsys):
+    files = _sweep(tmp_path, n=30)
+    mix, met = (tmp_path / "mix.csv", tmp_path / "met.csv")
+
+    def typo(rows):
+        rows[8][3] = "0.0O1"  # books of run007: the column used to vanish from weights.json
+        return rows
+
+    _rewrite(mix, typo)
+    assert _fast(files, tmp_path / "o", "--target", "val/loss") == 2
+    err = capsys.readouterr().err
+    assert "column 'books'" in err and "run 'run007' (row 7)" in err and "'0.0O1'" in err
+    assert not (tmp_path / "o" / "weights.json").exists()
+    # in the target column: named too, not "no metric 'val/loss'"
+    files = _sweep(tmp_path, n=30)
+    _rewrite(met, lambda rows: [r if i != 5 else [r[0], "1.2x", r[2]]
+                                for i, r in enumerate(rows)])
+    assert _fast(files, tmp_path / "o", "--target", "val/loss") == 2
+    err = capsys.readouterr().err
+    assert "column 'val/loss'" in err and "'1.2x' is not a number" in err
+    # ... but a typo in a metric that is not a target does not matter
+    assert _fast(files, tmp_path / "o", "--target", "val/code") == 0
+    # a column of text (run names) is still no domain
+    _rewrite(mix, lambda rows: [r + (["label"] if i == 0 else [f"mix {i}"])
+                                for i, r in enumerate(rows)])
+    assert _fast(files, tmp_path / "o", "--target", "val/code") == 0
+    w = json.loads((tmp_path / "o" / "weights.json").read_text())["weights"]
+    assert list(w) == DOMAINS
+
+
+def test_only_the_targets_are_checked_for_nan(tmp_path, capsys):
+    files = _sweep(tmp_path, n=30)
+    met = tmp_path / "met.csv"
+    # an empty column and a metric with gaps, next to complete val/loss and val/code
+    _rewrite(met, lambda rows: [r + (["empty", "val/gaps"] if i == 0 else
+                                     ["", "" if i % 3 == 0 else "1.5"])
+                                for i, r in enumerate(rows)])
+    out = tmp_path / "o"
+    assert _fast(files, out, "--target", "val/loss", "--drop-nan") == 0
+    meta = json.loads((out / "weights.json").read_text())
+    assert meta["sweep"]["runs"] == 30  # no run dropped for the other columns' NaNs
+    assert _fast(files, out, "--target", "val/loss") == 0
+    assert _fast(files, out, "--target", "val/gaps") == 2
+    err = capsys.readouterr().err
+    assert "target 'val/gaps' is NaN/inf" in err and "pass --drop-nan" in err
+    assert "missing=" not in err
+    assert _fast(files, out, "--target", "val/gaps", "--drop-nan") == 0
+    assert json.loads((out / "weights.json").read_text())["sweep"]["runs"] == 20
+
+
+def test_a_metric_name_with_an_equals_sign(tmp_path):
+    files = _sweep(tmp_path, n=30)
+    _rewrite(tmp_path / "met.csv",
+             lambda rows: [["run", "pass@k=5", "val/code"]] + rows[1:])
+    out = tmp_path / "o"
+    assert _fast(files, out, "--target", "pass@k=5") == 0
+    assert json.loads((out / "weights.json").read_text())["targets"] == {"pass@k=5": 1.0}
+    assert _fast(files, out, "--target", "pass@k=5=2", "--target", "val/code") == 0
+    targets = json.loads((out / "weights.json").read_text())["targets"]
+    assert targets == {"pass@k=5": 2.0, "val/code": 1.0}
+
+
+def test_csv_encodings_and_broken_quotes(tmp_path, capsys):
+    files = _sweep(tmp_path, n=30)
+    mix = tmp_path / "mix.csv"
+    plain = main(["optimize", *files, "--predictor", "linear", "--samples", "300",
+                  "--top-k", "10", "--target", "val/loss", "--out", str(tmp_path / "a")])
+    # Excel's "CSV UTF-8": a byte-order mark before the header ('\ufeffrun' broke the id match)
+    mix.write_bytes(b"\xef\xbb\xbf" + mix.read_bytes())
+    assert plain == 0 and _fast(files, tmp_path / "b", "--target", "val/loss") == 0
+    a, b = (json.loads((tmp_path / d / "weights.json").read_text()) for d in "ab")
+    assert a["weights"] == b["weights"] and a["heldout"] == b["heldout"]
+    # not UTF-8: the file and the line
+    lines = mix.read_bytes()[3:].split(b"\n")
+    lines[4] = lines[4].replace(b"run003", b"r\xe9sum\xe9")
+    mix.write_bytes(b"\n".join(lines))
+    assert _fast(files, tmp_path / "o", "--target", "val/loss") == 2
+    err = capsys.readouterr().err
+    assert f"{mix}: line 5 is not UTF-8" in err and err.count("\n") == 1
+    # a quote left open swallows the rest of the file: csv's field limit, as a message
+    rows = ["run,web,code,books,math", '"run000,0.25,0.25,0.25,0.25']
+    rows += [f"run{i:03d},0.25,0.25,0.25,0.25" for i in range(1, 6000)]
+    mix.write_text("\n".join(rows) + "\n")
+    assert _fast(files, tmp_path / "o", "--target", "val/loss") == 2
+    err = capsys.readouterr().err
+    assert f"{mix}: line 2: field larger than field limit" in err and "quote" in err
+
+
+def test_out_is_checked_before_fitting(tmp_path, capsys, monkeypatch):
+    from fastmix.optimize import cli
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before checking --out")
+
+    monkeypatch.setattr(cli, "choose_weights", no_fit)
+    files = _sweep(tmp_path, n=30)
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    assert _fast(files, taken, "--target", "val/loss") == 2
+    assert "--out" in capsys.readouterr().err and taken.read_text() == "x"
+    assert _fast(files, taken / "sub", "--target", "val/loss") == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "cannot create" in err
+
+
+def test_prior_errors_name_the_flag_and_the_sweep(tmp_path, capsys):
+    files = _sweep(tmp_path, n=30)
+    prior = tmp_path / "prior.json"
+    for content, message in [
+        ({"web": "0.5", "code": 0.5}, "weights['web'] must be a number, got '0.5'"),
+        ({"web": 0.5, "wiki": 0.5}, "the sweep has ['web', 'code', 'books', 'math']"),
+        ([0.5, 0.5], "weights has 2 entries, the sweep has 4 domains"),
+    ]:
+        prior.write_text(json.dumps(content))
+        assert _fast(files, tmp_path / "o", "--target", "val/loss", "--prior", str(prior)) == 2
+        err = capsys.readouterr().err
+        assert f"--prior: {prior}: " in err and message in err and "corpus" not in err
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"web": "lots", "code": 1, "books": 1, "math": 1}))
+    assert _fast(files, tmp_path / "o", "--target", "val/loss", "--token-counts", str(tokens),
+                 "--total-tokens", "1") == 2
+    assert f"--token-counts: {tokens}: count of 'web' is 'lots', not a number" in \
+        capsys.readouterr().err
+
+
+def test_token_shares_are_the_default_prior(tmp_path):
+    files = _sweep(tmp_path, n=30)
+    out = tmp_path / "o"
+    # web alone could fill the run: its share of the tokens is still 0.91, not 1/1.3
+    assert _fast(files, out, "--target", "val/loss", "--token-counts",
+                 "web=1000,code=40,books=30,math=30", "--total-tokens", "100") == 0
+    rows = list(csv.reader((out / "summary.csv").open()))
+    prior = {r[1]: float(r[5]) for r in rows if r[0] == "weight"}
+    assert prior == pytest.approx({"web": 1000 / 1100, "code": 40 / 1100, "books": 30 / 1100,
+                                   "math": 30 / 1100})
+
+
+def test_missing_tree_libraries_are_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import sys
+
+    # None in sys.modules makes `import lightgbm` fail, as when it is not installed.
+    monkeypatch.setitem(sys.modules, "lightgbm", None)
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    files = _sweep(tmp_path, n=30)
+    rc = main(["optimize", *files, "--target", "val/loss", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert 'pip install "fastmix[trees]"' in err and "--predictor law|linear" in err
+    assert err.count("\n") == 1 and "law+trees" in err
+    assert _fast(files, tmp_path / "o", "--target", "val/loss") == 0  # linear needs neither
+
+
+def test_dollar_signs_in_metric_names_are_plotted_literally(tmp_path):
+    files = _sweep(tmp_path, n=30)
+    # mathtext would parse '$_$' and fail after weights.json was written
+    _rewrite(tmp_path / "met.csv",
+             lambda rows: [["run", "val$_$loss", "val/$^$code"]] + rows[1:])
+    out = tmp_path / "o"
+    assert main(["optimize", *files, "--target", "val$_$loss", "--target", "val/$^$code",
+                 "--predictor", "linear", "--samples", "300", "--top-k", "10",
+                 "--out", str(out)]) == 0
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failed_plot_leaves_no_stale_plot(tmp_path, capsys, monkeypatch):
+    from fastmix.optimize import cli
+
+    files = _sweep(tmp_path, n=30)
+    out = tmp_path / "o"
+    assert _fast(files, out, "--target", "val/loss") == 0
+    assert (out / "plot.png").exists()
+    capsys.readouterr()
+
+    def broken(choice):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(cli, "_render_plot", broken)
+    assert _fast(files, out, "--target", "val/code") == 1
+    err = capsys.readouterr().err
+    assert "drawing plot.png failed: RuntimeError: no fonts" in err and err.count("\n") == 1
+    assert not (out / "plot.png").exists()  # the old plot showed another target
+    assert json.loads((out / "weights.json").read_text())["targets"] == {"val/code": 1.0}
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv", "summary.md",
+                                                     "weights.json"]

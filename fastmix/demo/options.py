@@ -10,6 +10,7 @@ from typing import Any
 __all__ = ["VOCAB_SIZE", "GPTConfig", "DemoOptions", "QUICK"]
 
 VOCAB_SIZE = 257  # fastmix prepare's byte tokenizer: 256 byte values + end-of-document
+MAX_SEED = 2**64 - 3  # seed + 2 must stay a valid (64-bit) sampler and torch seed
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,28 @@ class DemoOptions:
             raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing!r}")
         if self.proxy_loss not in ("dro", "reweighted"):
             raise ValueError(f"proxy_loss must be 'dro' or 'reweighted', got {self.proxy_loss!r}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        # The runs use seed, seed + 1 and seed + 2, and MixtureDataset takes seeds below 2**64.
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) \
+                or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed (--seed) must be an integer in [0, 2**64 - 3], got "
+                             f"{self.seed!r}")
         if self.heldout_bytes < (self.seq_len + 1) * 4:
             raise ValueError(
                 f"heldout_bytes ({self.heldout_bytes}) must hold at least 4 windows of "
                 f"seq_len + 1 = {self.seq_len + 1} bytes"
             )
+        # Checked here to name the flags: GPTConfig only knows its own field names.
+        shapes = (
+            ("", self.d_model, "--d-model", self.n_heads, "--heads"),
+            ("main models: ", self.main_d_model or self.d_model,
+             "--main-d-model" if self.main_d_model else "--d-model",
+             self.main_heads or self.n_heads,
+             "--main-heads" if self.main_heads else "--heads"),
+        )
+        for label, d_model, d_flag, heads, h_flag in shapes:
+            if d_model % heads:
+                raise ValueError(f"{label}d_model {d_model} ({d_flag}) must be a multiple of "
+                                 f"n_heads {heads} ({h_flag})")
         GPTConfig(self.d_model, self.n_layers, self.n_heads, self.seq_len)  # checks the shape
         self.main_config()
 

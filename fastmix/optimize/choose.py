@@ -10,7 +10,7 @@ import numpy as np
 
 from .pareto import ParetoFront, pareto_search
 from .predictors import Predictor, evaluate, make_predictor
-from .search import Constraints, SearchResult, search
+from .search import Constraints, SearchResult, _check_prior, _integer, _real, search
 from .sweep import Sweep
 
 __all__ = ["Choice", "choose_weights"]
@@ -101,6 +101,26 @@ def choose_weights(
         raise ValueError("constraints: domains differ from the sweep's domains")
     names = list(obj_w)
     maxi = {t: t in set(maximize) for t in names}
+    # Checked before any fitting, so a bad setting fails in milliseconds, not minutes.
+    if prior is None:
+        prior_vec = sweep.mixtures.mean(0)
+    elif isinstance(prior, Mapping):
+        unknown = sorted(set(prior) - set(sweep.domains))
+        if unknown:
+            raise ValueError(f"prior: unknown domains {unknown}")
+        missing = [d for d in sweep.domains if d not in prior]
+        if missing:
+            raise ValueError(f"prior: no weight for domains {missing}")
+        prior_vec = np.array([_real(prior[d], f"prior[{d!r}]") for d in sweep.domains])
+    else:
+        prior_vec = prior
+    prior_vec = _check_prior(prior_vec, sweep.num_domains)
+    for what, value in (("samples", samples), ("top_k", top_k),
+                        ("pareto_samples", pareto_samples)):
+        if _integer(value, what) < 1:
+            raise ValueError(f"{what} must be >= 1, got {value}")
+    if top_k > samples:
+        raise ValueError(f"top_k must lie in [1, samples={samples}], got {top_k}")
 
     for t in names:
         _check_enough(make_predictor(predictor, seed=seed, tune=tune), sweep, t, "the sweep")
@@ -137,15 +157,6 @@ def choose_weights(
             total += obj_w[t] * (-z if maxi[t] else z)
         return total
 
-    if prior is None:
-        prior_vec = sweep.mixtures.mean(0)
-    elif isinstance(prior, Mapping):
-        missing = [d for d in sweep.domains if d not in prior]
-        if missing:
-            raise ValueError(f"prior: no weight for domains {missing}")
-        prior_vec = np.array([float(prior[d]) for d in sweep.domains])
-    else:
-        prior_vec = np.asarray(prior, dtype=np.float64)
     result = search(objective, constraints, prior=prior_vec, samples=samples, top_k=top_k,
                     seed=seed)
     weights = result.as_dict(sweep.domains)

@@ -20,6 +20,8 @@ import argparse
 import csv
 import io
 import json
+import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,12 +29,24 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._io import atomic_open, atomic_write_text
+from fastmix._io import atomic_write_bytes, atomic_write_text
 
 from .choose import Choice, choose_weights
 from .predictors import PREDICTORS
 from .search import Constraints
-from .sweep import Sweep, load_sweep, read_csv_columns
+from .sweep import _IGNORED, ID_COLUMNS, Sweep, load_sweep, read_csv_columns, value_columns
+
+# Upper bound of --samples: every sample is a row of K float64 weights, copied a few times while
+# projecting and predicting.  Sampling 2,000,000 mixtures of 24 domains peaks at 3.6 GB and
+# takes 45 s on one core (measured); a larger number would more likely be a typo that ends in
+# a MemoryError than a wish.
+MAX_SAMPLES = 2_000_000
+# Largest --seed: the common 32-bit seed range, which every predictor backend accepts.
+MAX_SEED = 2**32 - 1
+# Python argument names in library messages -> the flags a command-line user typed.
+_FLAGS = {"min_weight": "--min-weight", "max_weight": "--max-weight",
+          "token_counts": "--token-counts", "total_tokens": "--total-tokens",
+          "max_epochs": "--max-epochs", "id_column": "--id-column"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +56,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "--domain-prefix), or a mixtures CSV followed by a metrics CSV")
     parser.add_argument("--target", action="append", default=[], metavar="NAME[=WEIGHT]",
                         help="metric to minimise (repeat for a weighted sum of standardised "
-                             "targets; default: the only metric)")
+                             "targets; default: the only metric); a metric whose name "
+                             "contains '=' is taken whole")
     parser.add_argument("--maximize", action="append", default=[], metavar="NAME",
                         help="a target where higher is better (accuracy)")
     parser.add_argument("--predictor", choices=PREDICTORS, default="law+trees",
-                        help="model of a metric given the mixture (default: law+trees)")
+                        help="model of a metric given the mixture (default: law+trees; trees "
+                             'need pip install "fastmix[trees]")')
     parser.add_argument("--tune", action="store_true",
                         help="choose the tree settings by 5-fold CV on the training runs")
     parser.add_argument("--domains", help="comma-separated mixture columns (single-CSV sweeps)")
@@ -56,7 +72,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strip-prefix", help="remove this prefix from domain names")
     parser.add_argument("--id-column", help="column matching runs across the two CSVs")
     parser.add_argument("--drop-nan", action="store_true",
-                        help="drop runs with a NaN metric instead of failing")
+                        help="drop runs with a NaN target instead of failing")
     parser.add_argument("--min-weight", action="append", default=[], metavar="[NAME=]W",
                         help="lower bound for every domain, or for NAME (repeatable)")
     parser.add_argument("--max-weight", action="append", default=[], metavar="[NAME=]W",
@@ -69,97 +85,180 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="how often a domain may be repeated (default 1 with token counts)")
     parser.add_argument("--prior", metavar="JSON",
                         help="centre of the search: a weights JSON (default: the mean sweep "
-                             "mixture, or token shares when token counts are given)")
+                             "mixture, or each domain's share of the tokens, count / total of "
+                             "--token-counts, when token counts are given)")
     parser.add_argument("--holdout", type=float, default=0.2,
                         help="fraction of runs held out to score the predictor (0 to skip)")
-    parser.add_argument("--samples", type=int, default=50_000, help="mixtures sampled")
+    parser.add_argument("--samples", type=int, default=50_000,
+                        help=f"mixtures sampled (default 50,000; at most {MAX_SAMPLES:,})")
     parser.add_argument("--top-k", type=int, default=100, help="best samples averaged")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="0 to 2**32 - 1 (default 0)")
     parser.add_argument("--out", default="fastmix-optimize", help="output directory")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``fastmix optimize``; returns the exit status (2 on bad input)."""
+    """Run ``fastmix optimize``; returns the exit status (2 on bad input, 1 if writing fails)."""
+    from fastmix.demo.cli import check_out
+
+    out = Path(args.out)
     try:
-        sweep = _load(args)
-        targets = _targets(args.target, sweep)
+        _check_settings(args)
+        sweep, targets = _load(args)
+        unknown = [m for m in args.maximize if m not in targets]
+        if unknown:
+            raise ValueError(f"--maximize: {unknown} are not among the --target metrics "
+                             f"{list(targets)}")
         constraints = _constraints(args, sweep)
         prior = _prior(args, sweep, constraints)
-        if args.samples < 1 or not 1 <= args.top_k <= args.samples:
-            raise ValueError(f"--top-k must lie in [1, --samples={args.samples}]")
-        if not 0 <= args.holdout < 1:
-            raise ValueError(f"--holdout must lie in [0, 1), got {args.holdout}")
+        check_out(out)  # before the fitting, not after it
         choice = choose_weights(sweep, targets, predictor=args.predictor, tune=args.tune,
                                 constraints=constraints, maximize=args.maximize, prior=prior,
                                 holdout=args.holdout, samples=args.samples, top_k=args.top_k,
                                 seed=args.seed)
-    except ValueError as exc:
-        print(f"fastmix optimize: error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, ImportError) as exc:  # ImportError: the trees extra is missing
+        return _error(exc, 2)
     md, rows = _summary(choice, sweep, constraints, prior)
-    atomic_write_text(out / "weights.json", json.dumps(_metadata(choice, sweep, constraints, args),
-                                                 indent=2) + "\n")
-    atomic_write_text(out / "summary.md", md)
-    atomic_write_text(out / "summary.csv", _csv(rows))
-    _write_plot(out / "plot.png", choice)
+    meta = json.dumps(_metadata(choice, sweep, constraints, args), indent=2) + "\n"
+    try:
+        png, plot_error = _render_plot(choice), None
+    except Exception as exc:  # noqa: BLE001 - any plotting failure: the weights still count
+        png, plot_error = None, exc
+    try:
+        atomic_write_text(out / "weights.json", meta)
+        atomic_write_text(out / "summary.md", md)
+        atomic_write_text(out / "summary.csv", _csv(rows))
+        if png is not None:
+            atomic_write_bytes(out / "plot.png", png)
+        else:
+            # A plot of an earlier run must not sit beside these results.
+            (out / "plot.png").unlink(missing_ok=True)
+    except OSError as exc:
+        return _error(f"cannot write to {out}: {exc.strerror or exc}", 1)
     print(md)
+    if plot_error is not None:
+        return _error(f"wrote {out / 'weights.json'}, {out / 'summary.md'} and "
+                      f"{out / 'summary.csv'}, but drawing plot.png failed: "
+                      f"{type(plot_error).__name__}: {plot_error}", 1)
     print(f"wrote {out / 'weights.json'}, {out / 'summary.md'}, {out / 'summary.csv'}, "
           f"{out / 'plot.png'}")
     return 0
 
 
+def _error(exc: BaseException | str, status: int) -> int:
+    message = " ".join(str(exc).split())  # one line, whatever the message held
+    print(f"fastmix optimize: error: {message}", file=sys.stderr)
+    return status
+
+
+def _as_flags(exc: Exception, flags: dict[str, str] | None = None) -> ValueError:
+    """The message of ``exc`` with Python argument names replaced by command-line flags.
+
+    Quoted text (domain and metric names) is left alone, so a domain called ``min_weight``
+    keeps its name.
+    """
+    flags = _FLAGS if flags is None else {**_FLAGS, **flags}
+    pattern = re.compile(r"'[^']*'|\b(" + "|".join(map(re.escape, flags)) + r")\b")
+    text = pattern.sub(lambda m: flags[m.group(1)] if m.group(1) else m.group(0), str(exc))
+    return ValueError(text)
+
+
 # ------------------------------------------------------------------------------------ inputs
-def _load(args: argparse.Namespace) -> Sweep:
-    missing = "drop" if args.drop_nan else "raise"
+def _check_settings(args: argparse.Namespace) -> None:
+    """The numeric flags, checked before any file is read."""
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must lie in [0, 2**32 - 1], got {args.seed}")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.samples > MAX_SAMPLES:
+        raise ValueError(f"--samples must be at most {MAX_SAMPLES:,} (every sample is held in "
+                         f"memory), got {args.samples:,}")
+    if not 1 <= args.top_k <= args.samples:
+        raise ValueError(f"--top-k must lie in [1, --samples={args.samples}], got {args.top_k}")
+    if not 0 <= args.holdout < 1:
+        raise ValueError(f"--holdout must lie in [0, 1), got {args.holdout}")
+
+
+def _load(args: argparse.Namespace) -> tuple[Sweep, dict[str, float]]:
+    """The sweep, holding only the chosen targets, and ``{target: weight}``.
+
+    Targets are chosen before loading so that only they are checked for NaN: a sweep's other
+    metric columns (an unrelated, empty or broken one) neither fail the command nor, with
+    --drop-nan, drop runs.
+    """
+    id_column = None
+    domains = None
+    strip_flag = "--strip-prefix"
     if len(args.sweep) == 2:
         if args.domains or args.domain_prefix:
             raise ValueError("--domains/--domain-prefix apply to a single-CSV sweep")
-        return load_sweep(args.sweep[0], args.sweep[1], id_column=args.id_column,
-                          strip_prefix=args.strip_prefix, missing=missing)
-    if len(args.sweep) != 1:
-        raise ValueError(f"give one or two CSV files, got {len(args.sweep)}")
-    cols = read_csv_columns(args.sweep[0])
-    if args.domains:
-        domains = [d.strip() for d in args.domains.split(",") if d.strip()]
-        unknown = [d for d in domains if d not in cols]
-        if unknown:
-            raise ValueError(f"--domains: {args.sweep[0]} has no column {unknown}")
-    elif args.domain_prefix:
-        domains = [c for c in cols if c.startswith(args.domain_prefix)]
-        if not domains:
-            raise ValueError(f"--domain-prefix: no column of {args.sweep[0]} starts with "
-                             f"{args.domain_prefix!r}")
+        mix = read_csv_columns(args.sweep[0])
+        met = read_csv_columns(args.sweep[1])
+        id_column = args.id_column
+        strip = args.strip_prefix
+    elif len(args.sweep) == 1:
+        cols = read_csv_columns(args.sweep[0])
+        if args.domains:
+            domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+            unknown = [d for d in domains if d not in cols]
+            if unknown:
+                raise ValueError(f"--domains: {args.sweep[0]} has no column {unknown}")
+        elif args.domain_prefix:
+            domains = [c for c in cols if c.startswith(args.domain_prefix)]
+            if not domains:
+                raise ValueError(f"--domain-prefix: no column of {args.sweep[0]} starts with "
+                                 f"{args.domain_prefix!r}")
+        else:
+            raise ValueError("a single-CSV sweep needs --domains or --domain-prefix to tell "
+                             "the mixture columns from the metrics")
+        mix = {d: cols[d] for d in domains}
+        met = {c: v for c, v in cols.items() if c not in mix}
+        strip = args.strip_prefix or args.domain_prefix
+        if not args.strip_prefix:
+            strip_flag = "--domain-prefix"
     else:
-        raise ValueError("a single-CSV sweep needs --domains or --domain-prefix to tell the "
-                         "mixture columns from the metrics")
-    mix = {d: cols[d] for d in domains}
-    met = {c: v for c, v in cols.items() if c not in mix}
-    strip = args.strip_prefix or args.domain_prefix
-    return load_sweep(mix, met, strip_prefix=strip, missing=missing)
+        raise ValueError(f"give one or two CSV files, got {len(args.sweep)}")
+
+    key = id_column or next((c for c in ID_COLUMNS if c in mix and c in met), None)
+    if args.target:
+        names = [c for c in met if c != key and c != args.id_column and c not in ID_COLUMNS
+                 and c not in _IGNORED]
+        targets = _targets(args.target, names)
+    else:
+        numeric = value_columns(met, "metrics", key)
+        if len(numeric) != 1:
+            hint = f", e.g. --target {numeric[0]!r}" if numeric else ""
+            raise ValueError(f"--target: the sweep has {len(numeric)} numeric metrics; name one "
+                             f"or more{hint}")
+        targets = {numeric[0]: 1.0}
+    try:
+        sweep = load_sweep(mix, met, id_column=id_column, domains=domains, targets=list(targets),
+                           strip_prefix=strip, missing="drop" if args.drop_nan else "raise")
+    except ValueError as exc:
+        text = str(exc).replace("pass missing='drop'", "pass --drop-nan")
+        raise _as_flags(ValueError(text), {"strip_prefix": strip_flag}) from None
+    return sweep, targets
 
 
-def _targets(specs: Sequence[str], sweep: Sweep) -> dict[str, float]:
-    if not specs:
-        if len(sweep.targets) == 1:
-            return {sweep.targets[0]: 1.0}
-        raise ValueError(f"--target: the sweep has {len(sweep.targets)} metrics; name one or "
-                         f"more, e.g. --target {sweep.targets[0]!r}")
+def _targets(specs: Sequence[str], metrics: Sequence[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for spec in specs:
         name, weight = spec, 1.0
         head, sep, tail = spec.rpartition("=")
-        if sep and head:
+        # 'pass@k=5' may be a metric's name: the whole string wins over NAME=WEIGHT.
+        if sep and head and spec not in metrics:
             try:
                 name, weight = head, float(tail)
             except ValueError:
                 name = spec
-        if name not in sweep.targets:
-            close = [t for t in sweep.targets if name.lower() in t.lower()][:5]
+        if name not in metrics:
+            close = [t for t in metrics if name.lower() in t.lower()][:5]
             hint = f"; did you mean {close}?" if close else ""
             raise ValueError(f"--target: no metric {name!r}{hint}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"--target: weight of {name!r} must be >= 0, got {weight:g}")
         out[name] = weight
+    if not sum(out.values()) > 0:
+        raise ValueError("--target: the weights sum to 0")
     return out
 
 
@@ -189,35 +288,83 @@ def _pairs(specs: Sequence[str], what: str, domains: Sequence[str]) -> Any:
     return np.array([named.get(d, base if default is None else default) for d in domains])
 
 
+def _token_counts(spec: str) -> dict[str, float]:
+    """``--token-counts``: a JSON file ``{domain: count}`` or ``NAME=COUNT,...``."""
+    p = Path(spec)
+    if p.suffix.lower() == ".json" or p.is_file():
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"--token-counts: no such file {p}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--token-counts: {p} is not UTF-8 text") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--token-counts: cannot read {p}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"--token-counts: {p} must hold {{domain: count}}, not a "
+                             f"{type(data).__name__}")
+        items = list(data.items())
+        where = f"{p}: "
+    else:
+        items = []
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, sep, value = part.rpartition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"--token-counts: {part!r} is not NAME=COUNT; give "
+                                 "comma-separated NAME=COUNT pairs or a JSON file "
+                                 "{domain: count}")
+            items.append((name.strip(), value.strip()))
+        where = ""
+    counts: dict[str, float] = {}
+    for name, value in items:
+        try:
+            if where and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TypeError  # JSON text such as "1e9", true or null is not a count
+            count = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--token-counts: {where}count of {name!r} is {value!r}, not a "
+                             "number") from None
+        if not (math.isfinite(count) and count >= 0):
+            raise ValueError(f"--token-counts: {where}count of {name!r} is {value!r}; counts "
+                             "are finite and >= 0")
+        counts[str(name)] = count
+    if not counts:
+        raise ValueError("--token-counts: no counts given")
+    return counts
+
+
 def _constraints(args: argparse.Namespace, sweep: Sweep) -> Constraints:
     lo = _pairs(args.min_weight, "--min-weight", sweep.domains)
     hi = _pairs(args.max_weight, "--max-weight", sweep.domains)
-    tokens = None
-    if args.token_counts:
-        p = Path(args.token_counts)
-        if p.suffix == ".json" or p.is_file():
-            try:
-                tokens = {str(k): float(v) for k, v in json.loads(p.read_text()).items()}
-            except (OSError, json.JSONDecodeError, AttributeError, TypeError) as exc:
-                raise ValueError(f"--token-counts: cannot read {p}: {exc}") from None
-        else:
-            arr = _pairs([args.token_counts], "--token-counts", sweep.domains)
-            named = {part.split("=")[0].strip() for part in args.token_counts.split(",")}
-            tokens = {d: float(v) for d, v in zip(sweep.domains, arr, strict=True) if d in named}
-    return Constraints(sweep.domains, min_weight=lo, max_weight=hi, token_counts=tokens,
-                       total_tokens=args.total_tokens, max_epochs=args.max_epochs)
+    tokens = _token_counts(args.token_counts) if args.token_counts else None
+    try:
+        return Constraints(sweep.domains, min_weight=lo, max_weight=hi, token_counts=tokens,
+                           total_tokens=args.total_tokens, max_epochs=args.max_epochs)
+    except (ValueError, TypeError) as exc:
+        raise _as_flags(exc) from None
 
 
 def _prior(args: argparse.Namespace, sweep: Sweep, constraints: Constraints) -> np.ndarray:
     if args.prior:
         from fastmix.data import load_weights
 
-        w = np.asarray(load_weights(args.prior, sweep.domains), dtype=np.float64)
-    elif constraints.availability is not None:
-        w = constraints.availability.copy()  # token shares, RegMix's prior
+        try:
+            w = np.asarray(load_weights(args.prior, sweep.domains), dtype=np.float64)
+        except UnicodeDecodeError:
+            raise ValueError(f"--prior: {args.prior} is not UTF-8 text") from None
+        except (ValueError, TypeError) as exc:  # TypeError: a value that is not a number
+            # load_weights speaks of the training corpus; here the names come from the sweep.
+            text = str(exc).replace("the corpus has", "the sweep has")
+            raise ValueError(f"--prior: {args.prior}: {text}") from None
+    elif constraints.tokens is not None:
+        # RegMix's prior: each domain's share of the available tokens (count / total).
+        w = constraints.tokens.copy()
     else:
         w = sweep.mixtures.mean(0)
-    if w.sum() <= 0:
+    if not w.sum() > 0:
         raise ValueError("--prior: weights sum to 0")
     return w / w.sum()
 
@@ -296,39 +443,47 @@ def _csv(rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
-def _write_plot(path: Path, choice: Choice) -> None:
+def _render_plot(choice: Choice) -> bytes:
+    """``plot.png`` as bytes: drawn whole before anything is written."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; must precede pyplot
     import matplotlib.pyplot as plt
 
+    # Metric names are shown as typed: with mathtext a '$' in a name would be parsed as LaTeX
+    # (and fail on names like 'acc$5').
+    literal = {"parse_math": False}
     panels = list(choice.heldout_pred.items())
     n = len(panels) + (choice.pareto is not None)
     n = max(n, 1)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.0), squeeze=False)
-    axes = axes[0]
-    for ax, (t, (obs, pred)) in zip(axes, panels, strict=False):
-        ax.scatter(obs, pred, s=12, alpha=0.7)
-        lo, hi = float(min(obs.min(), pred.min())), float(max(obs.max(), pred.max()))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        m = choice.heldout[t]
-        ax.set_title(f"{t[-40:]}\nheld-out ρ={m['spearman']:.3f}", fontsize=9)
-        ax.set_xlabel("observed")
-        ax.set_ylabel("predicted")
-    if choice.pareto is not None:
-        ax = axes[-1]
-        pf = choice.pareto
-        ax.plot(pf.values[:, 0], pf.values[:, 1], "o-", ms=3, lw=0.8, label="Pareto front")
-        ax.scatter([choice.predicted[pf.objectives[0]]], [choice.predicted[pf.objectives[1]]],
-                   marker="*", s=150, c="C3", label="chosen weights", zorder=3)
-        ax.set_xlabel(pf.objectives[0][-40:])
-        ax.set_ylabel(pf.objectives[1][-40:])
-        ax.set_title("predicted trade-off", fontsize=9)
-        ax.legend(fontsize=8)
-    if not panels and choice.pareto is None:
-        axes[0].text(0.5, 0.5, "no held-out runs (--holdout 0)", ha="center", va="center")
-        axes[0].set_axis_off()
-    fig.tight_layout()
-    with atomic_open(path) as fh:
-        fig.savefig(fh, format="png", dpi=110)
-    plt.close(fig)
+    try:
+        axes = axes[0]
+        for ax, (t, (obs, pred)) in zip(axes, panels, strict=False):
+            ax.scatter(obs, pred, s=12, alpha=0.7)
+            lo, hi = float(min(obs.min(), pred.min())), float(max(obs.max(), pred.max()))
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+            m = choice.heldout[t]
+            ax.set_title(f"{t[-40:]}\nheld-out ρ={m['spearman']:.3f}", fontsize=9, **literal)
+            ax.set_xlabel("observed")
+            ax.set_ylabel("predicted")
+        if choice.pareto is not None:
+            ax = axes[-1]
+            pf = choice.pareto
+            ax.plot(pf.values[:, 0], pf.values[:, 1], "o-", ms=3, lw=0.8, label="Pareto front")
+            ax.scatter([choice.predicted[pf.objectives[0]]],
+                       [choice.predicted[pf.objectives[1]]],
+                       marker="*", s=150, c="C3", label="chosen weights", zorder=3)
+            ax.set_xlabel(pf.objectives[0][-40:], **literal)
+            ax.set_ylabel(pf.objectives[1][-40:], **literal)
+            ax.set_title("predicted trade-off", fontsize=9)
+            ax.legend(fontsize=8)
+        if not panels and choice.pareto is None:
+            axes[0].text(0.5, 0.5, "no held-out runs (--holdout 0)", ha="center", va="center")
+            axes[0].set_axis_off()
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()

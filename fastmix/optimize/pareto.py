@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .search import Constraints, sample_mixtures
+from .search import Constraints, _check_prior, _integer, sample_mixtures
 
 __all__ = ["pareto_front", "ParetoFront", "pareto_search"]
 
@@ -98,10 +98,18 @@ def pareto_search(objectives: Sequence[Any], names: Sequence[str], constraints: 
     if len(objectives) != len(names) or len(names) < 2:
         raise ValueError("need at least two objectives, each with a name")
     K = len(constraints.domains)
-    if prior is None:
-        prior = np.full(K, 1.0 / K)
-    maximize = [False] * len(names) if maximize is None else [bool(m) for m in maximize]
-    cands = sample_mixtures(samples, np.asarray(prior, float), constraints, seed=seed)
+    prior = np.full(K, 1.0 / K) if prior is None else _check_prior(prior, K)
+    if maximize is None:
+        maximize = [False] * len(names)
+    else:
+        maximize = [bool(m) for m in maximize]
+        if len(maximize) != len(names):
+            raise ValueError(f"maximize needs {len(names)} flags (one per objective), got "
+                             f"{len(maximize)}")
+    samples = _integer(samples, "samples")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    cands = sample_mixtures(samples, prior, constraints, seed=seed)
     if include is not None:
         extra = np.atleast_2d(np.asarray(include, dtype=np.float64))
         if extra.shape[1] != K or not constraints.feasible(extra).all():

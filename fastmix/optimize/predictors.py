@@ -292,8 +292,26 @@ class MixingLawPredictor(Predictor):
                 "huber_loss": self.loss_}
 
 
+def _installed(module: str) -> bool:
+    # find_spec, not import: scikit-learn takes a second to import, and this runs per predictor.
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken package, or one set to None in sys.modules
+        return False
+
+
 def _have_lightgbm() -> bool:
-    return importlib.util.find_spec("lightgbm") is not None
+    return _installed("lightgbm")
+
+
+def _have_sklearn() -> bool:
+    return _installed("sklearn")
+
+
+# What to do when neither tree library is installed (they are the "trees" extra).
+_TREES_MISSING = ('needs LightGBM or scikit-learn and neither is installed: pip install '
+                 '"fastmix[trees]", or choose the predictor "law" or "linear" '
+                 '(fastmix optimize --predictor law|linear)')
 
 
 class TreePredictor(Predictor):
@@ -325,6 +343,13 @@ class TreePredictor(Predictor):
             raise ValueError(f"backend must be 'auto', 'lightgbm' or 'sklearn', got {backend!r}")
         if backend == "lightgbm" and not _have_lightgbm():
             raise ValueError("backend='lightgbm' but lightgbm is not installed")
+        if backend == "sklearn" and not _have_sklearn():
+            raise ImportError("backend='sklearn' but scikit-learn is not installed: pip "
+                              'install "fastmix[trees]"', name="sklearn")
+        if backend == "auto" and not (_have_lightgbm() or _have_sklearn()):
+            # Said here, not as a ModuleNotFoundError halfway through fitting.
+            label = "law+trees" if base == "law" else "trees"
+            raise ImportError(f"predictor {label!r} {_TREES_MISSING}", name="sklearn")
         if base not in (None, "law"):
             raise ValueError(f"base must be None or 'law', got {base!r}")
         if n_estimators < 1 or num_leaves < 2 or min_child_samples < 1 or not learning_rate > 0:
@@ -371,7 +396,8 @@ class TreePredictor(Predictor):
         return HistGradientBoostingRegressor(
             max_iter=params["n_estimators"], learning_rate=params["learning_rate"],
             max_leaf_nodes=params["num_leaves"], min_samples_leaf=mcs, early_stopping=False,
-            l2_regularization=0.0, random_state=self.seed)
+            # scikit-learn takes seeds below 2**32 only; smaller seeds are unchanged.
+            l2_regularization=0.0, random_state=self.seed % 2**32)
 
     def _fit_law(self, X: np.ndarray, y: np.ndarray) -> MixingLawPredictor | None:
         return MixingLawPredictor(seed=self.seed).fit(X, y) if self.base == "law" else None

@@ -15,6 +15,7 @@ average of them (the set is convex).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,20 @@ import numpy as np
 __all__ = ["Constraints", "SearchResult", "project", "sample_mixtures", "search"]
 
 Objective = Callable[[np.ndarray], np.ndarray]
+
+
+def _real(value: Any, what: str) -> float:
+    """``value`` as a float; text and booleans are TypeErrors (``"2"`` is not a number)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.number)):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral,
+                                                                    np.integer)):
+        raise TypeError(f"{what} must be an integer, got {value!r}")
+    return int(value)
 
 
 def _per_domain(value: Any, domains: Sequence[str], what: str, default: float) -> np.ndarray:
@@ -37,15 +52,35 @@ def _per_domain(value: Any, domains: Sequence[str], what: str, default: float) -
         out = np.full(K, default, dtype=np.float64)
         for i, d in enumerate(domains):
             if d in value:
-                out[i] = float(value[d])
+                out[i] = _real(value[d], f"{what}[{d!r}]")
         return out
-    arr = np.asarray(value, dtype=np.float64)
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{what} must be a number, a mapping or {K} numbers, got {value!r}")
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iuf":  # text, booleans, objects: nothing that merely converts
+        raise TypeError(f"{what} must be a number, a mapping or {K} numbers, got {value!r}")
+    arr = arr.astype(np.float64)
     if arr.ndim == 0:
         return np.full(K, float(arr))
     if arr.shape != (K,):
         raise ValueError(f"{what}: expected a scalar, a mapping or {K} values, got shape "
                          f"{arr.shape}")
     return arr.copy()
+
+
+def _check_prior(prior: Any, K: int) -> np.ndarray:
+    """``prior`` as ``K`` non-negative finite weights summing to 1."""
+    if isinstance(prior, (str, bytes)):
+        raise TypeError(f"prior must be {K} weights, got {prior!r}")
+    arr = np.asarray(prior)
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"prior must be {K} numbers, got {prior!r}")
+    arr = arr.astype(np.float64)
+    if arr.shape != (K,):
+        raise ValueError(f"prior must be {K} weights (one per domain), got shape {arr.shape}")
+    if not np.isfinite(arr).all() or (arr < 0).any() or not arr.sum() > 0:
+        raise ValueError(f"prior must be {K} non-negative finite weights with a positive sum")
+    return arr / arr.sum()
 
 
 @dataclass
@@ -64,6 +99,7 @@ class Constraints:
     Raises:
         ValueError: on bounds outside [0, 1], ``min > max``, minimums summing above 1, or a
             budget that cannot be met within ``max_epochs`` — naming the domain or the numbers.
+        TypeError: on a value that is not a number (``total_tokens="2"``), naming the argument.
     """
 
     domains: Sequence[str]
@@ -80,8 +116,9 @@ class Constraints:
         K = len(self.domains)
         if K < 1:
             raise ValueError("domains: need at least one domain")
-        if len(set(self.domains)) != K:
-            raise ValueError("domains: names must be unique")
+        dup = sorted({d for d in self.domains if self.domains.count(d) > 1})
+        if dup:
+            raise ValueError(f"domains: names must be unique; {dup} repeat")
         lo = _per_domain(self.min_weight, self.domains, "min_weight", 0.0)
         hi = _per_domain(self.max_weight, self.domains, "max_weight", 1.0)
         for what, arr in (("min_weight", lo), ("max_weight", hi)):
@@ -94,35 +131,41 @@ class Constraints:
             i = bad[0]
             raise ValueError(f"domain {self.domains[i]!r}: min_weight {lo[i]:g} > max_weight "
                              f"{hi[i]:g}")
+        # Per-domain token counts and the weights they allow (None without token counts).
+        self.tokens: np.ndarray | None = None
         self.availability: np.ndarray | None = None
         if self.token_counts is not None or self.total_tokens is not None:
             if self.token_counts is None or self.total_tokens is None:
                 raise ValueError("token_counts and total_tokens must be given together")
-            if not (np.isfinite(self.total_tokens) and self.total_tokens > 0):
+            total = _real(self.total_tokens, "total_tokens")
+            if not (np.isfinite(total) and total > 0):
                 raise ValueError(f"total_tokens must be > 0, got {self.total_tokens}")
-            epochs = 1.0 if self.max_epochs is None else float(self.max_epochs)
+            epochs = 1.0 if self.max_epochs is None else _real(self.max_epochs, "max_epochs")
             if not (np.isfinite(epochs) and epochs > 0):
                 raise ValueError(f"max_epochs must be > 0, got {self.max_epochs}")
             tokens = _per_domain(self.token_counts, self.domains, "token_counts", np.nan)
             missing = [d for d, t in zip(self.domains, tokens, strict=True) if np.isnan(t)]
             if missing:
                 raise ValueError(f"token_counts: no count for domains {missing}")
-            if (tokens < 0).any():
-                i = int(np.flatnonzero(tokens < 0)[0])
-                raise ValueError(f"token_counts for {self.domains[i]!r} is negative")
+            bad = np.flatnonzero(~(tokens >= 0) | ~np.isfinite(tokens))
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(f"token_counts for {self.domains[i]!r} is {tokens[i]:g}; counts "
+                                 "must be finite and >= 0")
             supply = epochs * tokens.sum()
-            if supply < self.total_tokens:
+            if supply < total:
                 raise ValueError(
-                    f"infeasible budget: total_tokens={self.total_tokens:.4g} but the domains "
+                    f"infeasible budget: total_tokens={total:.4g} but the domains "
                     f"hold {tokens.sum():.4g} tokens, i.e. at most {supply:.4g} within "
                     f"max_epochs={epochs:g}")
-            self.availability = np.minimum(epochs * tokens / self.total_tokens, 1.0)
+            self.tokens = tokens
+            self.availability = np.minimum(epochs * tokens / total, 1.0)
             low = np.flatnonzero(self.availability < lo)
             if low.size:
                 i = low[0]
                 raise ValueError(
                     f"domain {self.domains[i]!r}: min_weight {lo[i]:g} needs "
-                    f"{lo[i] * self.total_tokens:.4g} tokens but {tokens[i]:.4g} tokens × "
+                    f"{lo[i] * total:.4g} tokens but {tokens[i]:.4g} tokens × "
                     f"max_epochs={epochs:g} allow at most weight {self.availability[i]:.4g}")
             hi = np.minimum(hi, self.availability)
         elif self.max_epochs is not None:
@@ -151,9 +194,12 @@ def project(V: np.ndarray, lo: np.ndarray, hi: np.ndarray, iters: int = 100) -> 
 
     The projection is ``clip(v − τ, lo, hi)`` for the τ making the row sum to 1; Σ is monotone
     in τ, so bisection finds it (100 halvings of a bracket of width ≤ ``ptp(v) + 2``:
-    below 1e-29).
+    below 1e-29).  Every returned entry satisfies ``lo ≤ w ≤ hi`` exactly (weights written from
+    it must pass ``w >= 0`` checks) and rows sum to 1 within a few ulps.
     """
     V = np.atleast_2d(np.asarray(V, dtype=np.float64))
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
     a = (V - hi[None, :]).min(1)  # τ here → every entry at hi: Σ = Σhi ≥ 1
     b = (V - lo[None, :]).max(1)  # τ here → every entry at lo: Σ = Σlo ≤ 1
     for _ in range(iters):
@@ -163,11 +209,22 @@ def project(V: np.ndarray, lo: np.ndarray, hi: np.ndarray, iters: int = 100) -> 
         a = np.where(big, mid, a)
         b = np.where(big, b, mid)
     W = np.clip(V - (0.5 * (a + b))[:, None], lo, hi)
-    # Remove the last ~1e-16 of rounding on the free coordinates so rows sum to 1 exactly-ish.
-    free = (W > lo) & (W < hi)
-    gap = 1.0 - W.sum(1)
-    nfree = free.sum(1)
-    W += np.where(free, (gap / np.maximum(nfree, 1))[:, None], 0.0)
+    # The clipped sum misses 1 by ~1e-16 of rounding.  Move each entry by a share of the gap
+    # proportional to its room towards the bound in the gap's direction: no entry can then
+    # cross its bound (|gap| ≤ total room whenever Σlo ≤ 1 ≤ Σhi), unlike an even split, which
+    # pushed a 5e-18 entry to -1.7e-17.  Entries strictly inside the box take the gap when they
+    # have room for it, so the zeros (and other bounds met exactly) stay exact.  Clip after each
+    # pass for the last ulp; two or three passes settle the sum.
+    for _ in range(4):
+        gap = 1.0 - W.sum(1)
+        if not np.any(gap):
+            break
+        room = np.where((gap > 0)[:, None], hi - W, W - lo)
+        inside = np.where((W > lo) & (W < hi), room, 0.0)
+        use = np.where((inside.sum(1) >= np.abs(gap))[:, None], inside, room)
+        total = use.sum(1)
+        step = np.divide(gap, total, out=np.zeros_like(gap), where=total > 0)
+        W = np.clip(W + step[:, None] * use, lo, hi)
     return W
 
 
@@ -179,8 +236,9 @@ def sample_mixtures(n: int, prior: np.ndarray, constraints: Constraints, *,
     Small ``c`` gives sparse mixtures far from the prior, large ``c`` mixtures near it, as in
     RegMix's sampler.  Each sample is projected onto the constraints.
     """
-    prior = np.asarray(prior, dtype=np.float64)
-    K = prior.size
+    K = len(constraints.domains)
+    prior = _check_prior(prior, K)
+    n = _integer(n, "n")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
@@ -234,15 +292,18 @@ def search(objective: Objective, constraints: Constraints, *, prior: np.ndarray 
     if prior is None:
         prior = project((constraints.lo + constraints.hi)[None, :] / 2, constraints.lo,
                         constraints.hi)[0]
-    prior = np.asarray(prior, dtype=np.float64)
-    if prior.shape != (K,) or not np.isfinite(prior).all() or (prior < 0).any() \
-            or prior.sum() <= 0:
-        raise ValueError(f"prior must be {K} non-negative finite weights")
+    prior = _check_prior(prior, K)
+    # Integers checked up front: a float count fails deep inside numpy (IndexError).
+    samples = _integer(samples, "samples")
+    top_k = _integer(top_k, "top_k")
+    refine_steps = _integer(refine_steps, "refine_steps")
+    refine_batch = _integer(refine_batch, "refine_batch")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
     if not 1 <= top_k <= samples:
         raise ValueError(f"top_k must lie in [1, samples={samples}], got {top_k}")
     if refine_steps < 0 or refine_batch < 1:
         raise ValueError("refine_steps must be >= 0 and refine_batch >= 1")
-    prior = prior / prior.sum()
     cands = sample_mixtures(samples, prior, constraints, seed=seed)
     values = _evaluate(objective, cands)
     order = np.argsort(values, kind="stable")[:top_k]

@@ -10,6 +10,7 @@ or plain arrays.  Rows are matched by an id column when both tables have one (Re
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import numpy as np
 ID_COLUMNS = ("run", "run_id", "id", "index")
 # Columns that are neither weights nor metrics (pandas' unnamed index, free-text run names).
 _IGNORED = ("", "Unnamed: 0", "name")
+# Cell texts meaning "no value" (NaN metrics: dropped with missing="drop", else an error).
+_MISSING = ("", "nan", "na", "null", "none")
 
 
 @dataclass
@@ -105,9 +108,10 @@ def load_sweep(
         metrics: runs × targets, in any of the same forms.
         id_column: column identifying runs in both tables; by default the first of
             ``run, run_id, id, index`` present in both.  Rows are matched by it.
-        domains: mixture columns to use (default: every numeric non-id column).  For arrays,
-            the names of the columns.
-        targets: metric columns to use (default: every numeric non-id column).
+        domains: mixture columns to use (default: every numeric non-id column, see
+            :func:`value_columns`).  For arrays, the names of the columns.
+        targets: metric columns to use (default: every numeric non-id column).  Only these are
+            read and checked for NaN.
         strip_prefix: removed from the start of domain names (e.g. ``"train_the_pile_"``).
         tolerance: largest ``|sum(row) - 1|`` accepted before renormalising; rows further off
             are rejected as not being weights.
@@ -118,7 +122,8 @@ def load_sweep(
 
     Raises:
         ValueError: misaligned or duplicated rows, negative/NaN weights, rows far from summing
-            to 1, NaN metrics (with ``missing="raise"``), unknown columns.
+            to 1, NaN metrics (with ``missing="raise"``), unknown columns, a cell that is not a
+            number in a column that holds numbers, names made equal by ``strip_prefix``.
     """
     if missing not in ("raise", "drop"):
         raise ValueError(f"missing must be 'raise' or 'drop', got {missing!r}")
@@ -199,25 +204,57 @@ def load_sweep(
             raise ValueError("metrics: every run has a NaN metric")
 
     if strip_prefix:
-        domain_names = [d[len(strip_prefix):] if d.startswith(strip_prefix) else d
-                        for d in domain_names]
+        stripped = [d[len(strip_prefix):] if d.startswith(strip_prefix) else d
+                    for d in domain_names]
+        dup = _duplicates(stripped)
+        if dup:
+            sources = [d for d, n in zip(domain_names, stripped, strict=True) if n == dup[0]]
+            raise ValueError(f"strip_prefix {strip_prefix!r} makes domain names collide: "
+                             f"{sources} all become {dup[0]!r}")
+        domain_names = stripped
     return Sweep(X / sums[:, None], Y, list(domain_names), list(target_names), run_ids, offsets)
 
 
 def read_csv_columns(path: str | Path) -> dict[str, list[str]]:
-    """Read a CSV file into ``{column: [cell strings]}`` (header row first)."""
+    """Read a CSV file into ``{column: [cell strings]}`` (header row first).
+
+    The file must be UTF-8; a byte-order mark (Excel's "CSV UTF-8" export) is dropped.  Errors
+    are ValueErrors naming the file and the line.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such CSV file: {path}")
-    with path.open(newline="") as fh:
-        rows = list(csv.reader(fh))
-    rows = [r for r in rows if r]  # tolerate blank trailing lines
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        # utf-8-sig: without it a BOM sticks to the first header ('\ufeffindex').
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        # Decoding the whole file at once gives the byte offset, hence the line.
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start}); save the file as UTF-8") from None
+    rows: list[list[str]] = []
+    lines: list[int] = []  # the line each row starts on (a quoted cell may span lines)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start = 1
+    try:
+        for r in reader:
+            if r:  # tolerate blank lines
+                rows.append(r)
+                lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        hint = "; is a quote left open?" if "field limit" in str(exc) else ""
+        raise ValueError(f"{path}: line {start}: {exc}{hint}") from None
     if not rows:
         raise ValueError(f"{path}: empty CSV file")
     header, body = rows[0], rows[1:]
-    for i, r in enumerate(body):
+    for r, line in zip(body, lines[1:], strict=True):
         if len(r) != len(header):
-            raise ValueError(f"{path}: line {i + 2} has {len(r)} fields, header has {len(header)}")
+            raise ValueError(f"{path}: line {line} has {len(r)} fields, header has {len(header)}")
     if len(set(header)) != len(header):
         raise ValueError(f"{path}: repeated column names {_preview(_duplicates(header))}")
     return {h: [r[j] for r in body] for j, h in enumerate(header)}
@@ -234,7 +271,8 @@ def _as_columns(obj: Any, what: str, names: Sequence[str] | None) -> dict[str, S
                              "columns")
         return {c: list(data[:, j]) for j, c in enumerate(cols)}
     if isinstance(obj, Mapping):
-        cols = {str(k): list(np.asarray(v).ravel()) for k, v in obj.items()}
+        # tolist(): plain Python values, so messages show '1.2x', not np.str_('1.2x')
+        cols = {str(k): np.asarray(v).ravel().tolist() for k, v in obj.items()}
         lengths = {len(v) for v in cols.values()}
         if len(lengths) > 1:
             raise ValueError(f"{what}: columns have different lengths {sorted(lengths)}")
@@ -267,22 +305,49 @@ def _value_columns(cols: Mapping[str, Sequence[Any]], wanted: Sequence[str] | No
         if not wanted:
             raise ValueError(f"{arg}: empty list of columns")
         return wanted
-    out = [c for c in cols if c != key and c not in _IGNORED and c not in ID_COLUMNS
-           and _is_numeric(cols[c])]
+    out = value_columns(cols, what, key)
     if not out:
         raise ValueError(f"{what}: no numeric columns besides ids")
     return out
 
 
-def _is_numeric(values: Sequence[Any]) -> bool:
-    for v in values:
-        try:
-            float(v)
-        except (TypeError, ValueError):
-            if isinstance(v, str) and v.strip().lower() in ("", "nan", "na", "null", "none"):
+def value_columns(cols: Mapping[str, Sequence[Any]], what: str = "table",
+                  id_column: str | None = None) -> list[str]:
+    """The numeric columns of ``cols`` that are not run ids: the default domains or targets.
+
+    A column is numeric when every cell is a number or missing (empty, ``nan``, ``NA``, ...).
+    A column where most cells are numbers but some are not (``0.0O1``, a typo) is an error
+    naming the column, the row and the cell: treating it as text would silently drop a domain
+    or a metric.  Columns of mostly text (run names) are left out.
+    """
+    out = []
+    for c, values in cols.items():
+        if c == id_column or c in _IGNORED or c in ID_COLUMNS:
+            continue
+        bad = []
+        numbers = 0
+        for i, v in enumerate(values):
+            if _is_missing(v):
                 continue
-            return False
-    return True
+            try:
+                float(v)
+                numbers += 1
+            except (TypeError, ValueError):
+                bad.append(i)
+        if not bad:
+            out.append(c)
+        elif numbers > len(bad):
+            i = bad[0]
+            ids = cols.get(id_column) if id_column is not None else None
+            row = f"row {i}" if ids is None else f"run {_id_str(ids[i])!r} (row {i})"
+            raise ValueError(f"{what}: column {c!r} holds numbers, but {row} is "
+                             f"{values[i]!r}, not a number ({len(bad)} such cells)")
+    return out
+
+
+def _is_missing(v: Any) -> bool:
+    """Cells that mean "no value": empty or NaN-like text, ``None``."""
+    return v is None or isinstance(v, str) and v.strip().lower() in _MISSING
 
 
 def _numeric(cols: Mapping[str, Sequence[Any]], names: Sequence[str], what: str) -> np.ndarray:
@@ -294,7 +359,7 @@ def _numeric(cols: Mapping[str, Sequence[Any]], names: Sequence[str], what: str)
 
 
 def _to_float(v: Any, what: str, col: str, row: int) -> float:
-    if isinstance(v, str) and v.strip().lower() in ("", "nan", "na", "null", "none"):
+    if _is_missing(v):
         return math.nan
     try:
         return float(v)
