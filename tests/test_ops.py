@@ -146,6 +146,15 @@ def test_backends_report(monkeypatch):
     for name, entry in report.items():
         assert isinstance(entry["available"], bool) and entry["reason"], name
     loss, domain = torch.ones(4), torch.zeros(4, dtype=torch.int64)
+    # Available means runnable: triton without a GPU or its interpreter cannot run anything.
+    from fastmix.ops import triton as triton_ops
+
+    if triton_ops.triton is not None:
+        monkeypatch.setattr(triton_ops, "_interpreted", lambda: False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        entry = fastmix.backends()["triton"]
+        assert entry["available"] is False and "TRITON_INTERPRET=1" in entry["reason"]
+        monkeypatch.undo()
     monkeypatch.setenv("FASTMIX_BACKEND", "bogus")
     with pytest.raises(ValueError, match="FASTMIX_BACKEND must be one of"):
         fastmix.domain_loss_stats(loss, domain, 2)

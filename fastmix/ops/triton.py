@@ -198,15 +198,19 @@ def _interpreted() -> bool:
 
 
 def availability() -> tuple[bool, str]:
-    """(importable, where it runs or why not)."""
+    """(whether the kernels can run on some tensor in this process, where they run or why not).
+
+    Like the CUDA backend's: importable is not enough, ``backend="triton"`` must work somewhere.
+    """
     if triton is None:
         return False, f"triton is not importable ({_IMPORT_ERROR})"
     if _interpreted():
         return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU tensors too)"
     if not torch.cuda.is_available():
-        return True, (
-            f"triton {triton.__version__}; no CUDA device, so it runs only under its interpreter "
-            "(TRITON_INTERPRET=1 set before triton is imported)"
+        return False, (
+            f"triton {triton.__version__} is installed but there is no CUDA device; it runs on "
+            "CPU tensors only under its interpreter (TRITON_INTERPRET=1 set before triton is "
+            "imported)"
         )
     return True, f"triton {triton.__version__} on CUDA"
 
