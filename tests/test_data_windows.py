@@ -157,6 +157,34 @@ def test_map_windows_validates_inputs():
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
         run_map([0], read_only, n_windows, caps, fb, fwe)
+    # file_begin is checked whole before file_window_end is read through it.
+    for bad_fb in ([0, 513, 2], [0, 10**6, 2], [0, -5, 2]):
+        with pytest.raises(ValueError, match="file_begin must be non-decreasing"):
+            run_map([0], np.zeros(2, np.int64), n_windows, caps, np.array(bad_fb), fwe)
+    # Token offsets that overflow int64.
+    with pytest.raises(ValueError, match="overflow int64"):
+        big = np.array([2**40], np.int64)
+        run_map([0], np.zeros(1, np.int64), big, caps[:1], np.array([0, 1]), big, seq_len=2**30)
+
+
+def test_map_windows_rejects_arrays_that_share_memory():
+    # Advancing an aliased cursor would change a window count or a domain id under the loop.
+    n_windows, fb, fwe = table([3, 3], [[0], [1]])
+    caps = np.full(2, 100, np.int64)
+    with pytest.raises(ValueError, match="cursors and n_windows share memory"):
+        run_map([0, 1, 0, 1], n_windows, n_windows, caps, fb, fwe)
+    buf = np.zeros(4, np.int64)
+    with pytest.raises(ValueError, match="cursors and domains share memory"):
+        _C.map_windows(
+            buf[:2].view(np.int32), buf[:2], n_windows, caps, fb, fwe, 1, 8, 0, 4,
+            *[np.zeros(4, np.int64) for _ in range(4)],
+        )
+    shared = np.zeros(2, np.int64)
+    with pytest.raises(ValueError, match="out_file and out_offset share memory"):
+        _C.map_windows(
+            np.zeros(2, np.int32), np.zeros(2, np.int64), n_windows, caps, fb, fwe, 1, 8, 0, 2,
+            shared, shared, np.zeros(2, np.int64), np.zeros(2, np.int64),
+        )
 
 
 @settings(max_examples=60, deadline=None)

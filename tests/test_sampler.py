@@ -755,6 +755,10 @@ def test_bad_weights_are_rejected_everywhere(weights, error, message) -> None:
         lambda: _C.AliasTable(np.ones(2)).fill(0, 2**64 - 1, np.zeros(4, dtype=np.int32)),
         lambda: _C.greedy_fill(np.ones(2), 3, np.zeros(2, dtype=np.int64), np.zeros(2, np.int32)),
         lambda: _C.accumulate_counts(np.array([0, 5], np.int32), np.zeros(2, dtype=np.int64)),
+        # Four counts of 2**62 and a 5 wrap around to 5 in int64: not a sum of 5.
+        lambda: _C.greedy_fill(
+            np.ones(5), 5, np.array([2**62] * 4 + [5], np.int64), np.zeros(2, np.int32)
+        ),
     ],
 )
 def test_cpp_layer_validates_with_value_error(call) -> None:
@@ -773,6 +777,17 @@ def test_cpp_layer_validates_with_value_error(call) -> None:
 def test_cpp_layer_rejects_wrong_types(call) -> None:
     with pytest.raises(TypeError):
         call()
+
+
+def test_cpp_layer_takes_every_spelling_of_its_dtypes() -> None:
+    # longlong is int64 under another dtype object; a dtype with metadata is another object too.
+    counts = np.zeros(3, np.longlong)
+    _C.accumulate_counts(np.array([2, 2], np.int32), counts)
+    assert counts.tolist() == [0, 0, 2]
+    tagged = np.array([0.5, 0.5], dtype=np.dtype(np.float64, metadata={"unit": "share"}))
+    out = np.empty(8, np.int32)
+    _C.AliasTable(tagged).fill(3, 0, out)
+    np.testing.assert_array_equal(out, sample_domains([0.5, 0.5], 8, seed=3))
 
 
 def test_bad_arguments() -> None:

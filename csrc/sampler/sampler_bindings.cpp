@@ -34,7 +34,9 @@ py::array_t<T> expect_array(const py::handle& obj, const char* name, bool writab
     throw py::type_error(std::string(name) + " must be a numpy array");
   }
   auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (!arr.dtype().is(py::dtype::of<T>())) {
+  // equal(), not is(): int64 has two dtype objects (long and longlong) on some platforms, and a
+  // dtype with metadata is another object of the same type.
+  if (!arr.dtype().equal(py::dtype::of<T>())) {
     throw py::type_error(std::string(name) + " must have dtype " +
                          std::string(py::str(py::dtype::of<T>())) + ", got " +
                          std::string(py::str(arr.dtype())));
@@ -150,7 +152,8 @@ void greedy_fill(const py::handle& weights, int64_t start_step, const py::handle
   int64_t total = 0;
   for (int64_t d = 0; d < k; ++d) {
     if (counts.data()[d] < 0) throw std::invalid_argument("counts must be >= 0");
-    total += counts.data()[d];
+    if (__builtin_add_overflow(total, counts.data()[d], &total))  // a wrapped sum could match
+      throw std::invalid_argument("counts must sum to start_step (their sum overflows int64)");
   }
   if (total != start_step) throw std::invalid_argument("counts must sum to start_step");
   const int64_t n = static_cast<int64_t>(out.size());

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "sampler/permutation.h"
@@ -35,6 +36,13 @@ void check_1d(const py::array& a, const char* name, py::ssize_t size) {
 
 void check_writeable(const py::array& a, const char* name) {
   if (!a.writeable()) throw std::invalid_argument(std::string(name) + " must be writeable");
+}
+
+// Whether two C-contiguous arrays' bytes intersect.
+bool share_memory(const py::array& a, const py::array& b) {
+  const char* a0 = static_cast<const char*>(a.data());
+  const char* b0 = static_cast<const char*>(b.data());
+  return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
 }
 
 // Map samples [0, n_done) of a global batch; evaluate the permutation only for [begin, end).
@@ -63,27 +71,53 @@ int64_t map_windows(const I32& domains, I64& cursors, const I64& n_windows, cons
     check_1d(*a, "outputs", S);
     check_writeable(*a, "outputs");
   }
-  const int32_t* dom = domains.data();
-  int64_t* cur = cursors.mutable_data();
-  const int64_t* nw = n_windows.data();
-  const int64_t* cap = caps.data();
-  const int64_t* fb = file_begin.data();
-  const int64_t* fwe = file_window_end.data();
+  // Every array the loop writes must be apart from every other array: a cursor or output that
+  // aliased an input would change the domain ids, window counts or file table under the loop.
+  const std::pair<const py::array*, const char*> arrays[] = {
+      {&cursors, "cursors"},     {&out_file, "out_file"},   {&out_offset, "out_offset"},
+      {&out_epoch, "out_epoch"}, {&out_window, "out_window"}, {&domains, "domains"},
+      {&n_windows, "n_windows"}, {&caps, "caps"},           {&file_begin, "file_begin"},
+      {&file_window_end, "file_window_end"}};
+  constexpr int kWritten = 5;  // the first five
+  for (int a = 0; a < kWritten; ++a) {
+    for (int b = a + 1; b < 10; ++b) {
+      if (share_memory(*arrays[a].first, *arrays[b].first))
+        throw std::invalid_argument(std::string(arrays[a].second) + " and " + arrays[b].second +
+                                    " share memory");
+    }
+  }
+  // Copies of the inputs (small: one batch of ids, one entry per domain or file), so nothing
+  // another thread does to the arrays while the GIL is released can move the loop out of bounds.
+  const std::vector<int32_t> dom(domains.data(), domains.data() + G);
+  const std::vector<int64_t> nw(n_windows.data(), n_windows.data() + K);
+  const std::vector<int64_t> cap(caps.data(), caps.data() + K);
+  const std::vector<int64_t> fb(file_begin.data(), file_begin.data() + K + 1);
   const py::ssize_t F = file_window_end.shape(0);
+  const std::vector<int64_t> fwe(file_window_end.data(), file_window_end.data() + F);
+  std::vector<int64_t> cur(cursors.data(), cursors.data() + K);
 
   // The file table: domain d owns files [fb[d], fb[d+1]); fwe[f] is the cumulative window count of
-  // the domain up to and including file f, so it ends at n_windows[d].
+  // the domain up to and including file f, so it ends at n_windows[d].  file_begin is checked
+  // whole before fwe is read through it.
   if (fb[0] != 0 || fb[K] != F)
     throw std::invalid_argument("file_begin must start at 0 and end at len(file_window_end)");
+  for (py::ssize_t d = 0; d < K; ++d) {
+    if (fb[d + 1] < fb[d]) throw std::invalid_argument("file_begin must be non-decreasing");
+  }
   for (py::ssize_t d = 0; d < K; ++d) {
     if (nw[d] < 0) throw std::invalid_argument("n_windows[" + std::to_string(d) + "] is negative");
     if (cap[d] < 0) throw std::invalid_argument("caps[" + std::to_string(d) + "] is negative");
     if (cur[d] < 0) throw std::invalid_argument("cursors[" + std::to_string(d) + "] is negative");
-    if (fb[d + 1] < fb[d]) throw std::invalid_argument("file_begin must be non-decreasing");
     int64_t prev = 0;
     for (int64_t f = fb[d]; f < fb[d + 1]; ++f) {
       if (fwe[f] < prev)
         throw std::invalid_argument("file_window_end must be non-decreasing within a domain");
+      // The token offset (window - the file's first window) * seq_len must fit in int64.
+      int64_t tokens = 0;
+      if (__builtin_mul_overflow(fwe[f] - prev, seq_len, &tokens))
+        throw std::invalid_argument("file " + std::to_string(f) + " holds " +
+                                    std::to_string(fwe[f] - prev) + " windows of seq_len " +
+                                    std::to_string(seq_len) + ": its token offsets overflow int64");
       prev = fwe[f];
     }
     if (prev != nw[d])
@@ -128,10 +162,10 @@ int64_t map_windows(const I32& domains, I64& cursors, const I64& n_windows, cons
       }
       const int64_t w = static_cast<int64_t>(perm[d](static_cast<uint64_t>(c % nw[d])));
       // The file holding window w: the first of the domain's files whose cumulative end exceeds w.
-      const int64_t* first = fwe + fb[d];
-      const int64_t* last = fwe + fb[d + 1];
+      const int64_t* first = fwe.data() + fb[d];
+      const int64_t* last = fwe.data() + fb[d + 1];
       const int64_t* hit = std::upper_bound(first, last, w);
-      const int64_t f = hit - fwe;
+      const int64_t f = hit - fwe.data();
       const int64_t file_first_window = (hit == first) ? 0 : *(hit - 1);
       const py::ssize_t j = i - begin;
       o_file[j] = f;
@@ -140,6 +174,7 @@ int64_t map_windows(const I32& domains, I64& cursors, const I64& n_windows, cons
       o_win[j] = w;
     }
   }
+  std::copy(cur.begin(), cur.end(), cursors.mutable_data());  // the advanced cursors
   if (!error.empty()) throw std::invalid_argument(error);
   return done;
 }
