@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=150_000_000, help="corpus size in tokens")
     parser.add_argument("--batches", type=int, default=100, help="timed batches per run")
     parser.add_argument("--repeats", type=int, default=7, help="runs per loader (median)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "data-cpu.md"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "data-cpu.md"),
+                        help="Markdown report (default: the committed bench/results/data-cpu.md; "
+                             "--quick writes nothing)")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.batches, args.repeats = 10_000_000, 20, 1

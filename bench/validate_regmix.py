@@ -144,9 +144,13 @@ def olmix(data: Path, seed: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
+                    help="the public sweeps (regmix/, olmix/); default ../shared/data beside the "
+                         "checkout; without them the script says so and exits")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" /
-                    "optimize-validation.md")
+                    "optimize-validation.md",
+                    help="Markdown report (default: the committed "
+                         "bench/results/optimize-validation.md)")
     ap.add_argument("--repeats", type=int, default=3, help="fits timed per predictor")
     ap.add_argument("--skip-olmix", action="store_true")
     ap.add_argument("--seed", type=int, default=0)

@@ -34,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "generated JSON/CSV records, random noise), train a tiny reference GPT on uniform "
         "weights, a DoReMi proxy, then two main models (uniform vs DoReMi weights), and report "
         "their held-out loss per domain: a table, weights.json, a PNG figure and report.md "
-        "under --out.  About 4 minutes on two CPU cores; --quick about 1."
+        "under --out.  About 5 minutes on two CPU cores; --quick about 1."
     )
     g = parser.add_argument_group("run")
     g.add_argument("--out", type=Path, default=Path("fastmix-demo"),
