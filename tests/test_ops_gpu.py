@@ -177,3 +177,26 @@ def test_cuda_graph_capture_and_replay(backend, deterministic, k):
         torch.testing.assert_close(objective, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(mixer.weights, oracle.weights, rtol=1e-5, atol=1e-7)
     assert int(mixer.num_updates) == 4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensors_on_another_device_than_the_current_one(backend):
+    # Triton launches on the current device unless told otherwise: the backends switch to the
+    # tensors' device (a launch on device 0 with device-1 pointers faults or races).
+    need(backend)
+    other = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        kwargs = dict(step_size=0.8, smoothing=0.02, device=other)
+        fast = fastmix.DoReMi(22, backend=backend, **kwargs)
+        slow = fastmix.DoReMi(22, backend="torch", **kwargs)
+        loss, domain, ref, mask = make_batch(0, (8, 257), 22, device=other)
+        stats = fastmix.domain_loss_stats(loss, domain, 22, ref_loss=ref, mask=mask,
+                                          backend=backend)  # fmt: skip
+        expected = fastmix.domain_loss_stats(loss, domain, 22, ref_loss=ref, mask=mask,
+                                             backend="torch")  # fmt: skip
+        torch.testing.assert_close(stats, expected, rtol=1e-5, atol=1e-4)
+        a, b = fast.step(loss, ref, domain, mask), slow.step(loss, ref, domain, mask)
+        torch.cuda.synchronize(other)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.weights, slow.weights, rtol=1e-5, atol=1e-6)

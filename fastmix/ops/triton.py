@@ -15,6 +15,8 @@ interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which the te
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -122,7 +124,7 @@ if triton is not None:
     @triton.jit
     def _update_kernel(
         stats_ptr, num_partials, state_ptr, counters_ptr, objective_ptr, aux_ptr,
-        num_domains, step_size, smoothing,
+        num_domains, step_size, keep, spread,
         ZERO_STATS: tl.constexpr, DRO: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         k = tl.arange(0, BLOCK_K)
@@ -155,7 +157,9 @@ if triton is not None:
         logits = tl.where(k_ok, logits, -float("inf"))
         shift = tl.max(logits, axis=0)
         expo = tl.where(k_ok, tl.exp(logits - shift), 0.0)
-        new_alpha = (1.0 - smoothing) * (expo / tl.sum(expo, axis=0)) + smoothing / num_domains
+        # keep = 1 - c and spread = c / K come rounded from doubles, as torch forms them for the
+        # reference (in float32 here they could differ by an ulp).
+        new_alpha = keep * (expo / tl.sum(expo, axis=0)) + spread
         bad = (~_is_finite(count)) | (~_is_finite(loss_sum)) | (~_is_finite(excess_sum))
         bad = bad | (~_is_finite(new_alpha))
         num_bad = tl.sum((bad & k_ok).to(tl.int32), axis=0)
@@ -166,7 +170,8 @@ if triton is not None:
         ok_i = tl.where(ok, 1, 0).to(tl.int64)
         tl.store(counters_ptr + one, updates + ok_i)
         tl.store(counters_ptr + 1 + one, skipped + (1 - ok_i))
-        denom_updates = tl.sum(updates.to(tl.float32), axis=0) + 1.0
+        # float(updates + 1), like the reference: float(updates) + 1 stops growing at 2^24.
+        denom_updates = tl.sum((updates + 1).to(tl.float32), axis=0)
         new_average = average + (new_alpha - average) / denom_updates
         used_alpha = tl.where(ok, new_alpha, alpha)
         tl.store(state_ptr + k, used_alpha, mask=k_ok)
@@ -275,6 +280,11 @@ def _partials_buffers(loss: Tensor, num_domains: int) -> tuple[Tensor, Tensor]:
     )
 
 
+def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    """Launches on ``t``'s GPU: triton takes the current device and its stream, not the tensors'."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def domain_stats(
     loss: Tensor,
     domain: Tensor,
@@ -284,6 +294,18 @@ def domain_stats(
     deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Triton version of :func:`fastmix.ops.reference.domain_stats`."""
+    with _on_device_of(loss):
+        return _domain_stats(loss, domain, mask, ref_loss, num_domains, deterministic)
+
+
+def _domain_stats(
+    loss: Tensor,
+    domain: Tensor,
+    mask: Tensor | None,
+    ref_loss: Tensor | None,
+    num_domains: int,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:
     dev = loss.device
     if deterministic:
         part, part_oob = _partials_buffers(loss, num_domains)
@@ -310,7 +332,7 @@ def _launch_update(
     aux = torch.empty((4, k), dtype=torch.float32, device=state.device)
     _update_kernel[(1,)](
         stats, num_partials, state, counters, objective, aux,
-        k, float(step_size), float(smoothing),
+        k, float(step_size), float(1.0 - smoothing), float(smoothing / k),
         ZERO_STATS=zero_stats, DRO=proxy == "dro", BLOCK_K=_next_pow2(k),
     )  # fmt: skip
     return objective, aux
@@ -320,9 +342,10 @@ def doremi_update_(
     stats: Tensor, state: Tensor, counters: Tensor, step_size: float, smoothing: float, proxy: str
 ) -> tuple[Tensor, Tensor]:
     """Apply the update from finished ``[3, K]`` statistics (one launch)."""
-    return _launch_update(
-        stats.contiguous(), 0, False, state, counters, step_size, smoothing, proxy
-    )
+    with _on_device_of(state):
+        return _launch_update(
+            stats.contiguous(), 0, False, state, counters, step_size, smoothing, proxy
+        )
 
 
 def fused_workspace(num_domains: int, device: torch.device) -> Tensor:
@@ -336,6 +359,18 @@ def doremi_step_(
     deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Statistics + update in two launches; out-of-range ids are added to ``counters[2]``."""
+    with _on_device_of(state):
+        return _doremi_step(
+            loss, domain, mask, ref_loss, state, counters, workspace, step_size, smoothing, proxy,
+            deterministic,
+        )  # fmt: skip
+
+
+def _doremi_step(
+    loss: Tensor, domain: Tensor, mask: Tensor | None, ref_loss: Tensor, state: Tensor,
+    counters: Tensor, workspace: Tensor, step_size: float, smoothing: float, proxy: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     k = state.shape[1]
     oob_slot = counters[2:]
     if deterministic:
