@@ -26,6 +26,7 @@ import torch
 from _machine import cpu_model  # bench/_machine.py
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fastmix._io import atomic_write_text
 from fastmix.data import MixtureDataset, TokenCorpus
 
 K = 22
@@ -254,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = out.with_name(out.name + ".tmp")
-        tmp_out.write_text(text)
-        tmp_out.replace(out)
+        atomic_write_text(out, text)
         print(f"wrote {out}")
     return 0
 

@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: import the checkout this file 
 from _machine import cpu_model  # noqa: E402  (bench/_machine.py)
 
 from fastmix import _C, MixtureSampler, blend_indices, sample_domains  # noqa: E402
+from fastmix._io import atomic_write_text  # noqa: E402
 
 N = int(os.environ.get("FASTMIX_BENCH_N", 10_000_000))
 KS = (22, 256)
@@ -168,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
     return 0
 

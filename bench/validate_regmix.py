@@ -22,13 +22,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from _machine import cpu_model  # bench/_machine.py
 
+from fastmix._io import atomic_write_text
 from fastmix.optimize import evaluate, load_sweep, make_predictor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,13 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += olmix(args.data, args.seed)
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=".optimize-validation.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
     return 0
 

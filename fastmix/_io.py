@@ -1,7 +1,8 @@
 """Atomic file writes: the one place fastmix writes a file a user (or a loader) may read.
 
 A file is written under a temporary name in its destination folder, flushed to disk, given the
-permissions a plain ``open()`` would give, and renamed over the destination; on any error the
+permissions a plain ``open()`` would give (an existing file's, else those the umask allows), and
+renamed over the destination (through a symbolic link, onto its target); on any error the
 temporary file is removed.  A crash therefore never leaves a truncated file under the real name.
 """
 
@@ -16,23 +17,44 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any thread of ours
+    # writes a file (setting it later could give another thread's new file the wrong mode).
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
+_UMASK = _read_umask()
+# A temporary name must stay a valid file name (255 bytes) beside a long destination name.
+_NAME_MAX = 255
+_TMP_SUFFIX_BYTES = len(".tmp-") + 8 + 2  # mkstemp's 8 random characters, the leading dot
+
+
+def _temporary_prefix(name: str) -> str:
+    keep = name.encode("utf-8", "surrogateescape")[: _NAME_MAX - _TMP_SUFFIX_BYTES - 1]
+    return "." + keep.decode("utf-8", "ignore") + ".tmp-"
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
-    """A binary file object for ``path``; the file appears under that name only on success."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    """A binary file object for ``path``; the file appears under that name only on success.
+
+    Like a plain ``open(path, "wb")``: a symbolic link is written through (its target is
+    replaced), and an existing file keeps its permissions.
+    """
+    path = Path(os.path.realpath(path))
+    try:
+        mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_UMASK
+    except OSError:
+        mode = 0o666 & ~_UMASK
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; match a plain open()
+        os.chmod(tmp, mode)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -25,6 +25,15 @@ def resolve_group(process_group: Any = None) -> Any:
     if process_group is not None:
         if not _dist_ready():
             raise ValueError("process_group was given but torch.distributed is not initialised")
+        from torch.distributed import distributed_c10d
+
+        # A rank outside the group would get no work handle back from the all-reduce.
+        not_in_group = getattr(distributed_c10d, "_rank_not_in_group", lambda group: False)
+        if not_in_group(process_group):
+            raise ValueError(
+                f"process_group does not include this rank ({torch.distributed.get_rank()}); "
+                "build the mixer only on the ranks of its group"
+            )
         return process_group
     if _dist_ready():
         return torch.distributed.group.WORLD

@@ -66,16 +66,38 @@ def worker(rank: int, world: int, port: int, out_dir: str, accumulate: bool, exp
         dist.destroy_process_group()
 
 
+def nonmember_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        group = dist.new_group([0])  # every rank must call new_group; only rank 0 is in it
+        mixer = DoReMi(K, process_group=group)
+        try:
+            mixer.step(*global_batch(0, 1))
+            message = "ok"
+        except ValueError as exc:
+            message = str(exc)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def launch(world: int, out_dir: str, accumulate: bool, explicit: bool, timeout_s: float = 120):
+def launch(world: int, out_dir: str, accumulate: bool, explicit: bool, timeout_s: float = 120,
+           target=worker):  # fmt: skip
+    extra = (accumulate, explicit) if target is worker else ()
     context = mp.start_processes(
-        worker,
-        args=(world, free_port(), out_dir, accumulate, explicit),
+        target,
+        args=(world, free_port(), out_dir, *extra),
         nprocs=world,
         join=False,
         start_method="spawn",
@@ -113,3 +135,9 @@ def test_process_group_without_init_is_rejected():
     mixer = DoReMi(2, process_group=object())
     with pytest.raises(ValueError, match="process_group was given"):
         mixer.step(torch.ones(2), torch.zeros(2), torch.tensor([0, 1]))
+
+
+def test_a_rank_outside_the_process_group_is_told_so(tmp_path):
+    launch(2, str(tmp_path), False, False, target=nonmember_worker)
+    assert (tmp_path / "rank0.txt").read_text() == "ok"
+    assert "does not include this rank (1)" in (tmp_path / "rank1.txt").read_text()

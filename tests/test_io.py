@@ -27,10 +27,32 @@ def test_failure_keeps_the_old_file_and_removes_the_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.json"]
 
 
-def test_permissions_follow_the_umask(tmp_path):
-    old = os.umask(0o022)
-    try:
-        atomic_write_text(tmp_path / "a.md", "x")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE((tmp_path / "a.md").stat().st_mode) == 0o644
+def test_permissions_follow_the_umask(tmp_path, monkeypatch):
+    import fastmix._io as io_module
+
+    # Read once at import (reading it means setting it, which is not thread-safe later).
+    monkeypatch.setattr(io_module, "_UMASK", 0o027)
+    atomic_write_text(tmp_path / "a.md", "x")
+    assert stat.S_IMODE((tmp_path / "a.md").stat().st_mode) == 0o640
+
+
+def test_like_a_plain_open_for_modes_links_and_long_names(tmp_path):
+    # An existing file keeps its mode, as open(path, "w") would leave it.
+    private = tmp_path / "private.json"
+    private.write_text("{}")
+    os.chmod(private, 0o600)
+    atomic_write_text(private, "new")
+    assert private.read_text() == "new" and stat.S_IMODE(private.stat().st_mode) == 0o600
+    # A symbolic link is written through: its target gets the content, the link stays a link.
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "target.md"
+    target.write_text("old")
+    link = tmp_path / "link.md"
+    link.symlink_to(target)
+    atomic_write_text(link, "through")
+    assert link.is_symlink() and target.read_text() == "through"
+    # A destination name near the 255-byte limit still gets a valid temporary name.
+    long_name = tmp_path / ("x" * 250 + ".md")
+    atomic_write_text(long_name, "long")
+    assert long_name.read_text() == "long"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -148,6 +148,8 @@ def _run(opts: DemoOptions, device: torch.device, log: Callable[[str], None]) ->
             smoothing=opts.smoothing,
             init_weights=torch.full((k,), 1.0 / k, device=device),
             proxy_loss=opts.proxy_loss,
+            # Same bits run after run on a GPU too: no order-dependent float atomics.
+            deterministic=True,
         )
         proxy_result = train_proxy(
             proxy,

@@ -7,6 +7,7 @@ half-written file that looks valid.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,15 @@ def load_weights(path: str | os.PathLike[str], domains: Sequence[str]) -> dict[s
     from fastmix.data import load_weights as read
 
     path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None  # read() below reports these
+    if isinstance(data, list):  # the demo prints domains in its own order, not the corpus's
+        raise ValueError(
+            f"--weights {path}: a list names no domains; give {{domain: weight}} "
+            f"(domains: {', '.join(domains)})"
+        )
     try:
         w = np.asarray(read(path, list(domains)), dtype=np.float64)
     except (TypeError, ValueError) as exc:
