@@ -43,9 +43,10 @@ def write_weights(
 def load_weights(path: str | os.PathLike[str], domains: Sequence[str]) -> dict[str, float]:
     """Read mixture weights from a JSON file, checked against ``domains`` and normalised.
 
-    Accepts what :class:`fastmix.MixtureDataset` accepts (it is read by the same function,
-    :func:`fastmix.data.load_weights`): ``{"weights": {domain: w}, ...}`` as the demo and
-    ``fastmix optimize`` write it, or a bare ``{domain: w}``; a domain left out gets weight 0.
+    Read by the function :class:`fastmix.MixtureDataset` uses (:func:`fastmix.data.load_weights`):
+    ``{"weights": {domain: w}, ...}`` as the demo and ``fastmix optimize`` write it, or a bare
+    ``{domain: w}``; a domain left out gets weight 0.  Unlike the dataset, no bare list: the demo
+    lists its domains in another order than the corpus's, so a list would be misread.
     """
     from fastmix.data import load_weights as read
 
