@@ -62,6 +62,16 @@ def test_domains_are_deterministic_and_seeded() -> None:
         assert build_domain(name, SMALL_SPEC)[0] != build_domain(name, other)[0], name
 
 
+def test_no_prose_document_is_inside_a_code_document() -> None:
+    # Module docstrings are prose documents; their files stay out of the code domain, or a prose
+    # training document could be scored again inside code's held-out part.
+    spec = CorpusSpec(seed=0, train_bytes=1_000_000, heldout_bytes=50_000)
+    code = "\n".join(sum(build_domain("code", spec), []))
+    prose = sum(build_domain("prose", spec), [])
+    assert len(code) > 1_000_000 and len(prose) > 100
+    assert not [doc[:60] for doc in prose if doc in code]
+
+
 def test_domains_have_their_character() -> None:
     code, prose, math_, data, noise = (
         "".join(build_domain(name, SMALL_SPEC)[0]).encode()
