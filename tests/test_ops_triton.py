@@ -202,3 +202,23 @@ def test_compiled_step_with_a_forced_backend_matches_eager():
         torch.testing.assert_close(b_loss.grad, a_loss.grad)
     torch.testing.assert_close(compiled.weights, eager.weights)
     assert int(compiled.num_updates) == 2
+
+
+def test_state_layout_is_checked_before_any_launch():
+    # The kernels index state, counters and statistics by hand: strided views or other dtypes
+    # would be read as garbage, so the launchers refuse them (as the CUDA backend does).
+    k = 4
+    state = torch.zeros(3, k, device=DEVICE)
+    counters = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    stats = torch.ones(3, k, device=DEVICE)
+    cases = [
+        (torch.zeros(k, 3, device=DEVICE).t(), counters, stats, "state must be a contiguous"),
+        (state.double(), counters, stats, "state must be a contiguous float32"),
+        (state, torch.zeros(6, dtype=torch.int64, device=DEVICE)[::2], stats, "counters"),
+        (state, counters, stats.double(), "stats must be float32"),
+        (state, counters, torch.ones(3, k + 1, device=DEVICE), "stats must be float32"),
+    ]
+    for st, ct, sx, match in cases:
+        with pytest.raises(ValueError, match=match):
+            triton_ops.doremi_update_(sx, st, ct, 1.0, 0.01, "dro")
+    assert torch.equal(state, torch.zeros(3, k, device=DEVICE))  # nothing was written

@@ -280,6 +280,18 @@ def _partials_buffers(loss: Tensor, num_domains: int) -> tuple[Tensor, Tensor]:
     )
 
 
+def _check_state(state: Tensor, counters: Tensor, stats: Tensor | None = None) -> None:
+    """The kernels index these by hand: a strided view or a wrong dtype would be misread."""
+    if state.dtype != torch.float32 or state.dim() != 2 or not state.is_contiguous():
+        raise ValueError("state must be a contiguous float32 [3, K] tensor")
+    if counters.dtype != torch.int64 or counters.shape != (3,) or not counters.is_contiguous():
+        raise ValueError("counters must be a contiguous int64 [3] tensor")
+    if stats is not None and (stats.dtype != torch.float32 or stats.shape != (3, state.shape[1])):
+        raise ValueError(f"stats must be float32 [3, {state.shape[1]}]")
+    if stats is not None and stats.device != state.device:
+        raise ValueError(f"stats are on {stats.device}, the state on {state.device}")
+
+
 def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
     """Launches on ``t``'s GPU: triton takes the current device and its stream, not the tensors'."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -342,6 +354,7 @@ def doremi_update_(
     stats: Tensor, state: Tensor, counters: Tensor, step_size: float, smoothing: float, proxy: str
 ) -> tuple[Tensor, Tensor]:
     """Apply the update from finished ``[3, K]`` statistics (one launch)."""
+    _check_state(state, counters, stats)
     with _on_device_of(state):
         return _launch_update(
             stats.contiguous(), 0, False, state, counters, step_size, smoothing, proxy
@@ -359,6 +372,9 @@ def doremi_step_(
     deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Statistics + update in two launches; out-of-range ids are added to ``counters[2]``."""
+    _check_state(state, counters)
+    if not workspace.is_contiguous():
+        raise ValueError("workspace must be contiguous (from fused_workspace)")
     with _on_device_of(state):
         return _doremi_step(
             loss, domain, mask, ref_loss, state, counters, workspace, step_size, smoothing, proxy,
