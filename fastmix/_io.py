@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,3 +76,44 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON (key order kept: it is meaningful) to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def make_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """Create the folder ``path`` (and its parents) if needed, and return it.
+
+    Raises ValueError naming ``what`` (the argument or flag) when ``path`` is a file or a part of
+    it is, or the folder cannot be created.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what}: {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{what}: cannot create {path}: a part of the path is a file") from None
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot create {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def writable_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """:func:`make_dir`, then proof that this process can write there (a command's --out).
+
+    Also raises ValueError naming ``what`` for a folder without write permission or on a
+    read-only file system, before any work whose results could not be saved.
+    """
+    path = make_dir(path, what)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: {path} is not writable")
+    # os.access says yes to root on a read-only mount: try a real write too.
+    probe = path / f".fastmix-write-test-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.write_bytes(b"")
+    except OSError as exc:
+        raise ValueError(f"{what}: {path} is not writable ({exc.strerror or exc})") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return path

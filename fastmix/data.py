@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import numbers
 import os
 import queue
 import threading
@@ -54,6 +53,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from fastmix import _C
+from fastmix._checks import real_number
 
 __all__ = [
     "CorpusError",
@@ -112,7 +112,7 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
         for key, value in source.items():
             if not isinstance(key, str):
                 raise TypeError(f"weights: domain names must be strings, got {key!r}")
-            items[key] = _as_weight(value, key)
+            items[key] = real_number(value, f"weights[{key!r}]")
         if names is None:
             _check_weight_values(np.array(list(items.values()), dtype=np.float64), list(items))
             return items
@@ -146,15 +146,6 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
         raise ValueError(f"weights has {len(out)} entries, the corpus has {len(names)} domains")
     _check_weight_values(out, names)
     return out.copy()
-
-
-def _as_weight(value: Any, name: str) -> float:
-    # float() would also take "0.5" and True: a weight is a real number, nothing that converts.
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.number)):
-        raise TypeError(f"weights[{name!r}] must be a number, got {value!r}")
-    if isinstance(value, np.number) and not np.isrealobj(value):
-        raise TypeError(f"weights[{name!r}] must be a real number, got {value!r}")
-    return float(value)
 
 
 def _check_weight_values(w: np.ndarray, names: Sequence[str] | None) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._io import atomic_open, atomic_write_json
+from fastmix._io import atomic_open, atomic_write_json, make_dir
 from fastmix.data import CORPUS_MANIFEST, CorpusError
 
 __all__ = [
@@ -220,7 +220,7 @@ def prepare_domain(
         raise TypeError(
             f"texts must be an iterable of documents (str), not a single {type(texts).__name__}"
         )
-    out = _out_dir(out_dir)
+    out = make_dir(out_dir, "out_dir")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer)
     manifest = _load_or_new_manifest(out, tok)
     target = out / f"{name}.bin"
@@ -265,18 +265,6 @@ def prepare_domain(
     return entry
 
 
-def _out_dir(out_dir: str | os.PathLike) -> Path:
-    """Creates ``out_dir`` (and its parents); a ValueError naming it when that is impossible."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {str(out)!r} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"out_dir {str(out)!r} cannot be created ({e.strerror or e})") from None
-    return out
-
-
 def prepare_corpus(
     domains: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]],
     out_dir: str | os.PathLike,
@@ -298,7 +286,7 @@ def prepare_corpus(
         for name, paths in domains.items()
     }
     tok = get_tokenizer(tokenizer)
-    _out_dir(out_dir)  # before any tokenising: a bad out_dir fails at once
+    make_dir(out_dir, "out_dir")  # before any tokenising: a bad out_dir fails at once
     for name, paths in domains.items():
         _check_domain_name(name)
         for p in paths:

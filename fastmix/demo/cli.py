@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
+
+from fastmix._io import writable_dir
 
 # Flag destination -> DemoOptions field, for the flags that override a preset.
 _OVERRIDES = (
@@ -122,42 +123,13 @@ def options_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def check_out(path: Path) -> None:
-    """Make sure ``path`` is (or can become) a folder this process can write to.
-
-    Raises ValueError naming ``--out`` otherwise: an existing file, a parent that is a file, a
-    folder without write permission, a read-only file system.
-    """
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out: {path} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"--out: cannot create {path}: a part of the path is a file") from None
-    except OSError as exc:
-        raise ValueError(f"--out: cannot create {path}: {exc.strerror or exc}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"--out: {path} is not writable")
-    # os.access says yes to root on a read-only mount: try a real write too.
-    probe = path / f".fastmix-write-test-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        probe.write_bytes(b"")
-    except OSError as exc:
-        raise ValueError(f"--out: {path} is not writable ({exc.strerror or exc})") from None
-    finally:
-        try:
-            probe.unlink()
-        except OSError:
-            pass
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 on success, 2 on bad arguments or output folder, 1 on other I/O errors."""
     try:
         opts = options_from_args(args)
         if opts.weights is not None and not Path(opts.weights).is_file():
             raise ValueError(f"--weights: {opts.weights} is not a file")
-        check_out(opts.out)
+        writable_dir(opts.out, "--out")
     except ValueError as exc:
         print(f"fastmix demo: error: {exc}", file=sys.stderr)
         return 2

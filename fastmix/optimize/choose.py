@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from fastmix._checks import real_number
+
 from .pareto import ParetoFront, pareto_search
 from .predictors import Predictor, evaluate, make_predictor
-from .search import Constraints, SearchResult, _check_prior, _integer, _real, search
+from .search import Constraints, SearchResult, _check_prior, _integer, search
 from .sweep import Sweep
 
 __all__ = ["Choice", "choose_weights"]
@@ -111,7 +113,7 @@ def choose_weights(
         missing = [d for d in sweep.domains if d not in prior]
         if missing:
             raise ValueError(f"prior: no weight for domains {missing}")
-        prior_vec = np.array([_real(prior[d], f"prior[{d!r}]") for d in sweep.domains])
+        prior_vec = np.array([real_number(prior[d], f"prior[{d!r}]") for d in sweep.domains])
     else:
         prior_vec = prior
     prior_vec = _check_prior(prior_vec, sweep.num_domains)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._io import atomic_write_bytes, atomic_write_text
+from fastmix._io import atomic_write_bytes, atomic_write_text, writable_dir
 
 from .choose import Choice, choose_weights
 from .predictors import PREDICTORS
@@ -98,8 +98,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fastmix optimize``; returns the exit status (2 on bad input, 1 if writing fails)."""
-    from fastmix.demo.cli import check_out
-
     out = Path(args.out)
     try:
         _check_settings(args)
@@ -110,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                              f"{list(targets)}")
         constraints = _constraints(args, sweep)
         prior = _prior(args, sweep, constraints)
-        check_out(out)  # before the fitting, not after it
+        writable_dir(out, "--out")  # before the fitting, not after it
         choice = choose_weights(sweep, targets, predictor=args.predictor, tune=args.tune,
                                 constraints=constraints, maximize=args.maximize, prior=prior,
                                 holdout=args.holdout, samples=args.samples, top_k=args.top_k,

@@ -22,16 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from fastmix._checks import real_number
+
 __all__ = ["Constraints", "SearchResult", "project", "sample_mixtures", "search"]
 
 Objective = Callable[[np.ndarray], np.ndarray]
-
-
-def _real(value: Any, what: str) -> float:
-    """``value`` as a float; text and booleans are TypeErrors (``"2"`` is not a number)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.number)):
-        raise TypeError(f"{what} must be a number, got {value!r}")
-    return float(value)
 
 
 def _integer(value: Any, what: str) -> int:
@@ -52,7 +47,7 @@ def _per_domain(value: Any, domains: Sequence[str], what: str, default: float) -
         out = np.full(K, default, dtype=np.float64)
         for i, d in enumerate(domains):
             if d in value:
-                out[i] = _real(value[d], f"{what}[{d!r}]")
+                out[i] = real_number(value[d], f"{what}[{d!r}]")
         return out
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{what} must be a number, a mapping or {K} numbers, got {value!r}")
@@ -137,10 +132,10 @@ class Constraints:
         if self.token_counts is not None or self.total_tokens is not None:
             if self.token_counts is None or self.total_tokens is None:
                 raise ValueError("token_counts and total_tokens must be given together")
-            total = _real(self.total_tokens, "total_tokens")
+            total = real_number(self.total_tokens, "total_tokens")
             if not (np.isfinite(total) and total > 0):
                 raise ValueError(f"total_tokens must be > 0, got {self.total_tokens}")
-            epochs = 1.0 if self.max_epochs is None else _real(self.max_epochs, "max_epochs")
+            epochs = 1.0 if self.max_epochs is None else real_number(self.max_epochs, "max_epochs")
             if not (np.isfinite(epochs) and epochs > 0):
                 raise ValueError(f"max_epochs must be > 0, got {self.max_epochs}")
             tokens = _per_domain(self.token_counts, self.domains, "token_counts", np.nan)
