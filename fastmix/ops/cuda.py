@@ -15,6 +15,8 @@ import functools
 import torch
 from torch import Tensor
 
+from fastmix.ops.reference import check_state_layout
+
 try:
     from fastmix import _cuda
 
@@ -98,13 +100,6 @@ def _check_domains(num_domains: int) -> None:
         raise ValueError(f"num_domains={num_domains} exceeds the cuda limit {MAX_DOMAINS}")
 
 
-def _check_state(state: Tensor, counters: Tensor) -> None:
-    if state.dtype != torch.float32 or state.dim() != 2 or not state.is_contiguous():
-        raise ValueError("state must be a contiguous float32 [3, K] tensor")
-    if counters.dtype != torch.int64 or counters.shape != (3,) or not counters.is_contiguous():
-        raise ValueError("counters must be a contiguous int64 [3] tensor")
-
-
 # A constant for torch.compile: DoReMi.step may allocate its workspace while being traced, and a
 # call into the compiled module would break the graph.
 @torch.compiler.assume_constant_result
@@ -156,7 +151,7 @@ def doremi_step_(
     module = _module()
     k = state.shape[1]
     _check_domains(k)
-    _check_state(state, counters)
+    check_state_layout(state, counters)
     if workspace.dtype != torch.uint8 or workspace.numel() < module.workspace_bytes(k):
         raise ValueError("workspace must come from fused_workspace(num_domains, device)")
     dev = loss.device
@@ -182,7 +177,7 @@ def doremi_update_(
     module = _module()
     k = state.shape[1]
     _check_domains(k)
-    _check_state(state, counters)
+    check_state_layout(state, counters)
     dev = state.device
     with _on(dev):
         stats_c = stats.contiguous()

@@ -100,6 +100,15 @@ def ordered_bin_sums(bins: Tensor, values: Tensor, k: int) -> Tensor:
     return sums
 
 
+def check_state_layout(state: Tensor, counters: Tensor) -> None:
+    """The mixer state as the compiled backends (cuda, triton) index it by hand: a strided view or
+    another dtype would be read as garbage there."""
+    if state.dtype != torch.float32 or state.dim() != 2 or not state.is_contiguous():
+        raise ValueError("state must be a contiguous float32 [3, K] tensor")
+    if counters.dtype != torch.int64 or counters.shape != (3,) or not counters.is_contiguous():
+        raise ValueError("counters must be a contiguous int64 [3] tensor")
+
+
 def updated_state(
     stats: Tensor, state: Tensor, counters: Tensor, step_size: float, smoothing: float
 ) -> tuple[Tensor, Tensor, Tensor]:

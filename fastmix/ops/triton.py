@@ -20,6 +20,8 @@ import contextlib
 import torch
 from torch import Tensor
 
+from fastmix.ops.reference import check_state_layout
+
 try:
     import triton
     import triton.language as tl
@@ -282,10 +284,7 @@ def _partials_buffers(loss: Tensor, num_domains: int) -> tuple[Tensor, Tensor]:
 
 def _check_state(state: Tensor, counters: Tensor, stats: Tensor | None = None) -> None:
     """The kernels index these by hand: a strided view or a wrong dtype would be misread."""
-    if state.dtype != torch.float32 or state.dim() != 2 or not state.is_contiguous():
-        raise ValueError("state must be a contiguous float32 [3, K] tensor")
-    if counters.dtype != torch.int64 or counters.shape != (3,) or not counters.is_contiguous():
-        raise ValueError("counters must be a contiguous int64 [3] tensor")
+    check_state_layout(state, counters)
     if stats is not None and (stats.dtype != torch.float32 or stats.shape != (3, state.shape[1])):
         raise ValueError(f"stats must be float32 [3, {state.shape[1]}]")
     if stats is not None and stats.device != state.device:
