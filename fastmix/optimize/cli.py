@@ -34,7 +34,14 @@ from fastmix._io import atomic_write_bytes, atomic_write_text, writable_dir
 from .choose import Choice, choose_weights
 from .predictors import PREDICTORS
 from .search import Constraints
-from .sweep import _IGNORED, ID_COLUMNS, Sweep, load_sweep, read_csv_columns, value_columns
+from .sweep import (
+    Sweep,
+    data_columns,
+    load_sweep,
+    read_csv_columns,
+    shared_id_column,
+    value_columns,
+)
 
 # Upper bound of --samples: every sample is a row of K float64 weights, copied a few times while
 # projecting and predicting.  Sampling 2,000,000 mixtures of 24 domains peaks at 3.6 GB and
@@ -216,11 +223,9 @@ def _load(args: argparse.Namespace) -> tuple[Sweep, dict[str, float]]:
     else:
         raise ValueError(f"give one or two CSV files, got {len(args.sweep)}")
 
-    key = id_column or next((c for c in ID_COLUMNS if c in mix and c in met), None)
+    key = id_column or shared_id_column(mix, met)
     if args.target:
-        names = [c for c in met if c != key and c != args.id_column and c not in ID_COLUMNS
-                 and c not in _IGNORED]
-        targets = _targets(args.target, names)
+        targets = _targets(args.target, data_columns(met, key or args.id_column))
     else:
         numeric = value_columns(met, "metrics", key)
         if len(numeric) != 1:

@@ -138,7 +138,7 @@ def load_sweep(
             if key not in cols:
                 raise ValueError(f"id_column {key!r} is not a column of {name}")
     else:
-        key = next((c for c in ID_COLUMNS if c in mix_cols and c in met_cols), None)
+        key = shared_id_column(mix_cols, met_cols)
 
     domain_names = _value_columns(mix_cols, domains, "mixtures", "domains", key)
     target_names = _value_columns(met_cols, targets, "metrics", "targets", key)
@@ -311,6 +311,16 @@ def _value_columns(cols: Mapping[str, Sequence[Any]], wanted: Sequence[str] | No
     return out
 
 
+def shared_id_column(mixtures: Mapping[str, Any], metrics: Mapping[str, Any]) -> str | None:
+    """The first of ``ID_COLUMNS`` both tables have (what matches their rows), or None."""
+    return next((c for c in ID_COLUMNS if c in mixtures and c in metrics), None)
+
+
+def data_columns(cols: Mapping[str, Any], id_column: str | None = None) -> list[str]:
+    """The columns that may hold weights or metrics: not run ids, not index or name columns."""
+    return [c for c in cols if c != id_column and c not in _IGNORED and c not in ID_COLUMNS]
+
+
 def value_columns(cols: Mapping[str, Sequence[Any]], what: str = "table",
                   id_column: str | None = None) -> list[str]:
     """The numeric columns of ``cols`` that are not run ids: the default domains or targets.
@@ -321,9 +331,8 @@ def value_columns(cols: Mapping[str, Sequence[Any]], what: str = "table",
     or a metric.  Columns of mostly text (run names) are left out.
     """
     out = []
-    for c, values in cols.items():
-        if c == id_column or c in _IGNORED or c in ID_COLUMNS:
-            continue
+    for c in data_columns(cols, id_column):
+        values = cols[c]
         bad = []
         numbers = 0
         for i, v in enumerate(values):
