@@ -1077,6 +1077,54 @@ class MixtureDataset(IterableDataset):
             error, self._async_error = self._async_error, None
             raise ValueError(f"set_weights (CUDA tensor): {error}") from error
 
+    def check_ranks(self, process_group: Any = None) -> None:
+        """Raise ValueError on every rank unless all ranks build the same global stream.
+
+        Compares, across the ranks of ``process_group`` (default: the world group): the seed,
+        sampler (method, block), seq_len, per-rank batch size, world_size (which must be the
+        group's size), epoch cap and policy, the domains and their window tables (each file's
+        length), the initial and current weights, the weight changes made with ``set_weights``
+        and the loaded resume point; and checks that every rank index is taken exactly once.
+        The error names what differs.  Ranks built differently do not fail on their own: each
+        reads a slice of a different stream, so samples repeat or go missing without a sign.
+
+        A collective that synchronises with the host: call it on every rank, once, after building
+        the dataset (and after ``load_state_dict``).  It needs torch.distributed initialised.
+        """
+        from fastmix import distributed
+
+        group = distributed.resolve_group(process_group)
+        if group is None:
+            if self.world_size == 1:
+                return
+            raise ValueError(
+                f"check_ranks: world_size={self.world_size} but torch.distributed is not "
+                "initialised, so there are no other ranks to compare with"
+            )
+        resume = None
+        if self._resume is not None:
+            resume = {key: self._resume.get(key) for key in _Stream(self, None).state()}
+        fields = {
+            "seed": self.seed,
+            "method": self.method,
+            "block": self.block,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "max_epochs": self.max_epochs,
+            "on_exhausted": self.on_exhausted,
+            "domains": list(self.corpus.names),
+            # file lengths (as windows) and token dtypes; not paths, which may differ by host
+            "corpus files": ([str(dt) for dt in self.corpus._flat_dtypes], self._n_windows,
+                             self._file_begin, self._file_window_end),
+            "initial weights": self._initial_weights,
+            "weights": self._weights,
+            "set_weights changes": self.weight_schedule,
+            "resume point": json.dumps(resume, sort_keys=True),
+        }  # fmt: skip
+        distributed.check_ranks_agree(
+            "MixtureDataset", fields, group, rank=self.rank, num_ranks=self.world_size
+        )
+
     @property
     def exhausted(self) -> list[str]:
         """Domains dropped (or that ended the stream) at their epoch cap, in the order it happened.

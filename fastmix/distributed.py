@@ -7,12 +7,15 @@ then applies the same update and holds the same weights.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["resolve_group", "world_size", "all_reduce_sum_"]
+__all__ = ["resolve_group", "world_size", "all_reduce_sum_", "check_ranks_agree"]
 
 
 def _dist_ready() -> bool:
@@ -66,3 +69,92 @@ def all_reduce_sum_(tensor: Tensor, group: Any) -> Tensor:
     )
     work.wait()
     return tensor
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, Tensor):
+        value = value.detach().cpu().contiguous().numpy()
+    if isinstance(value, np.ndarray):
+        h.update(f"array{value.dtype.str}{value.shape}:".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, (tuple, list)):
+        h.update(f"{type(value).__name__}{len(value)}(".encode())
+        for item in value:
+            _feed(h, item)
+        h.update(b")")
+    else:
+        # repr of a scalar, str or None (repr would abbreviate a large array, hence the above)
+        text = repr(value)
+        h.update(f"{len(text)}:{text}".encode())
+
+
+def _fingerprint(value: Any) -> int:
+    """A 62-bit digest of ``value``: arrays and tensors by dtype, shape and bytes, lists and
+    tuples item by item, anything else by its repr.  Equal values give equal digests on every
+    machine and process."""
+    h = hashlib.blake2b(digest_size=8)
+    _feed(h, value)
+    # 62 bits, so that the digest and its negation both fit an int64 (see check_ranks_agree).
+    return int.from_bytes(h.digest(), "little") >> 2
+
+
+def _collective_device(group: Any, device: torch.device | None) -> torch.device:
+    """Where a small tensor for a collective over ``group`` must live: ``device`` when it is a
+    GPU, else the CPU when the group's backend takes CPU tensors (gloo, mpi), else the current
+    GPU (NCCL only)."""
+    if device is not None and device.type == "cuda":
+        return device
+    backend = str(torch.distributed.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def check_ranks_agree(
+    what: str,
+    fields: Mapping[str, Any],
+    group: Any,
+    *,
+    device: torch.device | None = None,
+    rank: int | None = None,
+    num_ranks: int | None = None,
+) -> None:
+    """Raise ValueError on every rank of ``group`` unless all of them hold equal ``fields``.
+
+    A collective: every rank of ``group`` must call it, with the same field names.  One
+    all-reduce (MAX) of each field's digest and of its negation gives every rank the largest and
+    the smallest digest, so every rank reaches the same verdict and raises the same error: no
+    rank is left waiting for another that gave up.  With ``rank`` and ``num_ranks`` (this
+    process's slice of the data and the number of slices it assumes), also checks that
+    ``num_ranks`` is the group's size and that each slice is taken exactly once.  It reads the
+    result on the host (a synchronisation): call it outside CUDA-graph capture and
+    ``torch.compile``, e.g. once before training.
+    """
+    fields = dict(fields)
+    if num_ranks is not None:
+        fields["world_size"] = num_ranks
+    names = list(fields)
+    digests = [_fingerprint(fields[name]) for name in names]
+    size = world_size(group)
+    taken = [0] * size
+    if rank is not None and 0 <= rank < size:
+        taken[rank] = 1
+    dev = _collective_device(group, device)
+    values = torch.tensor(digests + [-d for d in digests] + taken, dtype=torch.int64, device=dev)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=group)
+    got = values.cpu().tolist()
+    n = len(names)
+    # Every rank holds the same ``got``, and past the first check the same fields: each branch
+    # below is taken on all ranks or on none.
+    differ = [name for i, name in enumerate(names) if got[i] != -got[n + i]]
+    head = f"{what} is not the same on the {size} ranks of its process group: "
+    if differ:
+        raise ValueError(head + f"they differ in {', '.join(differ)}")
+    if num_ranks is not None and num_ranks != size:
+        raise ValueError(head + f"world_size={num_ranks}, but the group has {size} ranks")
+    if rank is not None and not all(got[2 * n :]):
+        missing = [i for i, seen in enumerate(got[2 * n :]) if not seen]
+        raise ValueError(
+            head + f"rank(s) {missing} are taken by no process, so two processes read the same "
+            "slice of every global batch"
+        )

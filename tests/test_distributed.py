@@ -1,18 +1,24 @@
-"""DoReMi across gloo ranks on CPU: every rank ends with the same α, that of one process."""
+"""DoReMi across gloo ranks on CPU: every rank ends with the same α, that of one process; the
+cross-rank consistency checks of DoReMi, ODM and MixtureDataset."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from fastmix import distributed as fdist
+from fastmix.data import MixtureDataset, TokenCorpus
 from fastmix.mixers.doremi import DoReMi
+from fastmix.mixers.odm import ODM
 
 K = 5
 STEPS = 3
@@ -86,6 +92,73 @@ def nonmember_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def make_corpus(root: str, tokens_b: int) -> TokenCorpus:
+    os.makedirs(root, exist_ok=True)
+    files = {}
+    for name, n in (("a", 400), ("b", tokens_b)):
+        path = os.path.join(root, f"{name}.bin")
+        np.arange(n, dtype=np.uint16).tofile(path)
+        files[name] = [path]
+    return TokenCorpus(files, dtype="uint16")
+
+
+def check_scenarios(rank: int, out_dir: str) -> dict[str, str]:
+    """Each scenario on every rank: "ok", or the ValueError's message."""
+    other = rank == 1  # the rank that differs, where a scenario makes one differ
+
+    def dataset(**changes):
+        short = changes.pop("short_file", False) and other
+        corpus = make_corpus(os.path.join(out_dir, f"corpus{rank}"), 300 if short else 500)
+        kwargs = dict(seed=7, batch_size=2, rank=rank, world_size=2)
+        kwargs.update(changes)
+        return MixtureDataset(corpus, 16, [0.5, 0.5], **kwargs)
+
+    def doremi_step(k: int) -> None:
+        mixer = DoReMi(k, debug=True)
+        loss, ref, domain, mask = shard(global_batch(0, 2), rank)
+        mixer.step(loss, ref, domain % k, mask)
+
+    scenarios = {
+        "doremi same": lambda: DoReMi(K, step_size=0.5).check_ranks(),
+        "doremi step_size": lambda: DoReMi(K, step_size=0.5 + other).check_ranks(),
+        "doremi init_weights": lambda: DoReMi(
+            K, init_weights=[1.0 + other] + [1.0] * (K - 1)
+        ).check_ranks(),
+        "doremi debug K": lambda: doremi_step(K + other),
+        "doremi debug same": lambda: doremi_step(K),
+        "odm same": lambda: ODM(K).check_ranks(),
+        "odm smoothing": lambda: ODM(K, smoothing=0.9 - 0.1 * other).check_ranks(),
+        "dataset same": lambda: dataset().check_ranks(),
+        "dataset seed": lambda: dataset(seed=7 + rank).check_ranks(),
+        "dataset corpus": lambda: dataset(short_file=True).check_ranks(),
+        "dataset rank": lambda: dataset(rank=0).check_ranks(),
+        "dataset world_size": lambda: dataset(world_size=3).check_ranks(),
+    }
+    results = {}
+    for name, run in scenarios.items():
+        try:
+            run()
+            results[name] = "ok"
+        except ValueError as exc:
+            results[name] = str(exc)
+    return results
+
+
+def check_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        results = check_scenarios(rank, out_dir)
+        with open(os.path.join(out_dir, f"checks{rank}.json"), "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -141,3 +214,54 @@ def test_a_rank_outside_the_process_group_is_told_so(tmp_path):
     launch(2, str(tmp_path), False, False, target=nonmember_worker)
     assert (tmp_path / "rank0.txt").read_text() == "ok"
     assert "does not include this rank (1)" in (tmp_path / "rank1.txt").read_text()
+
+
+def test_check_ranks_names_what_differs_on_every_rank(tmp_path):
+    # Every scenario runs on both ranks in turn: a check that raised on one rank only would leave
+    # the other waiting in the next scenario's collective (the launch's timeout).
+    launch(2, str(tmp_path), False, False, target=check_worker)
+    results = [json.loads((tmp_path / f"checks{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1]  # the same verdict and message on both ranks
+    got = results[0]
+    for name in ("doremi same", "doremi debug same", "odm same", "dataset same"):
+        assert got[name] == "ok", (name, got[name])
+    expected = {
+        "doremi step_size": "DoReMi is not the same on the 2 ranks of its process group: "
+        "they differ in step_size",
+        "doremi init_weights": "they differ in weights, average_weights",
+        "doremi debug K": "they differ in num_domains, weights, excess, average_weights",
+        "odm smoothing": "ODM is not the same on the 2 ranks of its process group: they differ "
+        "in smoothing",
+        "dataset seed": "MixtureDataset is not the same on the 2 ranks of its process group: "
+        "they differ in seed",
+        "dataset corpus": "they differ in corpus files",
+        "dataset rank": "rank(s) [1] are taken by no process",
+        "dataset world_size": "world_size=3, but the group has 2 ranks",
+    }
+    for name, text in expected.items():
+        assert text in got[name], (name, got[name])
+
+
+def test_check_ranks_in_one_process(tmp_path):
+    DoReMi(K).check_ranks()  # nothing to compare with: no error
+    ODM(K).check_ranks()
+    corpus = make_corpus(str(tmp_path), 500)
+    MixtureDataset(corpus, 16, [0.5, 0.5]).check_ranks()
+    two = MixtureDataset(corpus, 16, [0.5, 0.5], rank=1, world_size=2)
+    with pytest.raises(ValueError, match="world_size=2 but torch.distributed is not initialised"):
+        two.check_ranks()
+
+
+def test_fingerprints_see_every_element():
+    a = np.arange(5000, dtype=np.int64)
+    b = a.copy()
+    b[2500] += 1  # in the middle, where numpy's repr would print "..."
+    assert fdist._fingerprint(a) == fdist._fingerprint(a.copy())
+    assert fdist._fingerprint(a) != fdist._fingerprint(b)
+    assert fdist._fingerprint(([a], "x")) != fdist._fingerprint(([b], "x"))
+    assert fdist._fingerprint(torch.tensor([1.0, 2.0])) == fdist._fingerprint(
+        np.array([1.0, 2.0], np.float32)
+    )
+    assert fdist._fingerprint(a.astype(np.int32)) != fdist._fingerprint(a)  # dtype counts
+    assert fdist._fingerprint([1, 2]) != fdist._fingerprint((1, 2))
+    assert 0 <= fdist._fingerprint("anything") < 2**62

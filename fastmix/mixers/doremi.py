@@ -59,7 +59,8 @@ class DoReMi:
         process_group: reduce statistics over this group (default: the world group when
             torch.distributed is initialised).
         deterministic: bitwise-reproducible statistics (no order-dependent float atomics).
-        debug: after each update, raise if any domain id was out of range (a host sync).
+        debug: after each update, raise if any domain id was out of range (a host sync); with
+            several ranks, also run :meth:`check_ranks` before the first reduction.
 
     Attributes (device tensors, updated in place): ``weights`` (α), ``excess`` (λ),
     ``average_weights`` (the mean of α over the updates; the initial α until the first update),
@@ -109,6 +110,7 @@ class DoReMi:
         self._workspace: Tensor | None = None
         self._workspace_key: tuple[str, torch.device] | None = None
         self._stepped = False
+        self._ranks_checked = False
 
     # ---------------------------------------------------------------- public state
     @property
@@ -194,6 +196,19 @@ class DoReMi:
         if self.debug:
             self.check()
 
+    def _group(self) -> Any:
+        """The process group to reduce over; in debug mode, checked once against the other ranks
+        (before the first reduction, which would abort or hang if K differed)."""
+        group = distributed.resolve_group(self.process_group)
+        if (
+            self.debug
+            and not self._ranks_checked
+            and distributed.world_size(group) > 1
+            and not torch.compiler.is_compiling()
+        ):
+            self.check_ranks()
+        return group
+
     # ---------------------------------------------------------------- the step
     def step(
         self, loss: Tensor, ref_loss: Tensor, domain: Tensor, mask: Tensor | None = None
@@ -217,7 +232,7 @@ class DoReMi:
                 "accumulate() was called since the last update(); call update() before step()"
             )
         backend = self._prepare(loss, ref_loss, domain, mask)
-        group = distributed.resolve_group(self.process_group)
+        group = self._group()
         if distributed.world_size(group) == 1:
             objective, aux = doremi_step_(
                 loss.detach(), domain, mask, ref_loss.detach(), self._state, self._counters,
@@ -267,7 +282,7 @@ class DoReMi:
         backend = resolve_backend(self.backend, self._state.device)
         if backend != "torch" and self.num_domains > MAX_KERNEL_DOMAINS:
             backend = "torch"
-        group = distributed.resolve_group(self.process_group)
+        group = self._group()
         distributed.all_reduce_sum_(self._pending, group)
         doremi_update_(
             self._pending, self._state, self._counters, self.step_size, self.smoothing,
@@ -285,6 +300,33 @@ class DoReMi:
                 f"{bad} token(s) had a domain id outside [0, num_domains={self.num_domains}); "
                 "they were dropped from the statistics"
             )
+
+    def check_ranks(self) -> None:
+        """Raise ValueError on every rank unless all ranks of the process group built this DoReMi
+        the same way and hold the same state (K, step size, smoothing, proxy loss, backend, α,
+        λ, the average α and the update counts), naming what differs.
+
+        A collective (every rank must call it) that synchronises with the host: call it once
+        before training, e.g. after loading a checkpoint.  Ranks that differ would otherwise
+        drift apart silently (different α from the same statistics) or, with different K, abort
+        or hang in the first all-reduce.  ``debug=True`` runs it before the first reduction.
+        Nothing to check in a single process.
+        """
+        group = distributed.resolve_group(self.process_group)
+        if distributed.world_size(group) > 1:
+            fields = {
+                "num_domains": self.num_domains,
+                "step_size": self.step_size,
+                "smoothing": self.smoothing,
+                "proxy_loss": self.proxy_loss,
+                "backend": self.backend,
+                "weights": self.weights,
+                "excess": self.excess,
+                "average_weights": self.average_weights,
+                "update counters": self._counters[:2],
+            }
+            distributed.check_ranks_agree("DoReMi", fields, group, device=self.device)
+        self._ranks_checked = True
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -364,6 +406,7 @@ class DoReMi:
         self._pending.zero_()
         self._num_pending = 0
         self.step_size, self.smoothing, self.proxy_loss = step_size, smoothing, proxy
+        self._ranks_checked = False  # debug mode checks the loaded state against the other ranks
 
     def __repr__(self) -> str:
         return (

@@ -206,6 +206,32 @@ class ODM:
             else:
                 raise ValueError(f"inputs are on {device} but the ODM state is on {self.device}")
 
+    def check_ranks(self) -> None:
+        """Raise ValueError on every rank unless all ranks of the process group built this ODM the
+        same way and hold the same state (K, smoothing, warm-up, backend, step count, initial
+        weights, π, R̂ and the skipped count), naming what differs.
+
+        A collective (every rank must call it) that synchronises with the host: call it once
+        before training, e.g. after loading a checkpoint.  Ranks that differ would otherwise
+        sample from different π without an error or, with different K, abort or hang in the
+        first all-reduce.  Nothing to check in a single process.
+        """
+        group = distributed.resolve_group(self.process_group)
+        if distributed.world_size(group) == 1:
+            return
+        fields = {
+            "num_domains": self.num_domains,
+            "smoothing": self.smoothing,
+            "warmup_steps": self.warmup_steps,
+            "backend": self.backend,
+            "num_steps": self.num_steps,
+            "init_weights": self._init,
+            "weights": self._weights,
+            "rewards": self._rewards,
+            "num_skipped": self._skipped,
+        }
+        distributed.check_ranks_agree("ODM", fields, group, device=self.device)
+
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
         """The full state (tensors cloned, on the state's device) and hyperparameters."""
