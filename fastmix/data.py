@@ -603,6 +603,10 @@ class _Control:
 # ----------------------------------------------------------------------------------------------
 
 
+# What _Stream.state() holds: the global stream's position, the same on every rank.
+_STREAM_KEYS = ("step", "cursors", "user_weights", "dropped", "finished", "sampler", "pending")
+
+
 class _Stream:
     """The global sample stream from one state: draws domains, maps windows, applies changes.
 
@@ -1103,7 +1107,7 @@ class MixtureDataset(IterableDataset):
             )
         resume = None
         if self._resume is not None:
-            resume = {key: self._resume.get(key) for key in _Stream(self, None).state()}
+            resume = {key: self._resume.get(key) for key in _STREAM_KEYS}
         fields = {
             "seed": self.seed,
             "method": self.method,

@@ -322,3 +322,12 @@ def test_load_state_dict_checks_the_body(corpus):
     fresh = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
     fresh.load_state_dict(good)
     assert stream(fresh, 3) == flatten(take(it, 3))
+
+
+def test_stream_keys_match_the_stream_state(corpus):
+    # check_ranks compares the resume point by these keys; a key added to the state must be
+    # compared too.
+    from fastmix.data import _STREAM_KEYS, _Stream
+
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1])
+    assert tuple(_Stream(ds, None).state()) == _STREAM_KEYS

@@ -118,6 +118,15 @@ def check_scenarios(rank: int, out_dir: str) -> dict[str, str]:
         loss, ref, domain, mask = shard(global_batch(0, 2), rank)
         mixer.step(loss, ref, domain % k, mask)
 
+    def resumed(batches: int) -> MixtureDataset:
+        source = dataset()
+        batch_iter = iter(source)
+        for _ in range(batches):
+            next(batch_iter)
+        ds = dataset()
+        ds.load_state_dict(source.state_dict())
+        return ds
+
     scenarios = {
         "doremi same": lambda: DoReMi(K, step_size=0.5).check_ranks(),
         "doremi step_size": lambda: DoReMi(K, step_size=0.5 + other).check_ranks(),
@@ -131,6 +140,8 @@ def check_scenarios(rank: int, out_dir: str) -> dict[str, str]:
         "dataset same": lambda: dataset().check_ranks(),
         "dataset seed": lambda: dataset(seed=7 + rank).check_ranks(),
         "dataset corpus": lambda: dataset(short_file=True).check_ranks(),
+        "dataset resumed same": lambda: resumed(2).check_ranks(),
+        "dataset resumed apart": lambda: resumed(2 + other).check_ranks(),
         "dataset rank": lambda: dataset(rank=0).check_ranks(),
         "dataset world_size": lambda: dataset(world_size=3).check_ranks(),
     }
@@ -223,7 +234,8 @@ def test_check_ranks_names_what_differs_on_every_rank(tmp_path):
     results = [json.loads((tmp_path / f"checks{r}.json").read_text()) for r in range(2)]
     assert results[0] == results[1]  # the same verdict and message on both ranks
     got = results[0]
-    for name in ("doremi same", "doremi debug same", "odm same", "dataset same"):
+    for name in ("doremi same", "doremi debug same", "odm same", "dataset same",
+                 "dataset resumed same"):
         assert got[name] == "ok", (name, got[name])
     expected = {
         "doremi step_size": "DoReMi is not the same on the 2 ranks of its process group: "
@@ -235,6 +247,7 @@ def test_check_ranks_names_what_differs_on_every_rank(tmp_path):
         "dataset seed": "MixtureDataset is not the same on the 2 ranks of its process group: "
         "they differ in seed",
         "dataset corpus": "they differ in corpus files",
+        "dataset resumed apart": "they differ in resume point",
         "dataset rank": "rank(s) [1] are taken by no process",
         "dataset world_size": "world_size=3, but the group has 2 ranks",
     }
