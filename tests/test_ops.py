@@ -162,6 +162,22 @@ def test_backends_report(monkeypatch):
     assert fastmix.domain_loss_stats(loss, domain, 2)[0, 0] == 4
 
 
+def test_a_broken_triton_interpreter_is_reported_not_run(monkeypatch):
+    triton_ops = pytest.importorskip("fastmix.ops.triton")
+    if triton_ops.triton is None or not triton_ops._interpreted():
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    # What a release whose interpreter cannot turn a scalar loop bound into an int would say.
+    broken = "triton 0.0's interpreter cannot run the kernels with numpy 9.9 (TypeError: x)"
+    monkeypatch.setattr(triton_ops, "_interpreter_problem", lambda: broken)
+    entry = fastmix.backends()["triton"]
+    assert entry == {"available": False, "reason": broken}
+    loss, domain = torch.ones(4), torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="interpreter cannot run the kernels"):
+        fastmix.domain_loss_stats(loss, domain, 2, backend="triton")
+    # the automatic choice is unaffected on CPU (torch)
+    assert fastmix.domain_loss_stats(loss, domain, 2)[0, 0] == 4
+
+
 def test_gradients_match_plain_autograd():
     loss, domain, ref, mask = make_batch(3, (4, 33), 5, per_sequence=True)
     loss.requires_grad_(True)

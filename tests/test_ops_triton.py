@@ -18,8 +18,9 @@ pytest.importorskip("triton")
 from fastmix.ops import triton as triton_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if not triton_ops.can_run(torch.device(DEVICE))[0]:
-    pytest.skip("triton cannot run here (no CUDA, interpreter off)", allow_module_level=True)
+_runs, _why_not = triton_ops.can_run(torch.device(DEVICE))
+if not _runs:
+    pytest.skip(f"triton cannot run here: {_why_not}", allow_module_level=True)
 
 make = partial(make_batch, device=DEVICE)
 

@@ -16,7 +16,9 @@ interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which the te
 from __future__ import annotations
 
 import contextlib
+import functools
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -204,6 +206,39 @@ def _interpreted() -> bool:
     return isinstance(_stats_kernel, InterpretedFunction)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _interpreter_probe_kernel(out_ptr, n):
+        # The kernels' construct the interpreter must handle: a loop bounded by a scalar argument.
+        acc = tl.zeros([1], dtype=tl.int32)
+        for _ in range(0, n):
+            acc += 1
+        tl.store(out_ptr + tl.arange(0, 1), acc)
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreter_problem() -> str | None:
+    """None when Triton's interpreter runs the kernels' constructs here, else why not.
+
+    Some Triton releases' interpreters turn a scalar loop bound into an int with ``int()`` of a
+    one-element array, which newer numpy refuses (seen: triton 3.6.0 with numpy 2.4 and 2.5;
+    triton 3.9.0 runs it).  Probed once with a three-step loop, so the backend reports itself
+    unavailable with the reason instead of failing inside every launch.
+    """
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _interpreter_probe_kernel[(1,)](out, 3)
+    except Exception as exc:
+        return (
+            f"triton {triton.__version__}'s interpreter cannot run the kernels with numpy "
+            f"{np.__version__} ({type(exc).__name__}: {exc}); a newer triton can"
+        )
+    if int(out[0]) != 3:
+        return f"triton {triton.__version__}'s interpreter computed a wrong loop ({int(out[0])})"
+    return None
+
+
 def availability() -> tuple[bool, str]:
     """(whether the kernels can run on some tensor in this process, where they run or why not).
 
@@ -212,6 +247,9 @@ def availability() -> tuple[bool, str]:
     if triton is None:
         return False, f"triton is not importable ({_IMPORT_ERROR})"
     if _interpreted():
+        problem = _interpreter_problem()
+        if problem is not None:
+            return False, problem
         return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU tensors too)"
     if not torch.cuda.is_available():
         return False, (
@@ -227,7 +265,8 @@ def can_run(device: torch.device) -> tuple[bool, str]:
     if triton is None:
         return False, f"triton is not importable ({_IMPORT_ERROR})"
     if _interpreted():
-        return True, ""
+        problem = _interpreter_problem()
+        return problem is None, problem or ""
     if device.type == "cuda":
         if torch.cuda.is_available():
             return True, ""
