@@ -209,33 +209,35 @@ def _interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _interpreter_probe_kernel(out_ptr, n):
-        # The kernels' construct the interpreter must handle: a loop bounded by a scalar argument.
-        acc = tl.zeros([1], dtype=tl.int32)
+    def _interpreter_probe_kernel(out_ptr, n, BLOCK: tl.constexpr):
+        # What the kernels need of the interpreter: a loop bounded by a scalar argument and a
+        # block size passed as a keyword constexpr.
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
         for _ in range(0, n):
             acc += 1
-        tl.store(out_ptr + tl.arange(0, 1), acc)
+        tl.store(out_ptr + tl.arange(0, BLOCK), acc)
 
 
 @functools.lru_cache(maxsize=1)
 def _interpreter_problem() -> str | None:
     """None when Triton's interpreter runs the kernels' constructs here, else why not.
 
-    Some Triton releases' interpreters turn a scalar loop bound into an int with ``int()`` of a
-    one-element array, which newer numpy refuses (seen: triton 3.6.0 with numpy 2.4 and 2.5;
-    triton 3.9.0 runs it).  Probed once with a three-step loop, so the backend reports itself
-    unavailable with the reason instead of failing inside every launch.
+    Seen failing: triton 3.6.0's interpreter with numpy 2.4 and 2.5 (it turns a scalar loop
+    bound into an int with ``int()`` of a one-element array, which that numpy refuses) and
+    triton 3.0.0's (a keyword constexpr reaches ``tl.arange`` as a plain value); triton 3.9.0
+    runs them.  Probed once, so the backend reports itself unavailable with the reason instead
+    of failing inside every launch.
     """
-    out = torch.zeros(1, dtype=torch.int32)
+    out = torch.zeros(2, dtype=torch.int32)
     try:
-        _interpreter_probe_kernel[(1,)](out, 3)
+        _interpreter_probe_kernel[(1,)](out, 3, BLOCK=2)
     except Exception as exc:
         return (
-            f"triton {triton.__version__}'s interpreter cannot run the kernels with numpy "
-            f"{np.__version__} ({type(exc).__name__}: {exc}); a newer triton can"
+            f"triton {triton.__version__}'s interpreter cannot run the kernels here (numpy "
+            f"{np.__version__}; {type(exc).__name__}: {exc}); a newer triton can"
         )
-    if int(out[0]) != 3:
-        return f"triton {triton.__version__}'s interpreter computed a wrong loop ({int(out[0])})"
+    if out.tolist() != [3, 3]:
+        return f"triton {triton.__version__}'s interpreter computed a wrong loop {out.tolist()}"
     return None
 
 
