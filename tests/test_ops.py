@@ -340,3 +340,45 @@ def test_ordered_bin_sums_match_index_add_with_special_values():
     torch.testing.assert_close(got, want, equal_nan=True)
     assert torch.isnan(got[1, 2]) and got[2, 3] == float("inf") and torch.isnan(got[2, 4])
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[1, 3:]).all()
+
+
+def test_op_schemas_are_what_torch_infers():
+    # The ops declare their schemas as strings (older torch cannot infer them from this module's
+    # string annotations); they must stay what the signatures say.
+    infer_schema = getattr(torch.library, "infer_schema", None)
+    if infer_schema is None:
+        pytest.skip("torch.library.infer_schema needs a newer torch")
+    from fastmix import ops
+
+    functions = {
+        "domain_stats": (ops._domain_stats_op._init_fn, ()),
+        "doremi_step_": (ops._doremi_step_impl, ("state", "counters", "workspace")),
+        "doremi_update_": (ops._doremi_update_impl, ("state", "counters")),
+        "objective_grad": (ops._objective_grad_op._init_fn, ()),
+    }
+    for name, (fn, mutates) in functions.items():
+        assert infer_schema(fn, mutates_args=mutates) == ops._SCHEMAS[name], name
+
+
+def test_more_domains_than_the_kernels_take(monkeypatch):
+    from fastmix import ops
+
+    limit = ops.MAX_KERNEL_DOMAINS
+    k = limit + 1
+    loss, domain = torch.ones(6), torch.tensor([0, 1, k - 1, 5, 5, 0])
+    # a forced kernel backend says so (checked before anything runs, so any device will do)
+    monkeypatch.setattr(ops, "_can_run", lambda name, device: (True, ""))
+    for forced in ("cuda", "triton"):
+        with pytest.raises(ValueError, match=f"num_domains={k} exceeds the {forced} kernels'"):
+            fastmix.domain_loss_stats(loss, domain, k, backend=forced)
+        with pytest.raises(ValueError, match=f"num_domains={k} exceeds"):
+            fastmix.DoReMi(k, backend=forced).step(loss, loss, domain)
+        monkeypatch.setenv("FASTMIX_BACKEND", forced)
+        with pytest.raises(ValueError, match=f"num_domains={k} exceeds"):
+            fastmix.domain_loss_stats(loss, domain, k)
+        monkeypatch.delenv("FASTMIX_BACKEND")
+    # the automatic choice falls back to torch, also where the kernels could run (cuda tensors)
+    assert ops.resolve_backend(None, torch.device("cuda"), k) == "torch"
+    assert ops.resolve_backend(None, torch.device("cuda"), limit) == "cuda"
+    stats = fastmix.domain_loss_stats(loss, domain, k)
+    assert stats[0, k - 1] == 1 and stats[0, 0] == 2 and stats[0].sum() == 6

@@ -11,7 +11,6 @@ branch on a device value, so it runs under ``torch.compile(fullgraph=True)`` and
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +28,6 @@ from fastmix.mixers._common import (
     weights_tolerance,
 )
 from fastmix.ops import (
-    MAX_KERNEL_DOMAINS,
     domain_stats_detached,
     doremi_step_,
     doremi_update_,
@@ -166,15 +164,7 @@ class DoReMi:
                     f"loss is on {loss.device} but the DoReMi state is on {self._state.device}"
                 )
         self._stepped = True
-        name = resolve_backend(self.backend, loss.device)
-        if name != "torch" and self.num_domains > MAX_KERNEL_DOMAINS:
-            if self.backend is not None or os.environ.get("FASTMIX_BACKEND"):
-                raise ValueError(
-                    f"num_domains={self.num_domains} exceeds the {name} kernels' limit "
-                    f"{MAX_KERNEL_DOMAINS}; use backend='torch'"
-                )
-            name = "torch"
-        return name
+        return resolve_backend(self.backend, loss.device, self.num_domains)
 
     def _get_workspace(self, backend: str) -> Tensor:
         key = (backend, self._state.device)
@@ -279,9 +269,7 @@ class DoReMi:
         """Update α from the statistics accumulated since the last update (all ranks summed)."""
         if not self._num_pending:
             raise RuntimeError("update() needs at least one accumulate() since the last update")
-        backend = resolve_backend(self.backend, self._state.device)
-        if backend != "torch" and self.num_domains > MAX_KERNEL_DOMAINS:
-            backend = "torch"
+        backend = resolve_backend(self.backend, self._state.device, self.num_domains)
         group = self._group()
         distributed.all_reduce_sum_(self._pending, group)
         doremi_update_(

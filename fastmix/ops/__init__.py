@@ -72,9 +72,22 @@ def _can_run(name: str, device: torch.device) -> tuple[bool, str]:
     return module.can_run(device)
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend to use for tensors on ``device``; ``backend`` or FASTMIX_BACKEND forces one."""
-    forced = backend if backend is not None else os.environ.get("FASTMIX_BACKEND") or None
+# Read at each eager call; while torch.compile traces, once per trace (older dynamo cannot trace
+# os.environ.get at all).
+@torch.compiler.assume_constant_result
+def _env_backend() -> str | None:
+    return os.environ.get("FASTMIX_BACKEND") or None
+
+
+def resolve_backend(
+    backend: str | None, device: torch.device, num_domains: int | None = None
+) -> str:
+    """The backend to use for tensors on ``device``; ``backend`` or FASTMIX_BACKEND forces one.
+
+    With ``num_domains`` above the kernels' limit the automatic choice is torch, and a forced
+    kernel backend is a ValueError.
+    """
+    forced = backend if backend is not None else _env_backend()
     if forced is not None:
         source = "backend" if backend is not None else "FASTMIX_BACKEND"
         if forced not in BACKENDS:
@@ -84,8 +97,13 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             raise RuntimeError(
                 f"{source}={forced!r} cannot run on {device.type} tensors here: {why}"
             )
+        if forced != "torch" and num_domains is not None and num_domains > MAX_KERNEL_DOMAINS:
+            raise ValueError(
+                f"num_domains={num_domains} exceeds the {forced} kernels' limit "
+                f"{MAX_KERNEL_DOMAINS}; use backend='torch'"
+            )
         return forced
-    if device.type == "cuda":
+    if device.type == "cuda" and (num_domains is None or num_domains <= MAX_KERNEL_DOMAINS):
         for name in ("cuda", "triton"):
             if _can_run(name, device)[0]:
                 return name
@@ -190,7 +208,25 @@ def _impl(backend: str) -> Any:
     return reference if backend == "torch" else _backend_module(backend)
 
 
-@torch.library.custom_op("fastmix::domain_stats", mutates_args=())
+# The ops' schemas, written out rather than inferred from the annotations: inference needs
+# evaluated annotations (this module's are strings) and its rules vary between torch releases.
+# These are exactly what torch 2.13 infers from the signatures below (test_ops checks it).
+_SCHEMAS = {
+    "domain_stats": "(Tensor loss, Tensor domain, Tensor? mask, Tensor? ref_loss, "
+    "SymInt num_domains, str backend, bool deterministic) -> (Tensor, Tensor)",
+    "doremi_step_": "(Tensor loss, Tensor domain, Tensor? mask, Tensor ref_loss, "
+    "Tensor(a4!) state, Tensor(a5!) counters, Tensor(a6!) workspace, float step_size, "
+    "float smoothing, str proxy, str backend, bool deterministic) -> (Tensor, Tensor)",
+    "doremi_update_": "(Tensor stats, Tensor(a1!) state, Tensor(a2!) counters, float step_size, "
+    "float smoothing, str proxy, str backend) -> (Tensor, Tensor)",
+    "objective_grad": "(Tensor grad, Tensor loss, Tensor domain, Tensor? mask, Tensor aux, "
+    "str proxy) -> Tensor",
+}
+
+
+@torch.library.custom_op(
+    "fastmix::domain_stats", mutates_args=(), schema=_SCHEMAS["domain_stats"]
+)
 def _domain_stats_op(
     loss: Tensor,
     domain: Tensor,
@@ -289,7 +325,9 @@ def _doremi_step_impl(
 
 
 _doremi_step_op = torch.library.custom_op(
-    "fastmix::doremi_step_", mutates_args=("state", "counters", "workspace")
+    "fastmix::doremi_step_",
+    mutates_args=("state", "counters", "workspace"),
+    schema=_SCHEMAS["doremi_step_"],
 )(_doremi_step_impl)
 
 
@@ -312,7 +350,7 @@ def _doremi_update_impl(
 
 
 _doremi_update_op = torch.library.custom_op(
-    "fastmix::doremi_update_", mutates_args=("state", "counters")
+    "fastmix::doremi_update_", mutates_args=("state", "counters"), schema=_SCHEMAS["doremi_update_"]
 )(_doremi_update_impl)
 
 
@@ -321,7 +359,9 @@ def _(stats, state, counters, step_size, smoothing, proxy, backend):
     return state.new_empty(()), state.new_empty((4, state.shape[1]))
 
 
-@torch.library.custom_op("fastmix::objective_grad", mutates_args=())
+@torch.library.custom_op(
+    "fastmix::objective_grad", mutates_args=(), schema=_SCHEMAS["objective_grad"]
+)
 def _objective_grad_op(
     grad: Tensor, loss: Tensor, domain: Tensor, mask: Tensor | None, aux: Tensor, proxy: str
 ) -> Tensor:
@@ -331,6 +371,13 @@ def _objective_grad_op(
 @_objective_grad_op.register_fake
 def _(grad, loss, domain, mask, aux, proxy):
     return torch.empty_like(loss)
+
+
+def _mutated(*tensors: Tensor) -> None:
+    """Tell autograd these tensors changed in place, as the dispatcher would for the ops' (a!)
+    arguments (one tensor per call: torch before 2.6 takes no tuple)."""
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)
 
 
 # Eager calls skip the torch.library dispatcher: it costs ~50 µs per call on CPU (measured:
@@ -348,7 +395,7 @@ def doremi_step_(
     if torch.compiler.is_compiling():
         return torch.ops.fastmix.doremi_step_(*args)
     out = _doremi_step_impl(*args)
-    torch.autograd.graph.increment_version((state, counters, workspace))
+    _mutated(state, counters, workspace)
     return out
 
 
@@ -361,7 +408,7 @@ def doremi_update_(
     if torch.compiler.is_compiling():
         return torch.ops.fastmix.doremi_update_(*args)
     out = _doremi_update_impl(*args)
-    torch.autograd.graph.increment_version((state, counters))
+    _mutated(state, counters)
     return out
 
 
@@ -448,14 +495,7 @@ def domain_loss_stats(
     ``check()`` raises).  Gradients flow to ``loss`` and ``ref_loss``.
     """
     validate_inputs(loss, domain, num_domains, ref_loss, mask)
-    name = resolve_backend(backend, loss.device)
-    if name != "torch" and num_domains > MAX_KERNEL_DOMAINS:
-        if backend is not None or os.environ.get("FASTMIX_BACKEND"):
-            raise ValueError(
-                f"num_domains={num_domains} exceeds the {name} kernels' limit "
-                f"{MAX_KERNEL_DOMAINS}; use backend='torch'"
-            )
-        name = "torch"
+    name = resolve_backend(backend, loss.device, num_domains)
     args = (loss, domain, mask, ref_loss, num_domains, name, bool(deterministic))
     needs_grad = torch.is_grad_enabled() and (
         loss.requires_grad or (ref_loss is not None and ref_loss.requires_grad)
