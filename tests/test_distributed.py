@@ -69,7 +69,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, accumulate: bool, exp
         mixer = run_mixer(world, rank, accumulate, group)
         torch.save(mixer.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        leave()
 
 
 def nonmember_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -89,7 +89,14 @@ def nonmember_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(message)
     finally:
-        dist.destroy_process_group()
+        leave()
+
+
+def leave() -> None:
+    """How a spawned rank ends: every rank waits for the others, and none calls
+    destroy_process_group (with torch 2.4 a rank could hang in it once rank 0, which hosts the
+    store, had exited); the process's exit frees the group."""
+    dist.barrier()
 
 
 def make_corpus(root: str, tokens_b: int) -> TokenCorpus:
@@ -167,7 +174,7 @@ def check_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"checks{rank}.json"), "w") as f:
             json.dump(results, f)
     finally:
-        dist.destroy_process_group()
+        leave()
 
 
 def free_port() -> int:
