@@ -3,11 +3,13 @@ cross-rank consistency checks of DoReMi, ODM and MixtureDataset."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -57,7 +59,11 @@ def run_mixer(world: int, rank: int | None, accumulate: bool, group=None) -> DoR
     return mixer
 
 
-def worker(rank: int, world: int, port: int, out_dir: str, accumulate: bool, explicit: bool):
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int) -> Iterator[None]:
+    """One spawned rank of a gloo group on this host.  At the end every rank waits for the
+    others, and none calls destroy_process_group (with torch 2.4 a rank could hang in it once
+    rank 0, which hosts the store, had exited); the process's exit frees the group."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -65,20 +71,20 @@ def worker(rank: int, world: int, port: int, out_dir: str, accumulate: bool, exp
         "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
     try:
+        yield
+    finally:
+        dist.barrier()
+
+
+def worker(rank: int, world: int, port: int, out_dir: str, accumulate: bool, explicit: bool):
+    with gloo_rank(rank, world, port):
         group = dist.new_group(list(range(world))) if explicit else None
         mixer = run_mixer(world, rank, accumulate, group)
         torch.save(mixer.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        leave()
 
 
 def nonmember_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
+    with gloo_rank(rank, world, port):
         group = dist.new_group([0])  # every rank must call new_group; only rank 0 is in it
         mixer = DoReMi(K, process_group=group)
         try:
@@ -88,15 +94,6 @@ def nonmember_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             message = str(exc)
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(message)
-    finally:
-        leave()
-
-
-def leave() -> None:
-    """How a spawned rank ends: every rank waits for the others, and none calls
-    destroy_process_group (with torch 2.4 a rank could hang in it once rank 0, which hosts the
-    store, had exited); the process's exit frees the group."""
-    dist.barrier()
 
 
 def make_corpus(root: str, tokens_b: int) -> TokenCorpus:
@@ -163,18 +160,10 @@ def check_scenarios(rank: int, out_dir: str) -> dict[str, str]:
 
 
 def check_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
+    with gloo_rank(rank, world, port):
         results = check_scenarios(rank, out_dir)
         with open(os.path.join(out_dir, f"checks{rank}.json"), "w") as f:
             json.dump(results, f)
-    finally:
-        leave()
 
 
 def free_port() -> int:
