@@ -1123,7 +1123,7 @@ class MixtureDataset(IterableDataset):
             "initial weights": self._initial_weights,
             "weights": self._weights,
             "set_weights changes": self.weight_schedule,
-            "resume point": json.dumps(resume, sort_keys=True),
+            "resume point": resume,
         }  # fmt: skip
         distributed.check_ranks_agree(
             "MixtureDataset", fields, group, rank=self.rank, num_ranks=self.world_size

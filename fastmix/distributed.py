@@ -72,11 +72,19 @@ def all_reduce_sum_(tensor: Tensor, group: Any) -> Tensor:
 
 
 def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, np.generic):  # a numpy scalar digests as the Python number it holds
+        value = value.item()
     if isinstance(value, Tensor):
         value = value.detach().cpu().contiguous().numpy()
     if isinstance(value, np.ndarray):
         h.update(f"array{value.dtype.str}{value.shape}:".encode())
         h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):
+        h.update(f"dict{len(value)}(".encode())
+        for key in sorted(value, key=repr):
+            _feed(h, key)
+            _feed(h, value[key])
+        h.update(b")")
     elif isinstance(value, (tuple, list)):
         h.update(f"{type(value).__name__}{len(value)}(".encode())
         for item in value:
@@ -90,8 +98,8 @@ def _feed(h: Any, value: Any) -> None:
 
 def _fingerprint(value: Any) -> int:
     """A 62-bit digest of ``value``: arrays and tensors by dtype, shape and bytes, lists and
-    tuples item by item, anything else by its repr.  Equal values give equal digests on every
-    machine and process."""
+    tuples item by item, mappings by sorted key, anything else by its repr.  Equal values give
+    equal digests on every machine and process."""
     h = hashlib.blake2b(digest_size=8)
     _feed(h, value)
     # 62 bits, so that the digest and its negation both fit an int64 (see check_ranks_agree).

@@ -273,4 +273,8 @@ def test_fingerprints_see_every_element():
     )
     assert fdist._fingerprint(a.astype(np.int32)) != fdist._fingerprint(a)  # dtype counts
     assert fdist._fingerprint([1, 2]) != fdist._fingerprint((1, 2))
+    # mappings by sorted key, so insertion order does not matter; values with numpy scalars work
+    assert fdist._fingerprint({"a": 1, "b": [a]}) == fdist._fingerprint({"b": [a], "a": 1})
+    assert fdist._fingerprint({"a": np.int64(1)}) != fdist._fingerprint({"a": np.int64(2)})
+    assert fdist._fingerprint([np.int64(3), np.float64(0.5)]) == fdist._fingerprint([3, 0.5])
     assert 0 <= fdist._fingerprint("anything") < 2**62
