@@ -5,7 +5,10 @@
 # stays under 10 minutes (150 + 220 + 180 s stage limits, plus ~30 s of probes, < 600 s in all).
 #
 #   bash bench/gpu_check.sh                 # PYTHON=/path/to/python to choose the interpreter
+#   bash bench/gpu_check.sh DIR             # also copy the report and the full build, test and
+#                                           # benchmark logs into DIR (a machine you cannot keep)
 set -uo pipefail
+copy_to="${1:-}"
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 PY="${PYTHON:-python3}"
@@ -75,4 +78,10 @@ echo "gpu_check: benchmarks $bench_status"
 } >"$out.tmp"
 mv "$out.tmp" "$out"
 echo "gpu_check: wrote $out"
+if [[ -n "$copy_to" ]]; then
+    mkdir -p "$copy_to" && cp "$out" "$copy_to/" && for f in build tests bench; do
+        [[ -f "$LOG/$f" ]] && cp "$LOG/$f" "$copy_to/gpu-check-$f.log"
+    done
+    echo "gpu_check: copied the report and logs to $copy_to"
+fi
 [[ "$build_status" == ok && "$test_status" == ok && "$bench_status" == ok ]]
