@@ -69,12 +69,18 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) double refresh_avx512(
     // a masked compress-store to memory is microcoded and ~10x slower on AMD Zen 4/5.
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(cand + n_cand),
                         _mm256_maskz_compress_epi32(is_cand, idx));
-    if (cw != nullptr) {  // the candidates' weights and counts, compressed the same way
-      _mm512_storeu_pd(cw + n_cand, _mm512_maskz_compress_pd(is_cand, wv));
-      _mm512_storeu_pd(cc + n_cand, _mm512_maskz_compress_pd(is_cand, cv));
-    }
     n_cand += __builtin_popcount(static_cast<unsigned>(is_cand));
     idx = _mm256_add_epi32(idx, eight);
+  }
+  // The candidates' weights and counts, gathered by id after the pass rather than compressed
+  // beside the ids in it: K = 256 with 42 candidates, 71-83 against 105-114 ns per pass on
+  // Zen 4 (two more 512-bit compresses and stores for each 8 domains cost more than 42 scalar
+  // copies).
+  if (cw != nullptr) {
+    for (int64_t j = 0; j < n_cand; ++j) {
+      cw[j] = w[cand[j]];
+      cc[j] = cf[cand[j]];
+    }
   }
   *above = n_above;
   *num = n_cand;

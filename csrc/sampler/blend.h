@@ -66,6 +66,8 @@ void greedy_naive(const double* w, int64_t k, int64_t s0, int64_t n, int64_t* co
 // chains: windows of sqrt(K) steps (at most 16) with up to 64 candidates per chain, the candidates'
 // weights and counts compressed inside the refresh pass, the output arrays written as the windows
 // close: K = 256 12.1 ns per step against 13.8 (same run, 10M steps), K = 100 10.0 against 14.9.
+// (Later, on Zen 4, the AVX-512 pass compresses only the ids and copies weights and counts by id
+// after it: K = 256 about 1 ns per step less; see refresh_avx512.)
 // (Tried, slower: an outer window of 4 inner ones whose refresh passes scan only the outer
 // candidates, 14.7 ns at K = 256 -- the windows' fixed costs, not the O(K) scan, dominate; three
 // chains with the weights read from memory, 12.1 ns.)
@@ -80,7 +82,7 @@ Isa best_isa();
 // AVX-512 versions, the best that isa allows): returns the maximum computed value, writes the
 // number of domains with value >= L to *above and the candidates (value + w * growth + delta >=
 // L), in index order, to cand[0..*num), with their weights and counts to cw and cc when given
-// (packed in registers alongside the ids); cand, cw and cc must have room for K + 8 entries.
+// (copied by id after the pass); cand, cw and cc must have room for K + 8 entries.
 // The candidate test may round differently between versions; the proof above holds for any
 // rounding of it because delta carries a ~3x margin, and the output never depends on it.
 double refresh_pass(Isa isa, const double* w, const double* cf, int64_t k, double x0, double level,
