@@ -9,7 +9,8 @@ Three backends compute the same thing:
 
 The automatic choice is cuda when built and the tensors are on a GPU, else triton when importable
 and the tensors are on a GPU, else torch.  ``backend=`` or the environment variable
-``FASTMIX_BACKEND`` (read at every call) forces one; forcing one that cannot run raises.
+``FASTMIX_BACKEND`` (read at every eager call; under torch.compile, when the graph is traced)
+forces one; forcing one that cannot run raises.
 
 Each op is a ``torch.library`` custom op (namespace ``fastmix``) with a fake implementation, so it
 traces under ``torch.compile(fullgraph=True)`` and records into CUDA graphs.
