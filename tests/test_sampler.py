@@ -464,7 +464,7 @@ def test_best_isa_follows_the_cpu_flags() -> None:
     assert _C._best_isa() == expected
 
 
-@pytest.mark.parametrize("k", [3, 22, 64, 256, 1000])
+@pytest.mark.parametrize("k", [3, 12, 19, 20, 22, 64, 256, 1000])  # 19 | 20: plain loop | windows
 def test_blend_indices_portable_path_matches_naive_loop(k: int) -> None:
     # The scalar pruning path runs on CPUs without AVX-512; check it here on any machine.
     w = np.random.default_rng(100 + k).dirichlet(np.full(k, 0.5))
