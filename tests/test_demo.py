@@ -170,6 +170,9 @@ def test_load_weights_accepts_and_rejects(tmp_path: Path) -> None:
         # A list has no names, and the demo prints domains in its own order, not the corpus's.
         ([1, 2], "a list names no domains"),
         ([1, 2, 3], "a list names no domains"),
+        ({"weights": [1, 2, 3]}, "a list names no domains"),
+        ("a", "must hold"),
+        (3, "must hold"),
     ):
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match) as info:

@@ -54,14 +54,20 @@ def load_weights(path: str | os.PathLike[str], domains: Sequence[str]) -> dict[s
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        data = None  # read() below reports these
+        data = path  # unreadable: read() says why, naming the file
+    if isinstance(data, dict) and "weights" in data:
+        data = data["weights"]
     if isinstance(data, list):  # the demo prints domains in its own order, not the corpus's
         raise ValueError(
             f"--weights {path}: a list names no domains; give {{domain: weight}} "
             f"(domains: {', '.join(domains)})"
         )
+    if not isinstance(data, (dict, Path)):
+        raise ValueError(
+            f"--weights {path}: must hold {{'weights': {{domain: w}}}} or {{domain: w}}"
+        )
     try:
-        w = np.asarray(read(path, list(domains)), dtype=np.float64)
+        w = np.asarray(read(data, list(domains)), dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"--weights {path}: {exc}") from None
     return {name: float(v) for name, v in zip(domains, w / w.sum(), strict=True)}
