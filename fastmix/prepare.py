@@ -10,7 +10,8 @@ Output layout (what ``TokenCorpus.from_dir`` reads)::
 
 Inputs: ``.jsonl`` / ``.json`` files hold one JSON object per line whose ``--text-field`` (default
 ``text``) is a document; ``.jsonl.gz`` is read through gzip; any other file is plain text, one
-document per file (``--lines``: one per non-empty line).
+document per file (``--lines``: one per non-empty line).  A document with no text is skipped
+(and counted in its domain's ``"empty_documents"``), never stored as a lone end-of-document.
 
 Tokenizers: ``byte`` (built in: the UTF-8 bytes 0-255 plus end-of-document 256, stored as uint16),
 ``tiktoken:<encoding>`` (e.g. ``tiktoken:gpt2``) and ``hf:<tokenizer.json or hub name>`` when the
@@ -210,7 +211,9 @@ def prepare_domain(
 ) -> dict[str, Any]:
     """Tokenise ``texts`` (one document each) into ``<out_dir>/<name>.bin`` and record it.
 
-    Each document is followed by the tokenizer's end-of-document id.  The file is written under a
+    Each document is followed by the tokenizer's end-of-document id; a document that encodes to no
+    token (an empty text) is skipped, not written as a lone end-of-document, and counted in the
+    entry's ``"empty_documents"`` (present when there were any).  The file is written under a
     temporary name and renamed once complete, then ``corpus.json`` is updated the same way, so an
     exception or a crash midway never leaves a file that loads.  Returns the manifest entry.
     ``progress`` is an optional tqdm-like object whose ``update(n)`` gets the characters consumed.
@@ -224,7 +227,7 @@ def prepare_domain(
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer)
     manifest = _load_or_new_manifest(out, tok)
     target = out / f"{name}.bin"
-    n_tokens = n_docs = 0
+    n_tokens = n_docs = n_empty = 0
     with atomic_open(target) as f:
         buffer: list[np.ndarray] = []
         buffered = 0
@@ -235,6 +238,11 @@ def prepare_domain(
                     f"domain {name!r}: documents must be str, got {type(text).__name__}"
                 )
             ids = np.asarray(tok.encode(text))
+            if progress is not None:
+                progress.update(len(text))
+            if ids.size == 0:
+                n_empty += 1
+                continue
             if ids.size and (ids.min() < 0 or ids.max() >= tok.vocab_size):
                 raise ValueError(
                     f"domain {name!r}: tokenizer produced ids outside its vocabulary"
@@ -242,8 +250,6 @@ def prepare_domain(
             buffer += [ids.astype(tok.dtype, copy=False), eos]
             buffered += ids.size + 1
             n_docs += 1
-            if progress is not None:
-                progress.update(len(text))
             if buffered >= _FLUSH_TOKENS:
                 f.write(np.concatenate(buffer).tobytes())
                 n_tokens += buffered
@@ -252,13 +258,18 @@ def prepare_domain(
             f.write(np.concatenate(buffer).tobytes())
             n_tokens += buffered
         if n_docs == 0:
-            raise ValueError(f"domain {name!r}: no documents (inputs: {list(sources) or 'none'})")
+            empty = f", {n_empty} empty" if n_empty else ""
+            raise ValueError(
+                f"domain {name!r}: no documents{empty} (inputs: {list(sources) or 'none'})"
+            )
     entry = {
         "files": [target.name],
         "tokens": int(n_tokens),
         "documents": int(n_docs),
         "sources": [str(s) for s in sources],
     }
+    if n_empty:
+        entry["empty_documents"] = int(n_empty)
     manifest = _load_or_new_manifest(out, tok)  # re-read: another domain may have been added since
     manifest["domains"][name] = entry
     atomic_write_json(out / CORPUS_MANIFEST, manifest)
@@ -420,7 +431,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for name in domains:
         entry = manifest["domains"][name]
-        print(f"{name}: {entry['documents']:,} documents, {entry['tokens']:,} tokens")
+        empty = entry.get("empty_documents", 0)
+        skipped = f" ({empty:,} empty skipped)" if empty else ""
+        print(f"{name}: {entry['documents']:,} documents, {entry['tokens']:,} tokens{skipped}")
     print(
         f"wrote {Path(args.out) / CORPUS_MANIFEST} ({manifest['tokenizer']}, {manifest['dtype']})"
     )

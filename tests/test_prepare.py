@@ -52,6 +52,24 @@ def test_python_api_adds_domains_and_lines_mode(tmp_path):
     assert manifest["domains"]["single"]["sources"] == [str(tmp_path / "l.txt")]
 
 
+def test_empty_documents_are_skipped_and_counted(tmp_path, capsys):
+    # An empty text would otherwise be stored as a lone end-of-document token.
+    entry = prepare_domain("web", ["", "ab", "", "c"], tmp_path)
+    assert entry["documents"] == 2 and entry["tokens"] == 5 and entry["empty_documents"] == 2
+    assert TokenCorpus.from_dir(tmp_path).tokens_of(0).tolist() == [97, 98, 256, 99, 256]
+    assert "empty_documents" not in prepare_domain("full", ["x"], tmp_path)
+    with pytest.raises(ValueError, match=r"domain 'none': no documents, 3 empty"):
+        prepare_domain("none", ["", "", ""], tmp_path)
+    (tmp_path / "e.jsonl").write_text('{"text": ""}\n{"text": "hi"}\n')
+    (tmp_path / "empty.txt").write_text("")
+    rc = cli.main(
+        ["prepare", f"j={tmp_path / 'e.jsonl'},{tmp_path / 'empty.txt'}", "-o",
+         str(tmp_path / "o"), "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    assert "j: 1 documents, 3 tokens (2 empty skipped)" in capsys.readouterr().out
+
+
 def test_failure_midway_leaves_nothing_that_loads(tmp_path):
     def documents():
         yield "a complete document"
