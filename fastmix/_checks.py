@@ -17,4 +17,7 @@ def real_number(value: Any, what: str) -> float:
         raise TypeError(f"{what} must be a number, got {value!r}")
     if isinstance(value, np.number) and not np.isrealobj(value):
         raise TypeError(f"{what} must be a real number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float64, e.g. 10**400
+        raise ValueError(f"{what} must be finite, got an int too large for float64") from None

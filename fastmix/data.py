@@ -196,6 +196,7 @@ class TokenCorpus:
         self._flat_dtypes: list[np.dtype] = []
         self._flat_offsets: list[int] = []  # byte offset of the data (the .npy header)
         self._flat_sizes: list[int] = []
+        self._manifests: dict[Path, Any] = {}  # corpus.json per directory, while inspecting
         for name, spec in domains.items():
             if not isinstance(name, str) or not name:
                 raise TypeError(f"domain names must be non-empty strings, got {name!r}")
@@ -221,6 +222,7 @@ class TokenCorpus:
                 raise CorpusError(f"domain {name!r} is empty: its files ({listing}) hold no tokens")
             self.file_tokens[name] = sizes
         self._maps: list[np.ndarray | None] = [None] * len(self._flat_files)
+        del self._manifests
 
     @classmethod
     def from_dir(cls, path: PathLike) -> TokenCorpus:
@@ -286,6 +288,8 @@ class TokenCorpus:
             manifest = _read_manifest(path.parent)
             if manifest is not None:
                 dt = _bin_dtype(manifest.get("dtype"), f"dtype in {path.parent / CORPUS_MANIFEST}")
+        else:
+            _check_manifest_dtype(where, path, dt, self._manifests)
         if dt is None:
             raise CorpusError(
                 f"{where}: a raw token file needs dtype= ('uint16' or 'uint32') or a "
@@ -381,12 +385,43 @@ def _file_windows(n_tokens: int, seq_len: int) -> int:
 
 def _bin_dtype(dtype: Any, what: str) -> np.dtype:
     try:
-        name = np.dtype(dtype).name
+        dt = np.dtype(dtype)
     except TypeError:
-        name = None
-    if name not in _BIN_DTYPES:
+        dt = None
+    if dt is None or dt.name not in _BIN_DTYPES:
         raise ValueError(f"{what} must be 'uint16' or 'uint32' for raw token files, got {dtype!r}")
-    return _BIN_DTYPES[name]
+    if dt != dt.newbyteorder("<"):  # raw token files are little-endian; '>u2' would misread them
+        raise ValueError(f"{what}: raw token files are little-endian, got {dtype!r}")
+    return _BIN_DTYPES[dt.name]
+
+
+def _check_manifest_dtype(
+    where: str, path: Path, dtype: np.dtype, cache: dict[Path, Any]
+) -> None:
+    """An explicit dtype= must agree with a fastmix manifest that lists the file (another dtype
+    would read every token wrong); a manifest that is not fastmix's, or does not list it, is
+    none of our business."""
+    if path.parent not in cache:  # read once per directory, not once per file
+        try:
+            cache[path.parent] = _read_manifest(path.parent)
+        except CorpusError:
+            cache[path.parent] = None
+    manifest = cache[path.parent]
+    if manifest is None:
+        return
+    listed = any(
+        isinstance(info, Mapping) and path.name in (info.get("files") or [])
+        for info in manifest["domains"].values()
+    )
+    try:
+        theirs = _bin_dtype(manifest.get("dtype"), "dtype")
+    except ValueError:
+        return
+    if listed and theirs != dtype:
+        raise CorpusError(
+            f"{where}: dtype={dtype.name!r} but {str(path.parent / CORPUS_MANIFEST)!r} says "
+            f"{theirs.name!r}"
+        )
 
 
 def _read_manifest(root: Path) -> dict[str, Any] | None:
@@ -429,6 +464,9 @@ _WORKER_SLOTS = 256
 # A worker waiting for weights whose CUDA copy has not completed gives up after this long.
 _WAIT_TIMEOUT_S = 120.0
 _READY, _PENDING, _CANCELLED = 1, 0, 2
+# A progress slot no iterator holds.  Not -1: an iterator that will next produce step 0 records
+# step - 1 = -1 as started, and it must still count as live (its changes are not consumed yet).
+_NO_ITERATOR = -(2**62)
 
 
 class _Control:
@@ -449,7 +487,7 @@ class _Control:
             "event_flag": torch.zeros(_EVENT_CAPACITY, dtype=torch.int64),
             "event_weights": torch.zeros(_EVENT_CAPACITY, num_domains, dtype=torch.float64),
             "count": torch.zeros(1, dtype=torch.int64),
-            "started": torch.full((_WORKER_SLOTS,), -1, dtype=torch.int64),
+            "started": torch.full((_WORKER_SLOTS,), _NO_ITERATOR, dtype=torch.int64),
             "exhausted": torch.full((num_domains,), -1, dtype=torch.int64),
         }
         for t in self.tensors.values():
@@ -508,7 +546,7 @@ class _Control:
             if count >= _EVENT_CAPACITY and v["event_flag"][slot] != _CANCELLED:
                 # The slot's change is consumed once every live iterator has started its step
                 # (it was collected then); with none live, the next one starts at ``floor``.
-                live = v["started"][v["started"] >= 0]
+                live = v["started"][v["started"] != _NO_ITERATOR]
                 consumed_through = int(live.min()) if live.size else floor - 1
                 if v["event_step"][slot] > consumed_through:
                     raise RuntimeError(
@@ -555,7 +593,7 @@ class _Control:
         with self.lock:
             v["started"][slot] = step - 1
             if slot == 0:
-                v["started"][num_slots:] = -1
+                v["started"][num_slots:] = _NO_ITERATOR
 
     def collect(self, slot: int, position: int, claim: int) -> list[tuple[int, int, np.ndarray]]:
         """Mark ``claim`` started; return the changes (id, step, weights) with step >= position.
@@ -587,10 +625,15 @@ class _Control:
                 )
             time.sleep(1e-4)
 
-    def reset_progress(self) -> None:
-        """Forget every iterator's progress (a resumed dataset starts from its loaded state)."""
+    def clear(self) -> None:
+        """Forget every change and exhaustion mark (the main process loads another state)."""
         with self.lock:
-            self.v["started"][:] = -1
+            v = self.v
+            v["event_step"][:] = -1
+            v["event_id"][:] = -1
+            v["event_flag"][:] = _PENDING
+            v["exhausted"][:] = -1
+            v["started"][:] = _NO_ITERATOR
 
     def mark_exhausted(self, domain: int, sample: int) -> None:
         with self.lock:
@@ -800,7 +843,12 @@ class _MixtureIterator:
         self.ds = ds
         self.stream = _Stream(ds, state)
         self.worker_id, self.stride = worker_id, num_workers
-        if state is not None and state.get("next_step") is not None:
+        # A state saved by a single iterator (in-process, or one worker) has produced every step
+        # before its position, so any number of workers can take over from there.
+        single = state is not None and state.get("stride") == 1 and (
+            state.get("next_step") == state["step"]
+        )
+        if state is not None and state.get("next_step") is not None and not single:
             if (state["worker"], state["stride"]) != (worker_id, num_workers):
                 raise ValueError(
                     f"state was saved by DataLoader worker {state['worker']} of {state['stride']}; "
@@ -937,9 +985,11 @@ class MixtureDataset(IterableDataset):
         else:
             allowed = None if on_exhausted == "reshuffle" else 1
         self._capped = allowed is not None
-        big = np.iinfo(np.int64).max
-        self._caps = (
-            self._n_windows * allowed if allowed is not None else np.full_like(self._n_windows, big)
+        big = int(np.iinfo(np.int64).max)
+        # In Python ints: windows * max_epochs can pass int64 (a cap that large never binds).
+        self._caps = np.array(
+            [big if allowed is None else min(int(n) * allowed, big) for n in self._n_windows],
+            dtype=np.int64,
         )
         per_rank = self.batch_size or 1
         self._global_batch = per_rank * self.world_size
@@ -1017,8 +1067,12 @@ class MixtureDataset(IterableDataset):
         if step is not None:
             if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
                 raise ValueError(f"step must be a non-negative int or None, got {step!r}")
+            if step >= 2**62:
+                raise ValueError(f"step must be < 2**62, got {step}")
             step = int(step)
         if isinstance(weights, torch.Tensor) and weights.device.type == "cuda":
+            if weights.dtype == torch.bool or weights.is_complex():
+                raise TypeError(f"weights must be real numbers, got a {weights.dtype} tensor")
             if weights.shape != (self.corpus.num_domains,):
                 raise ValueError(
                     f"weights must have shape ({self.corpus.num_domains},), "
@@ -1172,8 +1226,12 @@ class MixtureDataset(IterableDataset):
         """Where the stream is: the live iterator's position in this process, else the resume point.
 
         Holds O(K) numbers (cursors, weights, the sampler's state) and the pending weight changes:
-        nothing per sample.
+        nothing per sample.  In the main process it first waits for CUDA weight copies still in
+        flight (``flush_weights()``), so a change made just before the checkpoint is in it.
         """
+        in_worker = torch.utils.data.get_worker_info() is not None
+        if not in_worker:
+            self.flush_weights()
         state = self._header()
         if self._active is not None:
             state.update(self._active.state_dict())
@@ -1183,7 +1241,6 @@ class MixtureDataset(IterableDataset):
             if self._resume is not None and self._resume.get("next_step") is not None:
                 state.update({k: self._resume[k] for k in ("next_step", "worker", "stride")})
         # Changes still to come; a worker's own state needs only its "pending" ones.
-        in_worker = torch.utils.data.get_worker_info() is not None
         state["events"] = (
             [] if in_worker else [[s, w] for s, w in self._control.dump() if s >= self._floor]
         )
@@ -1191,11 +1248,20 @@ class MixtureDataset(IterableDataset):
             # The earliest step a change can reach now: with DataLoader workers they, not this
             # process, hold the position, so a resumed run must not place a change before it.
             state["floor"] = self.next_step
+            # ``ds.weights``: with DataLoader workers the stream's own weights above are those at
+            # the resume point, not the latest change.
+            state["weights"] = self._weights.tolist()
         state["exhausted"] = self.exhausted_at
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from ``state_dict()``: the next iteration continues exactly where it was."""
+        """Resume from ``state_dict()``: the next iteration continues exactly where it was.
+
+        Also on a dataset that has already run (rolling back to an earlier checkpoint): the
+        changes, exhaustion marks and ``weight_schedule`` of the abandoned run are dropped, and
+        the stream is the one a fresh process loading ``state`` would produce.  Afterwards
+        ``weight_schedule`` lists the restored changes still to come.
+        """
         if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
             raise ValueError("state is not a MixtureDataset state_dict")
         header = self._header()
@@ -1207,19 +1273,32 @@ class MixtureDataset(IterableDataset):
                 )
         _check_state_body(state, self.corpus.num_domains)
         state = dict(state)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        if not in_worker:
+            # The main process owns the shared ring.  CUDA copies of the abandoned run finish
+            # first (their errors belong to it), then everything it left is cleared.
+            if self._async is not None:
+                self._async.join()
+            self._async_error = None
+            self._control.clear()
+            self.weight_schedule = []
         self._resume = state
         self._active = None
         self._weights = np.array(state["user_weights"], np.float64)
         for name, sample in dict(state.get("exhausted", {})).items():
             self._control.mark_exhausted(self.corpus.names.index(name), int(sample))
-        if torch.utils.data.get_worker_info() is None:
-            # The main process owns the shared ring: restore the changes still to come.
+        if not in_worker:
+            # Restore the changes still to come.
             self._floor = int(state["step"])
-            self._control.reset_progress()
             changes = dict((int(s), w) for s, w in state.get("pending", []))
             changes.update((int(s), w) for s, w in state.get("events", []) if s >= self._floor)
             for s in sorted(changes):
-                self._control.publish(np.asarray(changes[s], np.float64), s, self._floor)
+                w = np.asarray(changes[s], np.float64)
+                self._control.publish(w, s, self._floor)
+                self.weight_schedule.append((s, w.tolist()))
+                self._weights = w
+            if state.get("weights") is not None:
+                self._weights = np.array(state["weights"], np.float64)
             self._floor = max(self._floor, int(state.get("floor", self._floor)))
 
     def __getstate__(self) -> dict[str, Any]:
@@ -1260,10 +1339,16 @@ def _check_state_body(state: Mapping[str, Any], num_domains: int) -> None:
             n = -1
         if n != num_domains:
             raise bad(key, f"must hold one entry per domain ({num_domains})")
-    try:
-        _check_weight_values(np.asarray(state["user_weights"], np.float64), None)
-    except (TypeError, ValueError) as e:
-        raise bad("user_weights", f"is not a valid weight vector ({e})") from None
+    for key in ("user_weights", "weights"):
+        if key == "weights" and state.get(key) is None:
+            continue  # states saved before it existed, and those of DataLoader workers
+        try:
+            weights = np.asarray(state[key], np.float64)
+            if weights.shape != (num_domains,):
+                raise ValueError(f"shape {weights.shape}, expected ({num_domains},)")
+            _check_weight_values(weights, None)
+        except (TypeError, ValueError) as e:
+            raise bad(key, f"is not a valid weight vector ({e})") from None
     sampler = state["sampler"]
     if not isinstance(sampler, Mapping) or len(sampler.get("weights", ())) != num_domains:
         raise bad("sampler", f"must be a MixtureSampler state over {num_domains} domains")

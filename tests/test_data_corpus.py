@@ -41,6 +41,22 @@ def test_uint32_and_dtype_from_manifest(tmp_path):
     corpus = TokenCorpus.from_dir(tmp_path)
     assert corpus.read(0, 0, 3).tolist() == [70000, 1, 2]
     assert TokenCorpus({"x": tmp_path / "x.bin"}).tokens == {"x": 3}  # dtype from the manifest
+    # An explicit dtype that contradicts the manifest listing the file would misread every token.
+    with pytest.raises(CorpusError, match=r"dtype='uint16' but .*corpus.json' says 'uint32'"):
+        TokenCorpus({"x": tmp_path / "x.bin"}, dtype="uint16")
+    assert TokenCorpus({"x": tmp_path / "x.bin"}, dtype="uint32").tokens == {"x": 3}
+    # A file the manifest does not list, or a corpus.json that is not fastmix's: no opinion.
+    write_bin(tmp_path / "y.bin", [1, 2])
+    assert TokenCorpus({"y": tmp_path / "y.bin"}, dtype="uint16").tokens == {"y": 2}
+    (tmp_path / "corpus.json").write_text("[1, 2]")
+    assert TokenCorpus({"x": tmp_path / "x.bin"}, dtype="uint16").tokens == {"x": 6}
+
+
+def test_raw_files_are_little_endian(tmp_path):
+    path = write_bin(tmp_path / "x.bin", [1, 2, 3])
+    with pytest.raises(ValueError, match="little-endian"):
+        TokenCorpus({"x": path}, dtype=">u2")
+    assert TokenCorpus({"x": path}, dtype="<u2").read(0, 0, 3).tolist() == [1, 2, 3]
 
 
 def test_pickle_drops_memory_maps(tmp_path):
@@ -143,3 +159,5 @@ def test_load_weights_bad_input(tmp_path):
             load_weights(bad, names)
     with pytest.raises(ValueError, match="overflows"):
         load_weights([1e308, 1e308], names)
+    with pytest.raises(ValueError, match=r"weights\['a'\] must be finite"):
+        load_weights({"a": 10**400, "b": 1}, names)  # an int float64 cannot hold

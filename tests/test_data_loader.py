@@ -140,6 +140,10 @@ def test_stateful_dataloader_resume_after_weight_changes(corpus, num_workers):
                 checkpoint = pickle.dumps(state)
             if i == 7:
                 ds.set_weights([1, 0, 1], step=18)
+            if i == 6 and saved is not None:
+                # the weights last set before the checkpoint, not those at the resume point of
+                # the main process's own stream (with workers, its start)
+                assert ds.weights.tolist() == [0.0, 2.0, 1.0]
         return flatten(out), checkpoint
 
     with warnings.catch_warnings():

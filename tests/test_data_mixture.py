@@ -222,6 +222,9 @@ def test_cuda_tensor_weights(corpus):
     step = ds.weight_schedule[-1][0]
     rest = flatten(take(it, 4))
     assert all(d == 1 for _, d in rest[(step - 2) * 2 :])
+    for bad in (torch.tensor([True, False, True]), torch.ones(3, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match="real numbers"):
+            ds.set_weights(bad.cuda())
 
 
 def test_weights_json_from_elsewhere(corpus, tmp_path):
@@ -278,6 +281,98 @@ def test_a_full_ring_never_overwrites_a_change_not_yet_applied(corpus):
     assert step == 1024
     # The 1024 changes that were accepted all apply, the first one included.
     assert [d for _, d in stream(ds, 3)] == [1, 1, 2, 2, 1, 1]
+
+
+def test_a_full_ring_is_guarded_with_several_workers(corpus):
+    # Worker 0 of 2 registers as "about to start step 0" (step - 1 = -1): it must count as live,
+    # or step 0's change looks consumed and the 1025th change overwrites it.
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 0, 0], batch_size=2, seed=0)
+    changes = [[0, 1, 0], [0, 0, 1]]
+    for step in range(1024):
+        ds.set_weights(changes[step % 2], step=step)
+    workers = [ds._iter_worker(w, 2) for w in range(2)]
+    with pytest.raises(RuntimeError, match="weight changes are pending at once"):
+        ds.set_weights([1, 0, 0], step=2000)
+    got = [next(workers[0]), next(workers[1]), next(workers[0])]
+    assert [d for _, d in flatten(got)] == [1, 1, 2, 2, 1, 1]
+
+
+def test_checkpoint_waits_for_a_weight_copy_in_flight(corpus):
+    # set_weights(cuda_tensor, step=ds.next_step) and a checkpoint right after it, before the
+    # device-to-host copy has landed: the change must be in the checkpoint.
+    def make():
+        return MixtureDataset(corpus, SEQ_LEN, [1, 0, 0], batch_size=2, seed=1)
+
+    ds = make()
+    it = iter(ds)
+    take(it, 3)
+    event = FakeEvent()
+    ds._submit_async(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), event, ds.next_step)
+    timer = threading.Timer(0.2, event.done.set)
+    timer.start()
+    saved = pickle.dumps(ds.state_dict())  # returns once the copy is published
+    timer.join()
+    assert ds.weight_schedule == [(3, [0.0, 0.0, 1.0])]
+    uninterrupted = flatten(take(it, 4))
+    resumed = make()
+    resumed.load_state_dict(pickle.loads(saved))
+    assert flatten(take(iter(resumed), 4)) == uninterrupted
+    assert {d for _, d in uninterrupted} == {2}
+    assert resumed.weights.tolist() == [0.0, 0.0, 1.0]
+
+
+def test_rolling_back_in_the_same_process_gives_the_checkpoints_stream(corpus):
+    # e.g. after a loss spike: load an earlier checkpoint into the dataset that ran past it.
+    def make():
+        return MixtureDataset(corpus, SEQ_LEN, [1, 1, 0], batch_size=2, seed=3, max_epochs=1)
+
+    ds = make()
+    it = iter(ds)
+    take(it, 4)
+    saved = pickle.dumps(ds.state_dict())
+    ds.set_weights([1, 1, 1], step=6)  # scheduled across the checkpoint: part of it
+    saved_later = pickle.dumps(ds.state_dict())
+    take(it, 3)
+    ds.set_weights([0, 0, 1], step=8)  # made after the checkpoint: abandoned by the rollback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        take(it, 20)
+        assert ds.exhausted  # the abandoned run exhausted domains
+        for state in (saved, saved_later):
+            ds.load_state_dict(pickle.loads(state))
+            fresh = make()
+            fresh.load_state_dict(pickle.loads(state))
+            assert ds.exhausted == fresh.exhausted == []
+            assert ds.weight_schedule == fresh.weight_schedule
+            assert ds.weights.tolist() == fresh.weights.tolist()
+            assert flatten(take(iter(ds), 12)) == flatten(take(iter(fresh), 12))
+    assert ds.weight_schedule == [(6, [1.0, 1.0, 1.0])]
+    assert ds.weights.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_single_iterators_state_resumes_with_any_number_of_workers(corpus):
+    def make():
+        return MixtureDataset(corpus, SEQ_LEN, [2, 1, 1], batch_size=2, seed=4)
+
+    ds = make()
+    it = iter(ds)
+    take(it, 3)
+    saved = pickle.dumps(ds.state_dict())  # in-process: every step before 3 was produced
+    expected = flatten(take(it, 6))
+    for num_workers in (1, 2, 3):
+        resumed = make()
+        resumed.load_state_dict(pickle.loads(saved))
+        workers = [resumed._iter_worker(w, num_workers) for w in range(num_workers)]
+        got = [next(workers[i % num_workers]) for i in range(6)]
+        assert flatten(got) == expected
+
+
+def test_huge_caps_and_steps(corpus):
+    # windows * max_epochs beyond int64 must not wrap around into a tiny cap.
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2, max_epochs=2**64 // 7 + 1)
+    assert len(stream(ds, 50)) == 100
+    with pytest.raises(ValueError, match="step must be < 2\\*\\*62"):
+        ds.set_weights([1, 1, 1], step=2**63)
 
 
 def test_set_weights_rejects_a_sum_that_overflows(corpus):
