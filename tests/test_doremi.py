@@ -472,5 +472,25 @@ def test_compiled_step_matches_eager():
     assert int(compiled.num_updates) == 3
 
 
+def test_inductor_step_with_a_transposed_loss(monkeypatch):
+    # A sequence-first model's [T, B] loss seen as [B, T]: inductor checks the gradient op's real
+    # output strides against its fake ones (they differed: a crash in backward).
+    import torch._inductor.config as inductor_config
+
+    # A cached graph from another fastmix version would hide a changed fake kernel.
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    eager, compiled = DoReMi(4, step_size=0.6), DoReMi(4, step_size=0.6)
+    step = torch.compile(compiled.step, fullgraph=True)
+    g = torch.Generator().manual_seed(3)
+    loss_tb = torch.rand(8, 6, generator=g) * 5
+    ref, domain = torch.rand(6, 8, generator=g) * 5, torch.randint(0, 4, (6,), generator=g)
+    a_loss = loss_tb.clone().requires_grad_(True)
+    b_loss = loss_tb.clone().requires_grad_(True)
+    eager.step(a_loss.t(), ref, domain).backward()
+    step(b_loss.t(), ref, domain).backward()
+    torch.testing.assert_close(b_loss.grad, a_loss.grad)
+    torch.testing.assert_close(compiled.weights, eager.weights)
+
+
 def test_public_export():
     assert fastmix.DoReMi is DoReMi

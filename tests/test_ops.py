@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import weakref
 
 import pytest
@@ -306,6 +307,14 @@ def test_opcheck_update_step_and_grad():
         torch.ops.fastmix.objective_grad.default,
         (torch.tensor(1.0), loss, domain, mask, aux, "dro"),
     )
+    # A [T, B] loss seen as [B, T] (a sequence-first model): dense but not row-major.
+    loss_tb, domain_tb, _, mask_tb = make_batch(3, (5, 8), 3, per_sequence=True)
+    loss_tb = loss_tb.t().contiguous().t()
+    for proxy, mask_or_none in itertools.product(("dro", "reweighted"), (mask_tb, None)):
+        torch.library.opcheck(
+            torch.ops.fastmix.objective_grad.default,
+            (torch.tensor(1.0), loss_tb, domain_tb, mask_or_none, aux, proxy),
+        )
 
 
 def test_compiled_matches_eager():

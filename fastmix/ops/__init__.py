@@ -366,12 +366,16 @@ def _(stats, state, counters, step_size, smoothing, proxy, backend):
 def _objective_grad_op(
     grad: Tensor, loss: Tensor, domain: Tensor, mask: Tensor | None, aux: Tensor, proxy: str
 ) -> Tensor:
-    return reference.objective_grad(grad, loss, domain, mask, aux, proxy)
+    # Always row-major, whatever the loss's layout (elementwise ops would follow a transposed
+    # loss's strides): the fake below promises it.
+    return reference.objective_grad(grad, loss, domain, mask, aux, proxy).contiguous()
 
 
 @_objective_grad_op.register_fake
 def _(grad, loss, domain, mask, aux, proxy):
-    return torch.empty_like(loss)
+    # Contiguous, as the real op returns it: empty_like would keep a transposed loss's strides,
+    # and inductor asserts the real output's strides against the fake's.
+    return loss.new_empty(loss.shape)
 
 
 def _mutated(*tensors: Tensor) -> None:
