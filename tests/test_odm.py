@@ -247,6 +247,32 @@ def test_constructor_errors_name_the_argument():
             ODM(3).to("cuda")
 
 
+def test_state_follows_the_first_batch_also_after_loading():
+    # ("meta" stands in for a GPU.)  A checkpoint loaded into ODM(K) on the host, then the
+    # first batch on the device: the state moves there, as for a fresh ODM and for DoReMi.
+    source = ODM(3)
+    stats = torch.tensor([[3.0, 1.0, 2.0], [6.0, 1.5, 5.0], [0.0] * 3])
+    source.update(stats)
+    resumed = ODM(3)
+    resumed.load_state_dict(source.state_dict())
+    resumed.update(stats.to("meta"))
+    assert resumed.device.type == "meta" and resumed.num_steps == 2
+    with pytest.raises(ValueError, match="inputs are on cpu but the ODM state is on meta"):
+        resumed.update(stats)  # after a step the state stays where it is
+    with pytest.raises(ValueError, match="inputs are on meta but the ODM state is on cpu"):
+        ODM(3, device="cpu").update(stats.to("meta"))
+
+
+def test_update_takes_two_or_three_rows():
+    odm = ODM(3)
+    for rows in (1, 4, 5):
+        with pytest.raises(ValueError, match="stats must be"):
+            odm.update(torch.ones(rows, 3))
+    odm.update(torch.ones(2, 3))
+    odm.update(torch.ones(3, 3))
+    assert odm.num_steps == 2
+
+
 def test_exported_from_package():
     import fastmix
 

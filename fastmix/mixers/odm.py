@@ -100,6 +100,8 @@ class ODM:
         self._rewards = torch.zeros(self.num_domains, dtype=torch.float32, device=dev)
         self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
         self.num_steps = 0
+        # Not num_steps == 0: a state loaded into a new ODM should still follow the first batch.
+        self._stepped = False
 
     # ---------------------------------------------------------------- public state
     @property
@@ -168,7 +170,7 @@ class ODM:
         # Statistics of a loss that requires grad would give the rewards and π a grad_fn, and
         # each step's graph would then stay alive through the state (as step() does, detach).
         stats = stats.detach()
-        if stats.dim() != 2 or stats.shape[0] < 2 or stats.shape[1] != self.num_domains:
+        if stats.dim() != 2 or stats.shape[0] not in (2, 3) or stats.shape[1] != self.num_domains:
             raise ValueError(
                 f"stats must be [3, {self.num_domains}] (count, loss sum, excess sum), got "
                 f"{tuple(stats.shape)}")
@@ -201,10 +203,11 @@ class ODM:
 
     def _follow(self, device: torch.device) -> None:
         if device != self.device:
-            if not self._device_fixed and self.num_steps == 0:
+            if not self._device_fixed and not self._stepped:
                 self.to(device)
             else:
                 raise ValueError(f"inputs are on {device} but the ODM state is on {self.device}")
+        self._stepped = True
 
     def check_ranks(self) -> None:
         """Raise ValueError on every rank unless all ranks of the process group built this ODM the
