@@ -36,6 +36,10 @@ DEFAULT_BLOCK = 1024
 MAX_BLOCK = 1 << 30
 _MAX_BLEND_DOMAINS = 32767  # dataset_index is int16
 _U64 = 1 << 64
+# A MixtureSampler's position and counts are int64.
+_MAX_POSITION = (1 << 63) - 1
+# The greedy rule's steps are exact in float64 below 2**52 (the C++ checks it too).
+_GREEDY_STEPS = 1 << 52
 _STATE_VERSION = 1
 
 
@@ -70,9 +74,11 @@ def _as_weights(weights: Any, name: str = "weights") -> tuple[np.ndarray, tuple[
         raise ValueError(f"{name} must be non-negative, got {array[array < 0][:3].tolist()}")
     with np.errstate(over="ignore"):
         total = float(np.sum(array))
+        # The C++ layer adds in index order, numpy pairwise: either may overflow alone.
+        in_order = float(np.cumsum(array)[-1])
     if not total > 0:
         raise ValueError(f"{name} must have at least one positive entry")
-    if not np.isfinite(total):
+    if not (np.isfinite(total) and np.isfinite(in_order)):
         raise ValueError(f"{name} sum overflows float64")
     return array, names
 
@@ -213,7 +219,7 @@ class MixtureSampler:
         )
         raw, names = _as_weights(weights)
         self._names = names
-        self._install(raw)
+        self._install(raw, self._build(raw, method, self._block))
         self._position = 0
         self._segment_start = 0
         self._counts = np.zeros(raw.size, dtype=np.int64)
@@ -287,7 +293,7 @@ class MixtureSampler:
             raw = np.array([weights[name] for name in self._names], dtype=np.float64)  # type: ignore[index]
         if raw.size != self._raw.size:
             raise ValueError(f"weights must have {self._raw.size} entries, got {raw.size}")
-        self._install(raw)
+        self._install(raw, self._build(raw, self._method, self._block))
         self._segment_start = self._position
         self._segment_counts = np.zeros(raw.size, dtype=np.int64)
 
@@ -331,8 +337,10 @@ class MixtureSampler:
                 or not all(isinstance(v, str) for v in names)
             ):
                 raise ValueError(f"state['names'] must be None or {k} strings")
+            if len(set(names)) != k:
+                raise ValueError(f"state['names'] must be distinct, got {list(names)}")
             names = tuple(names)
-        position = _check_int(state["position"], "state['position']")
+        position = _check_int(state["position"], "state['position']", 0, _MAX_POSITION)
         segment_start = _check_int(state["segment_start"], "state['segment_start']", 0, position)
         counts = self._check_counts(state["counts"], k, position, "state['counts']")
         segment_counts = self._check_counts(
@@ -340,8 +348,16 @@ class MixtureSampler:
         )
         if np.any(segment_counts > counts):
             raise ValueError("state['segment_counts'] exceeds state['counts']")
+        if np.any(segment_counts[raw == 0] > 0):  # a zero weight is never drawn
+            raise ValueError("state['segment_counts'] has draws of a zero-weight domain")
+        if method == "greedy" and position - segment_start >= _GREEDY_STEPS:
+            raise ValueError(
+                "state: the greedy rule is exact only below 2**52 steps after a weight change, "
+                f"got {position - segment_start}"
+            )
+        table = self._build(raw, method, block)  # may still raise: nothing is changed before
         self._method, self._seed, self._block, self._names = method, seed, block, names
-        self._install(raw)
+        self._install(raw, table)
         self._position, self._segment_start = position, segment_start
         self._counts, self._segment_counts = counts, segment_counts
 
@@ -350,6 +366,8 @@ class MixtureSampler:
         if not isinstance(values, (list, tuple, np.ndarray)) or len(values) != k:
             raise ValueError(f"{name} must hold {k} integers")
         array = np.asarray(values)
+        if array.ndim != 1:
+            raise ValueError(f"{name} must hold {k} integers, got shape {array.shape}")
         if array.dtype.kind not in "iu":
             raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
         array = array.astype(np.int64)
@@ -358,25 +376,35 @@ class MixtureSampler:
         return array
 
     # ------------------------------------------------------------------------------ internals
-    def _install(self, raw: np.ndarray) -> None:
+    @staticmethod
+    def _build(raw: np.ndarray, method: str, block: int) -> Any:
+        """The drawing table for ``method`` (built before any attribute changes: it may raise)."""
+        if method == "alias":
+            return _C.AliasTable(raw)
+        if method == "stratified":
+            return _C.StratifiedTable(raw, block)
+        # The rule runs over the positive-weight domains only: Megatron's rule can pick a
+        # zero-weight domain on an exact tie at deficit 0 (e.g. weights [0, 1, 1] at s = 2), and
+        # here a zero weight means never drawn.  With all weights positive this is exactly
+        # blend_indices(weights).
+        positive = np.flatnonzero(raw > 0).astype(np.int32)
+        return positive, _normalised(raw[positive])
+
+    def _install(self, raw: np.ndarray, table: Any) -> None:
         self._raw = raw
-        if self._method == "alias":
-            self._table: Any = _C.AliasTable(raw)
-        elif self._method == "stratified":
-            self._table = _C.StratifiedTable(raw, self._block)
+        if self._method == "greedy":
+            self._positive, self._table = table
         else:
-            # The rule runs over the positive-weight domains only: Megatron's rule can pick a
-            # zero-weight domain on an exact tie at deficit 0 (e.g. weights [0, 1, 1] at s = 2),
-            # and here a zero weight means never drawn.  With all weights positive this is exactly
-            # blend_indices(weights).
-            self._positive = np.flatnonzero(raw > 0).astype(np.int32)
-            self._table = _normalised(raw[self._positive])
+            self._table = table
 
     def _draw(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(ids, greedy counts after them or None); never mutates the sampler."""
-        if self._position + n > _U64:
-            raise ValueError("the sampler's position would pass 2**64")
+        if self._position + n > _MAX_POSITION:
+            raise ValueError("the sampler's position would pass 2**63 - 1 (its counts are int64)")
         out = np.empty(n, dtype=np.int32)
+        if n == 0:  # (a stratified fill would build a whole block for nothing)
+            counts = self._segment_counts.copy() if self._method == "greedy" else None
+            return out, counts
         if self._method == "alias":
             self._table.fill(self._seed, self._position, out)
             return out, None

@@ -859,11 +859,47 @@ def test_bad_state_dicts() -> None:
         ({k: v for k, v in good.items() if k != "seed"}, ValueError),
         ({**good, "seed": "x"}, TypeError),
         ([("position", 0)], TypeError),
-    ]
+        ({**good, "counts": np.array(good["counts"]).reshape(3, 1)}, ValueError),
+        ({**good, "names": ["a", "a", "b"]}, ValueError),
+        ({**good, "position": 2**63, "counts": [2**63 - 10, 10, 0]}, ValueError),  # int64 counts
+        # draws of a domain whose weight is 0 in the current segment
+        ({**good, "weights": [0, 2, 3], "segment_start": 0}, ValueError),
+        # the greedy rule is exact only below 2**52 steps of a segment
+        ({**good, "method": "greedy", "position": 2**60, "counts": [2**59, 2**59, 0],
+          "segment_counts": [2**59, 2**59, 0]}, ValueError),
+        # np.sum (pairwise) is finite, the C++ in-order sum overflows: refused before any change
+        ({**good, "method": "stratified", "weights": [2.0**1023, 2.0**1023, 0.0]}, ValueError),
+    ]  # fmt: skip
     for state, error in broken:
         with pytest.raises(error):
             sampler.load_state_dict(state)
     assert sampler.state_dict() == good  # a failed load changes nothing
+
+
+def test_a_failed_set_weights_changes_nothing() -> None:
+    top = np.finfo(np.float64).max
+    bad = [2.0**967] * 8 + [top] + [0.0] * 7  # finite pairwise sum, infinite in index order
+    for method in ("alias", "stratified", "greedy"):
+        sampler = MixtureSampler([1.0] * 16, seed=2, method=method)
+        sampler.sample(5)
+        before = sampler.state_dict()
+        with pytest.raises(ValueError, match="overflows"):
+            sampler.set_weights(bad)
+        assert sampler.state_dict() == before
+        np.testing.assert_array_equal(sampler.peek(7), MixtureSampler([1.0] * 16, seed=2,
+                                      method=method).sample(12)[5:])  # fmt: skip
+
+
+def test_position_stops_before_int64_counts_overflow() -> None:
+    sampler = MixtureSampler([1.0], seed=1)
+    state = sampler.state_dict()
+    edge = 2**63 - 5
+    sampler.load_state_dict({**state, "position": edge, "counts": [edge], "segment_counts": [edge]})
+    sampler.sample(4)
+    with pytest.raises(ValueError, match="2\\*\\*63 - 1"):
+        sampler.sample(1)
+    assert sampler.counts.tolist() == [2**63 - 1]
+    MixtureSampler([1.0]).load_state_dict(sampler.state_dict())  # and it reloads
 
 
 def test_set_weights_needs_matching_domains() -> None:
