@@ -317,6 +317,35 @@ def test_opcheck_update_step_and_grad():
         )
 
 
+def test_direct_op_calls_check_what_the_kernels_would_index():
+    # torch.ops.fastmix.* skip domain_loss_stats' and DoReMi's checks; the kernels read (and
+    # write) what the shapes say, so the ops check the metadata themselves.
+    loss, domain = torch.rand(4096), torch.zeros(8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="domain must have loss's shape"):
+        torch.ops.fastmix.domain_stats(loss, domain, None, None, 4, "torch", False)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        torch.ops.fastmix.domain_stats(loss, domain[:1].expand(4096), None, None, 4, "os", False)
+    state = torch.full((2, 3), 1 / 3)  # [2, K]: the average row would be written past the end
+    counters = torch.zeros(3, dtype=torch.int64)
+    ids = torch.zeros(4096, dtype=torch.int64)
+    with pytest.raises(ValueError, match="state must be a contiguous float32 \\[3, K\\]"):
+        torch.ops.fastmix.doremi_step_(loss, ids, None, loss, state, counters,
+                                       torch.empty(0), 1.0, 0.0, "dro", "torch", False)
+    good = torch.full((3, 3), 1 / 3)
+    with pytest.raises(ValueError, match="ref_loss must have loss's shape"):
+        torch.ops.fastmix.doremi_step_(loss, ids, None, loss[:10], good, counters,
+                                       torch.empty(0), 1.0, 0.0, "dro", "torch", False)
+    with pytest.raises(ValueError, match="proxy must be one of"):
+        torch.ops.fastmix.doremi_step_(loss, ids, None, loss, good, counters,
+                                       torch.empty(0), 1.0, 0.0, "mse", "torch", False)
+    for stats in (torch.zeros(2, 3), torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, 4)):
+        with pytest.raises(ValueError, match="stats must be float32 \\[3, 3\\]"):
+            torch.ops.fastmix.doremi_update_(stats, good, counters, 1.0, 0.0, "dro", "torch")
+    with pytest.raises(ValueError, match="aux must be"):
+        torch.ops.fastmix.objective_grad(torch.tensor(1.0), loss, ids, None, good, "dro")
+    assert int(counters.sum()) == 0 and torch.equal(good, torch.full((3, 3), 1 / 3))
+
+
 def test_compiled_matches_eager():
     loss, domain, ref, mask = make_batch(4, (6, 31), 7, per_sequence=True)
 
@@ -389,5 +418,10 @@ def test_more_domains_than_the_kernels_take(monkeypatch):
     # the automatic choice falls back to torch, also where the kernels could run (cuda tensors)
     assert ops.resolve_backend(None, torch.device("cuda"), k) == "torch"
     assert ops.resolve_backend(None, torch.device("cuda"), limit) == "cuda"
+    # triton indexes tokens with int32: the automatic choice skips it from 2**31 tokens
+    monkeypatch.setattr(ops, "_can_run", lambda name, device: (name != "cuda", ""))
+    assert ops.resolve_backend(None, torch.device("cuda"), 8, 2**31 - 1) == "triton"
+    assert ops.resolve_backend(None, torch.device("cuda"), 8, 2**31) == "torch"
+    monkeypatch.setattr(ops, "_can_run", lambda name, device: (True, ""))
     stats = fastmix.domain_loss_stats(loss, domain, k)
     assert stats[0, k - 1] == 1 and stats[0, 0] == 2 and stats[0].sum() == 6

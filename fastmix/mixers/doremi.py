@@ -164,7 +164,7 @@ class DoReMi:
                     f"loss is on {loss.device} but the DoReMi state is on {self._state.device}"
                 )
         self._stepped = True
-        return resolve_backend(self.backend, loss.device, self.num_domains)
+        return resolve_backend(self.backend, loss.device, self.num_domains, loss.numel())
 
     def _get_workspace(self, backend: str) -> Tensor:
         key = (backend, self._state.device)

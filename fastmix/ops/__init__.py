@@ -34,6 +34,8 @@ LOSS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int32, torch.int64)
 # Largest K the kernels hold in on-chip memory (the CUDA kernel keeps 8 warps x 3 x K floats).
 MAX_KERNEL_DOMAINS = 1024
+# The triton kernels index tokens with int32.
+TRITON_MAX_TOKENS = 2**31
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,12 +83,16 @@ def _env_backend() -> str | None:
 
 
 def resolve_backend(
-    backend: str | None, device: torch.device, num_domains: int | None = None
+    backend: str | None,
+    device: torch.device,
+    num_domains: int | None = None,
+    num_tokens: int | None = None,
 ) -> str:
     """The backend to use for tensors on ``device``; ``backend`` or FASTMIX_BACKEND forces one.
 
     With ``num_domains`` above the kernels' limit the automatic choice is torch, and a forced
-    kernel backend is a ValueError.
+    kernel backend is a ValueError.  The automatic choice skips triton from 2**31 tokens (its
+    kernels index with int32; a forced triton raises there).
     """
     forced = backend if backend is not None else _env_backend()
     if forced is not None:
@@ -106,6 +112,8 @@ def resolve_backend(
         return forced
     if device.type == "cuda" and (num_domains is None or num_domains <= MAX_KERNEL_DOMAINS):
         for name in ("cuda", "triton"):
+            if name == "triton" and num_tokens is not None and num_tokens >= TRITON_MAX_TOKENS:
+                continue
             if _can_run(name, device)[0]:
                 return name
     return "torch"
@@ -209,6 +217,16 @@ def _impl(backend: str) -> Any:
     return reference if backend == "torch" else _backend_module(backend)
 
 
+def _check_backend_name(backend: Any) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_proxy(proxy: Any) -> None:
+    if proxy not in reference.PROXY_LOSSES:
+        raise ValueError(f"proxy must be one of {reference.PROXY_LOSSES}, got {proxy!r}")
+
+
 # The ops' schemas, written out rather than inferred from the annotations: inference needs
 # evaluated annotations (this module's are strings) and its rules vary between torch releases.
 # These are exactly what torch 2.13 infers from the signatures below (test_ops checks it).
@@ -237,6 +255,10 @@ def _domain_stats_op(
     backend: str,
     deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
+    # A direct torch.ops.fastmix call skips domain_loss_stats' checks, and the kernels read what
+    # their shapes say: check the metadata (no value, so no sync) here too.
+    _check_backend_name(backend)
+    validate_inputs(loss, domain, num_domains, ref_loss, mask, check_values=False)
     stats, out_of_range = _impl(backend).domain_stats(
         loss, domain, mask, ref_loss, num_domains, deterministic
     )
@@ -325,11 +347,30 @@ def _doremi_step_impl(
     )  # fmt: skip
 
 
+def _doremi_step_checked(
+    loss: Tensor, domain: Tensor, mask: Tensor | None, ref_loss: Tensor, state: Tensor,
+    counters: Tensor, workspace: Tensor, step_size: float, smoothing: float, proxy: str,
+    backend: str, deterministic: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The registered op: the metadata checks DoReMi makes before its eager fast path."""
+    _check_backend_name(backend)
+    _check_proxy(proxy)
+    reference.check_state_layout(state, counters)
+    validate_inputs(loss, domain, state.shape[1], ref_loss, mask, ref_required=True,
+                    check_values=False)  # fmt: skip
+    if state.device != loss.device:
+        raise ValueError(f"loss is on {loss.device} but the state is on {state.device}")
+    return _doremi_step_impl(
+        loss, domain, mask, ref_loss, state, counters, workspace, step_size, smoothing, proxy,
+        backend, deterministic,
+    )  # fmt: skip
+
+
 _doremi_step_op = torch.library.custom_op(
     "fastmix::doremi_step_",
     mutates_args=("state", "counters", "workspace"),
     schema=_SCHEMAS["doremi_step_"],
-)(_doremi_step_impl)
+)(_doremi_step_checked)
 
 
 @_doremi_step_op.register_fake
@@ -350,9 +391,25 @@ def _doremi_update_impl(
     return _impl(backend).doremi_update_(stats, state, counters, step_size, smoothing, proxy)
 
 
+def _doremi_update_checked(
+    stats: Tensor,
+    state: Tensor,
+    counters: Tensor,
+    step_size: float,
+    smoothing: float,
+    proxy: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """The registered op, with the layout checks a direct call needs."""
+    _check_backend_name(backend)
+    _check_proxy(proxy)
+    reference.check_state_layout(state, counters, stats)
+    return _doremi_update_impl(stats, state, counters, step_size, smoothing, proxy, backend)
+
+
 _doremi_update_op = torch.library.custom_op(
     "fastmix::doremi_update_", mutates_args=("state", "counters"), schema=_SCHEMAS["doremi_update_"]
-)(_doremi_update_impl)
+)(_doremi_update_checked)
 
 
 @_doremi_update_op.register_fake
@@ -366,6 +423,10 @@ def _(stats, state, counters, step_size, smoothing, proxy, backend):
 def _objective_grad_op(
     grad: Tensor, loss: Tensor, domain: Tensor, mask: Tensor | None, aux: Tensor, proxy: str
 ) -> Tensor:
+    _check_proxy(proxy)
+    if aux.dim() != 2 or aux.shape[0] != 4:
+        raise ValueError(f"aux must be [4, K], got {tuple(aux.shape)}")
+    validate_inputs(loss, domain, aux.shape[1], None, mask, check_values=False)
     # Always row-major, whatever the loss's layout (elementwise ops would follow a transposed
     # loss's strides): the fake below promises it.
     return reference.objective_grad(grad, loss, domain, mask, aux, proxy).contiguous()
@@ -500,7 +561,7 @@ def domain_loss_stats(
     ``check()`` raises).  Gradients flow to ``loss`` and ``ref_loss``.
     """
     validate_inputs(loss, domain, num_domains, ref_loss, mask)
-    name = resolve_backend(backend, loss.device, num_domains)
+    name = resolve_backend(backend, loss.device, num_domains, loss.numel())
     args = (loss, domain, mask, ref_loss, num_domains, name, bool(deterministic))
     needs_grad = torch.is_grad_enabled() and (
         loss.requires_grad or (ref_loss is not None and ref_loss.requires_grad)

@@ -177,7 +177,7 @@ def doremi_update_(
     module = _module()
     k = state.shape[1]
     _check_domains(k)
-    check_state_layout(state, counters)
+    check_state_layout(state, counters, stats)
     dev = state.device
     with _on(dev):
         stats_c = stats.contiguous()

@@ -100,13 +100,31 @@ def ordered_bin_sums(bins: Tensor, values: Tensor, k: int) -> Tensor:
     return sums
 
 
-def check_state_layout(state: Tensor, counters: Tensor) -> None:
-    """The mixer state as the compiled backends (cuda, triton) index it by hand: a strided view or
-    another dtype would be read as garbage there."""
-    if state.dtype != torch.float32 or state.dim() != 2 or not state.is_contiguous():
-        raise ValueError("state must be a contiguous float32 [3, K] tensor")
+def check_state_layout(state: Tensor, counters: Tensor, stats: Tensor | None = None) -> None:
+    """The mixer state as the compiled backends (cuda, triton) index it by hand: a strided view,
+    another dtype or shape would be read (or written) as garbage there."""
+    if (
+        state.dtype != torch.float32
+        or state.dim() != 2
+        or state.shape[0] != 3
+        or not state.is_contiguous()
+    ):
+        raise ValueError(
+            f"state must be a contiguous float32 [3, K] tensor, got {state.dtype} "
+            f"{tuple(state.shape)}"
+        )
     if counters.dtype != torch.int64 or counters.shape != (3,) or not counters.is_contiguous():
         raise ValueError("counters must be a contiguous int64 [3] tensor")
+    if counters.device != state.device:
+        raise ValueError(f"counters are on {counters.device}, the state on {state.device}")
+    if stats is not None:
+        if stats.dtype != torch.float32 or stats.shape != (3, state.shape[1]):
+            raise ValueError(
+                f"stats must be float32 [3, {state.shape[1]}], got {stats.dtype} "
+                f"{tuple(stats.shape)}"
+            )
+        if stats.device != state.device:
+            raise ValueError(f"stats are on {stats.device}, the state on {state.device}")
 
 
 def updated_state(

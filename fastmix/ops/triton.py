@@ -148,6 +148,10 @@ if triton is not None:
             loss_sum = tl.load(stats_ptr + num_domains + k, mask=k_ok, other=0.0)
             excess_sum = tl.load(stats_ptr + 2 * num_domains + k, mask=k_ok, other=0.0)
             if ZERO_STATS:  # the accumulator is reused by the next step's atomics
+                # Every thread has loaded it before any zero lands: for 33 <= K <= 64 the layout
+                # gives warps 2-3 copies of warps 0-1's elements, and a copy warp that lagged
+                # read zeros (all domains "absent") into the reductions it shares.
+                tl.debug_barrier()
                 zero = tl.zeros([BLOCK_K], dtype=tl.float32)
                 tl.store(stats_ptr + k, zero, mask=k_ok)
                 tl.store(stats_ptr + num_domains + k, zero, mask=k_ok)
@@ -171,6 +175,9 @@ if triton is not None:
         one = tl.arange(0, 1)
         updates = tl.load(counters_ptr + one)
         skipped = tl.load(counters_ptr + 1 + one)
+        # Every thread reads the count before the store: one that read it after would divide
+        # its domains' running average by updates + 2 (K > 32 spans several warps).
+        tl.debug_barrier()
         ok_i = tl.where(ok, 1, 0).to(tl.int64)
         tl.store(counters_ptr + one, updates + ok_i)
         tl.store(counters_ptr + 1 + one, skipped + (1 - ok_i))
@@ -325,11 +332,7 @@ def _partials_buffers(loss: Tensor, num_domains: int) -> tuple[Tensor, Tensor]:
 
 def _check_state(state: Tensor, counters: Tensor, stats: Tensor | None = None) -> None:
     """The kernels index these by hand: a strided view or a wrong dtype would be misread."""
-    check_state_layout(state, counters)
-    if stats is not None and (stats.dtype != torch.float32 or stats.shape != (3, state.shape[1])):
-        raise ValueError(f"stats must be float32 [3, {state.shape[1]}]")
-    if stats is not None and stats.device != state.device:
-        raise ValueError(f"stats are on {stats.device}, the state on {state.device}")
+    check_state_layout(state, counters, stats)
 
 
 def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
