@@ -126,6 +126,53 @@ def test_evaluate_metrics():
 
 
 # ------------------------------------------------------------------------------- predictors
+def test_load_sweep_matches_rows_by_exact_ids_and_stripped_names(tmp_path):
+    mix, met = tmp_path / "mix.csv", tmp_path / "met.csv"
+    base = 20240101120000000000  # ids beyond 2**53: float64 would merge neighbours
+    ids = [base + i for i in range(4)]
+    rows = [[0.5, 0.5], [0.25, 0.75], [0.75, 0.25], [0.1, 0.9]]
+    _write(mix, ["run ", " a", " b"], [[r, *w] for r, w in zip(ids, rows, strict=True)])
+    _write(met, [" run", "loss "], [[r, float(i)] for i, r in reversed(list(enumerate(ids)))])
+    s = load_sweep(mix, met)
+    assert s.domains == ["a", "b"] and s.targets == ["loss"]
+    assert s.run_ids == [str(r) for r in ids]
+    np.testing.assert_allclose(s.target("loss"), [0.0, 1.0, 2.0, 3.0])
+    # ids that differ only past float64's precision are different runs
+    _write(met, ["run", "loss"], [[r + 100_000 * (r - base) + 1, 1.0] for r in ids])
+    with pytest.raises(ValueError, match="misaligned rows"):
+        load_sweep(mix, met)
+
+
+def test_load_sweep_refuses_to_pair_rows_named_differently(tmp_path):
+    mix, met = tmp_path / "mix.csv", tmp_path / "met.csv"
+    _write(mix, ["run", "a", "b"], [["r1", 0.5, 0.5], ["r2", 0.2, 0.8]])
+    _write(met, ["run_id", "loss"], [["r2", 2.0], ["r1", 1.0]])
+    with pytest.raises(ValueError, match="'run' and metrics by 'run_id'"):
+        load_sweep(mix, met)
+    _write(met, ["loss"], [[1.0], [2.0]])  # no ids on one side: by position, as documented
+    assert load_sweep(mix, met).run_ids is None
+
+
+def test_ridge_gives_a_constant_domain_no_weight():
+    # One domain at 0.2 in every run: after renormalisation it varies by ~1e-17, which
+    # standardising used to blow up into coefficients of ~1e13.
+    rng = np.random.default_rng(4)
+    X = np.column_stack([rng.dirichlet([1, 1, 1], 40) * 0.8, np.full(40, 0.2)])
+    X = X / X.sum(1, keepdims=True)
+    y = 2.0 + X[:, 0] - X[:, 1] + rng.normal(0, 0.01, 40)
+    for alphas in (None, (0.0, 0.1)):
+        p = (RidgePredictor() if alphas is None else RidgePredictor(alphas=alphas)).fit(X, y)
+        assert np.all(np.isfinite(p.coef_)) and abs(p.coef_[3]) < 1e-6
+        assert np.abs(p.predict(X) - y).max() < 0.1
+
+
+def test_tuning_on_a_constant_target_does_not_crash():
+    X = _mixtures(40, 3, 5)
+    p = TreePredictor(base="law", tune=True, n_estimators=50,
+                      grid={"n_estimators": (20, 40), "num_leaves": (7,)}).fit(X, np.full(40, 3.0))
+    np.testing.assert_allclose(p.predict(X[:5]), 3.0, atol=1e-6)
+
+
 def test_ridge_recovers_planted_linear_law():
     k = 6
     X = _mixtures(300, k, 1)

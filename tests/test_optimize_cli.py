@@ -209,7 +209,7 @@ def test_only_the_targets_are_checked_for_nan(tmp_path, capsys):
     met = tmp_path / "met.csv"
     # an empty column and a metric with gaps, next to complete val/loss and val/code
     _rewrite(met, lambda rows: [r + (["empty", "val/gaps"] if i == 0 else
-                                     ["", "" if i % 3 == 0 else "1.5"])
+                                     ["", "" if i % 3 == 0 else f"{1.5 + i / 100}"])
                                 for i, r in enumerate(rows)])
     out = tmp_path / "o"
     assert _fast(files, out, "--target", "val/loss", "--drop-nan") == 0
@@ -222,6 +222,34 @@ def test_only_the_targets_are_checked_for_nan(tmp_path, capsys):
     assert "missing=" not in err
     assert _fast(files, out, "--target", "val/gaps", "--drop-nan") == 0
     assert json.loads((out / "weights.json").read_text())["sweep"]["runs"] == 20
+
+
+def test_a_domain_the_sweep_never_varied_keeps_its_weight(tmp_path, capsys):
+    # Without variation no predictor knows what another weight would do (a law's coefficient
+    # for it is its random start): the weight stays where every run had it, whatever the seed.
+    files = _sweep(tmp_path, n=30)
+    _rewrite(tmp_path / "mix.csv",
+             lambda rows: [r + (["extra"] if i == 0 else ["0"]) for i, r in enumerate(rows)])
+    for seed in ("0", "1", "5"):
+        out = tmp_path / f"o{seed}"
+        assert main(["optimize", *files, "--target", "val/loss", "--predictor", "law",
+                     "--samples", "500", "--top-k", "10", "--seed", seed, "--out", str(out)]) == 0
+        assert json.loads((out / "weights.json").read_text())["weights"]["extra"] == 0.0
+    assert "Kept at the weight every run had" in (out / "summary.md").read_text()
+    assert _fast(files, tmp_path / "o", "--target", "val/loss", "--min-weight", "extra=0.1") == 2
+    assert "'extra' has weight 0 in every run" in capsys.readouterr().err
+
+
+def test_constant_targets_and_holdout_messages(tmp_path, capsys):
+    files = _sweep(tmp_path, n=30)
+    _rewrite(tmp_path / "met.csv",
+             lambda rows: [r + (["flat"] if i == 0 else ["3.0"]) for i, r in enumerate(rows)])
+    assert _fast(files, tmp_path / "o", "--target", "flat") == 2
+    assert "same value in every run" in capsys.readouterr().err
+    assert _fast(files, tmp_path / "o", "--target", "val/loss", "--target", "flat") == 0
+    assert _fast(files, tmp_path / "o", "--target", "val/loss", "--holdout", "0.999") == 2
+    err = capsys.readouterr().err
+    assert "--holdout=0.999" in err and "test_fraction" not in err
 
 
 def test_a_metric_name_with_an_equals_sign(tmp_path):

@@ -53,7 +53,8 @@ MAX_SEED = 2**32 - 1
 # Python argument names in library messages -> the flags a command-line user typed.
 _FLAGS = {"min_weight": "--min-weight", "max_weight": "--max-weight",
           "token_counts": "--token-counts", "total_tokens": "--total-tokens",
-          "max_epochs": "--max-epochs", "id_column": "--id-column"}
+          "max_epochs": "--max-epochs", "id_column": "--id-column",
+          "test_fraction": "--holdout"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"--maximize: {unknown} are not among the --target metrics "
                              f"{list(targets)}")
+        flat = [t for t in targets if np.ptp(sweep.target(t)) == 0]
+        if len(flat) == len(targets):
+            raise ValueError(f"--target: {flat} has the same value in every run: there is "
+                             "nothing to optimise")
         constraints = _constraints(args, sweep)
         prior = _prior(args, sweep, constraints)
         writable_dir(out, "--out")  # before the fitting, not after it
@@ -120,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
                                 constraints=constraints, maximize=args.maximize, prior=prior,
                                 holdout=args.holdout, samples=args.samples, top_k=args.top_k,
                                 seed=args.seed)
-    except (ValueError, ImportError) as exc:  # ImportError: the trees extra is missing
+    except ValueError as exc:  # library messages name Python arguments: say the flags
+        return _error(_as_flags(exc), 2)
+    except ImportError as exc:  # the trees extra is missing
         return _error(exc, 2)
     md, rows = _summary(choice, sweep, constraints, prior)
     meta = json.dumps(_metadata(choice, sweep, constraints, args), indent=2) + "\n"
@@ -339,9 +346,30 @@ def _token_counts(spec: str) -> dict[str, float]:
     return counts
 
 
+def _fixed_domains(sweep: Sweep) -> list[int]:
+    """Domains at the same weight in every run (up to renormalisation rounding)."""
+    if sweep.num_runs < 2:
+        return []
+    return [int(j) for j in np.flatnonzero(np.ptp(sweep.mixtures, axis=0) <= 1e-9)]
+
+
 def _constraints(args: argparse.Namespace, sweep: Sweep) -> Constraints:
     lo = _pairs(args.min_weight, "--min-weight", sweep.domains)
     hi = _pairs(args.max_weight, "--max-weight", sweep.domains)
+    fixed = _fixed_domains(sweep)
+    if fixed:
+        # The sweep never changed these domains' weights, so no predictor can know what another
+        # weight would do (a law's coefficient for them is whatever its random start was): keep
+        # each at the weight every run had.
+        lo = np.zeros(sweep.num_domains) if lo is None else lo
+        hi = np.ones(sweep.num_domains) if hi is None else hi
+        for j in fixed:
+            v = float(np.clip(sweep.mixtures[0, j], 0.0, 1.0))
+            if not lo[j] - 1e-12 <= v <= hi[j] + 1e-12:
+                raise ValueError(
+                    f"domain {sweep.domains[j]!r} has weight {v:g} in every run of the sweep, "
+                    f"so it is kept there, but --min-weight/--max-weight exclude {v:g}")
+            lo[j] = hi[j] = v
     tokens = _token_counts(args.token_counts) if args.token_counts else None
     try:
         return Constraints(sweep.domains, min_weight=lo, max_weight=hi, token_counts=tokens,
@@ -403,6 +431,11 @@ def _summary(choice: Choice, sweep: Sweep, constraints: Constraints, prior: np.n
     rep = sweep.renormalization_report()
     lines += [f"Rows renormalised: {rep['rows_renormalized']} (largest offset from 1: "
               f"{rep['max_row_offset']:.3g}).", ""]
+    fixed = _fixed_domains(sweep)
+    if fixed:
+        kept = ", ".join(f"{sweep.domains[j]} ({sweep.mixtures[0, j]:.4g})" for j in fixed)
+        lines += [f"Kept at the weight every run had (the sweep never varied them, so it says "
+                  f"nothing about other weights): {kept}.", ""]
     rows: list[list[Any]] = [["section", "name", "value", "min", "max", "prior"]]
     if choice.heldout:
         lines += [f"## Held-out runs ({choice.info['predictor']})", "",

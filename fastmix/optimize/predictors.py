@@ -143,11 +143,17 @@ class RidgePredictor(Predictor):
     @staticmethod
     def _solve(X: np.ndarray, y: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, ...]:
         mu, sd = X.mean(0), X.std(0)
-        sd = np.where(sd > 0, sd, 1.0)
+        # A domain at one weight in every run varies only by renormalisation rounding (sd ~1e-17):
+        # standardising that noise gave it coefficients of ~1e13.  Treat it as constant.
+        constant = sd <= 1e-12 * np.maximum(1.0, np.abs(mu))
+        sd = np.where(constant, 1.0, sd)
+        X = np.where(constant[None, :], mu[None, :], X)
         Z = (X - mu) / sd
         ym = y.mean()
         U, s, Vt = np.linalg.svd(Z, full_matrices=False)
-        d = s[None, :] / (s[None, :] ** 2 + alphas[:, None])  # (alphas, rank)
+        denom = s[None, :] ** 2 + alphas[:, None]
+        # (alphas, rank); a zero singular value (a constant column) with alpha 0 gives 0, not NaN
+        d = np.divide(s[None, :], denom, out=np.zeros_like(denom), where=denom > 0)
         W = (d * (U.T @ (y - ym))[None, :]) @ Vt  # (alphas, domains) in standardised units
         coef = W / sd[None, :]
         return coef, ym - coef @ mu
@@ -435,6 +441,8 @@ class TreePredictor(Predictor):
                 for val, tr, law in zip(folds, train_rows, laws, strict=True):
                     pred[val] = self._fit_once(X[tr], y[tr], cand, law)(X[val])
                 score = float(stats.spearmanr(pred, y)[0]) if np.ptp(pred) > 0 else -1.0
+                if not np.isfinite(score):  # a constant target: no setting ranks better
+                    score = -1.0
                 scores[",".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))] = score
                 if score > best_score:
                     best, best_score = cand, score

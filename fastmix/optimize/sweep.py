@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,16 @@ def load_sweep(
                 raise ValueError(f"id_column {key!r} is not a column of {name}")
     else:
         key = shared_id_column(mix_cols, met_cols)
+        if key is None:
+            mix_key = next((c for c in ID_COLUMNS if c in mix_cols), None)
+            met_key = next((c for c in ID_COLUMNS if c in met_cols), None)
+            if mix_key is not None and met_key is not None:
+                # Both tables name their runs, differently: pairing rows by position would
+                # silently give runs the metrics of others whenever the orders differ.
+                raise ValueError(
+                    f"mixtures identifies runs by column {mix_key!r} and metrics by "
+                    f"{met_key!r}: give the id column the same name in both (rows are matched "
+                    "by it), or pass id_column")
 
     domain_names = _value_columns(mix_cols, domains, "mixtures", "domains", key)
     target_names = _value_columns(met_cols, targets, "metrics", "targets", key)
@@ -251,7 +262,8 @@ def read_csv_columns(path: str | Path) -> dict[str, list[str]]:
         raise ValueError(f"{path}: line {start}: {exc}{hint}") from None
     if not rows:
         raise ValueError(f"{path}: empty CSV file")
-    header, body = rows[0], rows[1:]
+    # Names stripped as cells are: ``run, d0`` must give 'd0', and 'run' to match rows by.
+    header, body = [h.strip() for h in rows[0]], rows[1:]
     for r, line in zip(body, lines[1:], strict=True):
         if len(r) != len(header):
             raise ValueError(f"{path}: line {line} has {len(r)} fields, header has {len(header)}")
@@ -376,14 +388,23 @@ def _to_float(v: Any, what: str, col: str, row: int) -> float:
         raise ValueError(f"{what}: column {col!r} row {row}: {v!r} is not a number") from exc
 
 
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
 def _id_str(v: Any) -> str:
-    """Ids compare as text, so ``1``, ``1.0`` and ``"1"`` are the same run."""
+    """Ids compare as text, so ``1``, ``1.0`` and ``"1"`` are the same run.
+
+    Digit strings compare exactly (``20240101120000000001`` is not rounded to a float64
+    neighbour); a float is folded to its integer only where float64 holds integers exactly.
+    """
     if isinstance(v, (float, np.floating)) and float(v).is_integer():
         return str(int(v))
     s = str(v).strip()
+    if _INTEGER.fullmatch(s):
+        return str(int(s))
     try:
         f = float(s)
-        if f.is_integer():
+        if f.is_integer() and abs(f) < 2**53:
             return str(int(f))
     except ValueError:
         pass
