@@ -8,28 +8,35 @@ Output layout (what ``TokenCorpus.from_dir`` reads)::
                             "domains": {name: {"files": ["name.bin"], "tokens": N, "documents": D,
                                                "sources": [...]}}}
 
-Inputs: ``.jsonl`` / ``.json`` files hold one JSON object per line whose ``--text-field`` (default
-``text``) is a document; ``.jsonl.gz`` is read through gzip; any other file is plain text, one
-document per file (``--lines``: one per non-empty line).  A document with no text is skipped
-(and counted in its domain's ``"empty_documents"``), never stored as a lone end-of-document.
+Inputs: ``.jsonl`` / ``.json`` / ``.ndjson`` files hold one JSON object per line whose
+``--text-field`` (default ``text``) is a document; a ``.gz`` suffix is read through gzip; any other
+file is plain text, one document per file, kept as it is (``\r\n`` stays; ``--lines``: one per
+non-empty line).  Bytes that are not UTF-8 become U+FFFD, with a warning naming the file.  A
+document with no text is skipped (and counted in its domain's ``"empty_documents"``), never
+stored as a lone end-of-document.
 
 Tokenizers: ``byte`` (built in: the UTF-8 bytes 0-255 plus end-of-document 256, stored as uint16),
 ``tiktoken:<encoding>`` (e.g. ``tiktoken:gpt2``) and ``hf:<tokenizer.json or hub name>`` when the
 ``tiktoken`` / ``tokenizers`` packages are installed.
 
 Crash safety: a token file is written under a temporary name in the output directory and renamed
-into place only once complete; ``corpus.json`` is rewritten the same way afterwards.  A crash leaves
-at most a ``.<domain>.bin.tmp-*`` file, which nothing loads.
+into place only once complete; ``corpus.json`` is rewritten the same way afterwards, under a lock on
+the directory, so runs adding domains to one directory at once keep each other's.  A crash
+leaves at most a ``.<domain>.bin.tmp-*`` file, which nothing loads; domains are done one after
+another, so a run that fails keeps the domains it finished before (complete, and listed).
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import gzip
 import io
 import json
 import os
 import sys
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._io import atomic_open, atomic_write_json, make_dir
+from fastmix._io import atomic_open, atomic_write_json, make_dir, writable_dir
 from fastmix.data import CORPUS_MANIFEST, CorpusError
 
 __all__ = [
@@ -95,7 +102,12 @@ def get_tokenizer(spec: str = "byte") -> Tokenizer:
             raise ValueError(
                 f"tokenizer {spec!r} needs the 'tiktoken' package (pip install tiktoken)"
             ) from None
-        enc = tiktoken.get_encoding(arg)
+        try:
+            enc = tiktoken.get_encoding(arg)
+        except Exception as e:  # noqa: BLE001 - unknown names, no network, a broken cache
+            raise ValueError(
+                f"tokenizer {spec!r} cannot be loaded: {type(e).__name__}: {e}"
+            ) from None
         return Tokenizer(
             spec,
             lambda text: enc.encode_ordinary(text),
@@ -109,9 +121,20 @@ def get_tokenizer(spec: str = "byte") -> Tokenizer:
             raise ValueError(
                 f"tokenizer {spec!r} needs the 'tokenizers' package (pip install tokenizers)"
             ) from None
-        tok = (
-            HFTokenizer.from_file(arg) if os.path.isfile(arg) else HFTokenizer.from_pretrained(arg)
-        )
+        try:
+            tok = (
+                HFTokenizer.from_file(arg)
+                if os.path.isfile(arg)
+                else HFTokenizer.from_pretrained(arg)
+            )
+        except Exception as e:  # noqa: BLE001 - a malformed file, no network, an unknown name
+            raise ValueError(
+                f"tokenizer {spec!r} cannot be loaded: {type(e).__name__}: {e}"
+            ) from None
+        # Text that spells a special token ("<|endoftext|>" inside a document) must stay text:
+        # as a token it would forge a document boundary.  tokenizers >= 0.19 can do that.
+        if hasattr(tok, "encode_special_tokens"):
+            tok.encode_special_tokens = True
         eos = next(
             (
                 tok.token_to_id(t)
@@ -149,16 +172,47 @@ def read_documents(
         raise ValueError(f"input {str(path)!r}: no such file")
     name = path.name.lower()
     is_gz = name.endswith(".gz")
-    is_jsonl = name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson"))
+    is_jsonl = name.removesuffix(".gz").endswith((".jsonl", ".json", ".ndjson"))
     try:
         raw = gzip.open(path, "rb") if is_gz else open(path, "rb")
     except OSError as e:
         raise ValueError(f"input {str(path)!r}: cannot be read ({e.strerror or e})") from None
+    # utf-8-sig: a BOM is not part of the first document (nor the start of JSON);
+    # newline="" for whole plain-text documents: their bytes, \r\n included, are kept.
+    newline = "" if not (is_jsonl or lines) else None
+    replaced = _REPLACED.count
     try:
-        with raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
+        with raw, io.TextIOWrapper(
+            raw, encoding="utf-8-sig", errors=_REPLACE, newline=newline
+        ) as f:
             yield from _parse_documents(f, path, text_field, is_jsonl, lines)
     except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz, a failing disk
         raise ValueError(f"input {str(path)!r}: cannot be read ({e})") from None
+    if _REPLACED.count > replaced:
+        warnings.warn(
+            f"input {str(path)!r}: {_REPLACED.count - replaced} byte sequence(s) that are not "
+            "UTF-8 were replaced with U+FFFD",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+class _Replacements:
+    """Counts what the decoding error handler below replaced (one process, one thread reading)."""
+
+    count = 0
+
+    @classmethod
+    def handler(cls, exc: UnicodeError) -> tuple[str, int]:
+        if not isinstance(exc, UnicodeDecodeError):
+            raise exc
+        cls.count += 1
+        return "\ufffd", exc.end
+
+
+_REPLACED = _Replacements
+_REPLACE = "fastmix-prepare-replace"
+codecs.register_error(_REPLACE, _Replacements.handler)
 
 
 def _parse_documents(
@@ -270,10 +324,28 @@ def prepare_domain(
     }
     if n_empty:
         entry["empty_documents"] = int(n_empty)
-    manifest = _load_or_new_manifest(out, tok)  # re-read: another domain may have been added since
-    manifest["domains"][name] = entry
-    atomic_write_json(out / CORPUS_MANIFEST, manifest)
+    with _manifest_lock(out):  # another run may be adding domains to this directory
+        manifest = _load_or_new_manifest(out, tok)  # re-read: it may have added some since
+        manifest["domains"][name] = entry
+        atomic_write_json(out / CORPUS_MANIFEST, manifest)
     return entry
+
+
+@contextlib.contextmanager
+def _manifest_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on the directory itself (where flock exists) for the manifest update:
+    no lock file is left beside the corpus."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
+        yield
+    finally:
+        os.close(fd)
 
 
 def prepare_corpus(
@@ -297,7 +369,7 @@ def prepare_corpus(
         for name, paths in domains.items()
     }
     tok = get_tokenizer(tokenizer)
-    make_dir(out_dir, "out_dir")  # before any tokenising: a bad out_dir fails at once
+    writable_dir(out_dir, "out_dir")  # before any tokenising: a bad out_dir fails at once
     for name, paths in domains.items():
         _check_domain_name(name)
         for p in paths:
@@ -341,6 +413,8 @@ def _check_domain_name(name: Any) -> None:
         raise ValueError(
             f"domain name must be a plain file name (no '/', no leading '.'), got {name!r}"
         )
+    if len(name.encode("utf-8", errors="replace")) > 200:  # + ".bin" and a temporary suffix
+        raise ValueError(f"domain name must be at most 200 bytes, got {name[:40]!r}...")
 
 
 def _load_or_new_manifest(out: Path, tok: Tokenizer) -> dict[str, Any]:
@@ -350,15 +424,20 @@ def _load_or_new_manifest(out: Path, tok: Tokenizer) -> dict[str, Any]:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise CorpusError(f"{str(path)!r} cannot be read: {e}") from None
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(
-            manifest.get("domains"), dict
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("format") != MANIFEST_FORMAT
+            or not isinstance(manifest.get("domains"), dict)
         ):
             raise CorpusError(f"{str(path)!r} is not a {MANIFEST_FORMAT} manifest")
-        if manifest.get("tokenizer") != tok.name or manifest.get("dtype") != tok.dtype.name:
+        theirs = tuple(manifest.get(k) for k in ("tokenizer", "dtype", "vocab_size", "eos_id"))
+        ours = (tok.name, tok.dtype.name, int(tok.vocab_size), int(tok.eos_id))
+        if theirs != ours:  # (a spec names a file: the same name may be another tokenizer now)
             raise CorpusError(
-                f"{str(path)!r} was written with tokenizer {manifest.get('tokenizer')!r} "
-                f"({manifest.get('dtype')}); cannot add domains tokenised with {tok.name!r} "
-                f"({tok.dtype.name}) - use another output directory"
+                f"{str(path)!r} was written with tokenizer {theirs[0]!r} ({theirs[1]}, vocab "
+                f"{theirs[2]}, end-of-document {theirs[3]}); cannot add domains tokenised with "
+                f"{ours[0]!r} ({ours[1]}, vocab {ours[2]}, end-of-document {ours[3]}) - use "
+                "another output directory"
             )
         return manifest
     return {
@@ -429,6 +508,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         print(f"fastmix prepare: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # writing failed midway (disk full, permissions changed, ...)
+        print(f"fastmix prepare: error: {e}", file=sys.stderr)
+        return 1
     for name in domains:
         entry = manifest["domains"][name]
         empty = entry.get("empty_documents", 0)

@@ -165,3 +165,77 @@ def test_mismatched_tokenizer_is_refused(tmp_path):
     (tmp_path / "corpus.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="cannot add domains tokenised with 'byte'"):
         prepare_domain("b", ["y"], tmp_path)
+    # the same spec, but another vocabulary or end-of-document id (a file replaced since)
+    for key, value in (("vocab_size", 300), ("eos_id", 0)):
+        prepare_domain("a", ["x"], tmp_path / key)
+        manifest = json.loads((tmp_path / key / "corpus.json").read_text())
+        manifest[key] = value
+        (tmp_path / key / "corpus.json").write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match="cannot add domains tokenised with 'byte'"):
+            prepare_domain("b", ["y"], tmp_path / key)
+    # valid JSON that is not a manifest object
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "corpus.json").write_text("[]")
+    with pytest.raises(ValueError, match="is not a fastmix-corpus manifest"):
+        prepare_domain("b", ["y"], tmp_path / "list")
+
+
+def test_input_formats_are_read_as_written(tmp_path, recwarn):
+    # .ndjson.gz is JSON lines; a BOM is not part of the JSON; plain text keeps its \r\n
+    with gzip.open(tmp_path / "a.ndjson.gz", "wt") as f:
+        f.write(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "bom"}).encode())
+    (tmp_path / "c.txt").write_bytes(b"line\r\nnext\rend\n")
+    manifest = prepare_corpus(
+        {"a": tmp_path / "a.ndjson.gz", "b": tmp_path / "b.jsonl", "c": tmp_path / "c.txt"},
+        tmp_path / "out", show_progress=False,
+    )  # fmt: skip
+    assert manifest["domains"]["a"]["documents"] == 2
+    corpus = TokenCorpus.from_dir(tmp_path / "out")
+    assert corpus.tokens_of(1).tolist() == list(b"bom") + [256]
+    assert corpus.tokens_of(2).tolist() == list(b"line\r\nnext\rend\n") + [256]
+    assert not recwarn.list
+    # bytes that are not UTF-8 are replaced, and the file is named in a warning
+    (tmp_path / "d.txt").write_bytes(b"caf\xe9")
+    with pytest.warns(RuntimeWarning, match="d.txt.*1 byte sequence"):
+        prepare_corpus({"d": tmp_path / "d.txt"}, tmp_path / "out", show_progress=False)
+    assert TokenCorpus.from_dir(tmp_path / "out").tokens_of(3).tolist() == (
+        list("caf\ufffd".encode()) + [256]
+    )
+
+
+def test_concurrent_runs_into_one_directory_keep_every_domain(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from fastmix.prepare import prepare_domain\n"
+        "for i in range(150): prepare_domain(f'{sys.argv[1]}{i}', ['x' * i + 'y'], sys.argv[2])\n"
+    )
+    runs = [subprocess.Popen([sys.executable, "-c", script, tag, str(tmp_path)])
+            for tag in ("a", "b")]  # fmt: skip
+    assert [r.wait(timeout=120) for r in runs] == [0, 0]
+    manifest = json.loads((tmp_path / "corpus.json").read_text())
+    assert sorted(manifest["domains"]) == sorted(f"{t}{i}" for t in "ab" for i in range(150))
+    assert len(TokenCorpus.from_dir(tmp_path).names) == 300
+
+
+def test_long_domain_names_and_tokenizer_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="at most 200 bytes"):
+        prepare_domain("d" * 260, ["x"], tmp_path)
+    tokenizers = pytest.importorskip("tokenizers")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        get_tokenizer(f"hf:{tmp_path / 'bad.json'}")
+    # Text spelling the end-of-document token stays text: it must not forge a boundary.
+    from tokenizers import models, pre_tokenizers
+
+    tok = tokenizers.Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(tmp_path / "tok.json"))
+    spec = get_tokenizer(f"hf:{tmp_path / 'tok.json'}")
+    if not hasattr(tokenizers.Tokenizer, "encode_special_tokens"):
+        pytest.skip("tokenizers < 0.19 cannot keep special-token text as text")
+    ids = list(spec.encode("a <|endoftext|> b"))
+    assert spec.eos_id not in ids and ids[0] == 0 and ids[-1] == 1
