@@ -118,6 +118,21 @@ def test_corpus_is_cached_and_keyed(tmp_path: Path) -> None:
     rebuilt = build_corpus(tmp_path / "a", other_spec, progress=False)
     assert rebuilt.key == other_spec.cache_key()
     assert damaged.stat().st_size == size and corpus_digest(rebuilt) == corpus_digest(other)
+    # So does a part's corpus.json deleted or damaged (it was reused, then failed to load).
+    for part, damage in ((rebuilt.train_dir, None), (rebuilt.heldout_dir, "{")):
+        if damage is None:
+            (part / "corpus.json").unlink()
+        else:
+            (part / "corpus.json").write_text(damage)
+        again = build_corpus(tmp_path / "a", other_spec, progress=False)
+        assert corpus_digest(again) == corpus_digest(other)
+        again.train_corpus()
+        assert set(again.heldout_tokens()) == set(DOMAINS)
+    # Bytes overwritten in place, same size: ids past the vocabulary would crash the model.
+    with open(again.train_dir / "code.bin", "r+b") as f:
+        f.write(b"\xff" * 64)
+    again = build_corpus(tmp_path / "a", other_spec, progress=False)
+    assert corpus_digest(again) == corpus_digest(other)
     # No temporary folders are left behind.
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["corpus"]
 
@@ -230,6 +245,10 @@ def test_bad_flags_are_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert "steps" in capsys.readouterr().err
     assert _demo("--out", out, *TINY_FLAGS, "--weights", str(tmp_path / "missing.json")) == 2
     assert "--weights" in capsys.readouterr().err
+    for device in ("meta", "mps", "xpu"):  # checked before the corpus is built
+        assert _demo("--out", out, *TINY_FLAGS, "--device", device) == 2
+        assert "the demo runs on 'cpu' or 'cuda'" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "corpus").exists()
 
 
 def test_quick_preset_and_explicit_flags() -> None:

@@ -360,6 +360,8 @@ class DemoCorpus:
 
 
 def _load_manifest(root: Path, key: str) -> DemoCorpus | None:
+    from fastmix.data import TokenCorpus
+
     try:
         manifest = json.loads((root / MANIFEST).read_text())
         if manifest.get("key") != key:
@@ -375,8 +377,19 @@ def _load_manifest(root: Path, key: str) -> DemoCorpus | None:
         for path, size in zip(corpus.files(), manifest["file_bytes"], strict=True):
             if path.stat().st_size != size:
                 return None
+        # Both parts must load as corpora (their corpus.json deleted or damaged since: rebuild).
+        for part in (corpus.train_dir, corpus.heldout_dir):
+            loaded = TokenCorpus.from_dir(part)
+            if loaded.names != corpus.domains:
+                return None
+            # Bytes overwritten in place (same size): an id past the vocabulary would crash the
+            # model's embedding; a scan of a few MB is cheap next to training.
+            for i in range(len(loaded.names)):
+                tokens = loaded.tokens_of(i)
+                if tokens.size and int(tokens.max()) >= corpus.vocab_size:
+                    return None
         return corpus
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # CorpusError is a ValueError
         return None
 
 
@@ -388,9 +401,10 @@ def build_corpus(
     Each part is written by :func:`fastmix.prepare.prepare_domain` with the byte tokenizer (UTF-8
     bytes 0..255 plus an end-of-document id) into ``out/corpus/train`` and ``out/corpus/heldout``.
     The cache is valid when ``out/corpus/manifest.json`` records the same key
-    (:meth:`CorpusSpec.cache_key`) and every file it lists has its recorded size.  A rebuild
-    happens in a temporary folder that replaces the old one only when complete, so an interrupted
-    build never leaves a corpus that looks valid.
+    (:meth:`CorpusSpec.cache_key`), every file it lists has its recorded size, both parts load as
+    corpora and no token is outside the vocabulary.  A rebuild happens in a temporary folder that
+    replaces the old one only when complete, so an interrupted build never leaves a corpus that
+    looks valid.
     """
     from tqdm.auto import tqdm
 

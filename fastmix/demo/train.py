@@ -65,6 +65,8 @@ def pick_device(name: str | None = None) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"device: {name!r} is not a torch device ({exc})") from None
+    if device.type not in ("cpu", "cuda"):  # the demo's kernels and checks are for these two
+        raise ValueError(f"device: {name!r}: the demo runs on 'cpu' or 'cuda' devices")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {name!r} requested but CUDA is not available")
     return device
