@@ -75,7 +75,13 @@ def _feed(h: Any, value: Any) -> None:
     if isinstance(value, np.generic):  # a numpy scalar digests as the Python number it holds
         value = value.item()
     if isinstance(value, Tensor):
-        value = value.detach().cpu().contiguous().numpy()
+        t = value.detach().cpu().contiguous()
+        try:
+            value = t.numpy()
+        except TypeError:  # bfloat16 and the other dtypes numpy lacks: digest their bytes
+            h.update(f"tensor{t.dtype}{tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            return
     if isinstance(value, np.ndarray):
         h.update(f"array{value.dtype.str}{value.shape}:".encode())
         h.update(np.ascontiguousarray(value).tobytes())
@@ -84,6 +90,12 @@ def _feed(h: Any, value: Any) -> None:
         for key in sorted(value, key=repr):
             _feed(h, key)
             _feed(h, value[key])
+        h.update(b")")
+    elif isinstance(value, (set, frozenset)):
+        # Iteration order follows hash randomisation, which differs between processes.
+        h.update(f"set{len(value)}(".encode())
+        for digest in sorted(_fingerprint(item) for item in value):
+            h.update(digest.to_bytes(8, "little"))
         h.update(b")")
     elif isinstance(value, (tuple, list)):
         h.update(f"{type(value).__name__}{len(value)}(".encode())
@@ -138,11 +150,17 @@ def check_ranks_agree(
     result on the host (a synchronisation): call it outside CUDA-graph capture and
     ``torch.compile``, e.g. once before training.
     """
+    if group is None:
+        raise ValueError(
+            f"{what}: comparing ranks needs torch.distributed initialised and a process group"
+        )
     fields = dict(fields)
     if num_ranks is not None:
         fields["world_size"] = num_ranks
-    names = list(fields)
-    digests = [_fingerprint(fields[name]) for name in names]
+    # By sorted name, so that ranks building the mapping in another order still compare like
+    # with like; the names themselves are compared first.
+    names = ["field names", *sorted(fields)]
+    digests = [_fingerprint(sorted(fields))] + [_fingerprint(fields[name]) for name in names[1:]]
     size = world_size(group)
     taken = [0] * size
     if rank is not None and 0 <= rank < size:
@@ -155,6 +173,8 @@ def check_ranks_agree(
     # Every rank holds the same ``got``, and past the first check the same fields: each branch
     # below is taken on all ranks or on none.
     differ = [name for i, name in enumerate(names) if got[i] != -got[n + i]]
+    if "field names" not in differ:  # report in the caller's order
+        differ = [name for name in fields if name in differ]
     head = f"{what} is not the same on the {size} ranks of its process group: "
     if differ:
         raise ValueError(head + f"they differ in {', '.join(differ)}")

@@ -148,6 +148,18 @@ def check_scenarios(rank: int, out_dir: str) -> dict[str, str]:
         "dataset resumed apart": lambda: resumed(2 + other).check_ranks(),
         "dataset rank": lambda: dataset(rank=0).check_ranks(),
         "dataset world_size": lambda: dataset(world_size=3).check_ranks(),
+        # the public helper: another dict order, sets (whose order follows each process's hash
+        # seed), and a bfloat16 tensor on one rank only (same verdict on both, no hang)
+        "fields order": lambda: fdist.check_ranks_agree(
+            "Thing", {"a": 1, "b": 2} if other else {"b": 2, "a": 1}, dist.group.WORLD
+        ),
+        "fields set": lambda: fdist.check_ranks_agree(
+            "Thing", {"s": {"alpha", "beta", "gamma", "delta", "epsilon"}}, dist.group.WORLD
+        ),
+        "fields bf16": lambda: fdist.check_ranks_agree(
+            "Thing", {"w": torch.ones(3, dtype=torch.bfloat16 if other else torch.float32)},
+            dist.group.WORLD,
+        ),
     }
     results = {}
     for name, run in scenarios.items():
@@ -231,7 +243,7 @@ def test_check_ranks_names_what_differs_on_every_rank(tmp_path):
     assert results[0] == results[1]  # the same verdict and message on both ranks
     got = results[0]
     for name in ("doremi same", "doremi debug same", "odm same", "dataset same",
-                 "dataset resumed same"):
+                 "dataset resumed same", "fields order", "fields set"):
         assert got[name] == "ok", (name, got[name])
     expected = {
         "doremi step_size": "DoReMi is not the same on the 2 ranks of its process group: "
@@ -246,6 +258,8 @@ def test_check_ranks_names_what_differs_on_every_rank(tmp_path):
         "dataset resumed apart": "they differ in resume point",
         "dataset rank": "rank(s) [1] are taken by no process",
         "dataset world_size": "world_size=3, but the group has 2 ranks",
+        "fields bf16": "Thing is not the same on the 2 ranks of its process group: they differ "
+        "in w",
     }
     for name, text in expected.items():
         assert text in got[name], (name, got[name])
@@ -278,3 +292,12 @@ def test_fingerprints_see_every_element():
     assert fdist._fingerprint({"a": np.int64(1)}) != fdist._fingerprint({"a": np.int64(2)})
     assert fdist._fingerprint([np.int64(3), np.float64(0.5)]) == fdist._fingerprint([3, 0.5])
     assert 0 <= fdist._fingerprint("anything") < 2**62
+    # dtypes numpy lacks digest by their bytes; sets by their elements' digests, in any order
+    bf16 = torch.tensor([1.0, 2.5], dtype=torch.bfloat16)
+    assert fdist._fingerprint(bf16) == fdist._fingerprint(bf16.clone())
+    assert fdist._fingerprint(bf16) != fdist._fingerprint(bf16.float())
+    assert fdist._fingerprint(torch.tensor(1.0, dtype=torch.bfloat16)) != fdist._fingerprint(bf16)
+    assert fdist._fingerprint({3, 1, 2}) == fdist._fingerprint({1, 2, 3})
+    assert fdist._fingerprint({1, 2}) != fdist._fingerprint([1, 2])
+    with pytest.raises(ValueError, match="needs torch.distributed initialised"):
+        fdist.check_ranks_agree("Thing", {"a": 1}, None)
