@@ -202,6 +202,7 @@ def bench(args: argparse.Namespace) -> str:
         header,
         "|" + "---|" * (header.count("|") - 1),
     ]
+    errors: list[str] = []
     for n_seq in args.sequences:
         for k in args.domains:
             loss, ref, domain, mask = make_batch(n_seq, k, device, dtype)
@@ -210,28 +211,54 @@ def bench(args: argparse.Namespace) -> str:
             if device == "cuda":
                 floor = max(input_bytes(loss, ref, domain, mask) / bandwidth, graph_launch_us)
             for op in ("stats", "step"):
-                times = {}
+                times: dict[str, float | None] = {}
                 graph_time = None
                 for name in names:
-                    fn = runner(name, op, (loss, domain, mask, ref), k, device, impls)
-                    times[name] = measure(fn)
-                    if name == "cuda":
-                        graph_time = graph_replay_us(fn, measure)
-                best = min(times[name] for name in names if name != "eager")
+                    # One backend failing (a compile error, say) costs its cell, not the run.
+                    try:
+                        fn = runner(name, op, (loss, domain, mask, ref), k, device, impls)
+                        times[name] = measure(fn)
+                        if name == "cuda":
+                            graph_time = graph_replay_us(fn, measure)
+                    except Exception as exc:  # noqa: BLE001 - reported under the table
+                        times[name] = None
+                        errors.append(f"{op}, N = {n:,}, K = {k}, {name}: "
+                                      f"{type(exc).__name__}: {exc}")  # fmt: skip
                 row = f"| {op} | {n_seq}×{SEQ} = {n:,} | {k} | "
-                row += " | ".join(f"{times[name]:.1f}" for name in names)
-                row += f" | {times['eager'] / best:.1f}× |"
+                row += " | ".join(_cell(times[name]) for name in names)
+                row += f" | {_ratio(times['eager'], _best(times, names))} |"
                 if "cuda" in names:
-                    row += f" {times['eager'] / times['cuda']:.1f}× |"
+                    row += f" {_ratio(times['eager'], times['cuda'])} |"
                 if floor is not None:
-                    graph = f"{graph_time:.1f}" if graph_time is not None else "n/a"
-                    ratio = f"{graph_time / floor:.2f}×" if graph_time is not None else "n/a"
-                    row += f" {graph} | {floor:.1f} | {ratio} |"
+                    row += f" {_cell(graph_time)} | {floor:.1f} | "
+                    row += f"{_ratio(graph_time, floor, 2)} |"
                 lines.append(row)
                 print(row, flush=True)
                 if args.out is not None:  # keep what is measured even if a time limit cuts in
-                    write_text(args.out, "\n".join(lines) + "\n")
-    return "\n".join(lines) + "\n"
+                    write_text(args.out, _with_errors(lines, errors))
+    return _with_errors(lines, errors)
+
+
+def _cell(us: float | None) -> str:
+    return "error" if us is None else f"{us:.1f}"
+
+
+def _best(times: dict[str, float | None], names: list[str]) -> float | None:
+    measured = [times[name] for name in names if name != "eager" and times[name] is not None]
+    return min(measured) if measured else None
+
+
+def _ratio(a: float | None, b: float | None, digits: int = 1) -> str:
+    return "n/a" if a is None or b is None else f"{a / b:.{digits}f}×"
+
+
+def _with_errors(lines: list[str], errors: list[str]) -> str:
+    text = "\n".join(lines) + "\n"
+    if errors:
+        text += "\nErrors (those cells read \"error\"):\n\n" + "".join(
+            f"- {e}\n" for e in errors
+        )
+    return text
 
 
 def write_text(path: Path, text: str) -> None:
