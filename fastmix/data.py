@@ -132,6 +132,10 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
         raw = np.asarray(source)
     except (TypeError, ValueError):
         raw = None
+    if raw is not None and raw.dtype == object and raw.ndim == 1:
+        # Python ints beyond int64 (numpy keeps them as objects): each checked as a number, as
+        # a mapping's values are.
+        raw = np.array([real_number(v, f"weights[{i}]") for i, v in enumerate(raw)], np.float64)
     # Strings, booleans and complex numbers would convert (or fail) with no word about why.
     if raw is None or raw.dtype.kind not in "iuf" and raw.size:
         what = type(source).__name__ if raw is None else f"{type(source).__name__} of {raw.dtype}"

@@ -161,3 +161,8 @@ def test_load_weights_bad_input(tmp_path):
         load_weights([1e308, 1e308], names)
     with pytest.raises(ValueError, match=r"weights\['a'\] must be finite"):
         load_weights({"a": 10**400, "b": 1}, names)  # an int float64 cannot hold
+    assert load_weights([2**70, 2**70], names).tolist() == [2.0**70] * 2  # ints past int64
+    with pytest.raises(ValueError, match=r"weights\[0\] must be finite"):
+        load_weights([10**400, 1], names)
+    with pytest.raises(TypeError, match=r"weights\[1\] must be a number"):
+        load_weights([2**70, "x"], names)
