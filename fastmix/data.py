@@ -414,7 +414,9 @@ def _check_manifest_dtype(
     if manifest is None:
         return
     listed = any(
-        isinstance(info, Mapping) and path.name in (info.get("files") or [])
+        isinstance(info, Mapping)
+        and isinstance(info.get("files"), list)
+        and path.name in info["files"]
         for info in manifest["domains"].values()
     )
     try:
@@ -493,6 +495,9 @@ class _Control:
             "count": torch.zeros(1, dtype=torch.int64),
             "started": torch.full((_WORKER_SLOTS,), _NO_ITERATOR, dtype=torch.int64),
             "exhausted": torch.full((num_domains,), -1, dtype=torch.int64),
+            # Bumped by clear(): iterators (and dataset copies in workers) of an earlier
+            # generation must neither write here nor produce (see _StaleIterator).
+            "generation": torch.zeros(1, dtype=torch.int64),
         }
         for t in self.tensors.values():
             t.share_memory_()
@@ -591,23 +596,39 @@ class _Control:
 
     # -- readers (iterators) ---------------------------------------------------------------------
 
-    def register(self, slot: int, num_slots: int, step: int) -> None:
+    @property
+    def generation(self) -> int:
+        return int(self.v["generation"][0])
+
+    def any_registered(self) -> bool:
+        """Whether an iterator has begun since the control block was made or cleared."""
+        with self.lock:
+            return bool((self.v["started"] != _NO_ITERATOR).any())
+
+    def register(self, slot: int, num_slots: int, step: int, generation: int) -> None:
         """An iterator begins: it will next produce ``step``; slot 0 also clears stale slots."""
         v = self.v
         with self.lock:
+            if int(v["generation"][0]) != generation:
+                raise _StaleIterator
             v["started"][slot] = step - 1
             if slot == 0:
                 v["started"][num_slots:] = _NO_ITERATOR
 
-    def collect(self, slot: int, position: int, claim: int) -> list[tuple[int, int, np.ndarray]]:
+    def collect(
+        self, slot: int, position: int, claim: int, generation: int
+    ) -> list[tuple[int, int, np.ndarray]]:
         """Mark ``claim`` started; return the changes (id, step, weights) with step >= position.
 
-        Waits while a change due at or before ``claim`` still waits for its CUDA copy.
+        Waits while a change due at or before ``claim`` still waits for its CUDA copy.  Raises
+        _StaleIterator for an iterator of an earlier generation (a state was loaded since).
         """
         v = self.v
         deadline = None
         while True:
             with self.lock:
+                if int(v["generation"][0]) != generation:
+                    raise _StaleIterator
                 live = (v["event_id"] >= 0) & (v["event_step"] >= position)
                 waiting = live & (v["event_flag"] == _PENDING) & (v["event_step"] <= claim)
                 if not waiting.any():
@@ -629,20 +650,29 @@ class _Control:
                 )
             time.sleep(1e-4)
 
-    def clear(self) -> None:
-        """Forget every change and exhaustion mark (the main process loads another state)."""
+    def clear(self) -> int:
+        """Forget every change, exhaustion mark and iterator (the main process loads another
+        state); returns the new generation."""
         with self.lock:
             v = self.v
+            v["generation"][0] += 1
             v["event_step"][:] = -1
             v["event_id"][:] = -1
             v["event_flag"][:] = _PENDING
             v["exhausted"][:] = -1
             v["started"][:] = _NO_ITERATOR
+            return int(v["generation"][0])
 
-    def mark_exhausted(self, domain: int, sample: int) -> None:
+    def mark_exhausted(self, domain: int, sample: int, generation: int | None = None) -> None:
         with self.lock:
+            if generation is not None and int(self.v["generation"][0]) != generation:
+                return  # an abandoned run's iterator: its marks are not this run's
             if self.v["exhausted"][domain] < 0:
                 self.v["exhausted"][domain] = sample
+
+
+class _StaleIterator(Exception):
+    """An iterator begun before the dataset loaded another state (its run was abandoned)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -652,6 +682,8 @@ class _Control:
 
 # What _Stream.state() holds: the global stream's position, the same on every rank.
 _STREAM_KEYS = ("step", "cursors", "user_weights", "dropped", "finished", "sampler", "pending")
+# What tells two states' positions apart (load_state_dict: the same one loaded again).
+_POSITION_KEYS = (*_STREAM_KEYS, "next_step", "worker", "stride", "events", "floor", "weights")
 
 
 class _Stream:
@@ -666,6 +698,7 @@ class _Stream:
 
         self.ds = ds
         K = ds.corpus.num_domains
+        self.generation: int | None = None  # the iterator's, when one runs this stream
         self.pending: dict[int, tuple[int, np.ndarray]] = {}
         if state is None:
             self.step = 0
@@ -761,7 +794,7 @@ class _Stream:
                     f"domain {name!r} is exhausted after {epochs} epoch(s) of "
                     f"{int(ds._n_windows[d])} windows at {where} (on_exhausted='error')"
                 )
-            ds._control.mark_exhausted(d, self.step * G + done)
+            ds._control.mark_exhausted(d, self.step * G + done, self.generation)
             if ds.on_exhausted == "stop":
                 self.finished = True
                 return None
@@ -843,9 +876,16 @@ class _MixtureIterator:
                 f"worker {worker_id} of {num_workers}: MixtureDataset supports up to "
                 f"{_WORKER_SLOTS} DataLoader workers per rank"
             )
+        # A copy older than the main process's last load_state_dict: raised by __next__, where a
+        # DataLoader worker hands the error to the main process (from here it would only die).
+        self.stale = ds._generation != ds._control.generation
+        if self.stale:
+            return
         state = ds._resume
         self.ds = ds
+        self.generation = ds._generation
         self.stream = _Stream(ds, state)
+        self.stream.generation = self.generation
         self.worker_id, self.stride = worker_id, num_workers
         # A state saved by a single iterator (in-process, or one worker) has produced every step
         # before its position, so any number of workers can take over from there.
@@ -862,7 +902,12 @@ class _MixtureIterator:
             self.next_step = int(state["next_step"])
         else:
             self.next_step = self.stream.step + worker_id
-        ds._control.register(worker_id, num_workers, self.next_step)
+        try:
+            ds._control.register(worker_id, num_workers, self.next_step, self.generation)
+        except _StaleIterator:
+            raise RuntimeError(
+                "the MixtureDataset loaded another state while this iterator was being made"
+            ) from None
         ds._active = self
         self.in_worker = torch.utils.data.get_worker_info() is not None
 
@@ -870,12 +915,22 @@ class _MixtureIterator:
         return self
 
     def __next__(self) -> dict[str, Any]:
+        if self.stale:
+            raise RuntimeError(
+                "this copy of the MixtureDataset predates a load_state_dict in the main process "
+                "(DataLoader workers with persistent_workers=True keep the dataset they started "
+                "with): make a new DataLoader after loading a state"
+            )
         stream, ds = self.stream, self.ds
         if stream.finished:
             raise StopIteration
-        for event_id, step, weights in ds._control.collect(
-            self.worker_id, stream.step, self.next_step
-        ):
+        try:
+            changes = ds._control.collect(
+                self.worker_id, stream.step, self.next_step, self.generation
+            )
+        except _StaleIterator:  # load_state_dict since: this run was abandoned, it ends here
+            raise StopIteration from None
+        for event_id, step, weights in changes:
             stream.merge(event_id, step, weights)
         while stream.step < self.next_step:
             stream.plan(produce=False)
@@ -1006,6 +1061,7 @@ class MixtureDataset(IterableDataset):
         # Built once here so a bad block/method fails now, not later inside a DataLoader worker.
         MixtureSampler(self._initial_weights, seed=self.seed, method=method, block=block)
         self._control = _Control(corpus.num_domains)
+        self._generation = self._control.generation  # see _Control.clear
         self._resume: dict[str, Any] | None = None
         self._floor = 0
         self._active: _MixtureIterator | None = None
@@ -1275,16 +1331,28 @@ class MixtureDataset(IterableDataset):
                     f"state was saved with {key}={state.get(key)!r}, this dataset has "
                     f"{key}={header[key]!r}"
                 )
-        _check_state_body(state, self.corpus.num_domains)
+        _check_state_body(state, self.corpus.names)
         state = dict(state)
         in_worker = torch.utils.data.get_worker_info() is not None
         if not in_worker:
+            if (
+                self._resume is not None
+                and not self._control.any_registered()
+                and all(self._resume.get(k) == state.get(k) for k in _POSITION_KEYS)
+            ):
+                # The position already loaded, and nothing has run since: StatefulDataLoader
+                # with num_workers=0 loads the dataset's state itself, inside iter(loader),
+                # after the user's own load; changes made in between must stay.
+                self._resume = state
+                self._active = None
+                return
             # The main process owns the shared ring.  CUDA copies of the abandoned run finish
-            # first (their errors belong to it), then everything it left is cleared.
+            # first (their errors belong to it), then everything it left is cleared, and its
+            # iterators and worker copies (an older generation) stop touching it.
             if self._async is not None:
                 self._async.join()
             self._async_error = None
-            self._control.clear()
+            self._generation = self._control.clear()
             self.weight_schedule = []
         self._resume = state
         self._active = None
@@ -1318,8 +1386,9 @@ class MixtureDataset(IterableDataset):
         )
 
 
-def _check_state_body(state: Mapping[str, Any], num_domains: int) -> None:
+def _check_state_body(state: Mapping[str, Any], names: Sequence[str]) -> None:
     """Checks the position part of a ``MixtureDataset`` state (the header is checked first)."""
+    num_domains = len(names)
 
     def bad(key: str, why: str) -> ValueError:
         return ValueError(f"state[{key!r}] {why}: not a MixtureDataset state_dict, or damaged")
@@ -1360,6 +1429,12 @@ def _check_state_body(state: Mapping[str, Any], num_domains: int) -> None:
         for entry in state.get(key, []):
             if len(entry) != 2 or len(entry[1]) != num_domains:
                 raise bad(key, f"must list [step, weights over {num_domains} domains] pairs")
+    exhausted = state.get("exhausted", {})
+    if not isinstance(exhausted, Mapping) or any(
+        name not in names or isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0
+        for name, v in exhausted.items()
+    ):
+        raise bad("exhausted", "must map the corpus's domain names to sample indices >= 0")
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -50,6 +50,11 @@ def test_uint32_and_dtype_from_manifest(tmp_path):
     assert TokenCorpus({"y": tmp_path / "y.bin"}, dtype="uint16").tokens == {"y": 2}
     (tmp_path / "corpus.json").write_text("[1, 2]")
     assert TokenCorpus({"x": tmp_path / "x.bin"}, dtype="uint16").tokens == {"x": 6}
+    for files in (3, "xx.bin"):  # not fastmix's shape: no crash, no substring match
+        (tmp_path / "corpus.json").write_text(
+            json.dumps({"dtype": "uint32", "domains": {"x": {"files": files}}})
+        )
+        assert TokenCorpus({"x": tmp_path / "x.bin"}, dtype="uint16").tokens == {"x": 6}
 
 
 def test_raw_files_are_little_endian(tmp_path):

@@ -153,6 +153,45 @@ def test_stateful_dataloader_resume_after_weight_changes(corpus, num_workers):
     assert resumed == full[6 * 2 :]
 
 
+def test_a_change_between_resuming_and_iterating_survives_the_loaders_own_load(corpus):
+    # StatefulDataLoader(num_workers=0) loads the dataset's state itself, inside iter(loader),
+    # after the user's ds.load_state_dict: a change made in between must not be wiped.
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def make_ds():
+        return make(corpus, 0, 1, 2, weights=[2, 1, 1])
+
+    ds = make_ds()
+    loader = StatefulDataLoader(ds, batch_size=None, num_workers=0)
+    it = iter(loader)
+    take(it, 3)
+    saved = pickle.dumps({"loader": loader.state_dict(), "data": ds.state_dict()})
+    del it
+    resumed = make_ds()
+    loader = StatefulDataLoader(resumed, batch_size=None, num_workers=0)
+    state = pickle.loads(saved)
+    resumed.load_state_dict(state["data"])
+    loader.load_state_dict(state["loader"])
+    assert resumed.set_weights([0, 0, 1], step=resumed.next_step) == 3
+    assert {d for _, d in flatten(take(iter(loader), 4))} == {2}
+    assert resumed.weight_schedule == [(3, [0.0, 0.0, 1.0])]
+    assert resumed.weights.tolist() == [0.0, 0.0, 1.0]
+
+
+def test_persistent_workers_from_before_a_rollback_say_so(corpus):
+    # Their copy of the dataset is the one they started with: after ds.load_state_dict they
+    # would silently replay the old position.  They raise instead, naming the fix.
+    ds = make(corpus, 0, 1, 2)
+    saved = ds.state_dict()
+    loader = DataLoader(ds, batch_size=None, num_workers=1, persistent_workers=True)
+    take(iter(loader), 2)
+    ds.load_state_dict(saved)
+    with pytest.raises(RuntimeError, match="make a new DataLoader after loading a state"):
+        take(iter(loader), 1)
+    fresh = DataLoader(ds, batch_size=None, num_workers=1)
+    assert len(take(iter(fresh), 2)) == 2
+
+
 def test_rank_and_world_size_default_from_torch_distributed(corpus, tmp_path):
     import torch.distributed as dist
 

@@ -350,6 +350,24 @@ def test_rolling_back_in_the_same_process_gives_the_checkpoints_stream(corpus):
     assert ds.weights.tolist() == [1.0, 1.0, 1.0]
 
 
+def test_an_iterator_of_the_abandoned_run_stops_and_writes_nothing(corpus):
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2, seed=2, max_epochs=1)
+    it = iter(ds)
+    take(it, 2)
+    saved = ds.state_dict()
+    old = iter(ds)  # e.g. a DataLoader's iterator still alive when the rollback happens
+    take(it, 3)
+    ds.load_state_dict(saved)
+    assert take(old, 5) == [] and take(it, 5) == []  # they end; their progress is not recorded
+    assert ds.next_step == 2 and ds.exhausted == []
+    # a damaged state is refused before anything changes
+    ds.set_weights([0, 1, 1], step=5)
+    for bad in ({"zzz": 4}, {"a": -1}, [1]):
+        with pytest.raises(ValueError, match="exhausted"):
+            ds.load_state_dict({**ds.state_dict(), "exhausted": bad})
+    assert ds.weight_schedule[-1] == (5, [0.0, 1.0, 1.0]) and ds.next_step == 2
+
+
 def test_a_single_iterators_state_resumes_with_any_number_of_workers(corpus):
     def make():
         return MixtureDataset(corpus, SEQ_LEN, [2, 1, 1], batch_size=2, seed=4)
