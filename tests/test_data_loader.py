@@ -231,7 +231,9 @@ def test_cpu_tensor_weights_reach_workers(corpus):
     it = iter(DataLoader(ds, batch_size=None, num_workers=1))
     take(it, 1)
     step = ds.set_weights(torch.tensor([0.0, 1.0, 0.0]))
+    assert 2 <= step <= 1 + 2 * 1  # past the batches the one worker prefetched (factor 2)
     got = [d for _, d in flatten(take(it, 6))]
+    assert len(got) == 12 and set(got[: 2 * (step - 1)]) == {0}
     assert got[2 * (step - 1) :] == [1] * (len(got) - 2 * (step - 1))
 
 

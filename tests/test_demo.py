@@ -370,6 +370,46 @@ def test_resample_mode_runs(tmp_path: Path) -> None:
     assert math.isclose(math.fsum(saved["weights"].values()), 1.0, abs_tol=1e-12)
 
 
+def test_resample_hands_alpha_to_the_sampler_and_trains_on_the_mean_loss(monkeypatch) -> None:
+    from fastmix.demo.train import TrainConfig, train_proxy
+    from fastmix.mixers import DoReMi
+
+    class Recorder:  # the dataset side: records what the proxy hands it
+        def __init__(self) -> None:
+            self.next_step, self.calls = 0, []
+
+        def set_weights(self, weights: torch.Tensor, *, step: int) -> None:
+            self.calls.append((step, weights.clone()))
+            self.next_step += 1
+
+    backpropagated = []  # what each backward() starts from
+    original = torch.Tensor.backward
+
+    def recording(self, *args, **kwargs):
+        backpropagated.append(type(self.grad_fn).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", recording)
+    cfg = GPTConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16)
+    batches = [{"input_ids": torch.randint(0, 256, (4, 17)), "domain": torch.tensor([0, 1, 2, 0])}
+               for _ in range(3)]  # fmt: skip
+    for resample in (True, False):
+        torch.manual_seed(0)
+        proxy, reference = TinyGPT(cfg), TinyGPT(cfg)
+        sink, mixer = Recorder(), DoReMi(3, step_size=1.0, device="cpu")
+        result = train_proxy(proxy, reference, batches, mixer, TrainConfig(steps=3),
+                             resample_to=sink if resample else None, progress=False)  # fmt: skip
+        if resample:
+            assert [step for step, _ in sink.calls] == [0, 1, 2]  # one change a step, at next_step
+            for i, (_, weights) in enumerate(sink.calls):  # the α of that step's update
+                np.testing.assert_allclose(weights.numpy(), result.trajectory[i + 1], rtol=1e-6)
+        else:
+            assert sink.calls == []
+    # with resample the plain mean loss trains; without, DoReMi's α-reweighted objective
+    assert backpropagated[:3] == ["MeanBackward0"] * 3
+    assert "MeanBackward0" not in backpropagated[3:] and len(backpropagated) == 6
+
+
 def test_shape_and_seed_errors_name_the_flags(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
