@@ -396,7 +396,48 @@ def test_pareto_search_and_trade_offs():
 
 
 # ---------------------------------------------------------------------------------- ablation
+def test_fits_do_not_depend_on_the_targets_units():
+    # Both curve fits in raw units stopped early once the target's scale moved away from 1
+    # (L-BFGS's tolerances are absolute): the same data in other units must give the same fit.
+    n = np.logspace(6, 9, 6)
+    base = fit_scaling_law(n, 2 + 10 * n**-0.1)
+    for unit in (1e-6, 1e3, 1e6):
+        law = fit_scaling_law(n, unit * (2 + 10 * n**-0.1))
+        np.testing.assert_allclose(law(1e12) / unit, base(1e12), rtol=1e-4)
+        assert law.alpha == pytest.approx(base.alpha, rel=1e-3)
+    X = _mixtures(60, 5, 21)
+    t = np.array([0.8, -0.4, 0.3, -0.9, 0.2])
+    curve = np.exp(X @ t)
+    Xt = _mixtures(50, 5, 22)
+    for c, k in ((2.0, 1.0), (2e3, 1e3), (2e-6, 1e-6), (0.45, -0.002)):  # losses, accuracies
+        fit = MixingLawPredictor().fit(X, c + k * curve)
+        truth = c + k * np.exp(Xt @ t)
+        assert np.abs(fit.predict(Xt) - truth).max() < 1e-3 * np.ptp(truth)
+
+
+def test_near_constant_predictions_and_tiny_units():
+    # a predictor fitted on a constant target varies by rounding only: no ranking to report
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    assert evaluate(y, np.array([0.1 + 0.2, 0.3, 0.3, 0.3]))["spearman"] == 0.0
+    assert evaluate(y, y + 1e-9 * np.arange(4))["spearman"] == 1.0
+    # refinement judges improvements against the objectives' own spread, not an absolute 1e-12
+    target = np.array([0.1, 0.4, 0.3, 0.2])
+    c = Constraints(list("abcd"), max_weight=0.6)
+    for scale in (1.0, 1e-12):
+        res = search(lambda W, s=scale: s * ((W - target) ** 2).sum(1), c, samples=2000, top_k=50)
+        assert res.refined and np.abs(res.weights - target).max() < 0.02
+    with pytest.raises(ValueError, match="folds must be >= 2"):
+        TreePredictor(tune=True, folds=1)
+
+
 def test_weights_from_affinity():
+    # extreme but finite scores still give weights that sum to 1
+    for w in (weights_from_affinity([1e308, 1e308], method="proportional"),
+              weights_from_affinity([1e-320, 1.0], method="proportional", higher_is_better=False),
+              weights_from_affinity([1.0, 2.0], temperature=1e-308),
+              weights_from_affinity([1e10, 2e10], temperature=1e-300)):  # fmt: skip
+        assert np.isfinite(w).all() and w.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(weights_from_affinity([1.0, 2.0], temperature=1e-308), [0, 1])
     w = weights_from_affinity({"a": 1.0, "b": 3.0}, method="proportional")
     assert w == pytest.approx({"a": 0.25, "b": 0.75})
     w = weights_from_affinity([2.0, 4.0], method="proportional", higher_is_better=False)
@@ -533,15 +574,24 @@ def test_tree_predictor_without_tree_libraries(monkeypatch):
     make_predictor("linear")
 
 
-def test_choose_weights_checks_settings_before_fitting():
+def test_choose_weights_checks_settings_before_fitting(monkeypatch):
+    import fastmix.optimize.choose as choose_module
+
     X = _mixtures(40, 3, 19)
     s = load_sweep(X, X[:, 0] + 1.0, domains=list("abc"), targets=["l"])
+    real = choose_module.make_predictor
+
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("a predictor was made before the settings were checked")
+
+    monkeypatch.setattr(choose_module, "make_predictor", no_fitting)
     with pytest.raises(ValueError, match="prior must be 3 weights"):
         choose_weights(s, ["l"], predictor="linear", prior=[0.5, 0.5])
     with pytest.raises(TypeError, match=r"prior\['a'\] must be a number"):
         choose_weights(s, ["l"], predictor="linear", prior={"a": "x", "b": 1, "c": 1})
     with pytest.raises(TypeError, match="samples must be an integer"):
         choose_weights(s, ["l"], predictor="linear", samples=1e3)
+    monkeypatch.setattr(choose_module, "make_predictor", real)
     ch = choose_weights(s, ["l"], predictor="linear", samples=500, top_k=10,
                         prior={"a": 1, "b": 1, "c": 2})
     w = np.array(list(ch.weights.values()))

@@ -36,12 +36,14 @@ def weights_from_affinity(scores: Mapping[str, float] | Sequence[float] | np.nda
             i = int(np.flatnonzero(s <= 0)[0])
             raise ValueError(f"method='proportional' needs scores > 0; domain "
                              f"{names[i] if names else i!r} has {s[i]:g} (use 'softmax')")
-        w = s if higher_is_better else 1.0 / s
+        # Relative to the largest (smallest) score first: 1e308s summed to inf, 1/1e-320 was inf.
+        w = s / s.max() if higher_is_better else s.min() / s
     elif method == "softmax":
         if not (np.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        z = (s if higher_is_better else -s) / temperature
-        w = np.exp(z - z.max())  # shift by the max so exp never overflows
+        signed = s if higher_is_better else -s
+        # Shift before dividing: s / T alone overflows for small T (exp(inf - inf) = nan).
+        w = np.exp((signed - signed.max()) / temperature)
     else:
         raise ValueError(f"method must be 'proportional' or 'softmax', got {method!r}")
     w = w / w.sum()

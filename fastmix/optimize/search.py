@@ -308,6 +308,10 @@ def search(objective: Objective, constraints: Constraints, *, prior: np.ndarray 
     best_w, best_v = avg, avg_value
     evaluated = samples + 1
     refined = False
+    # An improvement must beat rounding, measured against the spread of the sampled objectives
+    # (an absolute 1e-12 ignored every improvement of a target in tiny units).
+    spread = float(np.ptp(values)) or abs(best_v)
+    tol = 1e-12 * spread
     rng = np.random.default_rng([seed, 1])
     step = 0.05
     for _ in range(refine_steps):
@@ -317,7 +321,7 @@ def search(objective: Objective, constraints: Constraints, *, prior: np.ndarray 
         v = _evaluate(objective, prop)
         evaluated += refine_batch
         j = int(np.argmin(v))
-        if v[j] < best_v - 1e-12:
+        if v[j] < best_v - tol:
             best_w, best_v, refined = prop[j], float(v[j]), True
         else:
             step *= 0.7
