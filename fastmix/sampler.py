@@ -96,8 +96,8 @@ def _check_int(value: Any, name: str, low: int = 0, high: int | None = None) -> 
     return value
 
 
-def _check_seed(seed: Any) -> int:
-    return _check_int(seed, "seed", 0, _U64 - 1)
+def _check_seed(seed: Any, name: str = "seed") -> int:
+    return _check_int(seed, name, 0, _U64 - 1)
 
 
 def _check_out(out: Any, n: int) -> np.ndarray:
@@ -325,7 +325,7 @@ class MixtureSampler:
         method = state["method"]
         if not isinstance(method, str) or method not in METHODS:
             raise ValueError(f"state['method'] must be one of {METHODS}, got {method!r}")
-        seed = _check_seed(state["seed"])
+        seed = _check_seed(state["seed"], "state['seed']")
         block = _check_int(state["block"], "state['block']", 1, MAX_BLOCK)
         raw, _ = _as_weights(state["weights"], "state['weights']")
         k = raw.size

@@ -866,7 +866,7 @@ def test_bad_state_dicts() -> None:
         ({**good, "segment_start": 11}, ValueError, r"state\['segment_start'\] must be <= 10"),
         ({**good, "version": 2}, ValueError, "state version must be 1"),
         ({k: v for k, v in good.items() if k != "seed"}, ValueError, "state has keys"),
-        ({**good, "seed": "x"}, TypeError, "seed must be an int"),
+        ({**good, "seed": "x"}, TypeError, r"state\['seed'\] must be an int"),
         ([("position", 0)], TypeError, "state must be a dict"),
         ({**good, "counts": np.array(good["counts"]).reshape(3, 1)}, ValueError,
          r"state\['counts'\] must hold 3 integers, got shape \(3, 1\)"),
