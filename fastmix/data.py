@@ -200,7 +200,8 @@ class TokenCorpus:
         self._flat_dtypes: list[np.dtype] = []
         self._flat_offsets: list[int] = []  # byte offset of the data (the .npy header)
         self._flat_sizes: list[int] = []
-        self._manifests: dict[Path, Any] = {}  # corpus.json per directory, while inspecting
+        # corpus.json (or the error reading it) per directory, while the files are inspected
+        self._manifests: dict[Path, dict[str, Any] | CorpusError | None] = {}
         for name, spec in domains.items():
             if not isinstance(name, str) or not name:
                 raise TypeError(f"domain names must be non-empty strings, got {name!r}")
@@ -289,11 +290,15 @@ class TokenCorpus:
             return arr.dtype, int(arr.offset), int(arr.shape[0])
         dt = self._bin_dtype
         if dt is None:
-            manifest = _read_manifest(path.parent)
+            manifest = self._manifest_beside(path)
             if manifest is not None:
                 dt = _bin_dtype(manifest.get("dtype"), f"dtype in {path.parent / CORPUS_MANIFEST}")
         else:
-            _check_manifest_dtype(where, path, dt, self._manifests)
+            try:
+                manifest = self._manifest_beside(path)
+            except CorpusError:  # not a fastmix manifest: no opinion on an explicit dtype
+                manifest = None
+            _check_manifest_dtype(where, path, dt, manifest)
         if dt is None:
             raise CorpusError(
                 f"{where}: a raw token file needs dtype= ('uint16' or 'uint32') or a "
@@ -305,6 +310,19 @@ class TokenCorpus:
                 f"({dt.itemsize} bytes for {dt.name}); the file is truncated or has another dtype"
             )
         return dt, 0, size // dt.itemsize
+
+    def _manifest_beside(self, path: Path) -> dict[str, Any] | None:
+        """The corpus.json beside ``path`` (None without one), read once per directory while the
+        corpus is built; a damaged one raises CorpusError, every time it is asked for."""
+        if path.parent not in self._manifests:
+            try:
+                self._manifests[path.parent] = _read_manifest(path.parent)
+            except CorpusError as e:
+                self._manifests[path.parent] = e
+        manifest = self._manifests[path.parent]
+        if isinstance(manifest, CorpusError):
+            raise manifest
+        return manifest
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -400,17 +418,11 @@ def _bin_dtype(dtype: Any, what: str) -> np.dtype:
 
 
 def _check_manifest_dtype(
-    where: str, path: Path, dtype: np.dtype, cache: dict[Path, Any]
+    where: str, path: Path, dtype: np.dtype, manifest: dict[str, Any] | None
 ) -> None:
     """An explicit dtype= must agree with a fastmix manifest that lists the file (another dtype
     would read every token wrong); a manifest that is not fastmix's, or does not list it, is
     none of our business."""
-    if path.parent not in cache:  # read once per directory, not once per file
-        try:
-            cache[path.parent] = _read_manifest(path.parent)
-        except CorpusError:
-            cache[path.parent] = None
-    manifest = cache[path.parent]
     if manifest is None:
         return
     listed = any(
