@@ -406,8 +406,8 @@ def test_op_schemas_are_what_torch_infers():
 
     functions = {
         "domain_stats": (ops._domain_stats_op._init_fn, ()),
-        "doremi_step_": (ops._doremi_step_impl, ("state", "counters", "workspace")),
-        "doremi_update_": (ops._doremi_update_impl, ("state", "counters")),
+        "doremi_step_": (ops._doremi_step_checked, ("state", "counters", "workspace")),
+        "doremi_update_": (ops._doremi_update_checked, ("state", "counters")),
         "objective_grad": (ops._objective_grad_op._init_fn, ()),
     }
     for name, (fn, mutates) in functions.items():

@@ -379,18 +379,6 @@ def _(loss, domain, mask, ref_loss, state, counters, workspace, step_size, smoot
     return state.new_empty(()), state.new_empty((4, state.shape[1]))
 
 
-def _doremi_update_impl(
-    stats: Tensor,
-    state: Tensor,
-    counters: Tensor,
-    step_size: float,
-    smoothing: float,
-    proxy: str,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    return _impl(backend).doremi_update_(stats, state, counters, step_size, smoothing, proxy)
-
-
 def _doremi_update_checked(
     stats: Tensor,
     state: Tensor,
@@ -404,7 +392,7 @@ def _doremi_update_checked(
     _check_backend_name(backend)
     _check_proxy(proxy)
     reference.check_state_layout(state, counters, stats)
-    return _doremi_update_impl(stats, state, counters, step_size, smoothing, proxy, backend)
+    return _impl(backend).doremi_update_(stats, state, counters, step_size, smoothing, proxy)
 
 
 _doremi_update_op = torch.library.custom_op(
@@ -473,7 +461,7 @@ def doremi_update_(
     args = (stats, state, counters, step_size, smoothing, proxy, backend)
     if torch.compiler.is_compiling():
         return torch.ops.fastmix.doremi_update_(*args)
-    out = _doremi_update_impl(*args)
+    out = _impl(backend).doremi_update_(*args[:-1])
     _mutated(state, counters)
     return out
 
