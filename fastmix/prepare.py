@@ -297,7 +297,7 @@ def prepare_domain(
             if ids.size == 0:
                 n_empty += 1
                 continue
-            if ids.size and (ids.min() < 0 or ids.max() >= tok.vocab_size):
+            if ids.min() < 0 or ids.max() >= tok.vocab_size:
                 raise ValueError(
                     f"domain {name!r}: tokenizer produced ids outside its vocabulary"
                 )
