@@ -232,17 +232,17 @@ class MixingLawPredictor(Predictor):
         return num_domains + 3  # K + 2 parameters, plus one to spare
 
     @staticmethod
-    def _objective(p: np.ndarray, X: np.ndarray, y: np.ndarray, s: float, scale: float,
+    def _objective(p: np.ndarray, X: np.ndarray, y: np.ndarray, s: float,
                    delta: float) -> tuple[float, np.ndarray]:
         c, u = p[0], p[1:]
         # A wild line-search step can overflow; inf tells L-BFGS to step back.
         with np.errstate(over="ignore", invalid="ignore"):
             e = s * np.exp(np.clip(X @ u, -700, 700))
-            r = (c + e - y) / scale
+            r = c + e - y  # y is standardised (see _fit)
             a = np.abs(r)
             quad = a <= delta
             loss = np.where(quad, 0.5 * r * r, delta * (a - 0.5 * delta)).mean()
-            g = np.where(quad, r, delta * np.sign(r)) / (scale * len(y))
+            g = np.where(quad, r, delta * np.sign(r)) / len(y)
             return float(loss), np.concatenate([[g.sum()], X.T @ (g * e)])
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> MixingLawPredictor:
@@ -257,12 +257,11 @@ class MixingLawPredictor(Predictor):
         # spread of 0.002: errors of 1-10% of the range instead of ~1e-6).
         mean, spread = float(y.mean()), float(y.std()) or 1.0
         y = (y - mean) / spread
-        scale = 1.0
         rng = np.random.default_rng(self.seed)
         signs = [self.sign] if self.sign is not None else [1, -1]
 
         def run(s: float, p0: np.ndarray, delta: float) -> tuple[float, float, np.ndarray]:
-            res = optimize.minimize(self._objective, p0, args=(X, y, s, scale, delta),
+            res = optimize.minimize(self._objective, p0, args=(X, y, s, delta),
                                     jac=True, method="L-BFGS-B",
                                     options={"maxiter": self.max_iter})
             return float(res.fun), float(s), res.x
@@ -270,15 +269,15 @@ class MixingLawPredictor(Predictor):
         fits = []
         for s in signs:
             # Log-linear start: pick c beyond the data, regress log(s·(y - c)) on r.
-            c0 = y.min() - 0.5 * scale if s > 0 else y.max() + 0.5 * scale
+            c0 = y.min() - 0.5 if s > 0 else y.max() + 0.5
             z = np.log(np.maximum(s * (y - c0), 1e-12))
             u0 = np.linalg.lstsq(X, z, rcond=None)[0]
             fits.append(run(s, np.concatenate([[c0], u0]), 1.0))
         fits = [f for f in fits if np.isfinite(f[0])]
         s_best = min(fits, key=lambda f: f[0])[1] if fits else signs[0]
         for _ in range(max(0, self.starts - len(signs))):
-            c0 = (y.min() if s_best > 0 else y.max()) - s_best * rng.uniform(0.05, 3.0) * scale
-            u0 = np.log(rng.uniform(0.2, 3.0) * scale) + rng.normal(0.0, 1.0, K)
+            c0 = (y.min() if s_best > 0 else y.max()) - s_best * rng.uniform(0.05, 3.0)
+            u0 = np.log(rng.uniform(0.2, 3.0)) + rng.normal(0.0, 1.0, K)
             f = run(s_best, np.concatenate([[c0], u0]), 1.0)
             if np.isfinite(f[0]):
                 fits.append(f)
@@ -287,7 +286,7 @@ class MixingLawPredictor(Predictor):
                              "c + k·exp(tᵀr)")
         _, s, p = min(fits, key=lambda f: f[0])
         # Stage 2: Huber threshold from the robust scale of the best fit's residuals.
-        resid = (p[0] + s * np.exp(np.clip(X @ p[1:], -700, 700)) - y) / scale
+        resid = p[0] + s * np.exp(np.clip(X @ p[1:], -700, 700)) - y
         robust = 1.4826 * np.median(np.abs(resid - np.median(resid)))
         refined = run(s, p, max(self.delta * robust, 1e-4))
         best = refined if np.isfinite(refined[0]) else (float("nan"), s, p)
