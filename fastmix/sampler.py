@@ -18,6 +18,7 @@ random numbers are SplitMix64 outputs of (key, counter), the tables are built in
 from __future__ import annotations
 
 import numbers
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,10 @@ _MAX_POSITION = (1 << 63) - 1
 # The greedy rule's steps are exact in float64 below 2**52 (the C++ checks it too).
 _GREEDY_STEPS = 1 << 52
 _STATE_VERSION = 1
+_STATE_KEYS = frozenset(
+    ("version", "method", "seed", "block", "names", "weights", "position", "segment_start",
+     "counts", "segment_counts")
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -197,7 +202,9 @@ class MixtureSampler:
     With all weights positive the stream is exactly ``blend_indices(weights)[0]``.
 
     :meth:`state_dict` holds plain Python values (JSON-friendly); a sampler restored with
-    :meth:`load_state_dict` continues bit-identically, also after weight changes.
+    :meth:`load_state_dict` continues bit-identically, also after weight changes.  A sampler
+    pickles (and deep-copies) as its state.  One sampler may be shared by threads: each call is
+    atomic (the draws release the GIL, so unserialised calls would read the same position twice).
     """
 
     def __init__(
@@ -219,6 +226,7 @@ class MixtureSampler:
         )
         raw, names = _as_weights(weights)
         self._names = names
+        self._lock = threading.Lock()
         self._install(raw, self._build(raw, method, self._block))
         self._position = 0
         self._segment_start = 0
@@ -261,25 +269,30 @@ class MixtureSampler:
     @property
     def counts(self) -> np.ndarray:
         """Draws per domain so far, over all weight changes (int64 copy)."""
-        return self._counts.copy()
+        with self._lock:
+            return self._counts.copy()
 
     # ------------------------------------------------------------------------------ drawing
     def sample(self, n: int) -> np.ndarray:
         """The next ``n`` domain ids (int32); advances :attr:`position` by ``n``."""
-        out, segment_counts = self._draw(_check_int(n, "n"))
-        delta = np.zeros(self._raw.size, dtype=np.int64)
-        _C.accumulate_counts(out, delta)
-        self._counts += delta
-        self._segment_counts = (
-            segment_counts if segment_counts is not None else self._segment_counts + delta
-        )
-        self._position += out.size
-        return out
+        n = _check_int(n, "n")
+        with self._lock:
+            out, segment_counts = self._draw(n)
+            delta = np.zeros(self._raw.size, dtype=np.int64)
+            _C.accumulate_counts(out, delta)
+            self._counts += delta
+            self._segment_counts = (
+                segment_counts if segment_counts is not None else self._segment_counts + delta
+            )
+            self._position += out.size
+            return out
 
     def peek(self, n: int) -> np.ndarray:
         """The next ``n`` domain ids without advancing: ``peek(n)`` equals the following
         ``sample(n)``."""
-        return self._draw(_check_int(n, "n"))[0]
+        n = _check_int(n, "n")
+        with self._lock:
+            return self._draw(n)[0]
 
     def set_weights(self, weights: Weights) -> None:
         """Use ``weights`` from the current position on (same number of domains; a dict must have
@@ -293,13 +306,19 @@ class MixtureSampler:
             raw = np.array([weights[name] for name in self._names], dtype=np.float64)  # type: ignore[index]
         if raw.size != self._raw.size:
             raise ValueError(f"weights must have {self._raw.size} entries, got {raw.size}")
-        self._install(raw, self._build(raw, self._method, self._block))
-        self._segment_start = self._position
-        self._segment_counts = np.zeros(raw.size, dtype=np.int64)
+        table = self._build(raw, self._method, self._block)
+        with self._lock:
+            self._install(raw, table)
+            self._segment_start = self._position
+            self._segment_counts = np.zeros(raw.size, dtype=np.int64)
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically, as plain Python values."""
+        with self._lock:
+            return self._state()
+
+    def _state(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
             "method": self._method,
@@ -317,9 +336,8 @@ class MixtureSampler:
         """Replace the whole state (weights, seed and method included) after validating it."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        expected = set(self.state_dict())
-        if set(state) != expected:
-            raise ValueError(f"state has keys {sorted(state)}, expected {sorted(expected)}")
+        if set(state) != _STATE_KEYS:
+            raise ValueError(f"state has keys {sorted(state)}, expected {sorted(_STATE_KEYS)}")
         if state["version"] != _STATE_VERSION:
             raise ValueError(f"state version must be {_STATE_VERSION}, got {state['version']!r}")
         method = state["method"]
@@ -356,10 +374,18 @@ class MixtureSampler:
                 f"got {position - segment_start}"
             )
         table = self._build(raw, method, block)  # may still raise: nothing is changed before
-        self._method, self._seed, self._block, self._names = method, seed, block, names
-        self._install(raw, table)
-        self._position, self._segment_start = position, segment_start
-        self._counts, self._segment_counts = counts, segment_counts
+        with self._lock:
+            self._method, self._seed, self._block, self._names = method, seed, block, names
+            self._install(raw, table)
+            self._position, self._segment_start = position, segment_start
+            self._counts, self._segment_counts = counts, segment_counts
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.state_dict()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._lock = threading.Lock()
+        self.load_state_dict(state)
 
     @staticmethod
     def _check_counts(values: Any, k: int, total: int, name: str) -> np.ndarray:

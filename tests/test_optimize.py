@@ -166,6 +166,7 @@ def test_ridge_gives_a_constant_domain_no_weight():
         assert np.abs(p.predict(X) - y).max() < 0.1
 
 
+@pytest.mark.filterwarnings("error")  # no scipy/numpy warning leaks to the user
 def test_tuning_on_a_constant_target_does_not_crash():
     X = _mixtures(40, 3, 5)
     p = TreePredictor(base="law", tune=True, n_estimators=50,
@@ -430,6 +431,7 @@ def test_near_constant_predictions_and_tiny_units():
         TreePredictor(tune=True, folds=1)
 
 
+@pytest.mark.filterwarnings("error")  # no scipy/numpy warning leaks to the user
 def test_weights_from_affinity():
     # extreme but finite scores still give weights that sum to 1
     for w in (weights_from_affinity([1e308, 1e308], method="proportional"),

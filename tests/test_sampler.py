@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import pickle
 import platform
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +274,52 @@ def test_state_dict_round_trip_mid_stream(method: str) -> None:
     assert restored.method == method and restored.position == 1234
     np.testing.assert_array_equal(restored.sample(5000), expected)
     np.testing.assert_array_equal(restored.counts, sampler.counts)
+
+
+@pytest.mark.parametrize("method", ["alias", "stratified", "greedy"])
+def test_pickle_and_deepcopy_continue_the_stream(method: str) -> None:
+    sampler = MixtureSampler({"web": 5, "code": 3, "math": 1}, seed=7, method=method)
+    sampler.sample(1001)
+    sampler.set_weights({"web": 1, "code": 3, "math": 2})
+    sampler.sample(55)
+    for copy_ in (pickle.loads(pickle.dumps(sampler)), copy.deepcopy(sampler)):
+        assert copy_.state_dict() == sampler.state_dict()
+        assert copy_.names == ("web", "code", "math")
+        np.testing.assert_array_equal(copy_.sample(3000), sampler.peek(3000))
+        assert copy_.position == sampler.position + 3000  # independent of the original
+
+
+@pytest.mark.parametrize("method", ["alias", "stratified", "greedy"])
+def test_threads_sharing_a_sampler_get_disjoint_slices_of_the_stream(method: str) -> None:
+    # The draws release the GIL: without the sampler's lock two threads read the same position
+    # (duplicated slices; greedy raised "counts must sum to start_step").
+    weights = np.random.default_rng(0).dirichlet(np.ones(64))
+    n, calls, threads = 100_000, 8, 4
+    expected = MixtureSampler(weights, seed=3, method=method).sample(n * calls * threads)
+    sampler = MixtureSampler(weights, seed=3, method=method)
+    chunks: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(calls):
+                chunks.append(sampler.sample(n))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    assert not errors, errors
+    slices = expected.reshape(-1, n)
+    found = sorted(
+        next(i for i, ref in enumerate(slices) if np.array_equal(chunk, ref)) for chunk in chunks
+    )
+    assert found == list(range(calls * threads))
+    assert sampler.position == expected.size
+    np.testing.assert_array_equal(sampler.counts, np.bincount(expected, minlength=64))
 
 
 @pytest.mark.parametrize("method", ["alias", "stratified", "greedy"])

@@ -43,7 +43,8 @@ def weights_from_affinity(scores: Mapping[str, float] | Sequence[float] | np.nda
             raise ValueError(f"temperature must be > 0, got {temperature}")
         signed = s if higher_is_better else -s
         # Shift before dividing: s / T alone overflows for small T (exp(inf - inf) = nan).
-        w = np.exp((signed - signed.max()) / temperature)
+        with np.errstate(over="ignore"):  # a tiny temperature: -inf, whose exp is the 0 meant
+            w = np.exp((signed - signed.max()) / temperature)
     else:
         raise ValueError(f"method must be 'proportional' or 'softmax', got {method!r}")
     w = w / w.sum()

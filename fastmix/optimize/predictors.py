@@ -452,9 +452,10 @@ class TreePredictor(Predictor):
                 pred = np.empty_like(y)
                 for val, tr, law in zip(folds, train_rows, laws, strict=True):
                     pred[val] = self._fit_once(X[tr], y[tr], cand, law)(X[val])
-                score = float(stats.spearmanr(pred, y)[0]) if np.ptp(pred) > 0 else -1.0
-                if not np.isfinite(score):  # a constant target: no setting ranks better
-                    score = -1.0
+                # A constant prediction or target has no rank correlation (scipy warns, gives
+                # nan): no setting ranks better then.
+                ranked = np.ptp(pred) > 0 and np.ptp(y) > 0
+                score = float(stats.spearmanr(pred, y)[0]) if ranked else -1.0
                 scores[",".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))] = score
                 if score > best_score:
                     best, best_score = cand, score
