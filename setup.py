@@ -17,6 +17,7 @@ import pybind11
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).parent.resolve()
 # -ffp-contract=off: no fused multiply-add, so float results are the same bits on every x86/ARM box.
@@ -75,11 +76,27 @@ class BuildExt(build_ext):
         subprocess.check_call(cmd)
 
 
+class SDist(sdist):
+    """sdist with the whole test suite (conftest and helpers too), the CUDA emulation, bench/ and
+    the CI script: setuptools' defaults take only the sources, the ``depends`` headers and the
+    test_*.py files."""
+
+    def make_release_tree(self, base_dir: str, files: list[str]) -> None:
+        extra = [
+            f
+            for pattern in ("csrc/**/*", "tests/*.py", "bench/**/*", ".ci/run")
+            for f in sorted(glob(pattern, recursive=True))
+            if os.path.isfile(f) and "__pycache__" not in f and f not in files
+        ]
+        super().make_release_tree(base_dir, [*files, *extra])
+
+
 ext_modules: list[Extension] = [
     Pybind11Extension(
         "fastmix._C",
         sorted(glob("csrc/sampler/*.cpp")),
         include_dirs=["csrc"],
+        depends=sorted(glob("csrc/sampler/*.h")),  # an edited header rebuilds the module
         cxx_std=17,
         extra_compile_args=CXX_FLAGS,
     )
@@ -87,4 +104,4 @@ ext_modules: list[Extension] = [
 if want_cuda():
     ext_modules.append(Extension("fastmix._cuda", sorted(glob("csrc/cuda/*.cu"))))
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt, "sdist": SDist})
