@@ -27,6 +27,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmix", description="fastmix: fast, exact and reproducible data-mixture weights"
     )
+    from fastmix import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastmix {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -276,6 +276,17 @@ def test_help_is_reachable_with_python_m() -> None:
         assert flag in proc.stdout
 
 
+def test_version_flag() -> None:
+    import fastmix
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastmix", "--version"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"fastmix {fastmix.__version__}"
+
+
 # --------------------------------------------------------------------------- end to end
 
 

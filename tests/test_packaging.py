@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -39,3 +40,11 @@ def test_sdist_holds_the_headers_the_tests_and_ci(tmp_path: Path) -> None:
     needed |= {".ci/run", "setup.py", "pyproject.toml", "README.md"}
     assert any(name.endswith(".h") for name in needed)
     assert needed <= names, sorted(needed - names)
+
+
+@pytest.mark.skipif(not (ROOT / "pyproject.toml").is_file(), reason="needs the source tree")
+def test_version_matches_pyproject() -> None:
+    import fastmix
+
+    match = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert match is not None and match.group(1) == fastmix.__version__
