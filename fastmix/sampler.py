@@ -42,6 +42,11 @@ _MAX_POSITION = (1 << 63) - 1
 # The greedy rule's steps are exact in float64 below 2**52 (the C++ checks it too).
 _GREEDY_STEPS = 1 << 52
 _STATE_VERSION = 1
+# Attributes MixtureSampler itself sets (pickling keeps a subclass's others).
+_OWN_ATTRIBUTES = frozenset(
+    ("_method", "_seed", "_block", "_names", "_lock", "_raw", "_table", "_positive", "_position",
+     "_segment_start", "_counts", "_segment_counts")
+)  # fmt: skip
 _STATE_KEYS = frozenset(
     ("version", "method", "seed", "block", "names", "weights", "position", "segment_start",
      "counts", "segment_counts")
@@ -298,17 +303,20 @@ class MixtureSampler:
         """Use ``weights`` from the current position on (same number of domains; a dict must have
         the sampler's names).  See the class docstring for what this means per method."""
         raw, names = _as_weights(weights)
-        if names is not None:
-            if self._names is None:
-                raise ValueError("weights is a dict but the sampler was built without names")
-            if set(names) != set(self._names) or len(names) != len(self._names):
-                raise ValueError(f"weights keys must be {list(self._names)}, got {list(names)}")
-            raw = np.array([weights[name] for name in self._names], dtype=np.float64)  # type: ignore[index]
-        if raw.size != self._raw.size:
-            raise ValueError(f"weights must have {self._raw.size} entries, got {raw.size}")
-        table = self._build(raw, self._method, self._block)
+        # Under the lock: a load_state_dict in another thread may change the names, K, method or
+        # block this is checked and built against.
         with self._lock:
-            self._install(raw, table)
+            if names is not None:
+                if self._names is None:
+                    raise ValueError("weights is a dict but the sampler was built without names")
+                if set(names) != set(self._names) or len(names) != len(self._names):
+                    raise ValueError(
+                        f"weights keys must be {list(self._names)}, got {list(names)}"
+                    )
+                raw = np.array([weights[name] for name in self._names], dtype=np.float64)  # type: ignore[index]
+            if raw.size != self._raw.size:
+                raise ValueError(f"weights must have {self._raw.size} entries, got {raw.size}")
+            self._install(raw, self._build(raw, self._method, self._block))
             self._segment_start = self._position
             self._segment_counts = np.zeros(raw.size, dtype=np.int64)
 
@@ -381,11 +389,14 @@ class MixtureSampler:
             self._counts, self._segment_counts = counts, segment_counts
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.state_dict()
+        # The state, plus what a subclass keeps beside it.
+        extra = {k: v for k, v in self.__dict__.items() if k not in _OWN_ATTRIBUTES}
+        return {"sampler": self.state_dict(), "extra": extra}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._lock = threading.Lock()
-        self.load_state_dict(state)
+        self.load_state_dict(state["sampler"])
+        self.__dict__.update(state["extra"])
 
     @staticmethod
     def _check_counts(values: Any, k: int, total: int, name: str) -> np.ndarray:

@@ -322,6 +322,49 @@ def test_threads_sharing_a_sampler_get_disjoint_slices_of_the_stream(method: str
     np.testing.assert_array_equal(sampler.counts, np.bincount(expected, minlength=64))
 
 
+class _Staged(MixtureSampler):
+    def __init__(self, weights: list[float], stages: list[int]) -> None:
+        super().__init__(weights, seed=1)
+        self.stages = stages
+
+
+def test_pickle_keeps_a_subclass_attributes() -> None:
+    sampler = _Staged([1.0, 2.0], stages=[10, 20])
+    sampler.sample(7)
+    for copy_ in (pickle.loads(pickle.dumps(sampler)), copy.deepcopy(sampler)):
+        assert type(copy_) is _Staged and copy_.stages == [10, 20] and copy_.position == 7
+
+
+@pytest.mark.parametrize("loaded", ["stratified", "greedy"])
+def test_set_weights_racing_load_state_dict_builds_for_the_loaded_sampler(
+    loaded: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # set_weights used to read method/block and build its table before taking the lock: a
+    # load_state_dict finishing in between left a table for the old block (or method) installed.
+    state = {
+        "stratified": MixtureSampler(np.ones(50), seed=1, method="stratified", block=64),
+        "greedy": MixtureSampler(np.ones(50), method="greedy"),
+    }[loaded].state_dict()
+    sampler = MixtureSampler(np.ones(50), seed=1, method="stratified", block=4096)
+    build = MixtureSampler._build
+    loader = threading.Thread(target=sampler.load_state_dict, args=(state,))
+
+    def build_while_another_thread_loads(raw: np.ndarray, method: str, block: int) -> object:
+        if loader.ident is None:  # the first build: set_weights's
+            loader.start()
+            loader.join(timeout=0.5)  # finishes here unless set_weights holds the lock
+        return build(raw, method, block)
+
+    monkeypatch.setattr(MixtureSampler, "_build", staticmethod(build_while_another_thread_loads))
+    sampler.set_weights(np.arange(1, 51, dtype=np.float64))
+    loader.join()
+    monkeypatch.setattr(MixtureSampler, "_build", staticmethod(build))
+    twin = MixtureSampler([1.0])
+    twin.load_state_dict(sampler.state_dict())
+    assert sampler.method == loaded
+    np.testing.assert_array_equal(sampler.peek(5000), twin.peek(5000))
+
+
 @pytest.mark.parametrize("method", ["alias", "stratified", "greedy"])
 def test_weight_change_mid_stream_and_round_trip(method: str) -> None:
     sampler = MixtureSampler([1, 2, 3, 4], seed=5, method=method)
