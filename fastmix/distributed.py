@@ -22,9 +22,41 @@ def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+class _GroupLeftBehind:
+    """Stands in for a process group that an object was pickled with: groups cannot be pickled."""
+
+    def __repr__(self) -> str:
+        return "<process group left behind by pickling>"
+
+
+def state_without_group(attributes: dict[str, Any]) -> dict[str, Any]:
+    """``__getstate__`` for an object with a ``process_group`` attribute: everything else as is,
+    the group replaced by a marker that :func:`resolve_group` refuses with a message."""
+    state = dict(attributes)
+    if state.get("process_group") is not None:
+        state["process_group"] = _GroupLeftBehind()
+    return state
+
+
+def deepcopy_sharing_group(obj: Any, memo: dict[int, Any]) -> Any:
+    """``__deepcopy__`` that copies everything but ``process_group``, which the copy shares."""
+    import copy
+
+    new = obj.__class__.__new__(obj.__class__)
+    memo[id(obj)] = new
+    for key, value in obj.__dict__.items():
+        new.__dict__[key] = value if key == "process_group" else copy.deepcopy(value, memo)
+    return new
+
+
 def resolve_group(process_group: Any = None) -> Any:
     """The process group to reduce over: the one given, else the default group when
     torch.distributed is initialised, else ``None`` (a single process)."""
+    if isinstance(process_group, _GroupLeftBehind):
+        raise ValueError(
+            "process_group: this object was pickled (or torch.save'd) with a process group, "
+            "which cannot be pickled; set its .process_group again (None: the world group)"
+        )
     if process_group is not None:
         if not _dist_ready():
             raise ValueError("process_group was given but torch.distributed is not initialised")

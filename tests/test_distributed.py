@@ -4,9 +4,11 @@ cross-rank consistency checks of DoReMi, ODM and MixtureDataset."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import os
+import pickle
 import socket
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import Tensor
 
 from fastmix import distributed as fdist
 from fastmix.data import MixtureDataset, TokenCorpus
@@ -227,6 +230,36 @@ def test_process_group_without_init_is_rejected():
     mixer = DoReMi(2, process_group=object())
     with pytest.raises(ValueError, match="process_group was given"):
         mixer.step(torch.ones(2), torch.zeros(2), torch.tensor([0, 1]))
+
+
+class _Unpicklable:
+    """Like a torch.distributed ProcessGroup: no pickling."""
+
+    def __reduce__(self):
+        raise TypeError("cannot pickle 'ProcessGroup' object")
+
+
+def _odm_step(mixer: ODM) -> Tensor:
+    return mixer.step(torch.ones(2, 3), torch.tensor([0, 1]))
+
+
+def _doremi_step(mixer: DoReMi) -> Tensor:
+    return mixer.step(torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("cls,step", [(DoReMi, _doremi_step), (ODM, _odm_step)])
+def test_a_mixer_with_a_process_group_copies_and_pickles(cls, step):
+    group = _Unpicklable()
+    mixer = cls(K, process_group=group)
+    twin = copy.deepcopy(mixer)  # shares the group, copies the rest
+    assert twin.process_group is group
+    assert twin.weights is not mixer.weights and torch.equal(twin.weights, mixer.weights)
+    restored = pickle.loads(pickle.dumps(mixer))  # the group cannot travel: asked for again
+    with pytest.raises(ValueError, match="set its .process_group again"):
+        step(restored)
+    restored.process_group = None
+    expected = step(cls(K))
+    torch.testing.assert_close(step(restored), expected, rtol=0, atol=0)
 
 
 def test_a_rank_outside_the_process_group_is_told_so(tmp_path):

@@ -317,6 +317,14 @@ class DoReMi:
         self._ranks_checked = True
 
     # ---------------------------------------------------------------- checkpointing
+    # A process group cannot be pickled: a pickled copy asks for it again before it reduces;
+    # a deep copy shares it.
+    def __getstate__(self) -> dict[str, Any]:
+        return distributed.state_without_group(self.__dict__)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return distributed.deepcopy_sharing_group(self, memo)
+
     def state_dict(self) -> dict[str, Any]:
         """The full state (tensors cloned, on the state's device) and hyperparameters."""
         if self._num_pending:

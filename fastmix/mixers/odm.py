@@ -236,6 +236,14 @@ class ODM:
         distributed.check_ranks_agree("ODM", fields, group, device=self.device)
 
     # ---------------------------------------------------------------- checkpointing
+    # A process group cannot be pickled: a pickled copy asks for it again before it reduces;
+    # a deep copy shares it.
+    def __getstate__(self) -> dict[str, Any]:
+        return distributed.state_without_group(self.__dict__)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return distributed.deepcopy_sharing_group(self, memo)
+
     def state_dict(self) -> dict[str, Any]:
         """The full state (tensors cloned, on the state's device) and hyperparameters."""
         return {
