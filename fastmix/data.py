@@ -33,6 +33,12 @@ seed and that schedule.  A CUDA tensor is copied to pinned host memory with ``no
 and a CUDA event is recorded; a helper thread waits for the event (never the training thread) and
 then publishes the weights at the first step boundary after the copy completed (or at ``step=``,
 which workers then wait for), recording that step.
+
+Passes.  Each ``iter(ds)`` starts from the resume point (step 0, or the loaded state) and replays
+the changes made so far at their steps.  An iterator holds a progress slot until it ends, and a
+slot left by DataLoader workers that have exited counts for nothing, so a change made between
+passes applies from the next pass's first step.  One iterator runs per process: a newer one
+supersedes the older, which raises on its next step.
 """
 
 from __future__ import annotations
@@ -477,8 +483,10 @@ _MAP_FIELDS = ("file", "offset", "epoch", "window")  # what _C.map_windows write
 # its step (at most prefetch_factor * num_workers steps), so 1024 slots are far more than needed
 # even when a rule changes the weights every step.
 _EVENT_CAPACITY = 1024
-# Progress slots: one per DataLoader worker of this rank (slot 0 for the in-process iterator).
+# Progress slots: one per DataLoader worker of this rank, and one more for the iterator in the
+# process that owns the dataset (iterating without workers).
 _WORKER_SLOTS = 256
+_IN_PROCESS_SLOT = _WORKER_SLOTS
 # A worker waiting for weights whose CUDA copy has not completed gives up after this long.
 _WAIT_TIMEOUT_S = 120.0
 _READY, _PENDING, _CANCELLED = 1, 0, 2
@@ -505,7 +513,12 @@ class _Control:
             "event_flag": torch.zeros(_EVENT_CAPACITY, dtype=torch.int64),
             "event_weights": torch.zeros(_EVENT_CAPACITY, num_domains, dtype=torch.float64),
             "count": torch.zeros(1, dtype=torch.int64),
-            "started": torch.full((_WORKER_SLOTS,), _NO_ITERATOR, dtype=torch.int64),
+            "started": torch.full((_WORKER_SLOTS + 1,), _NO_ITERATOR, dtype=torch.int64),
+            # Who holds each slot: the process (a slot of a process that has exited is free) and
+            # the registration (a newer iterator on the same slot supersedes the older one).
+            "owner_pid": torch.zeros(_WORKER_SLOTS + 1, dtype=torch.int64),
+            "owner_token": torch.full((_WORKER_SLOTS + 1,), -1, dtype=torch.int64),
+            "registrations": torch.zeros(1, dtype=torch.int64),
             "exhausted": torch.full((num_domains,), -1, dtype=torch.int64),
             # Bumped by clear(): iterators (and dataset copies in workers) of an earlier
             # generation must neither write here nor produce (see _StaleIterator).
@@ -544,8 +557,17 @@ class _Control:
             return self._earliest_step(floor)
 
     def _earliest_step(self, floor: int) -> int:
-        started = self.v["started"]
-        return max(floor, int(started.max()) + 1)
+        live = self._live_started()
+        return max(floor, int(live.max()) + 1) if live.size else floor
+
+    def _live_started(self) -> np.ndarray:
+        """The steps started by the iterators that hold a slot in a process still running (a
+        DataLoader whose workers have exited leaves their slots behind)."""
+        v = self.v
+        held = np.flatnonzero(v["started"] != _NO_ITERATOR)
+        me = os.getpid()
+        live = [i for i in held if int(v["owner_pid"][i]) == me or _alive(int(v["owner_pid"][i]))]
+        return v["started"][live]
 
     def publish(
         self, weights: np.ndarray | None, step: int | None, floor: int, flag: int = _READY
@@ -567,7 +589,7 @@ class _Control:
             if count >= _EVENT_CAPACITY and v["event_flag"][slot] != _CANCELLED:
                 # The slot's change is consumed once every live iterator has started its step
                 # (it was collected then); with none live, the next one starts at ``floor``.
-                live = v["started"][v["started"] != _NO_ITERATOR]
+                live = self._live_started()
                 consumed_through = int(live.min()) if live.size else floor - 1
                 if v["event_step"][slot] > consumed_through:
                     raise RuntimeError(
@@ -617,23 +639,38 @@ class _Control:
         with self.lock:
             return bool((self.v["started"] != _NO_ITERATOR).any())
 
-    def register(self, slot: int, num_slots: int, step: int, generation: int) -> None:
-        """An iterator begins: it will next produce ``step``; slot 0 also clears stale slots."""
+    def register(self, slot: int, num_slots: int, step: int, generation: int) -> int:
+        """An iterator begins: it will next produce ``step``; returns its token for the slot.
+        Worker 0 also frees the slots of workers beyond ``num_slots`` (an earlier loader's)."""
         v = self.v
         with self.lock:
             if int(v["generation"][0]) != generation:
                 raise _StaleIterator
+            token = int(v["registrations"][0])
+            v["registrations"][0] = token + 1
             v["started"][slot] = step - 1
+            v["owner_pid"][slot] = os.getpid()
+            v["owner_token"][slot] = token
             if slot == 0:
-                v["started"][num_slots:] = _NO_ITERATOR
+                v["started"][num_slots:_WORKER_SLOTS] = _NO_ITERATOR
+            return token
+
+    def release(self, slot: int, token: int) -> None:
+        """An iterator has ended: its slot no longer holds back where changes go."""
+        v = self.v
+        with self.lock:
+            if int(v["owner_token"][slot]) == token:
+                v["started"][slot] = _NO_ITERATOR
+                v["owner_token"][slot] = -1
 
     def collect(
-        self, slot: int, position: int, claim: int, generation: int
+        self, slot: int, token: int, position: int, claim: int, generation: int
     ) -> list[tuple[int, int, np.ndarray]]:
         """Mark ``claim`` started; return the changes (id, step, weights) with step >= position.
 
         Waits while a change due at or before ``claim`` still waits for its CUDA copy.  Raises
-        _StaleIterator for an iterator of an earlier generation (a state was loaded since).
+        _StaleIterator for an iterator of an earlier generation (a state was loaded since), and
+        _SupersededIterator when a newer iterator has taken the slot.
         """
         v = self.v
         deadline = None
@@ -641,6 +678,8 @@ class _Control:
             with self.lock:
                 if int(v["generation"][0]) != generation:
                     raise _StaleIterator
+                if int(v["owner_token"][slot]) != token:
+                    raise _SupersededIterator
                 live = (v["event_id"] >= 0) & (v["event_step"] >= position)
                 waiting = live & (v["event_flag"] == _PENDING) & (v["event_step"] <= claim)
                 if not waiting.any():
@@ -673,6 +712,7 @@ class _Control:
             v["event_flag"][:] = _PENDING
             v["exhausted"][:] = -1
             v["started"][:] = _NO_ITERATOR
+            v["owner_token"][:] = -1
             return int(v["generation"][0])
 
     def mark_exhausted(self, domain: int, sample: int, generation: int | None = None) -> None:
@@ -685,6 +725,22 @@ class _Control:
 
 class _StaleIterator(Exception):
     """An iterator begun before the dataset loaded another state (its run was abandoned)."""
+
+
+class _SupersededIterator(Exception):
+    """A newer iterator holds this one's progress slot (e.g. ``iter(ds)`` again in-process)."""
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # (os.kill(pid, 0) is no probe on Windows)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -880,9 +936,13 @@ def _empty_long(shape: tuple[int, int], shared: bool) -> torch.Tensor:
 
 
 class _MixtureIterator:
-    """One process's iterator: every ``stride``-th of the rank's steps from ``next_step`` on."""
+    """One process's iterator: every ``stride``-th of the rank's steps from ``next_step`` on.
 
-    def __init__(self, ds: MixtureDataset, worker_id: int, num_workers: int):
+    It holds progress slot ``slot`` (the worker's, or the in-process one) until it ends; a newer
+    iterator on the same slot supersedes it.
+    """
+
+    def __init__(self, ds: MixtureDataset, worker_id: int, num_workers: int, slot: int):
         if not 0 <= worker_id < num_workers <= _WORKER_SLOTS:
             raise ValueError(
                 f"worker {worker_id} of {num_workers}: MixtureDataset supports up to "
@@ -914,12 +974,16 @@ class _MixtureIterator:
             self.next_step = int(state["next_step"])
         else:
             self.next_step = self.stream.step + worker_id
+        self.slot = slot
         try:
-            ds._control.register(worker_id, num_workers, self.next_step, self.generation)
+            self.token = ds._control.register(slot, num_workers, self.next_step, self.generation)
         except _StaleIterator:
             raise RuntimeError(
                 "the MixtureDataset loaded another state while this iterator was being made"
             ) from None
+        # next() and state_dict() from different threads (a prefetching thread, a checkpoint
+        # thread): a state must not mix two steps.
+        self.lock = threading.Lock()
         ds._active = self
         self.in_worker = torch.utils.data.get_worker_info() is not None
 
@@ -933,15 +997,31 @@ class _MixtureIterator:
                 "(DataLoader workers with persistent_workers=True keep the dataset they started "
                 "with): make a new DataLoader after loading a state"
             )
+        with self.lock:
+            try:
+                return self._next()
+            except StopIteration:
+                self.ds._control.release(self.slot, self.token)  # (no-op once superseded)
+                raise
+
+    def _next(self) -> dict[str, Any]:
         stream, ds = self.stream, self.ds
         if stream.finished:
             raise StopIteration
         try:
             changes = ds._control.collect(
-                self.worker_id, stream.step, self.next_step, self.generation
+                self.slot, self.token, stream.step, self.next_step, self.generation
             )
         except _StaleIterator:  # load_state_dict since: this run was abandoned, it ends here
             raise StopIteration from None
+        except _SupersededIterator:
+            where = "in this process" if self.slot == _IN_PROCESS_SLOT else "as this worker"
+            raise RuntimeError(
+                f"a newer iterator over this MixtureDataset has started {where} (iter(ds) again, "
+                "e.g. next(iter(ds)) to look at a batch, or a second DataLoader); only the newest "
+                "runs, so that next_step, set_weights and state_dict() follow one stream.  For a "
+                "second, independent stream iterate copy.deepcopy(ds)"
+            ) from None
         for event_id, step, weights in changes:
             stream.merge(event_id, step, weights)
         while stream.step < self.next_step:
@@ -959,6 +1039,10 @@ class _MixtureIterator:
         return {"input_ids": ids, "domain": torch.from_numpy(domains.astype(np.int64))}
 
     def state_dict(self) -> dict[str, Any]:
+        with self.lock:
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         state = self.stream.state()
         # Changes already in shared memory that this iterator has not collected yet.
         pending = {s: w for s, w in state["pending"]}
@@ -1127,6 +1211,8 @@ class MixtureDataset(IterableDataset):
         A CUDA tensor is never synchronised: its copy to pinned memory is enqueued with an event and
         the weights are published once the copy has completed; the return value is then ``None``
         and ``weight_schedule`` records the step when it is known (``flush_weights()`` waits).
+        Changes land in the order they were made: one made while a CUDA change is still in flight
+        queues behind it (and also returns ``None``).
         """
         self._raise_async_error()
         if step is None and self.world_size > 1:
@@ -1157,6 +1243,11 @@ class MixtureDataset(IterableDataset):
             self._submit_async(host, event, step)
             return None
         w = self._check(weights)
+        if self._async is not None and self._async.unfinished_tasks:
+            # Behind CUDA changes still in flight, so that the changes land in the order they
+            # were made (published now, an older CUDA change would land after it and win).
+            self._submit_async(torch.from_numpy(w), None, step)
+            return None
         _, eff = self._control.publish(w, step, self._floor)
         self._weights = w
         self.weight_schedule.append((eff, w.tolist()))
@@ -1180,7 +1271,8 @@ class MixtureDataset(IterableDataset):
         while True:
             host, event, placeholder, step = self._async.get()
             try:
-                event.synchronize()  # blocks this helper thread only
+                if event is not None:  # (None: a host change queued behind CUDA ones)
+                    event.synchronize()  # blocks this helper thread only
                 w = self._check(host.numpy().copy())
                 if placeholder is not None:
                     self._control.fill(placeholder, w)
@@ -1274,12 +1366,13 @@ class MixtureDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return _MixtureIterator(self, worker_id, num_workers)
+        if info is None:
+            return _MixtureIterator(self, 0, 1, _IN_PROCESS_SLOT)
+        return _MixtureIterator(self, info.id, info.num_workers, info.id)
 
     def _iter_worker(self, worker_id: int, num_workers: int) -> _MixtureIterator:
         """The iterator DataLoader worker ``worker_id`` of ``num_workers`` would run (for tests)."""
-        return _MixtureIterator(self, worker_id, num_workers)
+        return _MixtureIterator(self, worker_id, num_workers, worker_id)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -1386,9 +1479,29 @@ class MixtureDataset(IterableDataset):
             self._floor = max(self._floor, int(state.get("floor", self._floor)))
 
     def __getstate__(self) -> dict[str, Any]:
+        from multiprocessing import context
+
         state = self.__dict__.copy()
         state.update(_async=None, _async_thread=None, _active=None, _async_error=None)
+        if context.get_spawning_popen() is None:
+            # A copy (pickle, deepcopy, torch.save), not a DataLoader worker: it continues from
+            # where this dataset is, as a dataset loading state_dict() would (it used to restart
+            # from the resume point while keeping this one's progress marks).
+            state["_copy_of"] = self.state_dict()
         return state
+
+    def __copy__(self) -> MixtureDataset:
+        # A shallow copy would share the control block (progress slots, pending changes) and
+        # loading its position there would reset the original's: copies are independent.
+        import copy
+
+        return copy.deepcopy(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        where = state.pop("_copy_of", None)
+        self.__dict__.update(state)
+        if where is not None:
+            self.load_state_dict(where)
 
     def __repr__(self) -> str:
         return (

@@ -115,6 +115,21 @@ def test_live_weights_reach_real_workers(corpus):
     del it
 
 
+def test_workers_that_have_exited_do_not_hold_back_changes(corpus):
+    # Their slots used to keep their last steps: after an abandoned pass, a change for the next
+    # pass (which starts again at step 0) went to step 11 or more, or step=2 was refused.
+    ds = make(corpus, 0, 1, 2, weights=[1, 1, 0])
+    loader = DataLoader(ds, batch_size=None, num_workers=2, prefetch_factor=2)
+    it = iter(loader)
+    take(it, 5)
+    assert ds.next_step >= 5
+    del it  # shuts the workers down
+    assert ds.next_step == 0
+    assert ds.set_weights([0, 0, 1], step=2) == 2
+    domains = [[d for _, d in flatten([batch])] for batch in take(iter(loader), 4)]
+    assert 2 not in domains[0] + domains[1] and set(domains[2] + domains[3]) == {2}
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_stateful_dataloader_resume_after_weight_changes(corpus, num_workers):
     from torchdata.stateful_dataloader import StatefulDataLoader

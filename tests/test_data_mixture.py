@@ -1,5 +1,6 @@
 """MixtureDataset in one process: order, windows, frequencies, exhaustion, resume, live weights."""
 
+import copy
 import pickle
 import threading
 import warnings
@@ -202,6 +203,24 @@ def test_device_weights_at_a_fixed_step_make_workers_wait(corpus):
     assert ds.weight_schedule == [(3, [0.0, 0.0, 1.0])]
 
 
+def test_a_host_change_after_a_device_change_lands_after_it(corpus):
+    # Published at once, the host change used to land before the CUDA change still in flight,
+    # which then won: the older weights ended up in use (and in ds.weights).
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=1, batch_size=2)
+    it = iter(ds)
+    take(it, 2)
+    event = FakeEvent()
+    ds._submit_async(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), event, None)
+    assert ds.set_weights([0, 0, 1]) is None  # queued behind the copy in flight
+    take(it, 1)
+    event.done.set()
+    ds.flush_weights()
+    assert [w for _, w in ds.weight_schedule] == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    assert ds.weights.tolist() == [0.0, 0.0, 1.0]
+    assert {d for _, d in flatten(take(it, 10))} == {2}
+    assert ds.set_weights([0, 1, 0]) == ds.weight_schedule[-1][0]  # nothing in flight: at once
+
+
 def test_device_weights_with_bad_values_raise_later(corpus):
     ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
     event = FakeEvent()
@@ -355,7 +374,7 @@ def test_an_iterator_of_the_abandoned_run_stops_and_writes_nothing(corpus):
     it = iter(ds)
     take(it, 2)
     saved = ds.state_dict()
-    old = iter(ds)  # e.g. a DataLoader's iterator still alive when the rollback happens
+    old = ds._iter_worker(1, 2)  # e.g. a DataLoader worker still alive when the rollback happens
     take(it, 3)
     ds.load_state_dict(saved)
     assert take(old, 5) == [] and take(it, 5) == []  # they end; their progress is not recorded
@@ -366,6 +385,80 @@ def test_an_iterator_of_the_abandoned_run_stops_and_writes_nothing(corpus):
         with pytest.raises(ValueError, match="exhausted"):
             ds.load_state_dict({**ds.state_dict(), "exhausted": bad})
     assert ds.weight_schedule[-1] == (5, [0.0, 1.0, 1.0]) and ds.next_step == 2
+
+
+def test_a_newer_in_process_iterator_supersedes_the_older(corpus):
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2, seed=3)
+    it = iter(ds)
+    take(it, 4)
+    peek = iter(ds)
+    take(peek, 1)
+    with pytest.raises(RuntimeError, match="a newer iterator over this MixtureDataset"):
+        next(it)  # (it used to go on, its changes placed by the newer iterator's progress)
+    assert ds.state_dict()["step"] == 1 and ds.next_step == 1  # the newest one's stream
+
+
+def test_an_in_process_peek_leaves_the_workers_progress_alone(corpus):
+    # The peek used to take worker 0's slot and free worker 1's: next_step fell back to 1 and a
+    # change went to a step both workers had passed (never applied, no error).
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 0], batch_size=2, seed=3)
+    workers = [ds._iter_worker(w, 2) for w in range(2)]
+    for _ in range(4):
+        for worker in workers:
+            next(worker)
+    assert ds.next_step == 8
+    next(iter(ds))
+    assert ds.next_step == 8
+    assert ds.set_weights([0, 0, 1]) == 8
+    assert {d for worker in workers for _, d in flatten(take(worker, 3))} == {2}
+
+
+def test_a_finished_pass_frees_its_slot_for_the_next_pass(corpus):
+    # A finished iterator used to keep its last step: a change made between passes went past
+    # the end of the next pass (a per-pass curriculum never applied).
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2, seed=3, on_exhausted="stop")
+    first = list(iter(ds))
+    assert len(first) > 3 and ds.next_step == 0  # the pass ended: back to the resume point
+    assert ds.set_weights([0, 1, 0]) == 0
+    assert {d for _, d in flatten(list(iter(ds)))} == {1}  # from the next pass's first step
+
+
+def test_state_dict_from_another_thread_is_one_steps(corpus):
+    # next() in one thread, state_dict() in another: a state used to mix the step, cursors and
+    # sampler of different steps, and resumed to another stream.
+    def make():
+        return MixtureDataset(corpus, SEQ_LEN, [2, 1, 1], batch_size=16, seed=13)
+
+    reference = flatten(take(iter(make()), 300))
+    ds = make()
+    it = iter(ds)
+    producer = threading.Thread(target=take, args=(it, 300))
+    producer.start()
+    states = []
+    while producer.is_alive() or not states:
+        states.append(ds.state_dict())
+    producer.join()
+    for state in states[:: max(1, len(states) // 25)]:
+        if state["step"] < 300:
+            resumed = make()
+            resumed.load_state_dict(state)
+            k = state["step"] * 16
+            assert flatten(take(iter(resumed), 1)) == reference[k : k + 16], state["step"]
+
+
+def test_copies_continue_from_where_the_dataset_is(corpus):
+    # A copy used to restart from step 0 while keeping the original's progress (next_step 5).
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2, seed=3)
+    it = iter(ds)
+    take(it, 5)
+    ds.set_weights([1, 0, 1], step=7)
+    copies = [pickle.loads(pickle.dumps(ds)), copy.deepcopy(ds), copy.copy(ds)]
+    expected = flatten(take(it, 6))
+    for twin in copies:
+        assert twin.state_dict()["step"] == 5 and twin.next_step == 5
+        assert flatten(take(iter(twin), 6)) == expected
+        twin.set_weights([0, 1, 0])  # its own: the original does not see it
+    assert ds.weight_schedule == [(7, [1.0, 0.0, 1.0])] and ds.next_step == 11
 
 
 def test_a_single_iterators_state_resumes_with_any_number_of_workers(corpus):
