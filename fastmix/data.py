@@ -35,10 +35,10 @@ then publishes the weights at the first step boundary after the copy completed (
 which workers then wait for), recording that step.
 
 Passes.  Each ``iter(ds)`` starts from the resume point (step 0, or the loaded state) and replays
-the changes made so far at their steps.  An iterator holds a progress slot until it ends, and a
-slot left by DataLoader workers that have exited counts for nothing, so a change made between
-passes applies from the next pass's first step.  One iterator runs per process: a newer one
-supersedes the older, which raises on its next step.
+the changes made so far at their steps (the ring keeps the last 1024).  An iterator holds a
+progress slot until it ends, and a slot left by DataLoader workers that have exited counts for
+nothing, so a change made between passes applies from the next pass's first step.  One iterator
+runs per process: a newer one supersedes the older, which raises on its next step.
 """
 
 from __future__ import annotations
