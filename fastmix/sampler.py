@@ -64,7 +64,12 @@ def _as_weights(weights: Any, name: str = "weights") -> tuple[np.ndarray, tuple[
                 raise TypeError(f"{name} keys must be str domain names, got {type(key).__name__}")
         values: Any = list(weights.values())
     elif isinstance(weights, (str, bytes)):
-        raise TypeError(f"{name} must be a sequence of numbers or a dict name -> weight, got str")
+        raise TypeError(
+            f"{name} must be a sequence of numbers or a dict name -> weight, "
+            f"got {type(weights).__name__}"
+        )
+    elif isinstance(weights, np.ma.MaskedArray):  # np.asarray would use the masked values
+        raise TypeError(f"{name} must not be a masked array (fill it: weights.filled(0))")
     else:
         values = weights
     try:
@@ -124,6 +129,13 @@ def _check_out(out: Any, n: int) -> np.ndarray:
     return out
 
 
+def _new_ids(n: int) -> np.ndarray:
+    try:
+        return np.empty(n, dtype=np.int32)
+    except (ValueError, MemoryError) as exc:  # numpy's messages do not say which argument
+        raise ValueError(f"n={n}: cannot allocate {n} int32 ids ({exc})") from None
+
+
 def _normalised(raw: np.ndarray) -> np.ndarray:
     # Exactly Megatron-LM's normalisation: float64 array divided by its numpy (pairwise) sum.
     return raw / np.sum(raw)
@@ -152,7 +164,7 @@ def sample_domains(
     offset = _check_int(offset, "offset")
     if offset + n > _U64:
         raise ValueError(f"offset + n must be <= 2**64, got {offset + n}")
-    out = np.empty(n, dtype=np.int32) if out is None else _check_out(out, n)
+    out = _new_ids(n) if out is None else _check_out(out, n)
     if n:  # n = 0 at offset 2**64 is a valid empty slice the C++ uint64 cannot take
         _C.AliasTable(raw).fill(seed, offset, out)
     return out
@@ -408,7 +420,8 @@ class MixtureSampler:
         if array.dtype.kind not in "iu":
             raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
         array = array.astype(np.int64)
-        if np.any(array < 0) or int(array.sum()) != total:
+        # In Python ints: an int64 sum wraps, and counts of 2**62 each "summed" to 8.
+        if np.any(array < 0) or sum(int(v) for v in array) != total:
             raise ValueError(f"{name} must be non-negative and sum to {total}")
         return array
 
@@ -438,7 +451,7 @@ class MixtureSampler:
         """(ids, greedy counts after them or None); never mutates the sampler."""
         if self._position + n > _MAX_POSITION:
             raise ValueError("the sampler's position would pass 2**63 - 1 (its counts are int64)")
-        out = np.empty(n, dtype=np.int32)
+        out = _new_ids(n)
         if n == 0:  # (a stratified fill would build a whole block for nothing)
             counts = self._segment_counts.copy() if self._method == "greedy" else None
             return out, counts

@@ -238,6 +238,24 @@ def test_stratified_block_bounds(weights: np.ndarray, block: int) -> None:
         assert any(np.any(np.diff(row) < 0) for row in ids)
 
 
+def test_stratified_small_reads_across_a_large_block() -> None:
+    # Partial reads of a block come from the table's cached copy of it: the same draws.
+    whole = MixtureSampler([5, 3, 1], seed=9, method="stratified", block=4096).sample(10_000)
+    sampler = MixtureSampler([5, 3, 1], seed=9, method="stratified", block=4096)
+    sizes = np.random.default_rng(0).integers(0, 700, size=100)
+    parts = []
+    while sampler.position < 10_000:
+        n = min(int(sizes[len(parts) % 100]), 10_000 - sampler.position)
+        assert np.array_equal(sampler.peek(n), whole[sampler.position : sampler.position + n])
+        parts.append(sampler.sample(n))
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    table = _C.StratifiedTable(np.array([5.0, 3.0, 1.0]), 4096)
+    out = np.empty(10, np.int32)
+    for segment in (0, 7, 0):  # another segment key, then the first again
+        table.fill(9, segment, 100, out)
+        np.testing.assert_array_equal(out, table.block_ids(9, segment, 0)[100:110])
+
+
 def test_stratified_random_access_by_block() -> None:
     weights = np.random.default_rng(0).dirichlet(np.ones(30))
     sampler = MixtureSampler(weights, seed=17, method="stratified", block=64)
@@ -814,7 +832,10 @@ BAD_WEIGHTS = [
     ([True, False], TypeError, "weights"),
     ([[1.0, 2.0]], ValueError, "1-D"),
     ("abc", TypeError, "weights"),
+    (b"\x01\x02", TypeError, "got bytes"),
     ({1: 0.5}, TypeError, "weights"),
+    # np.asarray drops the mask: the masked 9 used to be drawn
+    (np.ma.array([1.0, 9.0], mask=[0, 1]), TypeError, "masked array"),
 ]
 
 
@@ -857,6 +878,10 @@ def test_bad_weights_are_rejected_everywhere(weights, error, message) -> None:
         # Four counts of 2**62 and a 5 wrap around to 5 in int64: not a sum of 5.
         lambda: _C.greedy_fill(
             np.ones(5), 5, np.array([2**62] * 4 + [5], np.int64), np.zeros(2, np.int32)
+        ),
+        # counts (int64, updated in place) overlapping out: ids 3 and 4 came out at K = 2
+        lambda: _C.greedy_fill(
+            np.array([0.25, 0.75]), 0, (buf := np.zeros(4, np.int64))[:2], buf.view(np.int32)
         ),
     ],
 )
@@ -918,6 +943,10 @@ def test_bad_arguments() -> None:
         blend_indices([1, 2], -1)
     with pytest.raises(ValueError, match="32767"):
         blend_indices(np.ones(32768), 1)
+    with pytest.raises(ValueError, match="n=9223372036854775807: cannot allocate"):
+        sample_domains([1, 2], 2**63 - 1, seed=0)
+    with pytest.raises(ValueError, match="n=4611686018427387904: cannot allocate"):
+        MixtureSampler([1, 2]).sample(2**62)
     assert blend_indices(np.ones(32767), 2)[0].tolist() == [0, 1]
 
 
@@ -976,6 +1005,9 @@ def test_bad_state_dicts() -> None:
          r"state\['weights'\] sum overflows"),
         ({**good, "counts": [4, 3, 3], "segment_counts": [5, 3, 2]}, ValueError,
          r"state\['segment_counts'\] exceeds state\['counts'\]"),
+        # 2 * (2**63 - 1) + 12 wraps to 10 in int64: not a sum of 10
+        ({**good, "counts": [2**63 - 1, 2**63 - 1, 12], "segment_counts": [0, 0, 0],
+          "segment_start": 10}, ValueError, r"state\['counts'\] must be non-negative and sum"),
     ]  # fmt: skip
     for state, error, message in broken:
         with pytest.raises(error, match=message):

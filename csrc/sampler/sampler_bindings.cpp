@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "sampler/alias.h"
+#include "sampler/arrays.h"
 #include "sampler/blend.h"
 #include "sampler/rng.h"
 #include "sampler/stratified.h"
@@ -147,6 +148,10 @@ void greedy_fill(const py::handle& weights, int64_t start_step, const py::handle
   const int64_t k = static_cast<int64_t>(w.size());
   if (static_cast<int64_t>(counts.size()) != k) {
     throw std::invalid_argument("counts must have one entry per domain");
+  }
+  // The rule reads the counts while it writes the ids: overlapping buffers give garbage.
+  if (share_memory(counts, out) || share_memory(w, out) || share_memory(w, counts)) {
+    throw std::invalid_argument("weights, counts and out must not share memory");
   }
   if (start_step < 0) throw std::invalid_argument("start_step must be >= 0");
   int64_t total = 0;

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "sampler/arrays.h"
 #include "sampler/permutation.h"
 
 namespace py = pybind11;
@@ -36,13 +37,6 @@ void check_1d(const py::array& a, const char* name, py::ssize_t size) {
 
 void check_writeable(const py::array& a, const char* name) {
   if (!a.writeable()) throw std::invalid_argument(std::string(name) + " must be writeable");
-}
-
-// Whether two C-contiguous arrays' bytes intersect.
-bool share_memory(const py::array& a, const py::array& b) {
-  const char* a0 = static_cast<const char*>(a.data());
-  const char* b0 = static_cast<const char*>(b.data());
-  return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
 }
 
 // Map samples [0, n_done) of a global batch; evaluate the permutation only for [begin, end).
