@@ -103,7 +103,7 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
                 data = json.load(f)
         except FileNotFoundError:
             raise ValueError(f"weights: file {str(path)!r} does not exist") from None
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # JSON, UTF-8, nesting too deep
             raise ValueError(f"weights: cannot read {str(path)!r}: {e}") from None
         if isinstance(data, Mapping) and "weights" in data:
             data = data["weights"]
@@ -130,9 +130,16 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
         out = np.array([items.get(n, 0.0) for n in names], dtype=np.float64)
         _check_weight_values(out, names)
         return out
+    if isinstance(source, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in source):
+        # [True, 1] (JSON [true, 1]) converts to ints without a word
+        raise TypeError("weights must be real numbers, got a bool among them")
+    if isinstance(source, np.ma.MaskedArray):  # np.asarray would use the masked values
+        raise TypeError("weights must not be a masked array (fill it: weights.filled(0))")
     if isinstance(source, torch.Tensor):
         if source.dtype == torch.bool or source.is_complex():
             raise TypeError(f"weights must be real numbers, got a {source.dtype} tensor")
+        if source.is_meta:
+            raise ValueError("weights is a meta tensor: it holds no values")
         source = source.detach().to("cpu", torch.float64).numpy()
     try:
         raw = np.asarray(source)
@@ -211,16 +218,24 @@ class TokenCorpus:
         for name, spec in domains.items():
             if not isinstance(name, str) or not name:
                 raise TypeError(f"domain names must be non-empty strings, got {name!r}")
-            paths = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+            if isinstance(spec, (str, bytes, os.PathLike)):
+                paths = [spec]
+            elif isinstance(spec, Sequence):
+                paths = list(spec)
+            else:
+                raise TypeError(
+                    f"domain {name!r}: expected a path or a list of paths, "
+                    f"got {type(spec).__name__}"
+                )
             if not paths:
                 raise CorpusError(f"domain {name!r} lists no files")
             sizes = []
             self.names.append(name)
             self.files[name] = []
             for p in paths:
-                if not isinstance(p, (str, os.PathLike)):
+                if not isinstance(p, (str, bytes, os.PathLike)):
                     raise TypeError(f"domain {name!r}: file must be a path, got {p!r}")
-                path = Path(p)
+                path = Path(os.fsdecode(p))
                 dt, offset, n = self._inspect(name, path)
                 self.files[name].append(path)
                 self._flat_files.append(path)
@@ -380,12 +395,41 @@ class TokenCorpus:
 
     def domain_files(self, name: str) -> str:
         """The domain's files as one string, for error messages."""
+        if name not in self.files:
+            raise ValueError(f"no domain {name!r}; the corpus has {self.names}")
         return ", ".join(repr(str(p)) for p in self.files[name])
 
     # -- reading --------------------------------------------------------------------------------
 
     def tokens_of(self, file_index: int) -> np.ndarray:
         """The whole file as a read-only memory-mapped array (mapped once per process)."""
+        return self._map(self._file_index(file_index))
+
+    def read(self, file_index: int, offset: int, length: int) -> np.ndarray:
+        """``length`` tokens of file ``file_index`` from token ``offset`` (a view of the map)."""
+        tokens = self._map(self._file_index(file_index))
+        for value, what in ((offset, "offset"), (length, "length")):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"{what} must be >= 0, got {value}")
+        if offset + length > tokens.size:
+            raise ValueError(
+                f"offset + length = {offset + length} is past the end of file {file_index} "
+                f"({tokens.size} tokens)"
+            )
+        return tokens[offset : offset + length]
+
+    def _file_index(self, file_index: Any) -> int:
+        if isinstance(file_index, bool) or not isinstance(file_index, (int, np.integer)):
+            raise TypeError(f"file_index must be an int, got {type(file_index).__name__}")
+        if not 0 <= file_index < len(self._flat_files):
+            raise ValueError(
+                f"file_index must be in [0, {len(self._flat_files)}), got {file_index}"
+            )
+        return int(file_index)
+
+    def _map(self, file_index: int) -> np.ndarray:
         arr = self._maps[file_index]
         if arr is None:
             arr = np.memmap(
@@ -397,10 +441,6 @@ class TokenCorpus:
             )
             self._maps[file_index] = arr
         return arr
-
-    def read(self, file_index: int, offset: int, length: int) -> np.ndarray:
-        """``length`` tokens of file ``file_index`` from token ``offset`` (a view of the map)."""
-        return self.tokens_of(file_index)[offset : offset + length]
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}: {t:,} tokens" for n, t in self.tokens.items())
@@ -455,7 +495,7 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # JSON, UTF-8, nesting too deep
         raise CorpusError(f"{str(path)!r} cannot be read: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("domains"), dict):
         raise CorpusError(f"{str(path)!r} is not a fastmix corpus manifest (no 'domains' mapping)")
@@ -920,7 +960,7 @@ class _Stream:
         rows = ids.numpy()
         files, offsets = out["file"].tolist(), out["offset"].tolist()
         for j, (f, off) in enumerate(zip(files, offsets, strict=True)):
-            rows[j] = corpus.read(f, off, length)
+            rows[j] = corpus._map(f)[off : off + length]  # (indices from map_windows: valid)
         return ids
 
 
@@ -1436,7 +1476,7 @@ class MixtureDataset(IterableDataset):
                     f"state was saved with {key}={state.get(key)!r}, this dataset has "
                     f"{key}={header[key]!r}"
                 )
-        _check_state_body(state, self.corpus.names)
+        _check_state_body(state, self)
         state = dict(state)
         in_worker = torch.utils.data.get_worker_info() is not None
         if not in_worker:
@@ -1511,17 +1551,34 @@ class MixtureDataset(IterableDataset):
         )
 
 
-def _check_state_body(state: Mapping[str, Any], names: Sequence[str]) -> None:
-    """Checks the position part of a ``MixtureDataset`` state (the header is checked first)."""
+def _check_state_body(state: Mapping[str, Any], ds: MixtureDataset) -> None:
+    """Checks the position part of a ``MixtureDataset`` state (the header is checked first):
+    every value a resumed stream will use, so that loading it cannot fail half-way."""
+    names = ds.corpus.names
     num_domains = len(names)
 
     def bad(key: str, why: str) -> ValueError:
         return ValueError(f"state[{key!r}] {why}: not a MixtureDataset state_dict, or damaged")
 
-    def count(key: str) -> None:
-        value = state.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise bad(key, f"must be a non-negative int, got {value!r}")
+    def is_int(value: Any, high: int) -> bool:
+        return (
+            not isinstance(value, (bool, np.bool_))
+            and isinstance(value, (int, np.integer))
+            and 0 <= value < high
+        )
+
+    def count(key: str, high: int = 2**62) -> None:
+        if not is_int(state.get(key), high):
+            raise bad(key, f"must be an int in [0, {high}), got {state.get(key)!r}")
+
+    def weight_vector(key: str, value: Any) -> None:
+        try:
+            weights = np.asarray(value, np.float64)
+            if weights.shape != (num_domains,):
+                raise ValueError(f"shape {weights.shape}, expected ({num_domains},)")
+            _check_weight_values(weights, None)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise bad(key, f"is not a valid weight vector ({e})") from None
 
     for key in ("step", "cursors", "user_weights", "dropped", "finished", "sampler"):
         if key not in state:
@@ -1537,29 +1594,51 @@ def _check_state_body(state: Mapping[str, Any], names: Sequence[str]) -> None:
             n = -1
         if n != num_domains:
             raise bad(key, f"must hold one entry per domain ({num_domains})")
+    if not all(is_int(c, 2**63) for c in state["cursors"]):
+        raise bad("cursors", "must hold ints in [0, 2**63)")
+    # Real bools: bool("False") is True, and ended the stream.
+    if not all(isinstance(v, (bool, np.bool_)) for v in state["dropped"]):
+        raise bad("dropped", "must hold bools")
+    if not isinstance(state["finished"], (bool, np.bool_)):
+        raise bad("finished", f"must be a bool, got {state['finished']!r}")
     for key in ("user_weights", "weights"):
         if key == "weights" and state.get(key) is None:
             continue  # states saved before it existed, and those of DataLoader workers
-        try:
-            weights = np.asarray(state[key], np.float64)
-            if weights.shape != (num_domains,):
-                raise ValueError(f"shape {weights.shape}, expected ({num_domains},)")
-            _check_weight_values(weights, None)
-        except (TypeError, ValueError) as e:
-            raise bad(key, f"is not a valid weight vector ({e})") from None
-    sampler = state["sampler"]
-    if not isinstance(sampler, Mapping) or len(sampler.get("weights", ())) != num_domains:
-        raise bad("sampler", f"must be a MixtureSampler state over {num_domains} domains")
+        weight_vector(key, state[key])
     for key in ("pending", "events"):
-        for entry in state.get(key, []):
-            if len(entry) != 2 or len(entry[1]) != num_domains:
+        entries = state.get(key, [])
+        if not isinstance(entries, (list, tuple)) or len(entries) > _EVENT_CAPACITY:
+            raise bad(key, f"must list at most {_EVENT_CAPACITY} [step, weights] pairs")
+        for entry in entries:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
                 raise bad(key, f"must list [step, weights over {num_domains} domains] pairs")
+            if not is_int(entry[0], 2**62):
+                raise bad(key, f"has a step that is not an int in [0, 2**62): {entry[0]!r}")
+            weight_vector(key, entry[1])
     exhausted = state.get("exhausted", {})
     if not isinstance(exhausted, Mapping) or any(
-        name not in names or isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0
-        for name, v in exhausted.items()
+        name not in names or not is_int(v, 2**63) for name, v in exhausted.items()
     ):
         raise bad("exhausted", "must map the corpus's domain names to sample indices >= 0")
+    # The sampler: the dataset's own rule and seed (another would be another stream), and a
+    # state it loads.
+    from fastmix.sampler import DEFAULT_BLOCK, MixtureSampler
+
+    sampler = state["sampler"]
+    if not isinstance(sampler, Mapping):
+        raise bad("sampler", "must be a MixtureSampler state")
+    expected = {"method": ds.method, "seed": ds.seed, "block": ds.block or DEFAULT_BLOCK}
+    for key, value in expected.items():
+        if sampler.get(key) != value:
+            raise bad("sampler", f"has {key}={sampler.get(key)!r}, this dataset {value!r}")
+    try:
+        if len(sampler["weights"]) != num_domains:
+            raise bad("sampler", f"must be a MixtureSampler state over {num_domains} domains")
+        MixtureSampler([1.0]).load_state_dict(sampler)
+    except (TypeError, ValueError, KeyError) as e:
+        if str(e).startswith("state['sampler']"):
+            raise
+        raise bad("sampler", f"is not a valid sampler state ({e})") from None
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """TokenCorpus and load_weights: formats, sizes, windows and bad input."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -106,6 +107,30 @@ def test_bad_files_name_domain_and_file(tmp_path):
         TokenCorpus({"u": tmp_path / "u64.npy"})
 
 
+def test_corpus_specs_and_reads_are_checked(tmp_path):
+    write_bin(tmp_path / "a.bin", np.arange(10))
+    for spec in (5, None):
+        with pytest.raises(TypeError, match="domain 'a': expected a path or a list of paths"):
+            TokenCorpus({"a": spec}, dtype="uint16")
+    corpus = TokenCorpus({"a": os.fsencode(tmp_path / "a.bin")}, dtype="uint16")  # bytes path
+    assert corpus.read(0, 7, 3).tolist() == [7, 8, 9]
+    # read(-1, ...) used to read the last file, read(0, -5, 5) gave an empty array
+    for args, error, match in [
+        ((-1, 0, 3), ValueError, r"file_index must be in \[0, 1\), got -1"),
+        ((1, 0, 3), ValueError, "file_index"),
+        ((0, -5, 5), ValueError, "offset must be >= 0"),
+        ((0, 0, -1), ValueError, "length must be >= 0"),
+        ((0, 8, 3), ValueError, "past the end of file 0"),
+        ((0.0, 0, 3), TypeError, "file_index must be an int"),
+    ]:
+        with pytest.raises(error, match=match):
+            corpus.read(*args)
+    with pytest.raises(ValueError, match="file_index"):
+        corpus.tokens_of(-1)
+    with pytest.raises(ValueError, match="no domain 'zz'"):
+        corpus.domain_files("zz")
+
+
 @pytest.mark.parametrize(
     "manifest, match",
     [
@@ -171,3 +196,21 @@ def test_load_weights_bad_input(tmp_path):
         load_weights([10**400, 1], names)
     with pytest.raises(TypeError, match=r"weights\[1\] must be a number"):
         load_weights([2**70, "x"], names)
+    with pytest.raises(TypeError, match="bool among them"):
+        load_weights([True, 1], names)  # (numpy makes it [1, 1])
+    (tmp_path / "bools.json").write_text("[true, 1]")
+    with pytest.raises(TypeError, match="bool among them"):
+        load_weights(tmp_path / "bools.json", names)
+    with pytest.raises(TypeError, match="masked array"):
+        load_weights(np.ma.array([1.0, 9.0], mask=[0, 1]), names)  # the masked 9 was used
+    with pytest.raises(ValueError, match="meta tensor"):
+        load_weights(torch.ones(2, device="meta"), names)
+    # JSON nested past the recursion limit, and bytes that are not UTF-8: named, not raw errors
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "latin1.json").write_bytes(b"\xff\xfe{}")
+    for bad in ("deep.json", "latin1.json"):
+        with pytest.raises(ValueError, match=f"cannot read .*{bad}"):
+            load_weights(tmp_path / bad, names)
+        (tmp_path / "corpus.json").write_bytes((tmp_path / bad).read_bytes())
+        with pytest.raises(CorpusError, match="corpus.json.* cannot be read"):
+            TokenCorpus.from_dir(tmp_path)

@@ -507,10 +507,24 @@ def test_load_state_dict_checks_the_body(corpus):
         ("user_weights", [1, 1], "user_weights.*one entry per domain"),
         ("user_weights", [1, -1, 1], "user_weights.*not a valid weight"),
         ("dropped", [False], "dropped.*one entry per domain"),
-        ("step", -1, "step.*non-negative int"),
-        ("step", 1.5, "step.*non-negative int"),
-        ("floor", "7", "floor.*non-negative int"),
-        ("pending", [[9, [1, 1]]], "pending.*pairs"),
+        ("step", -1, r"step.*must be an int in \[0, 2\*\*62\)|step.*4611686018427387904"),
+        ("step", 1.5, "step.*must be an int"),
+        ("floor", "7", "floor.*must be an int"),
+        ("pending", [[9, [1, 1]]], "pending.*not a valid weight vector"),
+        # values a resumed stream would only trip over later, or silently use
+        ("pending", [[9, [float("nan"), 1, 1]]], "pending.*finite"),
+        ("events", [[9, [0, 0, 0]]], "events.*positive sum"),
+        ("events", [["x", [1, 1, 1]]], "events.*step"),
+        ("pending", [5], "pending.*pairs"),
+        ("finished", "False", "finished.*must be a bool"),  # bool("False") ended the stream
+        ("dropped", ["False"] * 3, "dropped.*bools"),
+        ("cursors", ["a", "b", "c"], "cursors.*ints"),
+        ("cursors", [2**63, 0, 0], "cursors.*ints"),
+        ("exhausted", {"a": 2**70}, "exhausted"),
+        ("next_step", 2**70, "next_step.*must be an int"),
+        ("sampler", dict(good["sampler"], method="greedy"), "sampler.*method='greedy'"),
+        ("sampler", dict(good["sampler"], seed=999), "sampler.*seed=999"),
+        ("sampler", dict(good["sampler"], position=-1), "sampler.*not a valid sampler state"),
     ]
     for key, value, match in cases:
         bad = dict(good)
@@ -522,6 +536,9 @@ def test_load_state_dict_checks_the_body(corpus):
         with pytest.raises(ValueError, match=match):
             fresh.load_state_dict(bad)
         assert fresh._resume is None  # nothing was loaded
+        with pytest.raises(ValueError, match=match):  # into the running dataset: nothing changes
+            ds.load_state_dict(bad)
+        assert ds.state_dict() == good
     one_domain = dict(good, sampler=dict(good["sampler"], weights=[1.0]))
     with pytest.raises(ValueError, match="sampler.*over 3 domains"):
         k1.load_state_dict(one_domain)
