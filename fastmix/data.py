@@ -47,6 +47,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import socket
 import threading
 import time
 import warnings
@@ -213,6 +214,11 @@ class TokenCorpus:
         self._flat_dtypes: list[np.dtype] = []
         self._flat_offsets: list[int] = []  # byte offset of the data (the .npy header)
         self._flat_sizes: list[int] = []
+        # What each file was when inspected (device, inode, bytes), to refuse mapping another
+        # file that has taken its name since (a domain prepared again while a job runs; a spawned
+        # DataLoader worker maps the files anew).
+        self._flat_ids: list[tuple[int, int, int]] = []
+        self._host = socket.gethostname()
         # corpus.json (or the error reading it) per directory, while the files are inspected
         self._manifests: dict[Path, dict[str, Any] | CorpusError | None] = {}
         for name, spec in domains.items():
@@ -235,8 +241,11 @@ class TokenCorpus:
             for p in paths:
                 if not isinstance(p, (str, bytes, os.PathLike)):
                     raise TypeError(f"domain {name!r}: file must be a path, got {p!r}")
-                path = Path(os.fsdecode(p))
+                # Absolute: a relative path would follow the process's working directory.
+                path = Path(os.path.abspath(os.fsdecode(p)))
                 dt, offset, n = self._inspect(name, path)
+                st = path.stat()
+                self._flat_ids.append((st.st_dev, st.st_ino, st.st_size))
                 self.files[name].append(path)
                 self._flat_files.append(path)
                 self._flat_dtypes.append(dt)
@@ -277,6 +286,17 @@ class TokenCorpus:
         except ValueError as e:
             raise CorpusError(f"{where}: {e}") from None
         corpus = cls(domains, dtype=dtype)
+        for name, info in manifest["domains"].items():
+            # A copy cut short at a token boundary, or a file written after the manifest, loads
+            # with no other sign.
+            expected = info.get("tokens")
+            held = sum(corpus.file_tokens[name])
+            if isinstance(expected, int) and not isinstance(expected, bool) and expected != held:
+                raise CorpusError(
+                    f"{where}: domain {name!r} has {expected:,} tokens, its files "
+                    f"({corpus.domain_files(name)}) hold {held:,}: a file is truncated or was "
+                    "replaced (prepare the domain again)"
+                )
         corpus.manifest = manifest
         return corpus
 
@@ -432,6 +452,7 @@ class TokenCorpus:
     def _map(self, file_index: int) -> np.ndarray:
         arr = self._maps[file_index]
         if arr is None:
+            self._check_unchanged(file_index)
             arr = np.memmap(
                 self._flat_files[file_index],
                 dtype=self._flat_dtypes[file_index],
@@ -441,6 +462,22 @@ class TokenCorpus:
             )
             self._maps[file_index] = arr
         return arr
+
+    def _check_unchanged(self, file_index: int) -> None:
+        path = self._flat_files[file_index]
+        dev, ino, size = self._flat_ids[file_index]
+        try:
+            st = path.stat()
+        except OSError as e:
+            why = e.strerror or e
+            raise CorpusError(f"file {str(path)!r} cannot be read now ({why})") from None
+        # Inodes name a file on this host only: elsewhere (a pickled corpus) the size must do.
+        same_host = socket.gethostname() == self._host
+        if st.st_size != size or (same_host and (st.st_dev, st.st_ino) != (dev, ino)):
+            raise CorpusError(
+                f"file {str(path)!r} has changed since the corpus was opened (replaced or "
+                f"resized: {size} bytes then, {st.st_size} now); open the corpus again"
+            )
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}: {t:,} tokens" for n, t in self.tokens.items())
