@@ -43,6 +43,7 @@ runs per process: a newer one supersedes the older, which raises on its next ste
 
 from __future__ import annotations
 
+import bisect
 import json
 import multiprocessing as mp
 import os
@@ -588,6 +589,9 @@ class _Control:
             "event_step": torch.full((_EVENT_CAPACITY,), -1, dtype=torch.int64),
             "event_id": torch.full((_EVENT_CAPACITY,), -1, dtype=torch.int64),
             "event_flag": torch.zeros(_EVENT_CAPACITY, dtype=torch.int64),
+            # The order set_weights was called in (a CUDA change is published when its copy
+            # lands, after changes made later): at one step the change made last wins.
+            "event_made": torch.zeros(_EVENT_CAPACITY, dtype=torch.int64),
             "event_weights": torch.zeros(_EVENT_CAPACITY, num_domains, dtype=torch.float64),
             "count": torch.zeros(1, dtype=torch.int64),
             "started": torch.full((_WORKER_SLOTS + 1,), _NO_ITERATOR, dtype=torch.int64),
@@ -596,6 +600,8 @@ class _Control:
             "owner_pid": torch.zeros(_WORKER_SLOTS + 1, dtype=torch.int64),
             "owner_token": torch.full((_WORKER_SLOTS + 1,), -1, dtype=torch.int64),
             "registrations": torch.zeros(1, dtype=torch.int64),
+            # The furthest step any iterator has claimed in this generation.
+            "high_water": torch.full((1,), -1, dtype=torch.int64),
             "exhausted": torch.full((num_domains,), -1, dtype=torch.int64),
             # Bumped by clear(): iterators (and dataset copies in workers) of an earlier
             # generation must neither write here nor produce (see _StaleIterator).
@@ -637,19 +643,25 @@ class _Control:
         live = self._live_started()
         return max(floor, int(live.max()) + 1) if live.size else floor
 
-    def _live_started(self) -> np.ndarray:
+    def _live_started(self, workers_only: bool = False) -> np.ndarray:
         """The steps started by the iterators that hold a slot in a process still running (a
         DataLoader whose workers have exited leaves their slots behind)."""
         v = self.v
-        held = np.flatnonzero(v["started"] != _NO_ITERATOR)
+        started = v["started"][:_WORKER_SLOTS] if workers_only else v["started"]
+        held = np.flatnonzero(started != _NO_ITERATOR)
         me = os.getpid()
         live = [i for i in held if int(v["owner_pid"][i]) == me or _alive(int(v["owner_pid"][i]))]
         return v["started"][live]
 
     def publish(
-        self, weights: np.ndarray | None, step: int | None, floor: int, flag: int = _READY
+        self,
+        weights: np.ndarray | None,
+        step: int | None,
+        floor: int,
+        made: int,
+        flag: int = _READY,
     ) -> tuple[int, int]:
-        """Append a change; returns (event id, the step it applies from)."""
+        """Append change number ``made``; returns (event id, the step it applies from)."""
         v = self.v
         with self.lock:
             earliest = self._earliest_step(floor)
@@ -664,10 +676,15 @@ class _Control:
             count = int(v["count"][0])
             slot = count % _EVENT_CAPACITY
             if count >= _EVENT_CAPACITY and v["event_flag"][slot] != _CANCELLED:
-                # The slot's change is consumed once every live iterator has started its step
-                # (it was collected then); with none live, the next one starts at ``floor``.
-                live = self._live_started()
-                consumed_through = int(live.min()) if live.size else floor - 1
+                # The slot's change is consumed once every live worker has started its step (it
+                # was collected then).  Without workers, once the furthest step claimed has:
+                # an idle in-process iterator (a peek) must not hold the ring, and one that
+                # resumes after missing changes says so (collect); a new pass replays what the
+                # ring still holds.
+                live = self._live_started(workers_only=True)
+                consumed_through = (
+                    int(live.min()) if live.size else max(floor - 1, int(v["high_water"][0]))
+                )
                 if v["event_step"][slot] > consumed_through:
                     raise RuntimeError(
                         f"more than {_EVENT_CAPACITY} weight changes are pending at once; "
@@ -678,6 +695,7 @@ class _Control:
             if weights is not None:
                 v["event_weights"][slot] = weights
             v["event_id"][slot] = count
+            v["event_made"][slot] = made
             v["count"][0] = count + 1
         return count, step
 
@@ -711,10 +729,15 @@ class _Control:
     def generation(self) -> int:
         return int(self.v["generation"][0])
 
-    def any_registered(self) -> bool:
-        """Whether an iterator has begun since the control block was made or cleared."""
+    def registrations(self) -> int:
+        """How many iterators have begun (a counter that only grows)."""
         with self.lock:
-            return bool((self.v["started"] != _NO_ITERATOR).any())
+            return int(self.v["registrations"][0])
+
+    def count(self) -> int:
+        """How many changes have been published (a counter that only grows)."""
+        with self.lock:
+            return int(self.v["count"][0])
 
     def register(self, slot: int, num_slots: int, step: int, generation: int) -> int:
         """An iterator begins: it will next produce ``step``; returns its token for the slot.
@@ -741,13 +764,15 @@ class _Control:
                 v["owner_token"][slot] = -1
 
     def collect(
-        self, slot: int, token: int, position: int, claim: int, generation: int
-    ) -> list[tuple[int, int, np.ndarray]]:
-        """Mark ``claim`` started; return the changes (id, step, weights) with step >= position.
+        self, slot: int, token: int, position: int, claim: int, generation: int, seen: int
+    ) -> tuple[list[tuple[int, int, np.ndarray]], int]:
+        """Mark ``claim`` started; return the changes (made, step, weights) with step >=
+        position, and the count of changes published so far (pass it back as ``seen``).
 
         Waits while a change due at or before ``claim`` still waits for its CUDA copy.  Raises
-        _StaleIterator for an iterator of an earlier generation (a state was loaded since), and
-        _SupersededIterator when a newer iterator has taken the slot.
+        _StaleIterator for an iterator of an earlier generation (a state was loaded since),
+        _SupersededIterator when a newer iterator has taken the slot, and _MissedChanges when
+        more changes than the ring holds were published since ``seen``.
         """
         v = self.v
         deadline = None
@@ -757,19 +782,24 @@ class _Control:
                     raise _StaleIterator
                 if int(v["owner_token"][slot]) != token:
                     raise _SupersededIterator
+                count = int(v["count"][0])
+                if count - seen > _EVENT_CAPACITY:
+                    raise _MissedChanges
                 live = (v["event_id"] >= 0) & (v["event_step"] >= position)
                 waiting = live & (v["event_flag"] == _PENDING) & (v["event_step"] <= claim)
                 if not waiting.any():
                     v["started"][slot] = claim
+                    v["high_water"][0] = max(int(v["high_water"][0]), claim)
                     ready = np.flatnonzero(live & (v["event_flag"] == _READY))
-                    return [
+                    changes = [
                         (
-                            int(v["event_id"][i]),
+                            int(v["event_made"][i]),
                             int(v["event_step"][i]),
                             v["event_weights"][i].copy(),
                         )
                         for i in ready
                     ]
+                    return changes, count
             deadline = deadline or time.monotonic() + _WAIT_TIMEOUT_S
             if time.monotonic() > deadline:
                 raise RuntimeError(
@@ -790,6 +820,7 @@ class _Control:
             v["exhausted"][:] = -1
             v["started"][:] = _NO_ITERATOR
             v["owner_token"][:] = -1
+            v["high_water"][0] = -1
             return int(v["generation"][0])
 
     def mark_exhausted(self, domain: int, sample: int, generation: int | None = None) -> None:
@@ -806,6 +837,10 @@ class _StaleIterator(Exception):
 
 class _SupersededIterator(Exception):
     """A newer iterator holds this one's progress slot (e.g. ``iter(ds)`` again in-process)."""
+
+
+class _MissedChanges(Exception):
+    """More changes were published while an iterator was idle than the ring keeps."""
 
 
 def _alive(pid: int) -> bool:
@@ -874,12 +909,13 @@ class _Stream:
         self._out_views = [self._out[k] for k in _MAP_FIELDS]
         self._none_views = [self._none[k] for k in _MAP_FIELDS]
 
-    def merge(self, event_id: int, step: int, weights: np.ndarray) -> None:
+    def merge(self, made: int, step: int, weights: np.ndarray) -> None:
+        """Take change number ``made`` for ``step``: at one step the change made last wins."""
         if step < self.step:
             return
         old = self.pending.get(step)
-        if old is None or event_id > old[0]:
-            self.pending[step] = (event_id, weights)
+        if old is None or made > old[0]:
+            self.pending[step] = (made, weights)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -1061,6 +1097,8 @@ class _MixtureIterator:
         # next() and state_dict() from different threads (a prefetching thread, a checkpoint
         # thread): a state must not mix two steps.
         self.lock = threading.Lock()
+        self.producing: int | None = None  # the thread inside next()
+        self.seen = ds._control.count()
         ds._active = self
         self.in_worker = torch.utils.data.get_worker_info() is not None
 
@@ -1075,20 +1113,30 @@ class _MixtureIterator:
                 "with): make a new DataLoader after loading a state"
             )
         with self.lock:
+            self.producing = threading.get_ident()
             try:
                 return self._next()
             except StopIteration:
                 self.ds._control.release(self.slot, self.token)  # (no-op once superseded)
+                if self.ds._active is self:  # the next pass starts from the resume point
+                    self.ds._active = None
                 raise
+            finally:
+                self.producing = None
 
     def _next(self) -> dict[str, Any]:
         stream, ds = self.stream, self.ds
         if stream.finished:
             raise StopIteration
         try:
-            changes = ds._control.collect(
-                self.slot, self.token, stream.step, self.next_step, self.generation
+            changes, self.seen = ds._control.collect(
+                self.slot, self.token, stream.step, self.next_step, self.generation, self.seen
             )
+        except _MissedChanges:
+            raise RuntimeError(
+                f"more than {_EVENT_CAPACITY} weight changes were made while this iterator was "
+                "idle (the ring keeps that many): start a new iteration"
+            ) from None
         except _StaleIterator:  # load_state_dict since: this run was abandoned, it ends here
             raise StopIteration from None
         except _SupersededIterator:
@@ -1099,8 +1147,8 @@ class _MixtureIterator:
                 "runs, so that next_step, set_weights and state_dict() follow one stream.  For a "
                 "second, independent stream iterate copy.deepcopy(ds)"
             ) from None
-        for event_id, step, weights in changes:
-            stream.merge(event_id, step, weights)
+        for made, step, weights in changes:
+            stream.merge(made, step, weights)
         while stream.step < self.next_step:
             stream.plan(produce=False)
             if stream.finished:
@@ -1116,6 +1164,13 @@ class _MixtureIterator:
         return {"input_ids": ids, "domain": torch.from_numpy(domains.astype(np.int64))}
 
     def state_dict(self) -> dict[str, Any]:
+        if self.producing == threading.get_ident():
+            # A signal handler that interrupted next() in this thread: the stream is half-way
+            # through a step (and waiting for the lock would never end).
+            raise RuntimeError(
+                "MixtureDataset.state_dict() was called while this thread is inside next() (from "
+                "a signal handler?): set a flag there and take the state after next() returns"
+            )
         with self.lock:
             return self._state_dict()
 
@@ -1239,6 +1294,10 @@ class MixtureDataset(IterableDataset):
         self._floor = 0
         self._active: _MixtureIterator | None = None
         self.weight_schedule: list[tuple[int, list[float]]] = []
+        self._made = 0  # set_weights calls so far: the order changes were made in
+        self._schedule_made: list[int] = []  # weight_schedule's entries' numbers, ascending
+        self._weights_made = -1
+        self._registrations_at_load = -1
         self._async: queue.Queue | None = None
         self._async_thread: threading.Thread | None = None
         self._async_error: BaseException | None = None
@@ -1317,36 +1376,52 @@ class MixtureDataset(IterableDataset):
             host.copy_(weights.detach(), non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._submit_async(host, event, step)
+            self._submit_async(host, event, step, self._next_made())
             return None
         w = self._check(weights)
-        if self._async is not None and self._async.unfinished_tasks:
-            # Behind CUDA changes still in flight, so that the changes land in the order they
-            # were made (published now, an older CUDA change would land after it and win).
-            self._submit_async(torch.from_numpy(w), None, step)
+        made = self._next_made()
+        if step is None and self._async is not None and self._async.unfinished_tasks:
+            # Behind CUDA changes still in flight: published now, at the first step not started,
+            # an older CUDA change would land at a later step and win.
+            self._submit_async(torch.from_numpy(w), None, None, made)
             return None
-        _, eff = self._control.publish(w, step, self._floor)
-        self._weights = w
-        self.weight_schedule.append((eff, w.tolist()))
+        _, eff = self._control.publish(w, step, self._floor, made)
+        self._record(eff, w, made)
         return eff
 
-    def _submit_async(self, host: torch.Tensor, event: Any, step: int | None) -> None:
+    def _next_made(self) -> int:
+        self._made += 1
+        return self._made - 1
+
+    def _record(self, step: int, w: np.ndarray, made: int) -> None:
+        """Add change ``made`` to weight_schedule, which lists the changes in the order they were
+        made (replaying it with set_weights(w, step=s) gives the same stream)."""
+        i = bisect.bisect(self._schedule_made, made)
+        self._schedule_made.insert(i, made)
+        self.weight_schedule.insert(i, (step, w.tolist()))
+        if made > self._weights_made:
+            self._weights, self._weights_made = w, made
+
+    def _submit_async(
+        self, host: torch.Tensor, event: Any, step: int | None, made: int | None = None
+    ) -> None:
         """Publish ``host`` once ``event.synchronize()`` returns, on a helper thread."""
+        made = self._next_made() if made is None else made
         placeholder = None
         if step is not None:  # reserve the step now so no worker runs past it while the copy lands
-            placeholder, _ = self._control.publish(None, step, self._floor, flag=_PENDING)
+            placeholder, _ = self._control.publish(None, step, self._floor, made, flag=_PENDING)
         if self._async is None:
             self._async = queue.Queue()
             self._async_thread = threading.Thread(
                 target=self._async_loop, name="fastmix-weights", daemon=True
             )
             self._async_thread.start()
-        self._async.put((host, event, placeholder, step))
+        self._async.put((host, event, placeholder, step, made))
 
     def _async_loop(self) -> None:
         assert self._async is not None
         while True:
-            host, event, placeholder, step = self._async.get()
+            host, event, placeholder, step, made = self._async.get()
             try:
                 if event is not None:  # (None: a host change queued behind CUDA ones)
                     event.synchronize()  # blocks this helper thread only
@@ -1355,9 +1430,8 @@ class MixtureDataset(IterableDataset):
                     self._control.fill(placeholder, w)
                     eff = step
                 else:
-                    _, eff = self._control.publish(w, None, self._floor)
-                self._weights = w
-                self.weight_schedule.append((eff, w.tolist()))
+                    _, eff = self._control.publish(w, None, self._floor, made)
+                self._record(eff, w, made)
             except BaseException as e:  # surfaced by the next set_weights / flush_weights
                 if placeholder is not None:
                     self._control.fill(placeholder, None)
@@ -1519,7 +1593,7 @@ class MixtureDataset(IterableDataset):
         if not in_worker:
             if (
                 self._resume is not None
-                and not self._control.any_registered()
+                and self._control.registrations() == self._registrations_at_load
                 and all(self._resume.get(k) == state.get(k) for k in _POSITION_KEYS)
             ):
                 # The position already loaded, and nothing has run since: StatefulDataLoader
@@ -1535,7 +1609,7 @@ class MixtureDataset(IterableDataset):
                 self._async.join()
             self._async_error = None
             self._generation = self._control.clear()
-            self.weight_schedule = []
+            self.weight_schedule, self._schedule_made, self._weights_made = [], [], -1
         self._resume = state
         self._active = None
         self._weights = np.array(state["user_weights"], np.float64)
@@ -1548,12 +1622,13 @@ class MixtureDataset(IterableDataset):
             changes.update((int(s), w) for s, w in state.get("events", []) if s >= self._floor)
             for s in sorted(changes):
                 w = np.asarray(changes[s], np.float64)
-                self._control.publish(w, s, self._floor)
-                self.weight_schedule.append((s, w.tolist()))
-                self._weights = w
+                made = self._next_made()
+                self._control.publish(w, s, self._floor, made)
+                self._record(s, w, made)
             if state.get("weights") is not None:
                 self._weights = np.array(state["weights"], np.float64)
             self._floor = max(self._floor, int(state.get("floor", self._floor)))
+            self._registrations_at_load = self._control.registrations()
 
     def __getstate__(self) -> dict[str, Any]:
         from multiprocessing import context

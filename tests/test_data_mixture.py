@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 from test_data_helpers import SEQ_LEN, flatten, make_corpus, take, window_index
 
-from fastmix.data import MixtureDataset
+from fastmix.data import _EVENT_CAPACITY, MixtureDataset
 
 
 @pytest.fixture
@@ -219,6 +219,17 @@ def test_a_host_change_after_a_device_change_lands_after_it(corpus):
     assert ds.weights.tolist() == [0.0, 0.0, 1.0]
     assert {d for _, d in flatten(take(it, 10))} == {2}
     assert ds.set_weights([0, 1, 0]) == ds.weight_schedule[-1][0]  # nothing in flight: at once
+    # A host change at a fixed step while a CUDA change is in flight: published at once, and at
+    # that step the change made last wins, also when the CUDA one lands at the same step.
+    event = FakeEvent()
+    ds._submit_async(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), event, None)
+    step = ds.next_step
+    assert ds.set_weights([0, 0, 1], step=step) == step
+    event.done.set()
+    ds.flush_weights()
+    assert ds.weight_schedule[-2:] == [(step, [1.0, 0.0, 0.0]), (step, [0.0, 0.0, 1.0])]
+    assert ds.weights.tolist() == [0.0, 0.0, 1.0]
+    assert {d for _, d in flatten(take(it, 5))} == {2}
 
 
 def test_device_weights_with_bad_values_raise_later(corpus):
@@ -459,6 +470,74 @@ def test_copies_continue_from_where_the_dataset_is(corpus):
         assert flatten(take(iter(twin), 6)) == expected
         twin.set_weights([0, 1, 0])  # its own: the original does not see it
     assert ds.weight_schedule == [(7, [1.0, 0.0, 1.0])] and ds.next_step == 11
+
+
+def test_an_idle_peek_does_not_hold_the_change_ring(corpus):
+    # The peek's slot (still referenced as ds's latest in-process iterator) stayed at step 0 and
+    # the ring refused change 1025 while workers ran on.
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=3)
+    peek = iter(ds)
+    next(peek)
+    workers = [ds._iter_worker(w, 2) for w in range(2)]
+    for step in range(_EVENT_CAPACITY + 100):
+        ds.set_weights([1 + step % 2, 1, 1])
+        next(workers[step % 2])
+    # the peek missed changes the ring no longer holds: it says so, not a silent other stream
+    with pytest.raises(RuntimeError, match="while this iterator was idle"):
+        next(peek)
+
+
+def test_more_changes_than_the_ring_holds_in_a_finished_pass(tmp_path):
+    corpus = make_corpus(tmp_path, {"a": [2001], "b": [2001], "c": [2001]})  # 500 windows each
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=3, on_exhausted="stop")
+    steps = 0
+    for _ in ds:
+        ds.set_weights([1, 1, 1 + steps % 2])  # (released slots used to make the ring raise)
+        steps += 1
+    assert steps > 1100
+    assert ds.set_weights([0, 1, 0]) == 0
+    assert {d for _, d in flatten(take(iter(ds), 5))} == {1}
+
+
+def test_rollback_after_a_finished_pass_forgets_it(corpus):
+    # Finished iterators free their slots; the "same position, nothing ran" shortcut of
+    # load_state_dict used to take that for nothing having run, and kept the abandoned run.
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2, seed=3, on_exhausted="stop")
+    saved = ds.state_dict()
+    ds.load_state_dict(saved)
+    it = iter(ds)
+    take(it, 2)
+    ds.set_weights([0, 1, 0], step=3)
+    list(it)
+    ds.load_state_dict(saved)
+    assert ds.weight_schedule == [] and ds.exhausted == []
+    fresh = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2, seed=3, on_exhausted="stop")
+    fresh.load_state_dict(saved)
+    assert stream(ds, 20) == stream(fresh, 20)
+
+
+def test_a_copy_after_a_finished_pass_starts_the_next_pass(corpus):
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2, seed=3, on_exhausted="stop")
+    first = list(iter(ds))
+    twin = copy.deepcopy(ds)  # (it used to copy the finished iterator: an empty stream)
+    assert flatten(list(iter(twin))) == flatten(first)
+
+
+def test_state_dict_inside_next_in_the_same_thread_says_so(corpus):
+    # A signal handler calling ds.state_dict() while next() is reading a batch used to wait for
+    # the iterator's lock forever.
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2, seed=3)
+    it = iter(ds)
+    take(it, 2)
+    read = corpus._map
+
+    def read_and_checkpoint(i):
+        corpus._map = read
+        ds.state_dict()
+
+    corpus._map = read_and_checkpoint
+    with pytest.raises(RuntimeError, match="inside next"):
+        next(it)
 
 
 def test_a_single_iterators_state_resumes_with_any_number_of_workers(corpus):
