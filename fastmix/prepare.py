@@ -229,6 +229,10 @@ def _parse_documents(
                 raise ValueError(
                     f"input {str(path)!r}, line {lineno}: invalid JSON ({e})"
                 ) from None
+            except RecursionError:  # json gives up on deep nesting with this, not a JSON error
+                raise ValueError(
+                    f"input {str(path)!r}, line {lineno}: invalid JSON (nested too deeply)"
+                ) from None
             if not isinstance(obj, dict) or text_field not in obj:
                 raise ValueError(
                     f"input {str(path)!r}, line {lineno}: no {text_field!r} field "
@@ -424,6 +428,8 @@ def _load_or_new_manifest(out: Path, tok: Tokenizer) -> dict[str, Any]:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise CorpusError(f"{str(path)!r} cannot be read: {e}") from None
+        except RecursionError:  # json gives up on deep nesting with this, not a JSON error
+            raise CorpusError(f"{str(path)!r} cannot be read: JSON nested too deeply") from None
         if (
             not isinstance(manifest, dict)
             or manifest.get("format") != MANIFEST_FORMAT

@@ -144,6 +144,24 @@ def test_bad_input_is_clear(tmp_path, capsys):
     }
 
 
+def test_json_nested_too_deeply_is_clear(tmp_path, capsys):
+    # json raises RecursionError (not a JSON error) past the recursion limit: still one line.
+    deep = "[" * 100_000 + "\n"
+    (tmp_path / "deep.jsonl").write_text('{"text": "ok"}\n' + deep)
+    (tmp_path / "ok.txt").write_text("fine")
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "corpus.json").write_text(deep)
+    for inputs, out, named in (
+        (f"d={tmp_path / 'deep.jsonl'}", tmp_path / "o1", "deep.jsonl', line 2: invalid JSON"),
+        (f"d={tmp_path / 'ok.txt'}", tmp_path / "o2", "corpus.json' cannot be read"),
+    ):
+        rc = cli.main(["prepare", inputs, "-o", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and named in err and "nested too deeply" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not (out / "d.bin").exists()
+
+
 def test_tokenizer_specs(monkeypatch):
     import sys
 
