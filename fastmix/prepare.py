@@ -430,6 +430,10 @@ def _load_or_new_manifest(out: Path, tok: Tokenizer) -> dict[str, Any]:
             raise CorpusError(f"{str(path)!r} cannot be read: {e}") from None
         except RecursionError:  # json gives up on deep nesting with this, not a JSON error
             raise CorpusError(f"{str(path)!r} cannot be read: JSON nested too deeply") from None
+        except UnicodeDecodeError as e:  # its message names neither the file nor the problem
+            raise CorpusError(
+                f"{str(path)!r} cannot be read: not UTF-8 text (byte {e.start}: {e.reason})"
+            ) from None
         if (
             not isinstance(manifest, dict)
             or manifest.get("format") != MANIFEST_FORMAT

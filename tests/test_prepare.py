@@ -176,7 +176,7 @@ def test_tokenizer_specs(monkeypatch):
             get_tokenizer(spec)
 
 
-def test_mismatched_tokenizer_is_refused(tmp_path):
+def test_mismatched_tokenizer_is_refused(tmp_path, capsys):
     prepare_domain("a", ["x"], tmp_path)
     manifest = json.loads((tmp_path / "corpus.json").read_text())
     manifest["tokenizer"] = "tiktoken:gpt2"
@@ -196,6 +196,17 @@ def test_mismatched_tokenizer_is_refused(tmp_path):
     (tmp_path / "list" / "corpus.json").write_text("[]")
     with pytest.raises(ValueError, match="is not a fastmix-corpus manifest"):
         prepare_domain("b", ["y"], tmp_path / "list")
+    # bytes that are not UTF-8: the file is named (the decoder's message names no file)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "corpus.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=r"bin/corpus.json' cannot be read: not UTF-8"):
+        prepare_domain("b", ["y"], tmp_path / "bin")
+    (tmp_path / "y.txt").write_text("y")
+    rc = cli.main(
+        ["prepare", str(tmp_path / "y.txt"), "-o", str(tmp_path / "bin"), "--no-progress"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "bin/corpus.json' cannot be read: not UTF-8" in err
 
 
 def test_input_formats_are_read_as_written(tmp_path, recwarn):
