@@ -34,6 +34,7 @@ import contextlib
 import gzip
 import io
 import json
+import numbers
 import os
 import sys
 import warnings
@@ -73,6 +74,35 @@ class Tokenizer:
     encode: Callable[[str], Sequence[int] | np.ndarray]
     vocab_size: int
     eos_id: int
+
+    def __post_init__(self) -> None:
+        # Checked here, once: a bad vocab_size or eos_id would otherwise surface as a numpy
+        # OverflowError while writing, or as ids silently wrapped by the uint32 token file.
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"Tokenizer name must be a non-empty string, got {self.name!r}")
+        if not callable(self.encode):
+            raise TypeError(
+                f"tokenizer {self.name!r}: encode must be callable, "
+                f"got {type(self.encode).__name__}"
+            )
+        for field in ("vocab_size", "eos_id"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(
+                    f"tokenizer {self.name!r}: {field} must be an integer, "
+                    f"got {type(value).__name__}"
+                )
+            object.__setattr__(self, field, int(value))  # a numpy integer is stored as int
+        if not 1 <= self.vocab_size <= 1 << 32:
+            raise ValueError(
+                f"tokenizer {self.name!r}: vocab_size must be between 1 and 2**32 (token files "
+                f"hold uint16 or uint32 ids), got {self.vocab_size}"
+            )
+        if not 0 <= self.eos_id < self.vocab_size:
+            raise ValueError(
+                f"tokenizer {self.name!r}: eos_id must be an id of the vocabulary "
+                f"(0 to {self.vocab_size - 1}), got {self.eos_id}"
+            )
 
     @property
     def dtype(self) -> np.dtype:

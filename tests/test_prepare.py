@@ -8,7 +8,13 @@ import pytest
 
 from fastmix import cli
 from fastmix.data import TokenCorpus
-from fastmix.prepare import get_tokenizer, parse_inputs, prepare_corpus, prepare_domain
+from fastmix.prepare import (
+    Tokenizer,
+    get_tokenizer,
+    parse_inputs,
+    prepare_corpus,
+    prepare_domain,
+)
 
 
 def test_round_trip_text_and_jsonl(tmp_path):
@@ -174,6 +180,37 @@ def test_tokenizer_specs(monkeypatch):
         monkeypatch.setitem(sys.modules, package, None)  # as if not installed, installed or not
         with pytest.raises(ValueError, match=f"needs the '{package}' package"):
             get_tokenizer(spec)
+
+
+def test_a_custom_tokenizer_is_checked_when_made(tmp_path):
+    def encode(text):
+        return [1, 69_999]
+
+    # An id past 2**32 would wrap in the uint32 token file; an eos_id past the vocabulary gave
+    # numpy's OverflowError from inside prepare_domain.
+    for vocab, eos, error, message in (
+        (2**41, 256, ValueError, "'t': vocab_size must be between 1 and 2[*][*]32"),
+        (0, 0, ValueError, "vocab_size must be between 1"),
+        (257, 70_000, ValueError, r"'t': eos_id must be an id of the vocabulary \(0 to 256\)"),
+        (257, 257, ValueError, "eos_id must be an id"),
+        (257, -1, ValueError, "eos_id must be an id"),
+        (257.0, 256, TypeError, "'t': vocab_size must be an integer, got float"),
+        (257, True, TypeError, "eos_id must be an integer, got bool"),
+    ):
+        with pytest.raises(error, match=message):
+            Tokenizer("t", encode, vocab, eos)
+    with pytest.raises(TypeError, match="encode must be callable"):
+        Tokenizer("t", None, 257, 256)
+    with pytest.raises(TypeError, match="name must be a non-empty string"):
+        Tokenizer("", encode, 257, 256)
+    tok = Tokenizer("t", encode, np.int64(70_000), np.uint32(0))  # numpy integers are fine
+    assert type(tok.vocab_size) is int and tok.dtype == np.dtype("<u4")
+    assert prepare_domain("x", ["a"], tmp_path, tok)["tokens"] == 3
+    manifest = json.loads((tmp_path / "corpus.json").read_text())
+    assert manifest["vocab_size"] == 70_000 and manifest["dtype"] == "uint32"
+    assert TokenCorpus.from_dir(tmp_path).tokens_of(0).tolist() == [1, 69_999, 0]
+    largest = Tokenizer("t", encode, 2**32, 2**32 - 1)  # the largest a uint32 file can hold
+    assert largest.dtype == np.dtype("<u4")
 
 
 def test_mismatched_tokenizer_is_refused(tmp_path, capsys):
