@@ -325,16 +325,12 @@ def prepare_domain(
                 raise TypeError(
                     f"domain {name!r}: documents must be str, got {type(text).__name__}"
                 )
-            ids = np.asarray(tok.encode(text))
+            ids = _token_ids(tok, text, name)
             if progress is not None:
                 progress.update(len(text))
             if ids.size == 0:
                 n_empty += 1
                 continue
-            if ids.min() < 0 or ids.max() >= tok.vocab_size:
-                raise ValueError(
-                    f"domain {name!r}: tokenizer produced ids outside its vocabulary"
-                )
             buffer += [ids.astype(tok.dtype, copy=False), eos]
             buffered += ids.size + 1
             n_docs += 1
@@ -363,6 +359,46 @@ def prepare_domain(
         manifest["domains"][name] = entry
         atomic_write_json(out / CORPUS_MANIFEST, manifest)
     return entry
+
+
+def _token_ids(tok: Tokenizer, text: str, domain: str) -> np.ndarray:
+    """``tok.encode(text)`` as a 1-D integer array of ids in the vocabulary (empty: no token).
+
+    The cast to the token file's dtype truncates floats and wraps what does not fit, so anything
+    else is refused here, naming the tokenizer and the domain.
+    """
+    raw = tok.encode(text)
+    where = f"tokenizer {tok.name!r} (domain {domain!r})"
+    try:
+        ids = np.asarray(raw)
+    except (ValueError, TypeError, OverflowError) as e:  # ragged nesting and the like
+        raise ValueError(f"{where}: encode returned no flat sequence of ids ({e})") from None
+    if ids.ndim != 1:
+        raise ValueError(
+            f"{where}: encode must return a flat sequence of ids, got {type(raw).__name__}"
+            + (f" of shape {ids.shape}" if ids.ndim else "")
+        )
+    if ids.size == 0:
+        return ids
+    if ids.dtype.kind not in "iu":  # not an integer array: look at the values one by one
+        if ids.dtype.kind == "f" and not isinstance(raw, np.ndarray):
+            ids = np.array(raw, dtype=object)  # numpy makes float64 of ints like [-1, 2**63]
+        values = ids.tolist()
+        for v in values:  # a float would be truncated, a bool taken as 0 or 1
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(
+                    f"{where}: token ids must be integers, got {type(v).__name__} {v!r}"
+                )
+        bad = next((v for v in values if not 0 <= v < tok.vocab_size), None)
+        if bad is None:  # integers held as objects, all in the vocabulary (< 2**32)
+            return np.array(values, dtype=np.int64)
+    elif ids.min() < 0 or ids.max() >= tok.vocab_size:
+        bad = ids.min() if ids.min() < 0 else ids.max()
+    else:
+        return ids
+    raise ValueError(
+        f"{where}: id {int(bad)} is outside the vocabulary (0 to {tok.vocab_size - 1})"
+    )
 
 
 @contextlib.contextmanager

@@ -213,6 +213,37 @@ def test_a_custom_tokenizer_is_checked_when_made(tmp_path):
     assert largest.dtype == np.dtype("<u4")
 
 
+def test_tokenizer_output_is_checked(tmp_path):
+    # Cast to the file's dtype, floats were truncated ([1.7, 2.2] -> [1, 2]) and what does not
+    # fit wrapped: every id must be an integer of the vocabulary, or nothing is written.
+    for returned, message in (
+        ([1.7, 2.2], "token ids must be integers, got float 1.7"),
+        (np.array([1.0, 2.0]), "token ids must be integers, got float 1.0"),
+        ([True, False], "token ids must be integers, got bool True"),
+        (["1"], "token ids must be integers, got str '1'"),
+        ([1, None], "token ids must be integers, got NoneType None"),
+        ([1, 257], r"id 257 is outside the vocabulary \(0 to 256\)"),
+        ([-1, 2], "id -1 is outside the vocabulary"),
+        ([2**64 + 1], f"id {2**64 + 1} is outside"),
+        ([-1, 2**63], "id -1 is outside"),
+        (np.array([2**40], dtype=np.int64), f"id {2**40} is outside"),
+        ([[1, 2]], r"encode must return a flat sequence of ids, got list of shape \(1, 2\)"),
+        ([[1, 2], [3]], "encode returned no flat sequence of ids"),
+        (None, "encode must return a flat sequence of ids, got NoneType"),
+        (7, "encode must return a flat sequence of ids, got int"),
+        ((i for i in [1]), "encode must return a flat sequence of ids, got generator"),
+    ):
+        tok = Tokenizer("custom", lambda text, r=returned: r, 257, 256)
+        with pytest.raises(ValueError, match=r"tokenizer 'custom' \(domain 'x'\): " + message):
+            prepare_domain("x", ["a"], tmp_path, tok)
+        assert list(tmp_path.iterdir()) == []
+    # integers of any integer type (an object array of ints too) are fine
+    for returned in ([1, 2], np.array([1, 2], dtype=np.int8), np.array([1, 2], dtype=object)):
+        tok = Tokenizer("custom", lambda text, r=returned: r, 257, 256)
+        prepare_domain("x", ["a"], tmp_path, tok)
+        assert TokenCorpus.from_dir(tmp_path).tokens_of(0).tolist() == [1, 2, 256]
+
+
 def test_mismatched_tokenizer_is_refused(tmp_path, capsys):
     prepare_domain("a", ["x"], tmp_path)
     manifest = json.loads((tmp_path / "corpus.json").read_text())
