@@ -11,9 +11,10 @@ Output layout (what ``TokenCorpus.from_dir`` reads)::
 Inputs: ``.jsonl`` / ``.json`` / ``.ndjson`` files hold one JSON object per line whose
 ``--text-field`` (default ``text``) is a document; a ``.gz`` suffix is read through gzip; any other
 file is plain text, one document per file, kept as it is (``\r\n`` stays; ``--lines``: one per
-non-empty line).  Bytes that are not UTF-8 become U+FFFD, with a warning naming the file.  A
-document with no text is skipped (and counted in its domain's ``"empty_documents"``), never
-stored as a lone end-of-document.
+non-empty line).  Bytes that are not UTF-8 become U+FFFD, with a warning naming the file; so do
+lone surrogates in a text (a JSON ``"\\ud800"`` escape makes one), with a warning naming the
+domain.  A document with no text is skipped (and counted in its domain's ``"empty_documents"``),
+never stored as a lone end-of-document.
 
 Tokenizers: ``byte`` (built in: the UTF-8 bytes 0-255 plus end-of-document 256, stored as uint16),
 ``tiktoken:<encoding>`` (e.g. ``tiktoken:gpt2``) and ``hf:<tokenizer.json or hub name>`` when the
@@ -111,7 +112,11 @@ class Tokenizer:
 
 
 def _byte_encode(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: U+FFFD, as for bytes that are not UTF-8
+        data = _without_surrogates(text)[0].encode("utf-8")
+    return np.frombuffer(data, dtype=np.uint8)
 
 
 def get_tokenizer(spec: str = "byte") -> Tokenizer:
@@ -301,9 +306,11 @@ def prepare_domain(
 
     Each document is followed by the tokenizer's end-of-document id; a document that encodes to no
     token (an empty text) is skipped, not written as a lone end-of-document, and counted in the
-    entry's ``"empty_documents"`` (present when there were any).  The file is written under a
-    temporary name and renamed once complete, then ``corpus.json`` is updated the same way, so an
-    exception or a crash midway never leaves a file that loads.  Returns the manifest entry.
+    entry's ``"empty_documents"`` (present when there were any).  Lone surrogates in a text become
+    U+FFFD before it is encoded, with a RuntimeWarning naming the domain.  The file is written
+    under a temporary name and renamed once complete, then ``corpus.json`` is updated the same
+    way, so an exception or a crash midway never leaves a file that loads.  Returns the manifest
+    entry.
     ``progress`` is an optional tqdm-like object whose ``update(n)`` gets the characters consumed.
     """
     _check_domain_name(name)
@@ -315,7 +322,7 @@ def prepare_domain(
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer)
     manifest = _load_or_new_manifest(out, tok)
     target = out / f"{name}.bin"
-    n_tokens = n_docs = n_empty = 0
+    n_tokens = n_docs = n_empty = n_surrogates = 0
     with atomic_open(target) as f:
         buffer: list[np.ndarray] = []
         buffered = 0
@@ -325,9 +332,11 @@ def prepare_domain(
                 raise TypeError(
                     f"domain {name!r}: documents must be str, got {type(text).__name__}"
                 )
-            ids = _token_ids(tok, text, name)
             if progress is not None:
                 progress.update(len(text))
+            text, replaced = _without_surrogates(text)
+            n_surrogates += replaced
+            ids = _token_ids(tok, text, name)
             if ids.size == 0:
                 n_empty += 1
                 continue
@@ -341,6 +350,13 @@ def prepare_domain(
         if buffer:
             f.write(np.concatenate(buffer).tobytes())
             n_tokens += buffered
+        if n_surrogates:
+            warnings.warn(
+                f"domain {name!r}: {n_surrogates} lone surrogate(s) (code points U+D800-U+DFFF, "
+                "which UTF-8 cannot hold) were replaced with U+FFFD",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if n_docs == 0:
             empty = f", {n_empty} empty" if n_empty else ""
             raise ValueError(
@@ -359,6 +375,24 @@ def prepare_domain(
         manifest["domains"][name] = entry
         atomic_write_json(out / CORPUS_MANIFEST, manifest)
     return entry
+
+
+def _without_surrogates(text: str) -> tuple[str, int]:
+    """``text`` with each lone surrogate replaced by U+FFFD, and how many there were.
+
+    A Python str can hold them (a JSON "\\ud800" escape makes one); UTF-8 cannot, so encoding
+    with errors="replace" makes a silent "?" of each, and other tokenizers do as they please.  A
+    high-low pair is the character it spells, as in UTF-16.
+    """
+    if text.isascii():  # O(1): most text never pays for the check below
+        return text, 0
+    try:
+        text.encode("utf-8")
+        return text, 0
+    except UnicodeEncodeError:
+        pass
+    fixed = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return fixed, fixed.count("\ufffd") - text.count("\ufffd")
 
 
 def _token_ids(tok: Tokenizer, text: str, domain: str) -> np.ndarray:

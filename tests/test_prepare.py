@@ -14,6 +14,7 @@ from fastmix.prepare import (
     parse_inputs,
     prepare_corpus,
     prepare_domain,
+    read_documents,
 )
 
 
@@ -298,6 +299,31 @@ def test_input_formats_are_read_as_written(tmp_path, recwarn):
         prepare_corpus({"d": tmp_path / "d.txt"}, tmp_path / "out", show_progress=False)
     assert TokenCorpus.from_dir(tmp_path / "out").tokens_of(3).tolist() == (
         list("caf\ufffd".encode()) + [256]
+    )
+
+
+def test_lone_surrogates_are_replaced_with_a_warning(tmp_path, recwarn):
+    # UTF-8 cannot hold a lone surrogate: the byte tokenizer wrote a silent "?" for one.
+    fffd = list("\ufffd".encode())
+    with pytest.warns(RuntimeWarning, match=r"domain 'x': 3 lone surrogate\(s\)"):
+        prepare_domain("x", ["a\ud800b", "ok", "\udc00\ud800\ud83d\ude00"], tmp_path / "o")
+    assert TokenCorpus.from_dir(tmp_path / "o").tokens_of(0).tolist() == (
+        [97, *fffd, 98, 256, 111, 107, 256, *fffd, *fffd, *"😀".encode(), 256]
+    )  # a high-low pair is the character it spells
+    # a JSON escape makes one; another tokenizer gets the replaced text too
+    (tmp_path / "s.jsonl").write_text('{"text": "caf\\udce9"}\n')
+    seen = []
+    tok = Tokenizer("custom", lambda text: seen.append(text) or [1], 257, 256)
+    with pytest.warns(RuntimeWarning, match="domain 's': 1 lone surrogate"):
+        prepare_domain("s", read_documents(tmp_path / "s.jsonl"), tmp_path / "c", tok)
+    assert seen == ["caf\ufffd"]
+    assert get_tokenizer("byte").encode("a\ud800").tolist() == [97, *fffd]  # not "?"
+    # text without any (U+FFFD itself, other non-ASCII) gets no warning and is kept as it is
+    recwarn.clear()
+    prepare_domain("y", ["\ufffd é 😀"], tmp_path / "o")
+    assert not recwarn.list
+    assert TokenCorpus.from_dir(tmp_path / "o").tokens_of(1).tolist() == (
+        list("\ufffd é 😀".encode()) + [256]
     )
 
 
