@@ -517,6 +517,8 @@ def _check_domain_name(name: Any) -> None:
         raise ValueError(
             f"domain name must be a plain file name (no '/', no leading '.'), got {name!r}"
         )
+    if "\0" in name:  # no file name holds one: open() would say only "embedded null byte"
+        raise ValueError(f"domain name must not contain a NUL character, got {name!r}")
     if len(name.encode("utf-8", errors="replace")) > 200:  # + ".bin" and a temporary suffix
         raise ValueError(f"domain name must be at most 200 bytes, got {name[:40]!r}...")
 

@@ -116,6 +116,11 @@ def test_bad_input_is_clear(tmp_path, capsys):
         prepare_domain("e", [], tmp_path)
     with pytest.raises(ValueError, match="plain file name"):
         prepare_domain("../x", ["a"], tmp_path)
+    with pytest.raises(ValueError, match=r"domain name must not contain a NUL .*'w\\x00eb'"):
+        prepare_domain("w\x00eb", ["a"], tmp_path / "n")
+    assert not (tmp_path / "n").exists()
+    with pytest.raises(ValueError, match="domain name must not contain a NUL"):
+        prepare_corpus({"w\x00eb": tmp_path / "bad.jsonl"}, tmp_path / "n", show_progress=False)
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"other": 1}\n')
     rc = cli.main(
         ["prepare", f"d={tmp_path / 'bad.jsonl'}", "-o", str(tmp_path / "o"), "--no-progress"]
