@@ -439,3 +439,26 @@ def test_shape_and_seed_errors_name_the_flags(
             capsys.readouterr().err
         )
     assert not Path(out).exists()  # refused before anything was created
+
+
+def test_threads_beyond_the_usable_cpus_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from fastmix.demo import options
+
+    # Far more threads than CPUs hung or crashed the process inside OpenMP (SIGSEGV).
+    monkeypatch.setattr(options.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert options.usable_cpus() == 2
+    out = str(tmp_path / "o")
+    assert _demo("--out", out, *TINY_FLAGS, "--threads", "3") == 2
+    assert "threads (--threads) must be at most 2, the CPUs this process may use, got 3" in (
+        capsys.readouterr().err
+    )
+    assert not Path(out).exists()  # refused before anything was created
+    assert options.DemoOptions(threads=2).threads == 2
+    with pytest.raises(ValueError, match="--threads"):
+        options.DemoOptions(threads=100_000)
+    # Without an affinity mask (not Linux): the CPU count.
+    monkeypatch.delattr(options.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(options.os, "cpu_count", lambda: 3)
+    assert options.usable_cpus() == 3

@@ -47,7 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None,
                    help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
     g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: the cores this process may use)")
+                   help="CPU threads for torch, at most the cores this process may use "
+                   "(default: all of them)")
     g.add_argument("--weights", type=Path, default=None,
                    help="read the main models' weights from this JSON file (e.g. a previous "
                    "weights.json) and skip the reference and proxy runs")

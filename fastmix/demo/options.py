@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VOCAB_SIZE", "GPTConfig", "DemoOptions", "QUICK"]
+__all__ = ["VOCAB_SIZE", "GPTConfig", "DemoOptions", "QUICK", "usable_cpus"]
 
 VOCAB_SIZE = 257  # fastmix prepare's byte tokenizer: 256 byte values + end-of-document
 MAX_SEED = 2**64 - 3  # seed + 2 must stay a valid (64-bit) sampler and torch seed
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,11 @@ class DemoOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        # torch.set_num_threads takes any count, but OpenMP then fails to create the threads:
+        # 8192 hung, 32768 and 100000 crashed the process (SIGSEGV), with no message naming a flag.
+        if self.threads is not None and self.threads > usable_cpus():
+            raise ValueError(f"threads (--threads) must be at most {usable_cpus()}, the CPUs this "
+                             f"process may use, got {self.threads}")
         for name in ("lr", "step_size"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):

@@ -21,7 +21,7 @@ from fastmix._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fastmix.demo import report
 from fastmix.demo.corpus import DOMAINS, CorpusSpec, build_corpus
 from fastmix.demo.model import GPTConfig
-from fastmix.demo.options import DemoOptions
+from fastmix.demo.options import DemoOptions, usable_cpus
 from fastmix.demo.train import (
     ProxyResult,
     TrainConfig,
@@ -74,7 +74,7 @@ def run_demo(
     device = pick_device(opts.device)
     # On the CPU use every core this process may run on (torch's default can count hyperthreads
     # or ignore the affinity mask).
-    threads = opts.threads or (max(1, len(_cpus())) if device.type == "cpu" else None)
+    threads = opts.threads or (usable_cpus() if device.type == "cpu" else None)
     with deterministic_torch(opts.seed, device, threads):
         return _run(opts, device, log)
 
@@ -371,13 +371,3 @@ def _shape(cfg: GPTConfig) -> str:
 def _fmt(weights: Mapping[str, float]) -> str:
     shown, _ = _display_order(list(weights), None)
     return ", ".join(f"{k} {weights[k]:.3f}" for k in shown)
-
-
-def _cpus() -> set[int]:
-    import os
-
-    try:
-        return os.sched_getaffinity(0)
-    except AttributeError:  # not on Linux
-        return set(range(os.cpu_count() or 1))
-
