@@ -117,6 +117,39 @@ def test_no_domain_seen_gives_uniform():
     torch.testing.assert_close(w, torch.full((4,), 0.25))
 
 
+def test_many_domains_near_the_loss_clamp_keep_pi_normalised():
+    # K·exp(80) overflows float32 from K ≈ 6142: the plain sum of R̂ was inf, so every share was 0,
+    # π collapsed to ε (hard and easy domains equal, summing to 0.86) and its own state_dict was
+    # refused on load.
+    k = 8192
+    odm = ODM(k, smoothing=0.0)
+    odm.load_state_dict(dict(odm.state_dict(), num_steps=100_000))  # a resumed long run
+    loss = torch.full((k, 4), 1.0)
+    loss[: k - 10] = 90.0  # above the clamp
+    w = odm.step(loss, torch.arange(k))
+    assert not torch.isfinite(odm.rewards.sum())  # the case: the float32 sum itself overflows
+    rewards = odm.rewards.double()
+    eps = odm.exploration()
+    want = (1 - k * eps) * rewards / rewards.sum() + eps
+    torch.testing.assert_close(w.double(), want, rtol=1e-5, atol=0)
+    assert abs(float(w.double().sum()) - 1.0) < 1e-5
+    assert float(w[0]) > float(w[-1])
+    ODM(k).load_state_dict(odm.state_dict())
+
+
+def test_subnormal_rewards_keep_their_proportions():
+    # Rewards of very negative losses: their sum (~1e-39) was clamped to 1e-30 before dividing.
+    odm = ODM(2, smoothing=0.0)
+    odm.load_state_dict(dict(odm.state_dict(), num_steps=99))  # ε = 0.06: the shares matter
+    w = odm.step(torch.tensor([-89.0, -90.0]), torch.tensor([0, 1]))
+    eps = odm.exploration()
+    assert eps < 0.1 and float(odm.rewards.sum()) < 1e-38
+    share0 = 1 / (1 + math.exp(-1))
+    torch.testing.assert_close(w, torch.tensor([(1 - 2 * eps) * share0 + eps,
+                                                (1 - 2 * eps) * (1 - share0) + eps]),
+                               rtol=1e-4, atol=0)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="num_domains"):
         ODM(0)

@@ -40,8 +40,9 @@ from fastmix.ops import domain_loss_stats
 __all__ = ["ODM"]
 
 _STATE_VERSION = 1
-# exp(80) ≈ 5.5e34: far above any real loss's reward yet K·exp(80) stays finite in float32 for
-# K < 6000, so a diverging domain saturates instead of turning π into NaN.
+# exp(80) ≈ 5.5e34: far above any real loss's reward yet finite in float32, so a diverging domain
+# saturates instead of turning R̂ into inf (π divides by the largest R̂ before summing, so the sum
+# stays finite for any K: K·exp(80) itself overflows float32 from K ≈ 6142).
 _MAX_LOSS = 80.0
 
 
@@ -195,8 +196,12 @@ class ODM:
             return self._weights
         k = self.num_domains
         eps = self.exploration(t)
-        total = self._rewards.sum()
-        share = torch.where(total > 0, self._rewards / total.clamp_min(1e-30),
+        # Scaled by the largest reward first: the plain float32 sum overflows once K rewards
+        # near exp(_MAX_LOSS) add up (π then collapsed to ε, summing to < 1), and a sum of
+        # subnormal rewards lost its scale to a clamp.  The scaled sum lies in [1, K].
+        top = self._rewards.max()
+        scaled = self._rewards / torch.where(top > 0, top, 1.0)
+        share = torch.where(top > 0, scaled / scaled.sum().clamp_min(1.0),
                             torch.full_like(self._rewards, 1.0 / k))
         self._weights.copy_((1.0 - k * eps) * share + eps)
         return self._weights
