@@ -421,6 +421,50 @@ def test_resample_hands_alpha_to_the_sampler_and_trains_on_the_mean_loss(monkeyp
     assert "MeanBackward0" not in backpropagated[3:] and len(backpropagated) == 6
 
 
+def test_diverged_training_stops_before_writing_outputs(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    from fastmix import mixers
+
+    outputs = {"weights.json", "results.json", "table.md", "doremi.png", "report.md"}
+    # NaN from the reference's second step: NaN tables and a uniform "DoReMi average" were
+    # written, then matplotlib failed on NaN axis limits.
+    out = tmp_path / "lr"
+    assert _demo("--out", str(out), *TINY_FLAGS, "--lr", "1e30") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("fastmix demo: error: training diverged: the reference model's training loss "
+                   "is nan at step 2 of 12; lower --lr (now 1e+30)")
+    assert not outputs & {p.name for p in out.iterdir()}
+    # The main models alone (--weights): the first one diverges.
+    out = tmp_path / "main"
+    assert _demo("--out", str(out), *TINY_FLAGS, "--lr", "1e30",
+                 "--weights", str(tiny_run / "weights.json")) == 2  # fmt: skip
+    assert "the main (uniform) model's training loss is nan" in capsys.readouterr().err
+    assert not outputs & {p.name for p in out.iterdir()}
+    # Parameters gone NaN in the last step: only the held-out loss shows it.
+    from fastmix.demo import pipeline
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "evaluate", lambda *a, **k: {"code": 1.0, "math": math.inf})
+        assert _demo("--out", str(out), *TINY_FLAGS,
+                     "--weights", str(tiny_run / "weights.json")) == 2  # fmt: skip
+    assert "the main (uniform) model's held-out loss on math is inf" in capsys.readouterr().err
+    assert not outputs & {p.name for p in out.iterdir()}
+
+    # Finite losses, but every DoReMi update skipped: the "average α" is the initial one.
+    class NaNReference(mixers.DoReMi):
+        def step(self, loss, ref_loss, domain, mask=None):
+            return super().step(loss, torch.full_like(ref_loss, math.nan), domain, mask)
+
+    monkeypatch.setattr(mixers, "DoReMi", NaNReference)
+    out = tmp_path / "skipped"
+    assert _demo("--out", str(out), *TINY_FLAGS) == 2
+    assert ("training diverged: DoReMi skipped 12 of its 12 updates (a non-finite excess loss "
+            "or α); lower --lr (now 0.002) or --step-size (now 1)") in capsys.readouterr().err
+    assert not outputs & {p.name for p in out.iterdir()}
+
+
 def test_shape_and_seed_errors_name_the_flags(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -128,13 +128,14 @@ def _run(opts: DemoOptions, device: torch.device, log: Callable[[str], None]) ->
         # 1. The reference model, on the reference (uniform) distribution.
         t0 = time.perf_counter()
         reference = new_model(cfg, opts.seed, device)
-        train_lm(
+        ref_losses = train_lm(
             reference,
             _dataset(train_corpus, opts, uniform, seed=opts.seed),
             train_cfg,
             desc="reference",
             progress=opts.progress,
         )
+        _check_losses("reference", ref_losses, opts)
         mark("reference", t0)
 
         # 2. The DoReMi proxy: same size, batches from the reference distribution, loss
@@ -160,6 +161,8 @@ def _run(opts: DemoOptions, device: torch.device, log: Callable[[str], None]) ->
             resample_to=proxy_data if opts.resample else None,
             progress=opts.progress,
         )
+        _check_losses("proxy", proxy_result.losses, opts)
+        _check_updates(mixer, opts)
         mark("proxy", t0)
         doremi_weights = dict(zip(domains, proxy_result.average_weights.tolist(), strict=True))
         total = math.fsum(doremi_weights.values())
@@ -171,6 +174,7 @@ def _run(opts: DemoOptions, device: torch.device, log: Callable[[str], None]) ->
             reference, heldout, opts.seq_len, max_windows=opts.eval_windows,
             eos_id=corpus.eos_id, desc="eval reference", progress=opts.progress,
         )
+        _check_heldout("reference", reference_loss, opts)
         mark("eval reference", t0)
         del reference, proxy
 
@@ -179,17 +183,19 @@ def _run(opts: DemoOptions, device: torch.device, log: Callable[[str], None]) ->
     for label, weights in (("uniform", uniform), ("DoReMi", doremi_weights)):
         t0 = time.perf_counter()
         model = new_model(main_cfg, opts.seed + 2, device)
-        train_lm(
+        main_losses = train_lm(
             model,
             _dataset(train_corpus, opts, weights, seed=opts.seed + 2),
             main_train_cfg,
             desc=f"main ({label})",
             progress=opts.progress,
         )
+        _check_losses(f"main ({label})", main_losses, opts)
         losses[label] = evaluate(
             model, heldout, opts.seq_len, max_windows=opts.eval_windows,
             eos_id=corpus.eos_id, desc=f"eval {label}", progress=opts.progress,
         )
+        _check_heldout(f"main ({label})", losses[label], opts)
         mark(f"main {label} (train + eval)", t0)
         del model
 
@@ -224,6 +230,39 @@ def _run(opts: DemoOptions, device: torch.device, log: Callable[[str], None]) ->
         timings=timings,
         files=files,
     )
+
+
+# A diverged stage (too high a learning rate) trains on NaN without an error: its NaN losses
+# reached the outputs, DoReMi skipped every update (so weights.json claimed the initial uniform α
+# as "DoReMi's average"), and the figure then failed in matplotlib.  Each stage is checked as it
+# ends, so the run stops with the reason before anything is written.
+def _diverged(what: str, opts: DemoOptions, hint: str = "") -> ValueError:
+    return ValueError(f"training diverged: {what}; lower --lr (now {opts.lr:g}){hint}")
+
+
+def _check_losses(stage: str, losses: np.ndarray, opts: DemoOptions) -> None:
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        i = int(bad[0])
+        raise _diverged(
+            f"the {stage} model's training loss is {losses[i]} at step {i + 1} of "
+            f"{len(losses)}", opts)
+
+
+def _check_heldout(stage: str, loss: Mapping[str, float], opts: DemoOptions) -> None:
+    for name, value in loss.items():
+        if not math.isfinite(value):
+            raise _diverged(f"the {stage} model's held-out loss on {name} is {value}", opts)
+
+
+def _check_updates(mixer: Any, opts: DemoOptions) -> None:
+    # An update is skipped when the excess loss or the new α is not finite: the average α would
+    # then come from the other updates only (or be the initial α when none was applied).
+    skipped, applied = int(mixer.num_skipped), int(mixer.num_updates)
+    if skipped:
+        raise _diverged(
+            f"DoReMi skipped {skipped} of its {skipped + applied} updates (a non-finite excess "
+            "loss or α)", opts, f" or --step-size (now {opts.step_size:g})")
 
 
 def _write_outputs(
