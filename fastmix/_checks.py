@@ -21,3 +21,38 @@ def real_number(value: Any, what: str) -> float:
         return float(value)
     except OverflowError:  # an int beyond float64, e.g. 10**400
         raise ValueError(f"{what} must be finite, got an int too large for float64") from None
+
+
+# Domain ids are int32 in the sampler's output and the CUDA and Triton kernels take K as a C int,
+# so no id of a K beyond this could be drawn or counted.
+MAX_DOMAINS = 2**31 - 1
+
+
+def integer(value: Any, what: str, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int in [low, high]; TypeError/ValueError naming ``what``.
+
+    Any ``numbers.Integral`` is taken (a NumPy int too), but not a bool, nor a float that happens
+    to be whole (2.0 might be a mistake; 2.5 surely is).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        out = value  # the common case first: no ABC check while torch.compile traces
+    elif isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        out = int(value)
+    else:
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    if low is not None and out < low:
+        raise ValueError(f"{what} must be >= {low}, got {out}")
+    if high is not None and out > high:
+        raise ValueError(f"{what} must be <= {high}, got {out}")
+    return out
+
+
+def num_domains(value: Any, what: str = "num_domains") -> int:
+    """``value`` as a domain count K in [1, :data:`MAX_DOMAINS`] (errors name ``what``)."""
+    k = integer(value, what, 1)
+    if k > MAX_DOMAINS:
+        raise ValueError(
+            f"{what} must be <= 2**31 - 1 (domain ids are int32 in the sampler and the kernels), "
+            f"got {k}"
+        )
+    return k

@@ -408,6 +408,8 @@ def test_device_errors_name_the_argument():
     [
         (dict(num_domains=0), ValueError, "num_domains must be >= 1"),
         (dict(num_domains=2.5), TypeError, "num_domains must be an int"),
+        (dict(num_domains=2**63), ValueError, r"num_domains must be <= 2\*\*31 - 1"),
+        (dict(num_domains=2**31), ValueError, r"num_domains must be <= 2\*\*31 - 1"),
         (dict(step_size=-1.0), ValueError, "step_size"),
         (dict(step_size=float("nan")), ValueError, "step_size"),
         (dict(step_size="1"), TypeError, "step_size"),
@@ -425,6 +427,26 @@ def test_constructor_rejects_bad_arguments(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         DoReMi(args.pop("num_domains"), **args)
+
+
+def test_numpy_numbers_are_taken():
+    import numpy as np
+
+    m = DoReMi(np.int64(3), step_size=np.float32(0.5), smoothing=np.float64(1e-3))
+    assert (m.num_domains, m.step_size, m.smoothing) == (3, 0.5, 1e-3)
+    assert type(m.num_domains) is int and type(m.step_size) is float
+    want = DoReMi(3, step_size=0.5)
+    loss, ref, dom = torch.tensor([2.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 1.0]), torch.tensor(
+        [0, 1, 2])
+    m.step(loss, ref, dom)
+    want.step(loss, ref, dom)
+    assert torch.equal(m.weights, want.weights)
+    m.load_state_dict(dict(want.state_dict(), num_domains=np.int64(3), step_size=np.float32(2)))
+    assert m.step_size == 2.0
+    with pytest.raises(TypeError, match="step_size"):
+        DoReMi(3, step_size=np.bool_(True))
+    with pytest.raises(TypeError, match="step_size"):
+        DoReMi(3, step_size=np.complex64(1))
 
 
 def test_step_rejects_bad_input():

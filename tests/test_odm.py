@@ -150,11 +150,23 @@ def test_subnormal_rewards_keep_their_proportions():
                                rtol=1e-4, atol=0)
 
 
+def test_numpy_numbers_are_taken():
+    import numpy as np
+
+    odm = ODM(np.int64(3), smoothing=np.float32(0.5), warmup_steps=np.int32(1))
+    assert (odm.num_domains, odm.smoothing, odm.warmup_steps) == (3, 0.5, 1)
+    assert type(odm.num_domains) is int and type(odm.warmup_steps) is int
+    odm.step(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 1, 2]))
+    ODM(3).load_state_dict(dict(odm.state_dict(), num_domains=np.int64(3)))
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="num_domains"):
         ODM(0)
     with pytest.raises(TypeError, match="num_domains"):
         ODM(2.5)
+    with pytest.raises(ValueError, match=r"num_domains must be <= 2\*\*31 - 1"):
+        ODM(2**63)
     with pytest.raises(ValueError, match="smoothing"):
         ODM(3, smoothing=1.0)
     with pytest.raises(ValueError, match="smoothing"):

@@ -116,6 +116,11 @@ BAD = [
     (dict(num_domains=0), ValueError, "num_domains must be >= 1"),
     (dict(num_domains=2.0), TypeError, "num_domains must be an int"),
     (dict(num_domains=True), TypeError, "num_domains must be an int"),
+    # ids are int32 in the sampler and the kernels; 2**63 blamed the valid id 0, 2**64 raised a
+    # bare OverflowError and 2**31 torch's allocator error
+    (dict(num_domains=2**31), ValueError, r"num_domains must be <= 2\*\*31 - 1 .*got 2147483648"),
+    (dict(num_domains=2**63), ValueError, r"num_domains must be <= 2\*\*31 - 1"),
+    (dict(num_domains=2**64), ValueError, r"num_domains must be <= 2\*\*31 - 1"),
     (dict(ref_loss=torch.ones(5)), ValueError, "ref_loss must have loss's shape"),
     (dict(ref_loss=torch.ones(4, dtype=torch.float16)), TypeError, "ref_loss must have"),
     (dict(mask=torch.ones(4)), TypeError, "mask must be bool"),
@@ -133,6 +138,20 @@ def test_bad_input_names_the_argument(override, exc, match):
     kwargs = {key: args.pop(key) for key in ("ref_loss", "mask", "backend") if key in args}
     with pytest.raises(exc, match=match):
         fastmix.domain_loss_stats(args["loss"], args["domain"], args["num_domains"], **kwargs)
+
+
+def test_num_domains_may_be_a_numpy_int():
+    import numpy as np
+
+    loss, domain = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0, 2, 2])
+    want = fastmix.domain_loss_stats(loss, domain, 3)
+    for k in (np.int64(3), np.int32(3), np.uint16(3)):
+        torch.testing.assert_close(fastmix.domain_loss_stats(loss, domain, k), want)
+        # with autograd the op goes through the dispatcher, whose schema takes a Python int
+        got = fastmix.domain_loss_stats(loss.clone().requires_grad_(), domain, k)
+        torch.testing.assert_close(got.detach(), want)
+    with pytest.raises(TypeError, match="num_domains must be an int, got bool"):
+        fastmix.domain_loss_stats(loss, domain, np.bool_(True))
 
 
 def test_per_sequence_domain_requires_batch_length():

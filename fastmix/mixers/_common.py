@@ -8,6 +8,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,8 +18,11 @@ _EPS32 = torch.finfo(torch.float32).eps
 
 
 def check_float(name: str, value: Any, low: float, high: float | None = None) -> float:
-    """``value`` as a finite float in [low, high] (TypeError/ValueError naming ``name``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a finite float in [low, high] (TypeError/ValueError naming ``name``).
+
+    Any real number is taken (a NumPy float32 too), but not a bool or a complex number.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     bound = f"[{low}, {high}]" if high is not None else f">= {low}"
     try:

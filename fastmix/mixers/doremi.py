@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastmix import distributed
+from fastmix import _checks, distributed
 from fastmix.mixers._common import (
     check_float,
     initial_weights,
@@ -46,7 +46,7 @@ class DoReMi:
     """Online DoReMi mixture weights, held on the device.
 
     Args:
-        num_domains: K.
+        num_domains: K, at most 2**31 - 1.
         step_size: η, the exponentiated-gradient step (>= 0).
         smoothing: c in [0, 1]; α ← (1 − c)·softmax(log α + η λ) + c / K.
         init_weights: the initial α (K positive values, normalised to sum 1); uniform by default.
@@ -80,10 +80,7 @@ class DoReMi:
         deterministic: bool = False,
         debug: bool = False,
     ) -> None:
-        if isinstance(num_domains, bool) or not isinstance(num_domains, int):
-            raise TypeError(f"num_domains must be an int, got {type(num_domains).__name__}")
-        if num_domains < 1:
-            raise ValueError(f"num_domains must be >= 1, got {num_domains}")
+        num_domains = _checks.num_domains(num_domains)
         if proxy_loss not in reference.PROXY_LOSSES:
             raise ValueError(
                 f"proxy_loss must be one of {reference.PROXY_LOSSES}, got {proxy_loss!r}"
@@ -361,11 +358,7 @@ class DoReMi:
             raise ValueError(f"state is missing {missing}")
         if state.get("version", _STATE_VERSION) != _STATE_VERSION:
             raise ValueError(f"state version {state['version']} is not {_STATE_VERSION}")
-        num_domains = state["num_domains"]
-        if isinstance(num_domains, bool) or not isinstance(num_domains, int):
-            raise TypeError(
-                f"state['num_domains'] must be an int, got {type(num_domains).__name__}"
-            )
+        num_domains = _checks.integer(state["num_domains"], "state['num_domains']")
         if num_domains != self.num_domains:
             raise ValueError(
                 f"state has num_domains={num_domains}, this DoReMi has {self.num_domains}"

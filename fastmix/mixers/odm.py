@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastmix import distributed
+from fastmix import _checks, distributed
 from fastmix.mixers._common import (
     check_float,
     initial_weights,
@@ -47,18 +47,14 @@ _MAX_LOSS = 80.0
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
+    return _checks.integer(value, name, low)
 
 
 class ODM:
     """Online Data Mixing sampling weights π, held on the device.
 
     Args:
-        num_domains: K.
+        num_domains: K, at most 2**31 - 1.
         smoothing: β in [0, 1), the weight of the old reward (the released code used 0.9).
         warmup_steps: steps (from the first) during which π stays at ``init_weights``.
         init_weights: the initial π (K positive values, normalised); uniform by default.
@@ -84,7 +80,7 @@ class ODM:
         process_group: Any = None,
         deterministic: bool = False,
     ) -> None:
-        self.num_domains = _check_int("num_domains", num_domains, 1)
+        self.num_domains = num_domains = _checks.num_domains(num_domains)
         self.smoothing = check_float("smoothing", smoothing, 0.0, 1.0)
         if self.smoothing == 1.0:
             raise ValueError("smoothing must be < 1 (β = 1 never updates the rewards)")
@@ -278,10 +274,7 @@ class ODM:
             raise ValueError(f"state is missing {missing}")
         if state.get("version", _STATE_VERSION) != _STATE_VERSION:
             raise ValueError(f"state version {state['version']} is not {_STATE_VERSION}")
-        num_domains = state["num_domains"]
-        if isinstance(num_domains, bool) or not isinstance(num_domains, int):
-            raise TypeError(
-                f"state['num_domains'] must be an int, got {type(num_domains).__name__}")
+        num_domains = _checks.integer(state["num_domains"], "state['num_domains']")
         if num_domains != self.num_domains:
             raise ValueError(f"state has num_domains={num_domains}, this ODM has "
                              f"{self.num_domains}")

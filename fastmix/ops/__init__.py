@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastmix import _checks
 from fastmix.ops import reference
 
 __all__ = ["domain_loss_stats", "backends", "resolve_backend", "validate_inputs"]
@@ -123,11 +124,8 @@ def resolve_backend(
 # validation (metadata only on GPU; value checks on CPU where they cost no sync)
 # --------------------------------------------------------------------------------------------
 def _check_num_domains(num_domains: Any) -> int:
-    if isinstance(num_domains, bool) or not isinstance(num_domains, int):
-        raise TypeError(f"num_domains must be an int, got {type(num_domains).__name__}")
-    if num_domains < 1:
-        raise ValueError(f"num_domains must be >= 1, got {num_domains}")
-    return num_domains
+    """K as a Python int in [1, 2**31 - 1] (a NumPy int is taken too)."""
+    return _checks.num_domains(num_domains)
 
 
 def validate_inputs(
@@ -145,7 +143,7 @@ def validate_inputs(
     On CPU tensors (where it costs no device sync) also checks that every unmasked domain id is
     in [0, num_domains); on GPU, out-of-range ids are counted on the device instead.
     """
-    _check_num_domains(num_domains)
+    num_domains = _check_num_domains(num_domains)
     if not isinstance(loss, Tensor):
         raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
     if loss.dtype not in LOSS_DTYPES:
@@ -534,7 +532,8 @@ def domain_loss_stats(
     Args:
         loss: ``[N]`` or ``[B, T]``, float32, bfloat16 or float16 (accumulated in float32).
         domain: int32/int64 ids, per token (loss's shape) or per sequence (``[B]``).
-        num_domains: K.
+        num_domains: K, an int in [1, 2**31 - 1] (domain ids are int32 in the sampler and the
+            kernels; the kernels themselves take K <= 1024, larger K runs on torch).
         ref_loss: the reference model's per-token loss, loss's shape and dtype.
         mask: bool, loss's shape; False marks a token to ignore (padding, ignore_index).
         backend: "cuda", "triton" or "torch" to force one (also ``FASTMIX_BACKEND``).
@@ -548,6 +547,8 @@ def domain_loss_stats(
     use :class:`fastmix.DoReMi`, which counts them in ``num_out_of_range`` (``debug=True`` or
     ``check()`` raises).  Gradients flow to ``loss`` and ``ref_loss``.
     """
+    # a NumPy int becomes the Python int the op schema's SymInt takes
+    num_domains = _check_num_domains(num_domains)
     validate_inputs(loss, domain, num_domains, ref_loss, mask)
     name = resolve_backend(backend, loss.device, num_domains, loss.numel())
     args = (loss, domain, mask, ref_loss, num_domains, name, bool(deterministic))
