@@ -51,7 +51,11 @@ def deepcopy_sharing_group(obj: Any, memo: dict[int, Any]) -> Any:
 
 def resolve_group(process_group: Any = None) -> Any:
     """The process group to reduce over: the one given, else the default group when
-    torch.distributed is initialised, else ``None`` (a single process)."""
+    torch.distributed is initialised, else ``None`` (a single process).
+
+    A given group must be a ``torch.distributed.ProcessGroup`` that includes this rank, with
+    torch.distributed initialised (ValueError/TypeError naming process_group otherwise).
+    """
     if isinstance(process_group, _GroupLeftBehind):
         raise ValueError(
             "process_group: this object was pickled (or torch.save'd) with a process group, "
@@ -68,6 +72,14 @@ def resolve_group(process_group: Any = None) -> Any:
             raise ValueError(
                 f"process_group does not include this rank ({torch.distributed.get_rank()}); "
                 "build the mixer only on the ranks of its group"
+            )
+        # Anything else reached torch's collectives, which failed with e.g. AttributeError
+        # "'str' object has no attribute 'size'" (checked after the marker above: new_group
+        # hands a non-member the int GroupMember.NON_GROUP_MEMBER).
+        if not isinstance(process_group, torch.distributed.ProcessGroup):
+            raise TypeError(
+                "process_group must be a torch.distributed.ProcessGroup (e.g. from "
+                f"torch.distributed.new_group) or None, got {type(process_group).__name__}"
             )
         return process_group
     if _dist_ready():

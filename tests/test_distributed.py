@@ -232,6 +232,36 @@ def test_process_group_without_init_is_rejected():
         mixer.step(torch.ones(2), torch.zeros(2), torch.tensor([0, 1]))
 
 
+def test_process_group_of_another_type_is_rejected(tmp_path):
+    # With torch.distributed initialised, a str or an int reached torch's collectives:
+    # AttributeError "'str' object has no attribute 'size'".
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        loss, ref, dom = torch.rand(2, 3), torch.rand(2, 3), torch.tensor([0, 1])
+        calls = [
+            lambda group: DoReMi(3, process_group=group).step(loss, ref, dom),
+            lambda group: DoReMi(3, process_group=group).check_ranks(),
+            lambda group: ODM(3, process_group=group).step(loss, dom),
+            lambda group: ODM(3, process_group=group).check_ranks(),
+            lambda group: MixtureDataset(make_corpus(str(tmp_path), 500), 16, [0.5, 0.5])
+            .check_ranks(group),
+        ]  # fmt: skip
+        for call in calls:
+            for group in ("world", 0, object()):
+                with pytest.raises(TypeError, match="process_group must be a torch.distributed"
+                                                    r"\.ProcessGroup .*, got "):  # fmt: skip
+                    call(group)
+        # a real group still works, and so does a pickled mixer's marker message
+        group = dist.new_group([0])
+        DoReMi(3, process_group=group).step(loss, ref, dom)
+        ODM(3, process_group=dist.group.WORLD).step(loss, dom)
+        with pytest.raises(ValueError, match="set its .process_group again"):
+            pickle.loads(pickle.dumps(ODM(3, process_group=_Unpicklable()))).step(loss, dom)
+    finally:
+        dist.destroy_process_group()
+
+
 class _Unpicklable:
     """Like a torch.distributed ProcessGroup: no pickling."""
 
