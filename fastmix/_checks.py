@@ -28,6 +28,13 @@ def real_number(value: Any, what: str) -> float:
 MAX_DOMAINS = 2**31 - 1
 
 
+def _shown(value: int) -> str:
+    # str() of an int beyond 4300 digits raises, and a 400-digit number helps no one
+    if value.bit_length() <= 128:
+        return str(value)
+    return f"{'a negative' if value < 0 else 'an'} int of {value.bit_length()} bits"
+
+
 def integer(value: Any, what: str, low: int | None = None, high: int | None = None) -> int:
     """``value`` as an int in [low, high]; TypeError/ValueError naming ``what``.
 
@@ -41,9 +48,9 @@ def integer(value: Any, what: str, low: int | None = None, high: int | None = No
     else:
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
     if low is not None and out < low:
-        raise ValueError(f"{what} must be >= {low}, got {out}")
+        raise ValueError(f"{what} must be >= {low}, got {_shown(out)}")
     if high is not None and out > high:
-        raise ValueError(f"{what} must be <= {high}, got {out}")
+        raise ValueError(f"{what} must be <= {high}, got {_shown(out)}")
     return out
 
 
@@ -53,6 +60,6 @@ def num_domains(value: Any, what: str = "num_domains") -> int:
     if k > MAX_DOMAINS:
         raise ValueError(
             f"{what} must be <= 2**31 - 1 (domain ids are int32 in the sampler and the kernels), "
-            f"got {k}"
+            f"got {_shown(k)}"
         )
     return k

@@ -286,6 +286,10 @@ NAN3 = torch.tensor([float("nan"), 0.5, 0.5])
         ("num_updates", 2.7, TypeError, "'num_updates'.*must be an int"),
         ("num_updates", torch.tensor(2.7), TypeError, "'num_updates'.*integer"),
         ("num_updates", torch.tensor([1, 2]), ValueError, "'num_updates'.*scalar"),
+        ("num_updates", torch.tensor(2, device="meta"), ValueError,
+         "state\\['num_updates'\\] is a meta tensor, which holds no values"),
+        ("weights", torch.ones(3, device="meta") / 3, ValueError,
+         "state\\['weights'\\] is a meta tensor, which holds no values"),
         ("num_skipped", torch.tensor(-1), ValueError, "'num_skipped'.*>= 0"),
         ("num_out_of_range", True, TypeError, "'num_out_of_range'.*bool"),
         ("num_out_of_range", "3", TypeError, "'num_out_of_range'.*int"),
@@ -419,6 +423,12 @@ def test_device_errors_name_the_argument():
         (dict(proxy_loss="mean"), ValueError, "proxy_loss"),
         (dict(init_weights=[1.0, 2.0]), ValueError, "init_weights must have 3"),
         (dict(init_weights=[1.0, 0.0, 2.0]), ValueError, "init_weights must be finite and > 0"),
+        # a meta tensor raised NotImplementedError; a [1, 3] one was flattened silently
+        (dict(init_weights=torch.ones(3, device="meta")), ValueError,
+         "init_weights is a meta tensor, which holds no values"),
+        (dict(init_weights=torch.ones(1, 3)), ValueError,
+         r"init_weights must be 1-D \(K values\), got shape \(1, 3\)"),
+        (dict(init_weights=torch.tensor(1.0)), ValueError, "init_weights must be 1-D"),
         (dict(backend="tpu"), ValueError, "backend"),
     ],
 )

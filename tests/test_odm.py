@@ -177,6 +177,16 @@ def test_bad_input():
         ODM(3, init_weights=[1.0, 0.0, 1.0])
     with pytest.raises(ValueError, match="init_weights"):
         ODM(3, init_weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="init_weights is a meta tensor"):
+        ODM(3, init_weights=torch.ones(3, device="meta"))
+    with pytest.raises(ValueError, match="init_weights must be 1-D"):
+        ODM(6, init_weights=torch.ones(2, 3))
+    # 10**400 overflowed the float division; a step count is int64 in the checkpoint
+    with pytest.raises(ValueError, match="t must be <= 9223372036854775807, got an int of 1329"):
+        ODM(3).exploration(10**400)
+    with pytest.raises(ValueError, match="t must be >= 1, got 0"):
+        ODM(3).exploration(0)
+    assert 0 < ODM(3).exploration(2**63 - 1) < 1e-9
     odm = ODM(3)
     with pytest.raises(ValueError, match="stats"):
         odm.update(torch.zeros(3, 4))
@@ -245,6 +255,9 @@ def _assert_same_state(a, b):
         ("num_skipped", torch.tensor(-1), ValueError, "'num_skipped'.*>= 0"),
         ("num_skipped", torch.tensor(1.5), TypeError, "'num_skipped'.*integer"),
         ("num_skipped", torch.tensor([1, 2]), ValueError, "'num_skipped'.*scalar"),
+        ("num_skipped", torch.tensor(1, device="meta"), ValueError, "'num_skipped'.*meta tensor"),
+        ("rewards", torch.ones(3, device="meta"), ValueError,
+         "state\\['rewards'\\] is a meta tensor, which holds no values"),
         ("num_domains", "3", TypeError, "state\\['num_domains'\\] must be an int"),
         ("smoothing", 1.0, ValueError, "'smoothing'.*< 1"),
         ("smoothing", 10**400, ValueError, "'smoothing'.*finite"),

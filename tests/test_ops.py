@@ -140,6 +140,20 @@ def test_bad_input_names_the_argument(override, exc, match):
         fastmix.domain_loss_stats(args["loss"], args["domain"], args["num_domains"], **kwargs)
 
 
+def test_resolve_backend_takes_a_device_name():
+    from fastmix.ops import resolve_backend
+
+    # a str device raised AttributeError: 'str' object has no attribute 'type'
+    assert resolve_backend(None, "cpu") == resolve_backend(None, torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", "cpu", 3) == "torch"
+    with pytest.raises(TypeError, match="device must be a torch.device or str, got NoneType"):
+        resolve_backend(None, None)
+    with pytest.raises(ValueError, match="device 'gpu0' is not a valid torch device"):
+        resolve_backend(None, "gpu0")
+    with pytest.raises(TypeError, match="num_domains must be an int, got str"):
+        resolve_backend("torch", torch.device("cpu"), "x")
+
+
 def test_num_domains_may_be_a_numpy_int():
     import numpy as np
 

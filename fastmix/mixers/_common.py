@@ -92,7 +92,11 @@ def _weights_float64(init_weights: Any) -> Tensor:
             raise TypeError(f"init_weights must hold real numbers: {exc}") from None
     if w.dtype == torch.bool or w.is_complex():
         raise TypeError(f"init_weights must be real numbers, got dtype {w.dtype}")
-    return w.to("cpu", torch.float64).reshape(-1)
+    if w.device.type == "meta":  # .to("cpu") would raise NotImplementedError
+        raise ValueError("init_weights is a meta tensor, which holds no values")
+    if w.dim() != 1:  # a [2, 3] tensor for K = 6 was flattened silently
+        raise ValueError(f"init_weights must be 1-D (K values), got shape {tuple(w.shape)}")
+    return w.to("cpu", torch.float64)
 
 
 def initial_weights(init_weights: Sequence[float] | Tensor | None, num_domains: int) -> Tensor:
@@ -132,6 +136,8 @@ def state_int(state: dict[str, Any], key: str, default: Any = 0, low: int = 0) -
     if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer, got a bool")
     if isinstance(value, Tensor):
+        if value.device.type == "meta":  # .item() would raise NotImplementedError
+            raise ValueError(f"{name} is a meta tensor, which holds no values")
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
         if value.is_floating_point() or value.is_complex():
@@ -182,6 +188,8 @@ def state_vector(
         raise ValueError(f"{name} must have shape ({num_domains},), got {tuple(value.shape)}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {value.dtype}")
+    if value.device.type == "meta":  # copying it would raise NotImplementedError
+        raise ValueError(f"{name} is a meta tensor, which holds no values")
     out = value.detach().to(device, torch.float32)
     host = out.to("cpu", torch.float64)
     if not bool(torch.isfinite(host).all()):

@@ -46,8 +46,8 @@ _STATE_VERSION = 1
 _MAX_LOSS = 80.0
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    return _checks.integer(value, name, low)
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    return _checks.integer(value, name, low, high)
 
 
 class ODM:
@@ -120,8 +120,12 @@ class ODM:
         return self._weights.device
 
     def exploration(self, t: int | None = None) -> float:
-        """ε_t = min(1/K, √(ln K / (K·t))) for step ``t`` (default: the last step taken)."""
-        t = self.num_steps if t is None else _check_int("t", t, 1)
+        """ε_t = min(1/K, √(ln K / (K·t))) for step ``t`` (default: the last step taken).
+
+        ``t`` is at most 2**63 - 1, as the step count is in a checkpoint (10**400 overflowed the
+        float division).
+        """
+        t = self.num_steps if t is None else _check_int("t", t, 1, 2**63 - 1)
         if t < 1:
             return 1.0 / self.num_domains
         k = self.num_domains

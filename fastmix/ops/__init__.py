@@ -85,16 +85,27 @@ def _env_backend() -> str | None:
 
 def resolve_backend(
     backend: str | None,
-    device: torch.device,
+    device: torch.device | str,
     num_domains: int | None = None,
     num_tokens: int | None = None,
 ) -> str:
     """The backend to use for tensors on ``device``; ``backend`` or FASTMIX_BACKEND forces one.
 
-    With ``num_domains`` above the kernels' limit the automatic choice is torch, and a forced
-    kernel backend is a ValueError.  The automatic choice skips triton from 2**31 tokens (its
-    kernels index with int32; a forced triton raises there).
+    ``device`` is a torch.device or a str naming one ("cpu", "cuda:0").  With ``num_domains``
+    above the kernels' limit the automatic choice is torch, and a forced kernel backend is a
+    ValueError.  The automatic choice skips triton from 2**31 tokens (its kernels index with
+    int32; a forced triton raises there).
     """
+    if not isinstance(device, torch.device):
+        # a str was read as a device object (AttributeError: 'str' object has no attribute 'type')
+        if not isinstance(device, str):
+            raise TypeError(f"device must be a torch.device or str, got {type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"device {device!r} is not a valid torch device: {exc}") from None
+    if num_domains is not None:
+        num_domains = _check_num_domains(num_domains)
     forced = backend if backend is not None else _env_backend()
     if forced is not None:
         source = "backend" if backend is not None else "FASTMIX_BACKEND"
