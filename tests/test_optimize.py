@@ -396,6 +396,19 @@ def test_pareto_search_and_trade_offs():
         pareto_search([f1], ["x"], c)
 
 
+def test_pareto_search_checks_what_the_objectives_return():
+    # Unchecked, a scalar broadcast into a one-point "front" and a short array paired values
+    # with the wrong mixtures; search() already refused both.
+    c = Constraints(["a", "b", "c"])
+    with pytest.raises(ValueError, match="objective 'x' returned 1 values for 50 mixtures"):
+        pareto_search([lambda W: 1.0, lambda W: 2.0], ["x", "y"], c, samples=50)
+    with pytest.raises(ValueError, match="objective 'y' returned 40 values for 50 mixtures"):
+        pareto_search([lambda W: W[:, 0], lambda W: -W[:-10, 0]], ["x", "y"], c, samples=50)
+    with pytest.raises(ValueError, match="objective 'y' returned NaN/inf"):
+        pareto_search([lambda W: W[:, 0], lambda W: np.full(len(W), np.nan)], ["x", "y"], c,
+                      samples=50)
+
+
 # ---------------------------------------------------------------------------------- ablation
 def test_fits_do_not_depend_on_the_targets_units():
     # Both curve fits in raw units stopped early once the target's scale moved away from 1

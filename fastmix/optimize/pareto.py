@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .search import Constraints, _check_prior, _integer, sample_mixtures
+from .search import Constraints, _check_prior, _evaluate, _integer, sample_mixtures
 
 __all__ = ["pareto_front", "ParetoFront", "pareto_search"]
 
@@ -115,7 +115,10 @@ def pareto_search(objectives: Sequence[Any], names: Sequence[str], constraints: 
         if extra.shape[1] != K or not constraints.feasible(extra).all():
             raise ValueError(f"include: mixtures must be (n, {K}) and feasible")
         cands = np.vstack([cands, extra])
-    V = np.column_stack([np.asarray(f(cands), dtype=np.float64) for f in objectives])
+    # One value per candidate, as search() checks: a scalar or a short array would otherwise
+    # broadcast or misalign and give a wrong front silently.
+    V = np.column_stack([_evaluate(f, cands, f"objective {name!r}")
+                         for f, name in zip(objectives, names, strict=True)])
     idx = pareto_front(V, maximize)
     # Order along the first objective so the front reads (and plots) as a curve.
     idx = idx[np.argsort(V[idx, 0], kind="stable")]

@@ -334,10 +334,10 @@ def search(objective: Objective, constraints: Constraints, *, prior: np.ndarray 
                         candidate_objective=values if keep_candidates else None)
 
 
-def _evaluate(objective: Objective, W: np.ndarray) -> np.ndarray:
+def _evaluate(objective: Objective, W: np.ndarray, what: str = "objective") -> np.ndarray:
     v = np.asarray(objective(W), dtype=np.float64).ravel()
     if v.shape != (W.shape[0],):
-        raise ValueError(f"objective returned {v.size} values for {W.shape[0]} mixtures")
+        raise ValueError(f"{what} returned {v.size} values for {W.shape[0]} mixtures")
     if not np.isfinite(v).all():
-        raise ValueError("objective returned NaN/inf")
+        raise ValueError(f"{what} returned NaN/inf")
     return v
