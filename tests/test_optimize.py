@@ -174,6 +174,41 @@ def test_tuning_on_a_constant_target_does_not_crash():
     np.testing.assert_allclose(p.predict(X[:5]), 3.0, atol=1e-6)
 
 
+def test_tree_settings_and_grid_are_checked_up_front():
+    # learning_rate=inf passed "> 0" and predicted ±1e307; an empty grid failed after every
+    # fold as a TypeError about None, num_leaves=1 as a bare LightGBMError.
+    for lr in (float("inf"), 1e308, 1.5, 0.0, float("nan")):
+        with pytest.raises(ValueError, match=r"learning_rate must lie in \(0, 1\]"):
+            TreePredictor(learning_rate=lr)
+    with pytest.raises(TypeError, match="learning_rate must be a number"):
+        TreePredictor(learning_rate="0.1")
+    with pytest.raises(ValueError, match=r"grid\['num_leaves'\] is empty"):
+        TreePredictor(tune=True, grid={"num_leaves": []})
+    with pytest.raises(ValueError, match=r"grid\['num_leaves'\] must lie in \[2, 131072\], "
+                                         r"got 1"):
+        TreePredictor(tune=True, grid={"num_leaves": [7, 1]})
+    with pytest.raises(ValueError, match=r"grid\['n_estimators'\] must lie in \[1, "):
+        TreePredictor(tune=True, grid={"n_estimators": (0,)})
+    with pytest.raises(TypeError, match=r"grid\['min_child_samples'\] must be an integer, "
+                                        r"got 2.5"):
+        TreePredictor(tune=True, grid={"min_child_samples": [2.5]})
+    with pytest.raises(TypeError, match=r"grid\['num_leaves'\] must be a list of integers"):
+        TreePredictor(tune=True, grid={"num_leaves": 7})
+    with pytest.raises(TypeError, match="grid must be a mapping"):
+        TreePredictor(tune=True, grid=[("num_leaves", [7])])
+    with pytest.raises(ValueError, match=r"num_leaves must lie in \[2, 131072\], got 131073"):
+        TreePredictor(num_leaves=131073)
+    with pytest.raises(TypeError, match="n_estimators must be an integer, got '100'"):
+        TreePredictor(n_estimators="100")
+    with pytest.raises(TypeError, match="folds must be an integer"):
+        TreePredictor(folds="5")
+    X = _mixtures(40, 3, 5)
+    p = TreePredictor(learning_rate=1.0, n_estimators=20, tune=True,
+                      grid={"num_leaves": np.array([3, 7])}).fit(X, X[:, 0])
+    assert p.grid["num_leaves"] == (3, 7) and p.params_["num_leaves"] in (3, 7)
+    assert np.abs(p.predict(X) - X[:, 0]).max() < 0.2
+
+
 def test_ridge_recovers_planted_linear_law():
     k = 6
     X = _mixtures(300, k, 1)

@@ -17,11 +17,15 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from scipy import optimize, stats
+
+from fastmix._checks import real_number
+
+from .search import _integer
 
 __all__ = [
     "Predictor",
@@ -324,6 +328,23 @@ def _have_sklearn() -> bool:
     return _installed("sklearn")
 
 
+# Bounds of the integer tree settings: LightGBM's (its counts are C ints, num_leaves at most
+# 131072), which scikit-learn's equivalents also accept.
+_INT32_MAX = 2**31 - 1
+_TREE_BOUNDS = {"n_estimators": (1, _INT32_MAX), "num_leaves": (2, 131072),
+                "min_child_samples": (1, _INT32_MAX)}
+
+
+def _tree_setting(value: Any, name: str, what: str | None = None) -> int:
+    """Setting ``name`` as an integer within its bounds; errors say ``what`` (default name)."""
+    what = name if what is None else what
+    low, high = _TREE_BOUNDS[name]
+    v = _integer(value, what)
+    if not low <= v <= high:
+        raise ValueError(f"{what} must lie in [{low}, {high}], got {v}")
+    return v
+
+
 # What to do when neither tree library is installed (they are the "trees" extra).
 _TREES_MISSING = ('needs LightGBM or scikit-learn and neither is installed: pip install '
                  '"fastmix[trees]", or choose the predictor "law" or "linear" '
@@ -368,21 +389,36 @@ class TreePredictor(Predictor):
             raise ImportError(f"predictor {label!r} {_TREES_MISSING}", name="sklearn")
         if base not in (None, "law"):
             raise ValueError(f"base must be None or 'law', got {base!r}")
-        if n_estimators < 1 or num_leaves < 2 or min_child_samples < 1 or not learning_rate > 0:
-            raise ValueError("n_estimators >= 1, num_leaves >= 2, min_child_samples >= 1 and "
-                             "learning_rate > 0 are required")
+        lr = real_number(learning_rate, "learning_rate")
+        # A step above 1 overshoots every round: inf or 1e308 gave predictions of ±1e307.
+        if not 0 < lr <= 1:
+            raise ValueError(f"learning_rate must lie in (0, 1], got {learning_rate}")
         self.backend = ("lightgbm" if _have_lightgbm() else "sklearn") if backend == "auto" \
             else backend
-        self.params = {"n_estimators": int(n_estimators), "learning_rate": float(learning_rate),
-                       "num_leaves": int(num_leaves),
-                       "min_child_samples": int(min_child_samples)}
+        self.params = {"n_estimators": _tree_setting(n_estimators, "n_estimators"),
+                       "learning_rate": lr, "num_leaves": _tree_setting(num_leaves, "num_leaves"),
+                       "min_child_samples": _tree_setting(min_child_samples,
+                                                          "min_child_samples")}
+        folds = _integer(folds, "folds")
         if folds < 2:
             raise ValueError(f"folds must be >= 2, got {folds}")
-        self.base, self.tune, self.folds, self.seed = base, bool(tune), int(folds), int(seed)
+        self.base, self.tune, self.folds = base, bool(tune), folds
+        self.seed = int(seed)
+        if grid is not None and not isinstance(grid, Mapping):
+            raise TypeError(f"grid must be a mapping {{setting: values}}, got "
+                            f"{type(grid).__name__}")
         self.grid = dict(self.DEFAULT_GRID if grid is None else grid)
-        unknown = set(self.grid) - {"n_estimators", "num_leaves", "min_child_samples"}
+        unknown = set(self.grid) - set(_TREE_BOUNDS)
         if unknown:
             raise ValueError(f"grid: unknown settings {sorted(unknown)}")
+        # Checked here: an empty list failed after fitting every fold (best stayed None) and
+        # a value out of range as a bare LightGBMError.
+        for name, values in self.grid.items():
+            if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+                raise TypeError(f"grid[{name!r}] must be a list of integers, got {values!r}")
+            if len(values) == 0:
+                raise ValueError(f"grid[{name!r}] is empty; give at least one value")
+            self.grid[name] = tuple(_tree_setting(v, name, f"grid[{name!r}]") for v in values)
         self.name = "law+trees" if base == "law" else "trees"
         self.cv_scores_: dict[str, float] | None = None
         self._model: Any = None
