@@ -568,6 +568,23 @@ def test_non_numeric_cells_and_colliding_names_are_named(tmp_path):
         load_sweep({"a": [1.0]}, {"note": ["x"]})
 
 
+def test_cells_and_ids_are_parsed_strictly():
+    # float() takes digit-grouping underscores: '0_5' was 5.0 and run '1_0' was run 10.
+    mix = {"a": ["0.5", "0_5", "0.2"], "b": ["0.5", "0.5", "0.8"]}
+    with pytest.raises(ValueError, match=r"column 'a' holds numbers, but row 1 is '0_5'"):
+        load_sweep(mix, {"loss": [1.0, 2.0, 3.0]})
+    with pytest.raises(ValueError, match=r"column 'loss' row 2: '3_0' is not a number"):
+        load_sweep({"a": [0.5, 0.5, 0.2], "b": [0.5, 0.5, 0.8]},
+                   {"loss": ["1", "2", "3_0"]}, targets=["loss"])
+    mix = {"run": ["10", "1_0"], "a": [0.5, 0.2], "b": [0.5, 0.8]}  # two runs, not one repeated
+    s = load_sweep(mix, {"run": ["1_0", "10.0"], "loss": [1.0, 2.0]})
+    assert s.run_ids == ["10", "1_0"] and s.target("loss").tolist() == [2.0, 1.0]
+    # what CSV files hold still reads
+    s = load_sweep({"a": [" .5", "1e-1", "+0.9"], "b": ["5E-1", "0.9", ".1"]},
+                   {"loss": ["-1", "INF", "2."]}, missing="drop")
+    assert s.num_runs == 2
+
+
 def test_read_csv_columns_reports_the_file_and_line(tmp_path):
     from fastmix.optimize.sweep import read_csv_columns
 

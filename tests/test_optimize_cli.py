@@ -121,6 +121,14 @@ def test_single_csv_with_prefix_and_token_budget(tmp_path):
         (["--target", "val/loss", "--samples", "0"], "--samples must be >= 1, got 0"),
         (["--target", "val/loss", "--samples", "-5"], "--samples must be >= 1, got -5"),
         (["--target", "val/loss", "--samples", "100000000"], "--samples must be at most 2,000,000"),
+        # float() reads digit-grouping underscores: the typo 0_1 meant 1.0, silently
+        (["--target", "val/loss", "--min-weight", "web=0_1"],
+         "--min-weight: 'web=0_1' is not NAME=NUMBER or NUMBER"),
+        (["--target", "val/loss", "--max-weight", "0_5"],
+         "--max-weight: '0_5' is not NAME=NUMBER or NUMBER"),
+        (["--target", "val/loss", "--token-counts", "web=1_0,code=1,books=1,math=1",
+          "--total-tokens", "1"], "--token-counts: count of 'web' is '1_0', not a number"),
+        (["--target", "val/loss=0_5"], "no metric 'val/loss=0_5'"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, message):
@@ -131,6 +139,15 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1  # one line, no traceback
     assert not (tmp_path / "o" / "weights.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--total-tokens", "--max-epochs", "--holdout"])
+def test_float_flags_refuse_digit_grouping(tmp_path, capsys, flag):
+    files = _sweep(tmp_path, n=30)
+    with pytest.raises(SystemExit) as exc:
+        main(["optimize", *files, "--target", "val/loss", flag, "0_1"])
+    assert exc.value.code == 2
+    assert f"argument {flag}: invalid number: '0_1'" in capsys.readouterr().err
 
 
 def test_too_few_runs_and_misaligned(tmp_path, capsys):

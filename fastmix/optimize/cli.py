@@ -38,6 +38,7 @@ from .sweep import (
     Sweep,
     data_columns,
     load_sweep,
+    parse_float,
     read_csv_columns,
     shared_id_column,
     value_columns,
@@ -55,6 +56,14 @@ _FLAGS = {"min_weight": "--min-weight", "max_weight": "--max-weight",
           "token_counts": "--token-counts", "total_tokens": "--total-tokens",
           "max_epochs": "--max-epochs", "id_column": "--id-column",
           "test_fraction": "--holdout"}
+
+
+def _number(text: str) -> float:
+    """argparse type of the float flags: strict, so ``--total-tokens 1_0`` is not 10."""
+    try:
+        return parse_float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -88,14 +97,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-counts", metavar="JSON|NAME=N,...",
                         help="tokens available per domain: a JSON file {domain: count} or "
                              "comma-separated NAME=COUNT")
-    parser.add_argument("--total-tokens", type=float, help="tokens the target run trains on")
-    parser.add_argument("--max-epochs", type=float,
+    parser.add_argument("--total-tokens", type=_number, help="tokens the target run trains on")
+    parser.add_argument("--max-epochs", type=_number,
                         help="how often a domain may be repeated (default 1 with token counts)")
     parser.add_argument("--prior", metavar="JSON",
                         help="centre of the search: a weights JSON (default: the mean sweep "
                              "mixture, or each domain's share of the tokens, count / total of "
                              "--token-counts, when token counts are given)")
-    parser.add_argument("--holdout", type=float, default=0.2,
+    parser.add_argument("--holdout", type=_number, default=0.2,
                         help="fraction of runs held out to score the predictor (0 to skip)")
     parser.add_argument("--samples", type=int, default=50_000,
                         help=f"mixtures sampled (default 50,000; at most {MAX_SAMPLES:,})")
@@ -257,7 +266,7 @@ def _targets(specs: Sequence[str], metrics: Sequence[str]) -> dict[str, float]:
         # 'pass@k=5' may be a metric's name: the whole string wins over NAME=WEIGHT.
         if sep and head and spec not in metrics:
             try:
-                name, weight = head, float(tail)
+                name, weight = head, parse_float(tail)
             except ValueError:
                 name = spec
         if name not in metrics:
@@ -285,7 +294,7 @@ def _pairs(specs: Sequence[str], what: str, domains: Sequence[str]) -> Any:
                 continue
             name, sep, value = part.rpartition("=")
             try:
-                v = float(value)
+                v = parse_float(value)  # float() reads the typo 0_1 as 1.0
             except ValueError:
                 raise ValueError(f"{what}: {part!r} is not NAME=NUMBER or NUMBER") from None
             if sep:
@@ -333,7 +342,7 @@ def _token_counts(spec: str) -> dict[str, float]:
         try:
             if where and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise TypeError  # JSON text such as "1e9", true or null is not a count
-            count = float(value)
+            count = parse_float(value)
         except (TypeError, ValueError):
             raise ValueError(f"--token-counts: {where}count of {name!r} is {value!r}, not a "
                              "number") from None

@@ -26,6 +26,10 @@ ID_COLUMNS = ("run", "run_id", "id", "index")
 _IGNORED = ("", "Unnamed: 0", "name")
 # Cell texts meaning "no value" (NaN metrics: dropped with missing="drop", else an error).
 _MISSING = ("", "nan", "na", "null", "none")
+# A number as written in CSV files and flags.  float() also takes Python's digit-grouping
+# underscores ('0_1' is 1.0) and non-ASCII digits: typos here, not numbers.
+_NUMBER = re.compile(r"\s*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                     r"|inf(?:inity)?|nan)\s*", re.IGNORECASE)
 
 
 @dataclass
@@ -351,7 +355,7 @@ def value_columns(cols: Mapping[str, Sequence[Any]], what: str = "table",
             if _is_missing(v):
                 continue
             try:
-                float(v)
+                parse_float(v)
                 numbers += 1
             except (TypeError, ValueError):
                 bad.append(i)
@@ -364,6 +368,18 @@ def value_columns(cols: Mapping[str, Sequence[Any]], what: str = "table",
             raise ValueError(f"{what}: column {c!r} holds numbers, but {row} is "
                              f"{values[i]!r}, not a number ({len(bad)} such cells)")
     return out
+
+
+def parse_float(v: Any) -> float:
+    """``float(v)``, but text must be a plain decimal number (no ``_``, ASCII digits only).
+
+    Raises ValueError (TypeError for what float() rejects by type) like float() does.
+    """
+    if isinstance(v, (bytes, bytearray)):
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, str) and not _NUMBER.fullmatch(v):
+        raise ValueError(f"could not convert string to float: {v!r}")
+    return float(v)
 
 
 def _is_missing(v: Any) -> bool:
@@ -383,12 +399,12 @@ def _to_float(v: Any, what: str, col: str, row: int) -> float:
     if _is_missing(v):
         return math.nan
     try:
-        return float(v)
+        return parse_float(v)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what}: column {col!r} row {row}: {v!r} is not a number") from exc
 
 
-_INTEGER = re.compile(r"[+-]?\d+")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def _id_str(v: Any) -> str:
@@ -403,7 +419,7 @@ def _id_str(v: Any) -> str:
     if _INTEGER.fullmatch(s):
         return str(int(s))
     try:
-        f = float(s)
+        f = parse_float(s)  # strict: float('1_0') would make run '1_0' run '10'
         if f.is_integer() and abs(f) < 2**53:
             return str(int(f))
     except ValueError:
