@@ -464,6 +464,35 @@ def test_fits_do_not_depend_on_the_targets_units():
         assert np.abs(fit.predict(Xt) - truth).max() < 1e-3 * np.ptp(truth)
 
 
+@pytest.mark.filterwarnings("error")  # no overflow warning either
+def test_fits_work_at_extreme_target_scales():
+    # y.std() overflowed at 1e160 (NaN predictions) and underflowed at 1e-200 (the law's fit
+    # unstandardised, predictions ~1e-16 absolute); LightGBM's float32 labels turned 1e39 into
+    # inf and 1e-38 * y into zeros; ridge's squared errors overflowed; evaluate called every
+    # target below 1e-12 constant.
+    X = _mixtures(40, 3, 23)
+    y = 2 + np.exp(X @ np.array([1.0, -1.0, 0.5])) + np.random.default_rng(24).normal(0, .01, 40)
+    factories = {"linear": RidgePredictor, "law": MixingLawPredictor,
+                 "lightgbm": lambda: TreePredictor(n_estimators=50, backend="lightgbm"),
+                 "sklearn": lambda: TreePredictor(n_estimators=50, backend="sklearn"),
+                 "law+trees": lambda: TreePredictor(n_estimators=50, base="law")}
+    for name, factory in factories.items():
+        base = factory().fit(X, y).predict(X)
+        for scale in (1e-300, 1e-200, 1e-38, 1e39, 1e160, -1e300):
+            pred = factory().fit(X, y * scale).predict(X)
+            np.testing.assert_allclose(pred / scale, base, rtol=1e-6, err_msg=f"{name} {scale}")
+            m = evaluate(y * scale, pred)
+            assert m["spearman"] == pytest.approx(evaluate(y, base)["spearman"]), (name, scale)
+    chosen = []
+    for s1, s2 in ((1.0, 1.0), (1e160, 1e-200)):
+        scaled = load_sweep(X, np.column_stack([y * s1, -y * s2]), domains=list("abc"),
+                            targets=["l1", "l2"])
+        ch = choose_weights(scaled, {"l1": 1.0, "l2": 2.0}, predictor="linear", samples=500,
+                            top_k=10, pareto_samples=200)
+        chosen.append(list(ch.weights.values()))
+    np.testing.assert_allclose(chosen[0], chosen[1], atol=1e-9)
+
+
 def test_near_constant_predictions_and_tiny_units():
     # a predictor fitted on a constant target varies by rounding only: no ranking to report
     y = np.array([1.0, 2.0, 3.0, 4.0])

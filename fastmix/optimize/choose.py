@@ -11,7 +11,7 @@ import numpy as np
 from fastmix._checks import real_number
 
 from .pareto import ParetoFront, pareto_search
-from .predictors import Predictor, evaluate, make_predictor
+from .predictors import Predictor, _exponent, evaluate, make_predictor
 from .search import Constraints, SearchResult, _check_prior, _integer, search
 from .sweep import Sweep
 
@@ -147,8 +147,14 @@ def choose_weights(
         _check_enough(p, sweep, t, "the sweep")
         fitted[t] = p.fit(sweep.mixtures, sweep.target(t))
 
-    mean = {t: float(sweep.target(t).mean()) for t in names}
-    std = {t: float(sweep.target(t).std()) or 1.0 for t in names}
+    mean, std = {}, {}
+    for t in names:
+        # In units scaled by a power of two: the std of a target at 1e160 overflowed (its
+        # z-scores were all 0) and at 1e-200 underflowed to 0.
+        e = _exponent(sweep.target(t))
+        y = np.ldexp(sweep.target(t), -e)
+        mean[t] = float(np.ldexp(y.mean(), e))
+        std[t] = float(np.ldexp(y.std(), e)) or 1.0
     single = len(names) == 1
 
     def objective(W: np.ndarray) -> np.ndarray:

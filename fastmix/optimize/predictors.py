@@ -51,14 +51,28 @@ def evaluate(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
         raise ValueError("y_true and y_pred must be finite")
     # Constant up to rounding (a predictor fitted on a constant target varies by ~1e-16): no
     # ranking to report, where spearmanr would rank the rounding noise.
-    constant = _flat(y_true) or _flat(y_pred)
+    scale = max(float(np.abs(y_true).max()), float(np.abs(y_pred).max()))
+    constant = _flat(y_true, scale) or _flat(y_pred, scale)
     rho = 0.0 if constant else float(stats.spearmanr(y_true, y_pred)[0])
     r = 0.0 if constant else float(stats.pearsonr(y_true, y_pred)[0])
     return {"spearman": rho, "pearson": r, "mae": float(np.mean(np.abs(y_true - y_pred)))}
 
 
-def _flat(v: np.ndarray) -> bool:
-    return bool(np.ptp(v) <= 1e-12 * max(1.0, float(np.abs(v).max())))
+def _flat(v: np.ndarray, scale: float) -> bool:
+    # Relative to the values' own scale: an absolute floor of 1 called every target in tiny
+    # units (1e-200) constant and reported no ranking.
+    return bool(np.ptp(v) <= 1e-12 * scale)
+
+
+def _exponent(y: np.ndarray) -> int:
+    """``e`` with ``max|y| < 2**e``: ``np.ldexp(y, -e)`` is exact and at most 1 in size.
+
+    Fits work on those values and scale results back with ``np.ldexp(·, e)``: squares and
+    standard deviations of raw targets over- or underflow (1e160, 1e-200), and LightGBM keeps
+    labels as float32 (1e39 is inf, 1e-38 rounds away).  A power of two changes no digit, so
+    targets of ordinary size fit exactly as before.
+    """
+    return int(np.frexp(np.abs(y).max())[1]) if y.size else 0
 
 
 def _check_xy(X: Any, y: Any, min_runs: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +188,8 @@ class RidgePredictor(Predictor):
             return self._fit(X, y)
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> RidgePredictor:
+        e = _exponent(y)
+        y = np.ldexp(y, -e)  # squared errors of 1e160 overflowed: every alpha scored inf
         err = np.zeros(self.alphas.size)
         for val in _folds(len(y), self.folds, self.seed):
             tr = np.setdiff1d(np.arange(len(y)), val)
@@ -182,7 +198,8 @@ class RidgePredictor(Predictor):
         best = int(np.argmin(err))  # first (smallest α) on ties
         self.alpha_ = float(self.alphas[best])
         coef, b = self._solve(X, y, self.alphas[best : best + 1])
-        self.coef_, self.intercept_, self._k = coef[0], float(b[0]), X.shape[1]
+        self.coef_, self.intercept_ = np.ldexp(coef[0], e), float(np.ldexp(b[0], e))
+        self._k = X.shape[1]
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
@@ -258,7 +275,10 @@ class MixingLawPredictor(Predictor):
         K = X.shape[1]
         # Fit the standardised target, then map c and k back: in raw units c's gradient shrinks
         # with the target's scale and L-BFGS stopped early (losses x1000, accuracies with a
-        # spread of 0.002: errors of 1-10% of the range instead of ~1e-6).
+        # spread of 0.002: errors of 1-10% of the range instead of ~1e-6).  Scaled by a power
+        # of two first: y.std() of raw targets overflows (1e160) or underflows (1e-200).
+        e = _exponent(y)
+        y = np.ldexp(y, -e)
         mean, spread = float(y.mean()), float(y.std()) or 1.0
         y = (y - mean) / spread
         rng = np.random.default_rng(self.seed)
@@ -296,9 +316,9 @@ class MixingLawPredictor(Predictor):
         best = refined if np.isfinite(refined[0]) else (float("nan"), s, p)
         self.loss_, s, p = best
         u = p[1:]
-        self.c_ = mean + spread * float(p[0])
+        self.c_ = float(np.ldexp(mean + spread * float(p[0]), e))
         self.t_ = u - u.mean()
-        self.k_ = spread * float(s * np.exp(u.mean()))
+        self.k_ = float(np.ldexp(spread * float(s * np.exp(u.mean())), e))
         self._k = K
         return self
 
@@ -459,10 +479,11 @@ class TreePredictor(Predictor):
     def _fit_once(self, X: np.ndarray, y: np.ndarray, params: dict[str, Any],
                   law: MixingLawPredictor | None) -> Callable[[np.ndarray], np.ndarray]:
         resid = y if law is None else y - law.predict(X)
-        model = self._new_model(params, len(y)).fit(X, resid)
+        e = _exponent(resid)  # LightGBM's float32 labels hold neither 1e39 nor 1e-38 * y
+        model = self._new_model(params, len(y)).fit(X, np.ldexp(resid, -e))
 
         def predict(Z: np.ndarray) -> np.ndarray:
-            out = model.predict(Z)
+            out = np.ldexp(model.predict(Z), e)
             return out + law.predict(Z) if law is not None else out
 
         predict.model, predict.law = model, law  # type: ignore[attr-defined]
