@@ -577,6 +577,46 @@ def test_projection_stays_inside_the_bounds_exactly():
         assert np.abs(W.sum(1) - 1).max() <= 1e-15
 
 
+@pytest.mark.filterwarnings("error")  # no numpy warning either
+def test_projection_and_sampling_check_their_input():
+    # Unchecked: infeasible bounds gave rows summing to 1.5, NaN rows came back NaN,
+    # concentrations=(inf,) gave NaN mixtures and () or (-1,) failed inside numpy.
+    with pytest.raises(ValueError, match=r"infeasible bounds: .* sum\(lo\) = 1.5"):
+        project([[0.3, 0.3, 0.4]], lo=[0.5, 0.5, 0.5], hi=[1, 1, 1])
+    with pytest.raises(ValueError, match=r"infeasible bounds: .* sum\(hi\) = 0.6"):
+        project([[0.3, 0.3, 0.4]], lo=0, hi=0.2)
+    with pytest.raises(ValueError, match=r"lo\[1\] = 0.5 > hi\[1\] = 0.2"):
+        project([[0.3, 0.3, 0.4]], lo=[0, 0.5, 0], hi=[1, 0.2, 1])
+    with pytest.raises(ValueError, match="V must be finite"):
+        project([[np.nan, 0.3, 0.4]], [0, 0, 0], [1, 1, 1])
+    with pytest.raises(ValueError, match="lo must be finite"):
+        project([[0.3, 0.3, 0.4]], [0, -np.inf, 0], [1, 1, 1])
+    with pytest.raises(ValueError, match=r"hi must be 3 bounds .* got shape \(2,\)"):
+        project([[0.3, 0.3, 0.4]], 0, [1, 1])
+    with pytest.raises(TypeError, match="V must be numbers"):
+        project([["0.3", "0.3", "0.4"]], 0, 1)
+    with pytest.raises(ValueError, match="spans more than float64"):
+        project([[1.7e308, -1.7e308, 0.0]], 0, 1)
+    # rows near float64's limit: (a + b) / 2 overflowed and the wrong entry got the weight
+    np.testing.assert_array_equal(project([[1e308, 1.5e308, 1.7e308]], 0, 1), [[0, 0, 1]])
+    c = Constraints(["a", "b", "c"])
+    prior = np.ones(3) / 3
+    for conc in [(np.inf,), (-1.0,), (0.0,), (1.0, np.nan), (1e13,)]:
+        with pytest.raises(ValueError, match=r"concentrations must lie in \(0, 1e\+12\]"):
+            sample_mixtures(2, prior, c, concentrations=conc)
+    with pytest.raises(ValueError, match="concentrations must be a non-empty list"):
+        sample_mixtures(2, prior, c, concentrations=())
+    with pytest.raises(TypeError, match="concentrations must be numbers"):
+        sample_mixtures(2, prior, c, concentrations=("1",))
+    W = sample_mixtures(4, prior, c, concentrations=(1e12, 1e-300))
+    assert c.feasible(W).all()
+    np.testing.assert_allclose(W[0], prior, atol=1e-5)
+    with pytest.raises(TypeError, match="domains must be a list of names, got 'web'"):
+        Constraints("web")
+    with pytest.raises(TypeError, match="domains must be a list of names, got None"):
+        Constraints(None)
+
+
 def test_non_numeric_cells_and_colliding_names_are_named(tmp_path):
     mix = {"run": ["r0", "r1", "r2"], "a": ["0.5", "0.0O1", "0.2"], "b": ["0.5", "1", "0.8"]}
     met = {"run": ["r0", "r1", "r2"], "loss": [1.0, 2.0, 3.0]}

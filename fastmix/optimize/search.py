@@ -16,7 +16,8 @@ average of them (the set is convex).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+import reprlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,9 @@ class Constraints:
     hi: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
+        # A string is iterable too: 'web' became the domains ['w', 'e', 'b'].
+        if isinstance(self.domains, (str, bytes)) or not isinstance(self.domains, Iterable):
+            raise TypeError(f"domains must be a list of names, got {self.domains!r}")
         self.domains = [str(d) for d in self.domains]
         K = len(self.domains)
         if K < 1:
@@ -191,19 +195,25 @@ def project(V: np.ndarray, lo: np.ndarray, hi: np.ndarray, iters: int = 100) -> 
     in τ, so bisection finds it (100 halvings of a bracket of width ≤ ``ptp(v) + 2``:
     below 1e-29).  Every returned entry satisfies ``lo ≤ w ≤ hi`` exactly (weights written from
     it must pass ``w >= 0`` checks) and rows sum to 1 within a few ulps.
+
+    Raises:
+        ValueError: on NaN/inf in ``V`` or the bounds, or bounds no row can meet (``lo > hi``,
+            ``Σlo > 1`` or ``Σhi < 1``).
+        TypeError: on values that are not numbers.
     """
-    V = np.atleast_2d(np.asarray(V, dtype=np.float64))
-    lo = np.asarray(lo, dtype=np.float64)
-    hi = np.asarray(hi, dtype=np.float64)
+    V, lo, hi = _check_projection(V, lo, hi)
+    iters = _integer(iters, "iters")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
     a = (V - hi[None, :]).min(1)  # τ here → every entry at hi: Σ = Σhi ≥ 1
     b = (V - lo[None, :]).max(1)  # τ here → every entry at lo: Σ = Σlo ≤ 1
     for _ in range(iters):
-        mid = 0.5 * (a + b)
+        mid = 0.5 * a + 0.5 * b  # (a + b) overflows for rows near 1e308; halving is exact
         s = np.clip(V - mid[:, None], lo, hi).sum(1)
         big = s > 1
         a = np.where(big, mid, a)
         b = np.where(big, b, mid)
-    W = np.clip(V - (0.5 * (a + b))[:, None], lo, hi)
+    W = np.clip(V - (0.5 * a + 0.5 * b)[:, None], lo, hi)
     # The clipped sum misses 1 by ~1e-16 of rounding.  Move each entry by a share of the gap
     # proportional to its room towards the bound in the gap's direction: no entry can then
     # cross its bound (|gap| ≤ total room whenever Σlo ≤ 1 ≤ Σhi), unlike an even split, which
@@ -223,6 +233,71 @@ def project(V: np.ndarray, lo: np.ndarray, hi: np.ndarray, iters: int = 100) -> 
     return W
 
 
+def _numbers(value: Any, what: str) -> np.ndarray:
+    """``value`` as a float64 array; TypeError naming ``what`` for text, booleans, objects."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{what} must be numbers, got {value!r}")
+    try:
+        arr = np.asarray(value)
+    except ValueError:  # ragged rows
+        raise ValueError(f"{what} must be a rectangular array of numbers") from None
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{what} must be numbers, got {reprlib.repr(value)}")
+    return arr.astype(np.float64)
+
+
+def _check_projection(V: Any, lo: Any, hi: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``V`` as ``(n, K)`` finite rows and bounds ``lo``/``hi`` of ``K`` values that a row can
+    meet: unchecked, Σlo = 1.5 returned rows summing to 1.5 and NaN rows came back NaN."""
+    V = np.atleast_2d(_numbers(V, "V"))
+    if V.ndim != 2:
+        raise ValueError(f"V must be (n, K) rows, got shape {V.shape}")
+    if not np.isfinite(V).all():
+        raise ValueError("V must be finite (found NaN/inf)")
+    with np.errstate(over="ignore"):
+        wide = np.flatnonzero(~np.isfinite(np.ptp(V, axis=1)))
+    if wide.size:  # v - τ would overflow
+        raise ValueError(f"V: row {wide[0]} spans more than float64 holds (max - min is inf)")
+    K = V.shape[1]
+    bounds = []
+    for what, b in (("lo", lo), ("hi", hi)):
+        b = _numbers(b, what)
+        if b.ndim == 0:  # one bound for every column
+            b = np.full(K, float(b))
+        if b.shape != (K,):
+            raise ValueError(f"{what} must be {K} bounds (one per column of V), got shape "
+                             f"{b.shape}")
+        if not np.isfinite(b).all():
+            raise ValueError(f"{what} must be finite")
+        bounds.append(b)
+    lo, hi = bounds
+    bad = np.flatnonzero(lo > hi)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"lo[{i}] = {lo[i]:g} > hi[{i}] = {hi[i]:g}")
+    # The same slack as Constraints, whose bounds come here.
+    if lo.sum() > 1 + 1e-12 or hi.sum() < 1 - 1e-12:
+        raise ValueError(f"infeasible bounds: no row sums to 1 with sum(lo) = {lo.sum():.6g} "
+                         f"and sum(hi) = {hi.sum():.6g}")
+    return V, lo, hi
+
+
+# Beyond this a Dirichlet sample equals its mean to 6 digits, and c·K·prior must stay finite.
+MAX_CONCENTRATION = 1e12
+
+
+def _check_concentrations(concentrations: Any) -> np.ndarray:
+    conc = _numbers(concentrations, "concentrations")
+    if conc.ndim != 1 or conc.size == 0:
+        raise ValueError(f"concentrations must be a non-empty list of numbers, got "
+                         f"{concentrations!r}")
+    bad = np.flatnonzero(~((conc > 0) & (conc <= MAX_CONCENTRATION)))
+    if bad.size:
+        raise ValueError(f"concentrations must lie in (0, {MAX_CONCENTRATION:g}], got "
+                         f"{conc[bad[0]]:g}")
+    return conc
+
+
 def sample_mixtures(n: int, prior: np.ndarray, constraints: Constraints, *,
                     concentrations: Sequence[float] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
                     seed: int = 0) -> np.ndarray:
@@ -236,10 +311,10 @@ def sample_mixtures(n: int, prior: np.ndarray, constraints: Constraints, *,
     n = _integer(n, "n")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    conc = _check_concentrations(concentrations)
     rng = np.random.default_rng(seed)
     alpha_base = np.maximum(prior, 1e-3 / K)  # a zero prior entry would never be sampled
     alpha_base = alpha_base / alpha_base.sum()
-    conc = np.asarray(concentrations, dtype=np.float64)
     which = np.arange(n) % conc.size
     G = rng.gamma(conc[which, None] * K * alpha_base[None, :])
     G = np.maximum(G, 1e-300)  # Gamma draws underflow to 0 for tiny shapes
