@@ -617,6 +617,21 @@ def test_projection_and_sampling_check_their_input():
         Constraints(None)
 
 
+@pytest.mark.filterwarnings("error")
+def test_load_sweep_refuses_rows_without_a_positive_sum():
+    # tolerance >= 1 let an all-zero row through, and renormalising it gave NaN weights
+    mix = np.array([[0.5, 0.5], [0.2, 0.8], [0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"run row 2 sums to 0: not a weight vector"):
+        load_sweep(mix, np.array([1.0, 2.0, 3.0]), tolerance=1.0)
+    with pytest.raises(ValueError, match=r"run 'r1' \(row 0\) sums to inf"):
+        load_sweep({"run": ["r1"], "a": [1e308], "b": [1e308]}, {"run": ["r1"], "m": [1.0]},
+                   tolerance=np.inf)
+    with pytest.raises(TypeError, match="tolerance must be a number"):
+        load_sweep(mix[:2], np.array([1.0, 2.0]), tolerance="1")
+    s = load_sweep(mix[:2] * 1.5, np.array([1.0, 2.0]), tolerance=1.0)
+    np.testing.assert_allclose(s.mixtures, mix[:2])
+
+
 def test_non_numeric_cells_and_colliding_names_are_named(tmp_path):
     mix = {"run": ["r0", "r1", "r2"], "a": ["0.5", "0.0O1", "0.2"], "b": ["0.5", "1", "0.8"]}
     met = {"run": ["r0", "r1", "r2"], "loss": [1.0, 2.0, 3.0]}

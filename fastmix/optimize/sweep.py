@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from fastmix._checks import real_number
+
 # Column names treated as run identifiers, in order of preference.
 ID_COLUMNS = ("run", "run_id", "id", "index")
 # Columns that are neither weights nor metrics (pandas' unnamed index, free-text run names).
@@ -132,7 +134,7 @@ def load_sweep(
     """
     if missing not in ("raise", "drop"):
         raise ValueError(f"missing must be 'raise' or 'drop', got {missing!r}")
-    if not tolerance >= 0:
+    if not real_number(tolerance, "tolerance") >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     mix_cols = _as_columns(mixtures, "mixtures", domains)
     met_cols = _as_columns(metrics, "metrics", targets)
@@ -196,7 +198,15 @@ def load_sweep(
         raise ValueError(
             f"mixtures: negative entry {X[r, c]:g} for domain {domain_names[c]!r} in run "
             f"{_row_name(run_ids, r)} ({neg.sum()} negative entries)")
-    sums = X.sum(axis=1)
+    with np.errstate(over="ignore"):  # an inf sum is reported below
+        sums = X.sum(axis=1)
+    # With tolerance >= 1 an all-zero row got through and was renormalised to NaN (0/0); a
+    # row summing past float64 to 0s.
+    empty = np.flatnonzero(~(np.isfinite(sums) & (sums > 0)))
+    if empty.size:
+        r = int(empty[0])
+        raise ValueError(f"mixtures: run {_row_name(run_ids, r)} sums to {sums[r]:g}: not a "
+                         "weight vector (every row needs a positive, finite sum)")
     offsets = np.abs(sums - 1.0)
     worst = int(np.argmax(offsets))
     if offsets[worst] > tolerance:
