@@ -356,6 +356,25 @@ def test_token_shares_are_the_default_prior(tmp_path):
                                    "math": 30 / 1100})
 
 
+@pytest.mark.filterwarnings("error")  # the overflow warning leaked too
+def test_token_counts_near_the_float64_limit(tmp_path, capsys):
+    # The counts summed to inf, the shares to 0, and the error blamed a --prior never given.
+    files = _sweep(tmp_path, n=30)
+    out = tmp_path / "o"
+    assert _fast(files, out, "--target", "val/loss", "--token-counts",
+                 "web=1e308,code=1e308,books=1e308,math=5e307", "--total-tokens", "1e9") == 0
+    rows = list(csv.reader((out / "summary.csv").read_text().splitlines()))
+    prior = {r[1]: float(r[5]) for r in rows if r[0] == "weight"}
+    assert prior == pytest.approx({"web": 2 / 7, "code": 2 / 7, "books": 2 / 7, "math": 1 / 7})
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text('{"web": 1' + "0" * 400 + ', "code": 1, "books": 1, "math": 1}')
+    assert _fast(files, out, "--target", "val/loss", "--token-counts", str(tokens),
+                 "--total-tokens", "1") == 2
+    err = capsys.readouterr().err
+    assert f"--token-counts: {tokens}: count of 'web' is too large for float64" in err
+    assert err.count("\n") == 1
+
+
 def test_missing_tree_libraries_are_a_one_line_error(tmp_path, capsys, monkeypatch):
     import sys
 

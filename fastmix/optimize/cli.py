@@ -32,7 +32,7 @@ import numpy as np
 from fastmix._io import atomic_write_bytes, atomic_write_text, writable_dir
 
 from .choose import Choice, choose_weights
-from .predictors import PREDICTORS
+from .predictors import PREDICTORS, _exponent
 from .search import Constraints
 from .sweep import (
     Sweep,
@@ -343,6 +343,9 @@ def _token_counts(spec: str) -> dict[str, float]:
             if where and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise TypeError  # JSON text such as "1e9", true or null is not a count
             count = parse_float(value)
+        except OverflowError:  # a JSON integer beyond float64
+            raise ValueError(f"--token-counts: {where}count of {name!r} is too large for "
+                             "float64") from None
         except (TypeError, ValueError):
             raise ValueError(f"--token-counts: {where}count of {name!r} is {value!r}, not a "
                              "number") from None
@@ -400,8 +403,10 @@ def _prior(args: argparse.Namespace, sweep: Sweep, constraints: Constraints) -> 
             text = str(exc).replace("the corpus has", "the sweep has")
             raise ValueError(f"--prior: {args.prior}: {text}") from None
     elif constraints.tokens is not None:
-        # RegMix's prior: each domain's share of the available tokens (count / total).
-        w = constraints.tokens.copy()
+        # RegMix's prior: each domain's share of the available tokens (count / total).  Scaled
+        # by a power of two below the largest count first: counts near 1e308 summed to inf and
+        # the shares to 0.
+        w = np.ldexp(constraints.tokens, -_exponent(constraints.tokens))
     else:
         w = sweep.mixtures.mean(0)
     if not w.sum() > 0:

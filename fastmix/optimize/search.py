@@ -151,14 +151,17 @@ class Constraints:
                 i = int(bad[0])
                 raise ValueError(f"token_counts for {self.domains[i]!r} is {tokens[i]:g}; counts "
                                  "must be finite and >= 0")
-            supply = epochs * tokens.sum()
+            # Counts near 1e308 overflow to an inf supply, which is right (more than enough).
+            with np.errstate(over="ignore"):
+                held = tokens.sum()
+                supply = epochs * held
+                self.availability = np.minimum(epochs * tokens / total, 1.0)
             if supply < total:
                 raise ValueError(
                     f"infeasible budget: total_tokens={total:.4g} but the domains "
-                    f"hold {tokens.sum():.4g} tokens, i.e. at most {supply:.4g} within "
+                    f"hold {held:.4g} tokens, i.e. at most {supply:.4g} within "
                     f"max_epochs={epochs:g}")
             self.tokens = tokens
-            self.availability = np.minimum(epochs * tokens / total, 1.0)
             low = np.flatnonzero(self.availability < lo)
             if low.size:
                 i = low[0]
