@@ -711,6 +711,61 @@ def test_library_arguments_of_the_wrong_type_are_named():
         pareto_search([objective, objective], ["x", "y"], c, maximize=[True], samples=50)
 
 
+def test_seeds_and_small_settings_are_checked_with_their_names():
+    # numpy said "expected non-negative integer" naming no argument; '<' failed on a string;
+    # alphas=[nan] fitted a constant; text, complex scores and a list of curves failed deep
+    # inside numpy or as AttributeError; string token counts were accepted.
+    X = _mixtures(20, 3, 0)
+    y = X @ np.array([1.0, 2.0, 3.0])
+    n, loss = [1, 2, 3, 4], [4, 3, 2.5, 2.2]
+    c = Constraints(["a", "b", "c"])
+    prior = np.ones(3) / 3
+    for call in (lambda: fit_scaling_law(n, loss, seed=-1),
+                 lambda: sample_mixtures(4, prior, c, seed=-1),
+                 lambda: search(lambda W: W[:, 0], c, samples=10, top_k=2, seed=-1),
+                 lambda: pareto_search([lambda W: W[:, 0]] * 2, ["x", "y"], c, seed=-1),
+                 lambda: cross_validate(RidgePredictor, X, y, seed=-1),
+                 lambda: RidgePredictor(seed=-1), lambda: MixingLawPredictor(seed=-1),
+                 lambda: TreePredictor(seed=-1),
+                 lambda: load_sweep(X, y).split(0.25, seed=-1),
+                 lambda: choose_weights(load_sweep(X, y), ["target_0"], seed=-1)):
+        with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+            call()
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        sample_mixtures(4, prior, c, seed=1.5)
+    with pytest.raises(TypeError, match="folds must be an integer, got '5'"):
+        RidgePredictor(folds="5")
+    with pytest.raises(TypeError, match="folds must be an integer"):
+        cross_validate(RidgePredictor, X, y, folds=5.0)
+    for alphas in ([np.nan], [1.0, np.inf], [-1.0]):
+        with pytest.raises(ValueError, match="alphas must be a non-empty list of finite"):
+            RidgePredictor(alphas=alphas)
+    with pytest.raises(TypeError, match="alphas must be numbers"):
+        RidgePredictor(alphas=["0.1"])
+    with pytest.raises(TypeError, match="starts must be an integer"):
+        MixingLawPredictor(starts="16")
+    with pytest.raises(TypeError, match="delta must be a number"):
+        MixingLawPredictor(delta="1")
+    with pytest.raises(TypeError, match="temperature must be a number, got '1'"):
+        weights_from_affinity([1, 2], temperature="1")
+    for scores in ("ab", [1 + 1j, 2], [True, False], {"a": "1", "b": 2}):
+        with pytest.raises(TypeError, match="scores must be real numbers"):
+            weights_from_affinity(scores)
+    with pytest.raises(TypeError, match=r"curves must be a mapping \{domain: \(tokens, loss\)\}"):
+        fit_domain_laws([(n, loss)])
+    with pytest.raises(TypeError, match="domain 'web': expected a pair"):
+        fit_domain_laws({"web": (n, loss, loss)})
+    with pytest.raises(TypeError, match="domain 'web': tokens must be numbers"):
+        fit_domain_laws({"web": (["1", "2", "3", "4"], loss)})
+    assert fit_domain_laws({"web": np.array([n, loss])})["web"].alpha > 0
+    with pytest.raises(TypeError, match="tokens must be numbers"):
+        fit_scaling_law(["1", "2", "3", "4"], [4, 3, 2, 1])
+    with pytest.raises(TypeError, match="loss must be numbers"):
+        fit_scaling_law(n, [True, True, True, True])
+    with pytest.raises(TypeError, match="delta must be a number"):
+        fit_scaling_law(n, loss, delta="0.001")
+
+
 def test_tree_predictor_without_tree_libraries(monkeypatch):
     import sys
 

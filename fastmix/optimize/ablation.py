@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from fastmix._checks import real_number
 
 __all__ = ["weights_from_affinity"]
 
@@ -26,7 +29,11 @@ def weights_from_affinity(scores: Mapping[str, float] | Sequence[float] | np.nda
         An array of weights, or ``{domain: weight}`` when ``scores`` is a mapping.
     """
     names = list(scores.keys()) if isinstance(scores, Mapping) else None
-    s = np.asarray(list(scores.values()) if names is not None else scores, dtype=np.float64)
+    raw = np.asarray(list(scores.values()) if names is not None else scores)
+    # Text ('ab'), booleans and complex numbers are no scores: numpy's own errors named nothing.
+    if isinstance(scores, (str, bytes)) or raw.dtype.kind not in "iuf":
+        raise TypeError(f"scores must be real numbers, got {reprlib.repr(scores)}")
+    s = raw.astype(np.float64)
     if s.ndim != 1 or s.size == 0:
         raise ValueError(f"scores must be a non-empty 1-D list, got shape {s.shape}")
     if not np.isfinite(s).all():
@@ -39,6 +46,7 @@ def weights_from_affinity(scores: Mapping[str, float] | Sequence[float] | np.nda
         # Relative to the largest (smallest) score first: 1e308s summed to inf, 1/1e-320 was inf.
         w = s / s.max() if higher_is_better else s.min() / s
     elif method == "softmax":
+        temperature = real_number(temperature, "temperature")
         if not (np.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         signed = s if higher_is_better else -s

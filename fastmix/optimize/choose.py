@@ -12,7 +12,7 @@ from fastmix._checks import real_number
 
 from .pareto import ParetoFront, pareto_search
 from .predictors import Predictor, _exponent, evaluate, make_predictor
-from .search import Constraints, SearchResult, _check_prior, _integer, search
+from .search import Constraints, SearchResult, _check_prior, _integer, _seed, search
 from .sweep import Sweep
 
 __all__ = ["Choice", "choose_weights"]
@@ -123,6 +123,7 @@ def choose_weights(
             raise ValueError(f"{what} must be >= 1, got {value}")
     if top_k > samples:
         raise ValueError(f"top_k must lie in [1, samples={samples}], got {top_k}")
+    seed = _seed(seed)
 
     for t in names:
         _check_enough(make_predictor(predictor, seed=seed, tune=tune), sweep, t, "the sweep")

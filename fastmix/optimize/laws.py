@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 
+from fastmix._checks import real_number
+
 from .predictors import single_threaded
+from .search import _numbers, _seed
 
 __all__ = ["ScalingLaw", "fit_scaling_law", "fit_domain_laws"]
 
@@ -44,8 +47,10 @@ def fit_scaling_law(tokens: Sequence[float] | np.ndarray, loss: Sequence[float] 
         delta: Huber threshold on ``log L`` residuals (Chinchilla used 1e-3).
         seed: seeds the jittered starts.
     """
-    n = np.asarray(tokens, dtype=np.float64).ravel()
-    y = np.asarray(loss, dtype=np.float64).ravel()
+    n = _numbers(tokens, "tokens").ravel()
+    y = _numbers(loss, "loss").ravel()
+    delta = real_number(delta, "delta")
+    seed = _seed(seed)
     if n.shape != y.shape:
         raise ValueError(f"tokens has {n.size} points but loss has {y.size}")
     if not (np.isfinite(n).all() and np.isfinite(y).all()):
@@ -55,8 +60,8 @@ def fit_scaling_law(tokens: Sequence[float] | np.ndarray, loss: Sequence[float] 
     if np.unique(n).size < 4:
         raise ValueError(f"need at least 4 distinct token counts for 3 parameters, got "
                          f"{np.unique(n).size}")
-    if not delta > 0:
-        raise ValueError(f"delta must be > 0, got {delta}")
+    if not (np.isfinite(delta) and delta > 0):
+        raise ValueError(f"delta must be finite and > 0, got {delta}")
     # Work in log n scaled to O(1), and in units of the smallest loss, so L-BFGS sees a
     # well-conditioned problem whatever the units: in raw units E's gradient shrinks with the
     # loss's scale and the fit stopped early (losses x1000: L(1e12) off by 3.4%).
@@ -106,11 +111,19 @@ def _fit_starts(objective: Any, y: np.ndarray, n: np.ndarray, ymin: float,
 def fit_domain_laws(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
                     delta: float = 1e-3, seed: int = 0) -> dict[str, ScalingLaw]:
     """Fit one law per domain from ``{domain: (tokens, loss)}``; errors name the domain."""
+    if not isinstance(curves, Mapping):  # a list of pairs failed on .items()
+        raise TypeError(f"curves must be a mapping {{domain: (tokens, loss)}}, got "
+                        f"{type(curves).__name__}")
     out: dict[str, ScalingLaw] = {}
     for name, curve in curves.items():
+        if (isinstance(curve, (str, bytes)) or not isinstance(curve, (Sequence, np.ndarray))
+                or len(curve) != 2):
+            raise TypeError(f"domain {name!r}: expected a pair (tokens, loss), got "
+                            f"{type(curve).__name__}")
         try:
-            tokens, loss = curve
-            out[name] = fit_scaling_law(tokens, loss, delta=delta, seed=seed)
-        except (ValueError, TypeError) as exc:
+            out[name] = fit_scaling_law(*curve, delta=delta, seed=seed)
+        except ValueError as exc:
             raise ValueError(f"domain {name!r}: {exc}") from exc
+        except TypeError as exc:
+            raise TypeError(f"domain {name!r}: {exc}") from exc
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import itertools
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from scipy import optimize, stats
 
 from fastmix._checks import real_number
 
-from .search import _integer
+from .search import _integer, _seed
 
 __all__ = [
     "Predictor",
@@ -150,12 +151,18 @@ class RidgePredictor(Predictor):
     name = "linear"
 
     def __init__(self, alphas: Sequence[float] | None = None, folds: int = 5, seed: int = 0):
-        self.alphas = np.asarray(np.logspace(-6, 4, 41) if alphas is None else alphas, float)
-        if self.alphas.ndim != 1 or self.alphas.size == 0 or (self.alphas < 0).any():
-            raise ValueError("alphas must be a non-empty list of non-negative numbers")
+        alphas = np.asarray(np.logspace(-6, 4, 41) if alphas is None else alphas)
+        if alphas.dtype.kind not in "iuf":
+            raise TypeError(f"alphas must be numbers, got {reprlib.repr(alphas.tolist())}")
+        self.alphas = alphas.astype(np.float64)
+        # NaN compared False everywhere and silently fitted a constant; 0 is plain least squares.
+        if (self.alphas.ndim != 1 or self.alphas.size == 0 or not np.isfinite(self.alphas).all()
+                or (self.alphas < 0).any()):
+            raise ValueError("alphas must be a non-empty list of finite non-negative numbers")
+        folds = _integer(folds, "folds")
         if folds < 2:
             raise ValueError(f"folds must be >= 2, got {folds}")
-        self.folds, self.seed = int(folds), int(seed)
+        self.folds, self.seed = folds, _seed(seed)
         self.alpha_: float | None = None
         self.coef_: np.ndarray | None = None
         self.intercept_ = 0.0
@@ -235,14 +242,18 @@ class MixingLawPredictor(Predictor):
 
     def __init__(self, starts: int = 16, delta: float = 1.345, sign: int | None = None,
                  seed: int = 0, max_iter: int = 500):
+        starts, max_iter = _integer(starts, "starts"), _integer(max_iter, "max_iter")
         if starts < 1:
             raise ValueError(f"starts must be >= 1, got {starts}")
-        if not delta > 0:
-            raise ValueError(f"delta must be > 0, got {delta}")
-        if sign not in (None, 1, -1):
-            raise ValueError(f"sign must be None, 1 or -1, got {sign}")
-        self.starts, self.delta, self.sign, self.seed = int(starts), float(delta), sign, seed
-        self.max_iter = int(max_iter)
+        if max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        delta = real_number(delta, "delta")
+        if not (np.isfinite(delta) and delta > 0):
+            raise ValueError(f"delta must be finite and > 0, got {delta}")
+        if sign is not None and (isinstance(sign, (bool, np.bool_)) or sign not in (1, -1)):
+            raise ValueError(f"sign must be None, 1 or -1, got {sign!r}")
+        self.starts, self.delta, self.sign, self.seed = starts, delta, sign, _seed(seed)
+        self.max_iter = max_iter
         self.c_: float | None = None
         self.k_: float | None = None
         self.t_: np.ndarray | None = None
@@ -423,7 +434,7 @@ class TreePredictor(Predictor):
         if folds < 2:
             raise ValueError(f"folds must be >= 2, got {folds}")
         self.base, self.tune, self.folds = base, bool(tune), folds
-        self.seed = int(seed)
+        self.seed = _seed(seed)
         if grid is not None and not isinstance(grid, Mapping):
             raise TypeError(f"grid must be a mapping {{setting: values}}, got "
                             f"{type(grid).__name__}")
@@ -562,6 +573,7 @@ def cross_validate(factory: Callable[[], Predictor], X: np.ndarray, y: np.ndarra
     """Out-of-fold predictions for every run, scored with :func:`evaluate`."""
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
+    folds, seed = _integer(folds, "folds"), _seed(seed)
     if folds < 2 or folds > len(y):
         raise ValueError(f"folds must lie in [2, runs={len(y)}], got {folds}")
     pred = np.empty_like(y)

@@ -37,6 +37,15 @@ def _integer(value: Any, what: str) -> int:
     return int(value)
 
 
+def _seed(value: Any, what: str = "seed") -> int:
+    """A seed for ``np.random.default_rng``: a non-negative integer (numpy's own error for -1
+    names no argument)."""
+    v = _integer(value, what)
+    if v < 0:
+        raise ValueError(f"{what} must be >= 0, got {v}")
+    return v
+
+
 def _per_domain(value: Any, domains: Sequence[str], what: str, default: float) -> np.ndarray:
     K = len(domains)
     if value is None:
@@ -311,6 +320,7 @@ def sample_mixtures(n: int, prior: np.ndarray, constraints: Constraints, *,
     """
     K = len(constraints.domains)
     prior = _check_prior(prior, K)
+    seed = _seed(seed)
     n = _integer(n, "n")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -371,6 +381,7 @@ def search(objective: Objective, constraints: Constraints, *, prior: np.ndarray 
     top_k = _integer(top_k, "top_k")
     refine_steps = _integer(refine_steps, "refine_steps")
     refine_batch = _integer(refine_batch, "refine_batch")
+    seed = _seed(seed)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not 1 <= top_k <= samples:

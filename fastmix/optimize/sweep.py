@@ -22,6 +22,8 @@ import numpy as np
 
 from fastmix._checks import real_number
 
+from .search import _seed
+
 # Column names treated as run identifiers, in order of preference.
 ID_COLUMNS = ("run", "run_id", "id", "index")
 # Columns that are neither weights nor metrics (pandas' unnamed index, free-text run names).
@@ -80,8 +82,9 @@ class Sweep:
 
     def split(self, test_fraction: float = 0.2, seed: int = 0) -> tuple[Sweep, Sweep]:
         """Split the runs at random (fixed ``seed``) into a training and a held-out sweep."""
-        if not 0.0 < test_fraction < 1.0:
+        if not 0.0 < real_number(test_fraction, "test_fraction") < 1.0:
             raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+        seed = _seed(seed)
         n_test = int(round(self.num_runs * test_fraction))
         if n_test < 1 or n_test >= self.num_runs:
             raise ValueError(
