@@ -766,6 +766,16 @@ def test_seeds_and_small_settings_are_checked_with_their_names():
         fit_scaling_law(n, loss, delta="0.001")
 
 
+def test_load_sweep_keeps_run_ids_exact():
+    # Columns went through numpy's str dtype, which drops trailing NULs: 'r2' and 'r2\x00'
+    # were paired as one run.
+    mix = {"run": ["r1", "r2", "r3"], "a": [0.5, 0.2, 0.9], "b": [0.5, 0.8, 0.1]}
+    with pytest.raises(ValueError, match="misaligned rows"):
+        load_sweep(mix, {"run": ["r1", "r2\x00", "r3"], "loss": [1.0, 2.0, 3.0]})
+    s = load_sweep(mix, {"run": ("r3", "r1", "r2"), "loss": [np.float64(3), 1, 2.0]})
+    assert s.run_ids == ["r1", "r2", "r3"] and s.target("loss").tolist() == [1.0, 2.0, 3.0]
+
+
 def test_tree_predictor_without_tree_libraries(monkeypatch):
     import sys
 

@@ -300,8 +300,7 @@ def _as_columns(obj: Any, what: str, names: Sequence[str] | None) -> dict[str, S
                              "columns")
         return {c: list(data[:, j]) for j, c in enumerate(cols)}
     if isinstance(obj, Mapping):
-        # tolist(): plain Python values, so messages show '1.2x', not np.str_('1.2x')
-        cols = {str(k): np.asarray(v).ravel().tolist() for k, v in obj.items()}
+        cols = {str(k): _column(v) for k, v in obj.items()}
         lengths = {len(v) for v in cols.values()}
         if len(lengths) > 1:
             raise ValueError(f"{what}: columns have different lengths {sorted(lengths)}")
@@ -321,6 +320,19 @@ def _as_columns(obj: Any, what: str, names: Sequence[str] | None) -> dict[str, S
     if len(names) != arr.shape[1]:
         raise ValueError(f"{what}: {len(names)} names for {arr.shape[1]} columns")
     return {str(n): list(arr[:, j]) for j, n in enumerate(names)}
+
+
+def _column(values: Any) -> list[Any]:
+    """A mapping's column as a list of plain Python values (messages show '1.2x', not
+    np.str_('1.2x')).
+
+    A list of scalars is not passed through numpy, whose str dtype drops trailing NULs: run
+    ids 'r2' and 'r2\\x00' became one run.
+    """
+    if isinstance(values, (list, tuple)) and not any(
+            isinstance(v, (list, tuple, np.ndarray)) for v in values):
+        return [v.item() if isinstance(v, np.generic) else v for v in values]
+    return np.asarray(values).ravel().tolist()
 
 
 def _value_columns(cols: Mapping[str, Sequence[Any]], wanted: Sequence[str] | None, what: str,
