@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -38,13 +40,32 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM (timeout, Slurm, docker stop): unwinds like Ctrl-C, so temporary files go."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        # Parsing imports the subcommand's module (torch for the demo): Ctrl-C there too.
+        command = next((a for a in argv if not a.startswith("-")), None)
+        args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
+        module = importlib.import_module(SUBCOMMANDS[args.command][0])
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("fastmix: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("fastmix: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -100,6 +100,8 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.exists() and not path.is_file():  # a FIFO would block the open forever
+            raise ValueError(f"weights: {str(path)!r} is not a regular file")
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)

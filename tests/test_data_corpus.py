@@ -205,6 +205,10 @@ def test_load_weights_bad_input(tmp_path):
         load_weights(np.ma.array([1.0, 9.0], mask=[0, 1]), names)  # the masked 9 was used
     with pytest.raises(ValueError, match="meta tensor"):
         load_weights(torch.ones(2, device="meta"), names)
+    os.mkfifo(tmp_path / "fifo.json")  # opening it would wait for a writer forever
+    for bad in ("fifo.json", "."):
+        with pytest.raises(ValueError, match="not a regular file"):
+            load_weights(tmp_path / bad, names)
     # JSON nested past the recursion limit, and bytes that are not UTF-8: named, not raw errors
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (tmp_path / "latin1.json").write_bytes(b"\xff\xfe{}")

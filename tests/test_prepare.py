@@ -367,3 +367,30 @@ def test_long_domain_names_and_tokenizer_load_errors(tmp_path):
         pytest.skip("tokenizers < 0.19 cannot keep special-token text as text")
     ids = list(spec.encode("a <|endoftext|> b"))
     assert spec.eos_id not in ids and ids[0] == 0 and ids[-1] == 1
+
+
+def test_sigterm_exits_cleanly_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    # timeout, Slurm and docker stop send SIGTERM: it used to kill the process where it stood,
+    # leaving a .<domain>.bin.tmp-* file behind for good.
+    import os
+    import signal
+
+    from fastmix import prepare
+
+    encode, calls = prepare._byte_encode, []
+
+    def encode_then_terminate(text):
+        calls.append(text)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return encode(text)
+
+    monkeypatch.setattr(prepare, "_byte_encode", encode_then_terminate)
+    (tmp_path / "web.txt").write_text("\n".join(["a document"] * 20))
+    out = tmp_path / "out"
+    argv = ["prepare", f"web={tmp_path / 'web.txt'}", "--lines", "-o", str(out), "--no-progress"]
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(argv) == 128 + signal.SIGTERM
+    assert "fastmix: terminated" in capsys.readouterr().err
+    assert len(calls) == 3 and [p.name for p in out.iterdir() if ".tmp-" in p.name] == []
+    assert signal.getsignal(signal.SIGTERM) == before  # restored
