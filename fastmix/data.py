@@ -107,7 +107,11 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
                 data = json.load(f)
         except FileNotFoundError:
             raise ValueError(f"weights: file {str(path)!r} does not exist") from None
-        except (OSError, ValueError, RecursionError) as e:  # JSON, UTF-8, nesting too deep
+        except UnicodeDecodeError:
+            raise ValueError(f"weights: {str(path)!r} is not UTF-8 text") from None
+        except RecursionError:  # json's decoder recurses once per level of nesting
+            raise ValueError(f"weights: {str(path)!r}: JSON nested too deeply") from None
+        except (OSError, ValueError) as e:
             raise ValueError(f"weights: cannot read {str(path)!r}: {e}") from None
         if isinstance(data, Mapping) and "weights" in data:
             data = data["weights"]

@@ -398,10 +398,6 @@ def _prior(args: argparse.Namespace, sweep: Sweep, constraints: Constraints) -> 
 
         try:
             w = np.asarray(load_weights(args.prior, sweep.domains), dtype=np.float64)
-        except UnicodeDecodeError:
-            raise ValueError(f"--prior: {args.prior} is not UTF-8 text") from None
-        except RecursionError:  # json's decoder recurses once per level of nesting
-            raise ValueError(f"--prior: cannot read {args.prior}: JSON nested too deeply") from None
         except (ValueError, TypeError) as exc:  # TypeError: a value that is not a number
             # load_weights speaks of the training corpus; here the names come from the sweep.
             text = str(exc).replace("the corpus has", "the sweep has")
