@@ -440,3 +440,46 @@ def test_a_failed_plot_leaves_no_stale_plot(tmp_path, capsys, monkeypatch):
     assert json.loads((out / "weights.json").read_text())["targets"] == {"val/code": 1.0}
     assert sorted(p.name for p in out.iterdir()) == ["summary.csv", "summary.md",
                                                      "weights.json"]
+
+
+@pytest.mark.parametrize("name", ["summary.csv", "weights.json", "summary.md", "plot.png"])
+def test_an_input_inside_out_under_an_output_name_is_refused(tmp_path, capsys, name):
+    _sweep(tmp_path, n=30, single=True)
+    out = tmp_path / "ow"
+    out.mkdir()
+    inside = out / name
+    (tmp_path / "sweep.csv").rename(inside)
+    before = inside.read_bytes()
+    rc = main(["optimize", str(inside), "--domain-prefix", "train_", "--target", "val/loss",
+               "--predictor", "linear", "--samples", "300", "--top-k", "10", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--out" in err and str(inside) in err and "Traceback" not in err
+    assert inside.read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_prior_and_token_counts_inside_out_are_refused(tmp_path, capsys):
+    files = _sweep(tmp_path, n=30)
+    out = tmp_path / "o"
+    out.mkdir()
+    prior = out / "weights.json"
+    prior.write_text(json.dumps({d: 0.25 for d in DOMAINS}))
+    assert _fast(files, out, "--target", "val/loss", "--prior", str(prior)) == 2
+    assert "--prior" in capsys.readouterr().err
+    prior.rename(out / "summary.md")
+    hard = tmp_path / "link.json"  # the same file under another name
+    hard.hardlink_to(out / "summary.md")
+    assert _fast(files, out, "--target", "val/loss", "--token-counts", str(hard)) == 2
+    assert "--token-counts" in capsys.readouterr().err
+    assert json.loads(hard.read_text()) == {d: 0.25 for d in DOMAINS}
+
+
+def test_an_output_name_taken_by_a_folder_fails_before_the_work(tmp_path, capsys):
+    files = _sweep(tmp_path, n=30)
+    out = tmp_path / "o"
+    (out / "summary.csv").mkdir(parents=True)
+    assert _fast(files, out, "--target", "val/loss") == 2
+    err = capsys.readouterr().err
+    assert str(out / "summary.csv") in err and "directory" in err
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]

@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -56,6 +57,8 @@ _FLAGS = {"min_weight": "--min-weight", "max_weight": "--max-weight",
           "token_counts": "--token-counts", "total_tokens": "--total-tokens",
           "max_epochs": "--max-epochs", "id_column": "--id-column",
           "test_fraction": "--holdout"}
+# The files written into --out.
+_OUTPUTS = ("weights.json", "summary.md", "summary.csv", "plot.png")
 
 
 def _number(text: str) -> float:
@@ -118,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         _check_settings(args)
+        _check_outputs(args, out)  # before any work, not after it
         sweep, targets = _load(args)
         unknown = [m for m in args.maximize if m not in targets]
         if unknown:
@@ -197,6 +201,30 @@ def _check_settings(args: argparse.Namespace) -> None:
         raise ValueError(f"--top-k must lie in [1, --samples={args.samples}], got {args.top_k}")
     if not 0 <= args.holdout < 1:
         raise ValueError(f"--holdout must lie in [0, 1), got {args.holdout}")
+
+
+def _check_outputs(args: argparse.Namespace, out: Path) -> None:
+    """No output name in --out is taken by a folder, and no output would replace an input.
+
+    A sweep saved as ``<out>/summary.csv`` was silently replaced by the summary.
+    """
+    inputs = [("the sweep CSV", s) for s in args.sweep]
+    if args.prior:
+        inputs.append(("--prior", args.prior))
+    if args.token_counts and Path(args.token_counts).is_file():
+        inputs.append(("--token-counts", args.token_counts))
+    for name in _OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            raise ValueError(f"--out: {path} is a directory; {name} cannot be written there")
+        for what, src in inputs:
+            try:
+                same = os.path.samefile(src, path)
+            except (OSError, ValueError):  # either missing, or a name the OS refuses
+                same = False
+            if same:
+                raise ValueError(f"--out: {path} is {what} {src}; writing {name} would "
+                                 "overwrite it: choose another --out or move the input")
 
 
 def _load(args: argparse.Namespace) -> tuple[Sweep, dict[str, float]]:
