@@ -137,6 +137,25 @@ def test_corpus_is_cached_and_keyed(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["corpus"]
 
 
+def test_a_manifest_of_another_shape_rebuilds_the_cache(tmp_path: Path) -> None:
+    # Valid JSON of the wrong shape crashed every later run: 'list' object has no attribute 'get'.
+    built = build_corpus(tmp_path, SMALL_SPEC, progress=False)
+    digest = corpus_digest(built)
+    manifest_path = built.root / "manifest.json"
+    good = json.loads(manifest_path.read_text())
+    damages = [[], "x", 3, None, {}, {**good, "key": 1}, {**good, "domains": "abcde"},
+               {**good, "domains": [1, 2]}, {**good, "vocab_size": "257"},
+               {**good, "eos_id": True}, {**good, "file_bytes": {"a": 1}},
+               {**good, "file_bytes": [[1]] * 10}]
+    for damage in damages:
+        manifest_path.write_text(json.dumps(damage))
+        again = build_corpus(tmp_path, SMALL_SPEC, progress=False)
+        assert corpus_digest(again) == digest, damage
+        assert json.loads(manifest_path.read_text()) == good
+    manifest_path.write_text("[" * 100_000)  # nested past the JSON decoder's recursion limit
+    assert corpus_digest(build_corpus(tmp_path, SMALL_SPEC, progress=False)) == digest
+
+
 def test_corpus_spec_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="seed"):
         CorpusSpec(seed=-1)

@@ -363,8 +363,9 @@ def _load_manifest(root: Path, key: str) -> DemoCorpus | None:
     from fastmix.data import TokenCorpus
 
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
-        if manifest.get("key") != key:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        # Valid JSON of another shape ([], a count as text) is damage too: rebuild.
+        if not _manifest_shape_ok(manifest) or manifest["key"] != key:
             return None
         corpus = DemoCorpus(
             root=root,
@@ -389,8 +390,27 @@ def _load_manifest(root: Path, key: str) -> DemoCorpus | None:
                 if tokens.size and int(tokens.max()) >= corpus.vocab_size:
                     return None
         return corpus
-    except (OSError, ValueError, KeyError, TypeError):  # CorpusError is a ValueError
+    # CorpusError is a ValueError; RecursionError: JSON nested past the decoder's limit.
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
+
+
+def _manifest_shape_ok(manifest: Any) -> bool:
+    """Whether ``manifest`` has the fields :func:`_load_manifest` reads, with their types."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("key"), str)
+        and isinstance(manifest.get("domains"), list)
+        and all(isinstance(d, str) for d in manifest["domains"])
+        and is_int(manifest.get("vocab_size"))
+        and is_int(manifest.get("eos_id"))
+        and isinstance(manifest.get("file_bytes"), list)
+        and all(is_int(n) for n in manifest["file_bytes"])
+    )
 
 
 def build_corpus(
