@@ -525,3 +525,43 @@ def test_threads_beyond_the_usable_cpus_is_an_error(
     monkeypatch.delattr(options.os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(options.os, "cpu_count", lambda: 3)
     assert options.usable_cpus() == 3
+
+
+def test_ctrl_c_while_torch_settings_are_applied_stays_a_keyboard_interrupt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Ctrl-C inside the first use_deterministic_algorithms (while it imports torch._inductor)
+    # left torch half-imported; the restore called it again and an AttributeError traceback
+    # hid the KeyboardInterrupt.
+    from fastmix.demo import train
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    calls: list[bool] = []
+
+    def interrupted(mode: bool, *, warn_only: bool = False) -> None:
+        calls.append(mode)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        raise AttributeError("partially initialized module 'torch._dynamo'")
+
+    monkeypatch.setattr(train.torch, "use_deterministic_algorithms", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with train.deterministic_torch(0, torch.device("cpu"), threads=1):
+            pass  # pragma: no cover - never entered
+    assert calls == [True]  # what was never applied is not restored
+    monkeypatch.undo()
+    # Ctrl-C in the body while a restore fails: still the KeyboardInterrupt, the rest restored.
+    calls.clear()
+
+    def restore_fails(mode: bool, *, warn_only: bool = False) -> None:
+        calls.append(mode)
+        if len(calls) > 1:
+            raise AttributeError("partially initialized module 'torch._dynamo'")
+
+    monkeypatch.setattr(train.torch, "use_deterministic_algorithms", restore_fails)
+    with pytest.raises(KeyboardInterrupt):
+        with train.deterministic_torch(0, torch.device("cpu"), threads=1):
+            assert torch.get_num_threads() == 1
+            raise KeyboardInterrupt
+    assert len(calls) == 2 and torch.get_num_threads() == before[1]
+    assert torch.are_deterministic_algorithms_enabled() == before[0]

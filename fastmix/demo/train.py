@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,19 +90,32 @@ def deterministic_torch(
         torch.backends.cudnn.benchmark,
     )
     devices = [device.index or 0] if device.type == "cuda" else []
+    # Only what was applied is undone: Ctrl-C inside the first use_deterministic_algorithms
+    # (which imports torch._inductor) left torch half-imported, and calling it again to restore
+    # ended in an AttributeError traceback that hid the KeyboardInterrupt.
+    undo: list[Callable[[], None]] = []
     with torch.random.fork_rng(devices=devices):
         try:
             torch.manual_seed(seed)
             # warn_only: an op without a deterministic kernel warns instead of failing the demo.
             torch.use_deterministic_algorithms(True, warn_only=True)
+            undo.append(lambda: torch.use_deterministic_algorithms(saved[0], warn_only=saved[1]))
             torch.backends.cudnn.benchmark = False
+            undo.append(lambda: setattr(torch.backends.cudnn, "benchmark", saved[3]))
             if threads is not None:
                 torch.set_num_threads(threads)
+                undo.append(lambda: torch.set_num_threads(saved[2]))
             yield
-        finally:
-            torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-            torch.set_num_threads(saved[2])
-            torch.backends.cudnn.benchmark = saved[3]
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception:  # noqa: BLE001, S110 - the exception on its way out matters
+                    pass
+            raise
+        else:
+            for step in reversed(undo):
+                step()
 
 
 def new_model(cfg: Any, seed: int, device: torch.device) -> TinyGPT:
