@@ -565,3 +565,16 @@ def test_ctrl_c_while_torch_settings_are_applied_stays_a_keyboard_interrupt(
             raise KeyboardInterrupt
     assert len(calls) == 2 and torch.get_num_threads() == before[1]
     assert torch.are_deterministic_algorithms_enabled() == before[0]
+
+
+@pytest.mark.parametrize("name", ["weights.json", "results.json", "table.md", "doremi.png",
+                                  "report.md"])
+def test_an_output_name_taken_by_a_folder_fails_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture, name: str
+) -> None:
+    # Found only after the training, with the temporary file's name in the message.
+    (tmp_path / name).mkdir()
+    assert _demo("--out", str(tmp_path), *TINY_FLAGS) == 2
+    err = capsys.readouterr().err
+    assert f"--out: {tmp_path / name} is a directory" in err and ".tmp" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no corpus was built

@@ -124,6 +124,16 @@ def options_from_args(args: argparse.Namespace) -> Any:
     )
 
 
+def _check_output_names(out: Path) -> None:
+    """No name the demo writes into ``out`` is taken by a folder (os.replace cannot)."""
+    from fastmix.demo.report import OUTPUT_FILES
+
+    for name in OUTPUT_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            raise ValueError(f"--out: {path} is a directory; {name} cannot be written there")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 on success, 2 on bad arguments or output folder, 1 on other I/O errors."""
     try:
@@ -131,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         if opts.weights is not None and not Path(opts.weights).is_file():
             raise ValueError(f"--weights: {opts.weights} is not a file")
         writable_dir(opts.out, "--out")
+        _check_output_names(Path(opts.out))  # before minutes of training, not after
     except ValueError as exc:
         print(f"fastmix demo: error: {exc}", file=sys.stderr)
         return 2

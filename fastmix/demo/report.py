@@ -24,6 +24,8 @@ RESULTS_FILE = "results.json"
 TABLE_FILE = "table.md"
 FIGURE_FILE = "doremi.png"
 REPORT_FILE = "report.md"
+# Every file the demo writes into --out (checked before the run: none may be a folder).
+OUTPUT_FILES = (WEIGHTS_FILE, RESULTS_FILE, TABLE_FILE, FIGURE_FILE, REPORT_FILE)
 
 
 def bits(nats: float) -> float:
