@@ -141,8 +141,10 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
     if isinstance(source, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in source):
         # [True, 1] (JSON [true, 1]) converts to ints without a word
         raise TypeError("weights must be real numbers, got a bool among them")
-    if isinstance(source, np.ma.MaskedArray):  # np.asarray would use the masked values
-        raise TypeError("weights must not be a masked array (fill it: weights.filled(0))")
+    if isinstance(source, np.ma.MaskedArray):
+        if np.ma.getmaskarray(source).any():  # np.asarray would use the masked values
+            raise TypeError("weights has masked entries: fill them (weights.filled(0))")
+        source = source.filled()
     if isinstance(source, torch.Tensor):
         if source.dtype == torch.bool or source.is_complex():
             raise TypeError(f"weights must be real numbers, got a {source.dtype} tensor")
@@ -1124,8 +1126,6 @@ class _MixtureIterator:
                 return self._next()
             except StopIteration:
                 self.ds._control.release(self.slot, self.token)  # (no-op once superseded)
-                if self.ds._active is self:  # the next pass starts from the resume point
-                    self.ds._active = None
                 raise
             finally:
                 self.producing = None

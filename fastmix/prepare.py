@@ -414,6 +414,9 @@ def _token_ids(tok: Tokenizer, text: str, domain: str) -> np.ndarray:
         )
     if ids.size == 0:
         return ids
+    if ids.dtype.kind == "f" and isinstance(raw, np.ndarray) and np.all(ids == np.floor(ids)):
+        if np.isfinite(ids).all() and ids.min() >= 0 and ids.max() < tok.vocab_size:
+            return ids.astype(np.int64)  # whole numbers held as floats: exact below 2**53
     if ids.dtype.kind not in "iu":  # not an integer array: look at the values one by one
         if ids.dtype.kind == "f" and not isinstance(raw, np.ndarray):
             ids = np.array(raw, dtype=object)  # numpy makes float64 of ints like [-1, 2**63]

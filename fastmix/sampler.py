@@ -68,10 +68,16 @@ def _as_weights(weights: Any, name: str = "weights") -> tuple[np.ndarray, tuple[
             f"{name} must be a sequence of numbers or a dict name -> weight, "
             f"got {type(weights).__name__}"
         )
-    elif isinstance(weights, np.ma.MaskedArray):  # np.asarray would use the masked values
-        raise TypeError(f"{name} must not be a masked array (fill it: weights.filled(0))")
+    elif isinstance(weights, np.ma.MaskedArray):
+        if np.ma.getmaskarray(weights).any():  # np.asarray would use the masked values
+            raise TypeError(f"{name} has masked entries: fill them ({name}.filled(0))")
+        values = weights.filled()
     else:
         values = weights
+    if isinstance(values, (list, tuple)) and any(
+        isinstance(v, (bool, np.bool_)) for v in values
+    ):  # [True, 1] converts to ints without a word (load_weights refuses it too)
+        raise TypeError(f"{name} must hold real numbers, got a bool among them")
     try:
         array = np.asarray(values)
     except Exception as exc:  # ragged lists and the like

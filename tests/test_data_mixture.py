@@ -516,11 +516,14 @@ def test_rollback_after_a_finished_pass_forgets_it(corpus):
     assert stream(ds, 20) == stream(fresh, 20)
 
 
-def test_a_copy_after_a_finished_pass_starts_the_next_pass(corpus):
+def test_after_a_finished_pass_the_state_says_finished_and_a_new_pass_replays(corpus):
     ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2, seed=3, on_exhausted="stop")
     first = list(iter(ds))
-    twin = copy.deepcopy(ds)  # (it used to copy the finished iterator: an empty stream)
-    assert flatten(list(iter(twin))) == flatten(first)
+    state = ds.state_dict()  # where the stream is: at its end
+    assert state["finished"] and state["step"] == len(first)
+    twin = copy.deepcopy(ds)  # continues from there: nothing left
+    assert list(iter(twin)) == []
+    assert flatten(list(iter(ds))) == flatten(first)  # ds's own next pass: from its resume point
 
 
 def test_state_dict_inside_next_in_the_same_thread_says_so(corpus):

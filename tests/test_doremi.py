@@ -407,6 +407,10 @@ def test_device_errors_name_the_argument():
             DoReMi(3).to("cuda")
 
 
+def test_one_domain_takes_a_scalar_init_weight():
+    assert DoReMi(1, init_weights=torch.tensor(1.0)).weights.tolist() == [1.0]
+
+
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
@@ -428,7 +432,7 @@ def test_device_errors_name_the_argument():
          "init_weights is a meta tensor, which holds no values"),
         (dict(init_weights=torch.ones(1, 3)), ValueError,
          r"init_weights must be 1-D \(K values\), got shape \(1, 3\)"),
-        (dict(init_weights=torch.tensor(1.0)), ValueError, "init_weights must be 1-D"),
+        (dict(init_weights=torch.tensor(1.0)), ValueError, "init_weights must have 3"),
         (dict(backend="tpu"), ValueError, "backend"),
     ],
 )

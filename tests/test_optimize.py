@@ -733,6 +733,11 @@ def test_seeds_and_small_settings_are_checked_with_their_names():
             call()
     with pytest.raises(TypeError, match="seed must be an integer"):
         sample_mixtures(4, prior, c, seed=1.5)
+    # what np.random.default_rng takes still works where the seed goes straight to it
+    for seed in (None, np.random.default_rng(0), np.random.SeedSequence(1), [1, 2]):
+        assert sample_mixtures(4, prior, c, seed=seed).shape == (4, 3)
+        assert load_sweep(X, y).split(0.25, seed=seed)[1].num_runs == 5
+    assert pareto_search([lambda W: W[:, 0]] * 2, ["x", "y"], c, samples=20, seed=None).weights.size
     with pytest.raises(TypeError, match="folds must be an integer, got '5'"):
         RidgePredictor(folds="5")
     with pytest.raises(TypeError, match="folds must be an integer"):

@@ -346,6 +346,13 @@ class _Staged(MixtureSampler):
         self.stages = stages
 
 
+def test_a_masked_array_without_masked_entries_is_taken() -> None:
+    weights = np.ma.array([0.5, 0.3, 0.2])
+    np.testing.assert_array_equal(
+        sample_domains(weights, 100, seed=1), sample_domains([0.5, 0.3, 0.2], 100, seed=1)
+    )
+
+
 def test_pickle_keeps_a_subclass_attributes() -> None:
     sampler = _Staged([1.0, 2.0], stages=[10, 20])
     sampler.sample(7)
@@ -835,7 +842,9 @@ BAD_WEIGHTS = [
     (b"\x01\x02", TypeError, "got bytes"),
     ({1: 0.5}, TypeError, "weights"),
     # np.asarray drops the mask: the masked 9 used to be drawn
-    (np.ma.array([1.0, 9.0], mask=[0, 1]), TypeError, "masked array"),
+    (np.ma.array([1.0, 9.0], mask=[0, 1]), TypeError, "masked entries"),
+    ([True, 1.0], TypeError, "bool among them"),  # numpy makes it [1.0, 1.0]
+    ({"a": True, "b": 1}, TypeError, "bool among them"),
 ]
 
 

@@ -94,6 +94,8 @@ def _weights_float64(init_weights: Any) -> Tensor:
         raise TypeError(f"init_weights must be real numbers, got dtype {w.dtype}")
     if w.device.type == "meta":  # .to("cpu") would raise NotImplementedError
         raise ValueError("init_weights is a meta tensor, which holds no values")
+    if w.dim() == 0:  # one domain's weight as a scalar
+        w = w.reshape(1)
     if w.dim() != 1:  # a [2, 3] tensor for K = 6 was flattened silently
         raise ValueError(f"init_weights must be 1-D (K values), got shape {tuple(w.shape)}")
     return w.to("cpu", torch.float64)

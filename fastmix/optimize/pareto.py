@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .search import Constraints, _check_prior, _evaluate, _integer, _seed, sample_mixtures
+from .search import Constraints, _check_prior, _evaluate, _integer, _rng_seed, sample_mixtures
 
 __all__ = ["pareto_front", "ParetoFront", "pareto_search"]
 
@@ -107,7 +107,7 @@ def pareto_search(objectives: Sequence[Any], names: Sequence[str], constraints: 
             raise ValueError(f"maximize needs {len(names)} flags (one per objective), got "
                              f"{len(maximize)}")
     samples = _integer(samples, "samples")
-    seed = _seed(seed)
+    seed = _rng_seed(seed)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     cands = sample_mixtures(samples, prior, constraints, seed=seed)

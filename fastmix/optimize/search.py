@@ -46,6 +46,16 @@ def _seed(value: Any, what: str = "seed") -> int:
     return v
 
 
+def _rng_seed(value: Any, what: str = "seed") -> Any:
+    """What ``np.random.default_rng`` takes (None, a Generator, a SeedSequence, a list of ints),
+    for the functions that hand ``seed`` straight to it; an integer is checked as by _seed."""
+    if value is None or isinstance(value, (np.random.Generator, np.random.SeedSequence)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_seed(v, what) for v in value]
+    return _seed(value, what)
+
+
 def _per_domain(value: Any, domains: Sequence[str], what: str, default: float) -> np.ndarray:
     K = len(domains)
     if value is None:
@@ -320,7 +330,7 @@ def sample_mixtures(n: int, prior: np.ndarray, constraints: Constraints, *,
     """
     K = len(constraints.domains)
     prior = _check_prior(prior, K)
-    seed = _seed(seed)
+    seed = _rng_seed(seed)
     n = _integer(n, "n")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

@@ -22,7 +22,7 @@ import numpy as np
 
 from fastmix._checks import real_number
 
-from .search import _seed
+from .search import _rng_seed
 
 # Column names treated as run identifiers, in order of preference.
 ID_COLUMNS = ("run", "run_id", "id", "index")
@@ -84,7 +84,7 @@ class Sweep:
         """Split the runs at random (fixed ``seed``) into a training and a held-out sweep."""
         if not 0.0 < real_number(test_fraction, "test_fraction") < 1.0:
             raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-        seed = _seed(seed)
+        seed = _rng_seed(seed)
         n_test = int(round(self.num_runs * test_fraction))
         if n_test < 1 or n_test >= self.num_runs:
             raise ValueError(
