@@ -860,7 +860,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    return True
+    try:  # an exited worker its parent has not joined yet is a zombie: it holds back nothing
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc (macOS): alive
+        return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """MixtureDataset across ranks and DataLoader workers: one global order, live weights, resume."""
 
+import os
 import pickle
 import warnings
 
@@ -286,3 +287,24 @@ def test_change_right_after_resuming_workers_reaches_them(corpus):
     # Steps before the floor are what the uninterrupted run produced; from it on only domain c.
     assert flatten(resumed[: floor - 6]) == flatten(full[6:floor])
     assert {d for _, d in flatten(resumed[floor - 6 :])} == {2}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def test_an_exited_process_not_yet_joined_is_not_alive():
+    # A worker that has exited but is not joined yet (a zombie) used to count as alive and hold
+    # back where changes go until its parent joined it.
+    import subprocess
+    import sys
+    import time
+
+    from fastmix.data import _alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10  # (the child exits at once)
+        while _alive(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child.pid)
+    finally:
+        child.wait()
+    assert _alive(os.getpid())
