@@ -23,6 +23,19 @@ def real_number(value: Any, what: str) -> float:
         raise ValueError(f"{what} must be finite, got an int too large for float64") from None
 
 
+def plain_values(values: Any, what: str) -> Any:
+    """``values`` as ``np.asarray`` should see them, for weights: a masked array's entries (one
+    with masked entries refused: asarray would use the hidden values), and no bool in a list
+    (``[True, 1]`` converts to ints without a word)."""
+    if isinstance(values, np.ma.MaskedArray):
+        if np.ma.getmaskarray(values).any():
+            raise TypeError(f"{what} has masked entries: fill them ({what}.filled(0))")
+        return values.filled()
+    if isinstance(values, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in values):
+        raise TypeError(f"{what} must hold real numbers, got a bool among them")
+    return values
+
+
 # Domain ids are int32 in the sampler's output and the CUDA and Triton kernels take K as a C int,
 # so no id of a K beyond this could be drawn or counted.
 MAX_DOMAINS = 2**31 - 1

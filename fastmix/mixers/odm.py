@@ -46,10 +46,6 @@ _STATE_VERSION = 1
 _MAX_LOSS = 80.0
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    return _checks.integer(value, name, low, high)
-
-
 class ODM:
     """Online Data Mixing sampling weights π, held on the device.
 
@@ -84,7 +80,7 @@ class ODM:
         self.smoothing = check_float("smoothing", smoothing, 0.0, 1.0)
         if self.smoothing == 1.0:
             raise ValueError("smoothing must be < 1 (β = 1 never updates the rewards)")
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        self.warmup_steps = _checks.integer(warmup_steps, "warmup_steps", 0)
         if backend is not None and backend not in ("cuda", "triton", "torch"):
             raise ValueError(f"backend must be 'cuda', 'triton', 'torch' or None, got {backend!r}")
         self.backend = backend
@@ -125,7 +121,7 @@ class ODM:
         ``t`` is at most 2**63 - 1, as the step count is in a checkpoint (10**400 overflowed the
         float division).
         """
-        t = self.num_steps if t is None else _check_int("t", t, 1, 2**63 - 1)
+        t = self.num_steps if t is None else _checks.integer(t, "t", 1, 2**63 - 1)
         if t < 1:
             return 1.0 / self.num_domains
         k = self.num_domains
