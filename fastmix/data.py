@@ -700,14 +700,17 @@ class _Control:
                 v["event_flag"][slot] = _READY
 
     def dump(self) -> list[tuple[int, list[float]]]:
-        """Every change still in the ring, oldest first, as (step, weights)."""
+        """Every change still in the ring, in the order they were made, as (step, weights)."""
         v = self.v
         with self.lock:
             ids = v["event_id"].copy()
+            made = v["event_made"].copy()
             flags = v["event_flag"].copy()
             steps = v["event_step"].copy()
             weights = v["event_weights"].copy()
-        order = [i for i in np.argsort(ids) if ids[i] >= 0 and flags[i] == _READY]
+        # (not by event id: a CUDA change is published after changes made later, and where two
+        # share a step the one made last must win when the list is replayed in order)
+        order = [i for i in np.argsort(made, kind="stable") if ids[i] >= 0 and flags[i] == _READY]
         return [(int(steps[i]), weights[i].tolist()) for i in order]
 
     # -- readers (iterators) ---------------------------------------------------------------------

@@ -229,7 +229,13 @@ def test_a_host_change_after_a_device_change_lands_after_it(corpus):
     ds.flush_weights()
     assert ds.weight_schedule[-2:] == [(step, [1.0, 0.0, 0.0]), (step, [0.0, 0.0, 1.0])]
     assert ds.weights.tolist() == [0.0, 0.0, 1.0]
+    state = ds.state_dict()  # before `it` reaches that step: the changes are in "events"
     assert {d for _, d in flatten(take(it, 5))} == {2}
+    # A resumed run restores them in the order they were made (in publishing order, the CUDA
+    # change came last and won the step there)
+    resumed = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=1, batch_size=2)
+    resumed.load_state_dict(state)
+    assert {d for _, d in flatten(take(iter(resumed), 5))} == {2}
 
 
 def test_device_weights_with_bad_values_raise_later(corpus):
