@@ -585,6 +585,9 @@ class _Control:
             # Who holds each slot: the process (a slot of a process that has exited is free) and
             # the registration (a newer iterator on the same slot supersedes the older one).
             "owner_pid": torch.zeros(_WORKER_SLOTS + 1, dtype=torch.int64),
+            # ... and when that process started (0 where unknown): a pid the OS has since given
+            # to another process no longer holds the slot.
+            "owner_start": torch.zeros(_WORKER_SLOTS + 1, dtype=torch.int64),
             "owner_token": torch.full((_WORKER_SLOTS + 1,), -1, dtype=torch.int64),
             "registrations": torch.zeros(1, dtype=torch.int64),
             # The furthest step any iterator has claimed in this generation.
@@ -609,6 +612,8 @@ class _Control:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.lock = state["lock"] or mp.get_context("spawn").Lock()
         self.tensors = state["tensors"]
+        if "owner_start" not in self.tensors:  # pickled before slots recorded start times
+            self.tensors["owner_start"] = torch.zeros_like(self.tensors["owner_pid"])
         if state["lock"] is None:
             for t in self.tensors.values():
                 t.share_memory_()
@@ -637,7 +642,8 @@ class _Control:
         started = v["started"][:_WORKER_SLOTS] if workers_only else v["started"]
         held = np.flatnonzero(started != _NO_ITERATOR)
         me = os.getpid()
-        live = [i for i in held if int(v["owner_pid"][i]) == me or _alive(int(v["owner_pid"][i]))]
+        owner, start = v["owner_pid"], v["owner_start"]
+        live = [i for i in held if int(owner[i]) == me or _alive(int(owner[i]), int(start[i]))]
         return v["started"][live]
 
     def publish(
@@ -740,6 +746,7 @@ class _Control:
             v["registrations"][0] = token + 1
             v["started"][slot] = step - 1
             v["owner_pid"][slot] = os.getpid()
+            v["owner_start"][slot] = _start_time(os.getpid())
             v["owner_token"][slot] = token
             if slot == 0:
                 v["started"][num_slots:_WORKER_SLOTS] = _NO_ITERATOR
@@ -833,19 +840,43 @@ class _MissedChanges(Exception):
     """More changes were published while an iterator was idle than the ring keeps."""
 
 
-def _alive(pid: int) -> bool:
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):  # gone, or no /proc (macOS)
+        return None
+
+
+def _start_time(pid: int) -> int:
+    """When process ``pid`` started, in clock ticks since boot (0 where /proc cannot say)."""
+    fields = _proc_stat(pid)
+    try:
+        return int(fields[19]) if fields else 0  # field 22 of stat(5); fields[0] is field 3
+    except (IndexError, ValueError):
+        return 0
+
+
+def _alive(pid: int, start: int = 0) -> bool:
+    """Whether process ``pid`` is running and, if ``start`` is known (not 0), is the process
+    that started then and not a later one the OS has given the same pid."""
     if os.name != "posix":  # (os.kill(pid, 0) is no probe on Windows)
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: alive
+    except PermissionError:  # someone else's process: alive unless /proc says otherwise below
+        pass
+    fields = _proc_stat(pid)
+    if fields is None:  # no /proc (macOS), or it has just exited: the kill probe decides
         return True
-    try:  # an exited worker its parent has not joined yet is a zombie: it holds back nothing
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):  # no /proc (macOS): alive
+    if fields[0] == b"Z":  # an exited worker its parent has not joined yet holds back nothing
+        return False
+    try:
+        return start == 0 or int(fields[19]) == start
+    except (IndexError, ValueError):
         return True
 
 

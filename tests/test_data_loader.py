@@ -308,3 +308,29 @@ def test_an_exited_process_not_yet_joined_is_not_alive():
     finally:
         child.wait()
     assert _alive(os.getpid())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def test_a_slot_whose_pid_went_to_another_process_is_free(corpus):
+    # A slot was known by its pid alone: once the worker had exited and the OS gave its pid to
+    # another process, the slot held back where changes go for as long as that process ran.
+    import subprocess
+    import sys
+
+    from fastmix.data import _alive, _start_time
+
+    me = _start_time(os.getpid())
+    assert me > 0 and _alive(os.getpid(), me) and not _alive(os.getpid(), me + 1)
+    ds = make(corpus, 0, 1, 2)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        v = ds._control.v
+        v["started"][0], v["owner_pid"][0], v["owner_token"][0] = 40, other.pid, 7
+        v["owner_start"][0] = _start_time(other.pid)
+        assert ds.next_step == 41  # the worker that started step 40 is running: it holds back
+        v["owner_start"][0] += 1  # the worker that held the slot started at another time
+        assert ds.next_step == 0
+        assert ds.set_weights([0, 0, 1], step=2) == 2
+    finally:
+        other.kill()
+        other.wait()
