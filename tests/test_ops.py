@@ -474,3 +474,28 @@ def test_more_domains_than_the_kernels_take(monkeypatch):
     monkeypatch.setattr(ops, "_can_run", lambda name, device: (True, ""))
     stats = fastmix.domain_loss_stats(loss, domain, k)
     assert stats[0, k - 1] == 1 and stats[0, 0] == 2 and stats[0].sum() == 6
+
+
+def test_importing_the_ops_does_not_import_the_compiler():
+    # torch.compiler.assume_constant_result imports torch._dynamo (and with it triton): ~1.3 s
+    # added to every import of fastmix.ops, also in jobs that never compile.
+    import subprocess
+    import sys
+
+    code = "import sys, fastmix.ops, fastmix.mixers; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_the_constant_mark_is_the_one_torch_compile_reads():
+    from fastmix.ops import _assume_constant_result
+
+    def ours():
+        return 0
+
+    def torchs():
+        return 0
+
+    assert _assume_constant_result(ours) is ours
+    torch.compiler.assume_constant_result(torchs)
+    assert vars(ours) == vars(torchs) == {"_dynamo_marked_constant": True}

@@ -63,9 +63,18 @@ def backends() -> dict[str, dict[str, Any]]:
     return {name: report[name] for name in BACKENDS}
 
 
+def _assume_constant_result(fn: Any) -> Any:
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo: that import
+    costs ~1.3 s (here, torch 2.13) on every ``import fastmix.ops`` of a job that never compiles,
+    for a decorator that only sets this mark (the same attribute in torch 2.4 to 2.13; a test
+    checks that the two agree)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Evaluated eagerly even while torch.compile traces (the answer is a constant per process): the
 # availability probes call into importlib and the compiled modules, which would break the graph.
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _can_run(name: str, device: torch.device) -> tuple[bool, str]:
     if name == "torch":
         return True, ""
@@ -78,7 +87,7 @@ def _can_run(name: str, device: torch.device) -> tuple[bool, str]:
 
 # Read at each eager call; while torch.compile traces, once per trace (older dynamo cannot trace
 # os.environ.get at all).
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _env_backend() -> str | None:
     return os.environ.get("FASTMIX_BACKEND") or None
 

@@ -15,6 +15,7 @@ import functools
 import torch
 from torch import Tensor
 
+from fastmix.ops import _assume_constant_result
 from fastmix.ops.reference import check_state_layout
 
 try:
@@ -102,7 +103,7 @@ def _check_domains(num_domains: int) -> None:
 
 # A constant for torch.compile: DoReMi.step may allocate its workspace while being traced, and a
 # call into the compiled module would break the graph.
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _workspace_nbytes(num_domains: int) -> int:
     return int(_module().workspace_bytes(num_domains))
 
