@@ -89,14 +89,20 @@ class CorpusError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
+# The keys a weights file may hold its weights under: fastmix's, then DoReMi's published configs'.
+_WEIGHTS_KEYS = ("weights", "train_domain_weights")
+
+
 def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray | dict[str, float]:
     """Read mixture weights from a ``weights.json`` path, a dict, a sequence, an array or a tensor.
 
-    ``weights.json`` may be ``{"weights": {name: w, ...}}`` (what fastmix writes) or a plain
-    ``{name: w}`` mapping.  With ``names`` the result is a float64 array in that order (domains a
-    mapping leaves out get weight 0; a name not in ``names`` is an error); without ``names`` a
-    mapping stays a ``dict`` and anything else becomes a float64 array.  Values are checked: finite,
-    non-negative, not all zero.  Nothing is normalised.
+    ``weights.json`` may be ``{"weights": {name: w, ...}}`` (what fastmix writes), DoReMi's
+    ``{"train_domain_weights": {name: w, ...}, ...}`` (its train weights are read) or a plain
+    ``{name: w}`` mapping (where a domain may be named "weights": a number there is a weight).
+    With ``names`` the result is a float64 array in that order (domains a mapping leaves out get
+    weight 0; a name not in ``names`` is an error); without ``names`` a mapping stays a ``dict``
+    and anything else becomes a float64 array.  Values are checked: finite, non-negative, not all
+    zero.  Nothing is normalised.
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -113,12 +119,15 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
             raise ValueError(f"weights: {str(path)!r}: JSON nested too deeply") from None
         except (OSError, ValueError) as e:
             raise ValueError(f"weights: cannot read {str(path)!r}: {e}") from None
-        if isinstance(data, Mapping) and "weights" in data:
-            data = data["weights"]
+        if isinstance(data, Mapping):
+            for key in _WEIGHTS_KEYS:
+                if isinstance(data.get(key), (Mapping, list)):
+                    data = data[key]
+                    break
         if not isinstance(data, (Mapping, list)):
             raise ValueError(
                 f"weights: {str(path)!r} must hold {{'weights': {{name: w}}}}, "
-                "{name: w} or a list"
+                "{'train_domain_weights': {name: w}}, {name: w} or a list"
             )
         source = data
     if isinstance(source, Mapping):

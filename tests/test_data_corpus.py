@@ -2,12 +2,16 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from fastmix.data import CorpusError, TokenCorpus, load_weights
+
+# DoReMi's published weight configs (reference data beside the project; tests skip without it).
+PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "data" / "doremi"
 
 
 def write_bin(path, tokens, dtype="<u2"):
@@ -158,6 +162,35 @@ def test_load_weights_every_source(tmp_path):
     assert load_weights([1, 2, 3], names).tolist() == [1.0, 2.0, 3.0]
     assert load_weights(torch.tensor([1.0, 0.0, 1.0]), names).tolist() == [1.0, 0.0, 1.0]
     assert load_weights(np.array([3, 1, 0]), names).dtype == np.float64
+
+
+def test_load_weights_reads_doremi_configs_and_a_domain_named_weights(tmp_path):
+    # DoReMi's published configs hold {"train_domain_weights": {...}, "eval_domain_weights": {...}}:
+    # they were refused ("weights['train_domain_weights'] must be a number"), and a plain mapping
+    # with a domain named "weights" lost every other domain.
+    names = ["a", "b", "weights"]
+    path = tmp_path / "doremi.json"
+    doremi = {"train_domain_weights": {"a": 0.25, "b": 0.75}, "eval_domain_weights": {"a": 1.0}}
+    path.write_text(json.dumps(doremi))
+    assert load_weights(path, names).tolist() == [0.25, 0.75, 0.0]
+    path.write_text(json.dumps({"a": 0.5, "weights": 0.5}))
+    assert load_weights(path, names).tolist() == [0.5, 0.0, 0.5]
+    path.write_text(json.dumps({"weights": [1, 2, 3]}))
+    assert load_weights(path, names).tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    "config", sorted(PUBLISHED.glob("*.json")) or [None], ids=lambda p: p and p.name
+)
+def test_load_weights_reads_the_published_doremi_configs(config):
+    if config is None:
+        pytest.skip(f"no published configs at {PUBLISHED}")
+    weights = load_weights(config)
+    domains = json.loads(config.read_text())["train_domain_weights"]
+    assert weights == domains and len(weights) in (7, 22)
+    assert abs(sum(weights.values()) - 1) < 0.01  # published rounded to 4 decimals
+    names = sorted(weights)
+    assert load_weights(config, names).tolist() == [weights[n] for n in names]
 
 
 def test_load_weights_bad_input(tmp_path):

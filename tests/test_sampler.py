@@ -476,6 +476,32 @@ def test_blend_indices_matches_the_rule(weights: list[float]) -> None:
     np.testing.assert_array_equal(sample_index, ref_sample)
 
 
+PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [*sorted(PUBLISHED.glob("doremi/*.json")), *sorted(PUBLISHED.glob("regmix/config_1b_*.yaml"))]
+    or [None],
+    ids=lambda p: p and p.name,
+)
+def test_blend_indices_matches_the_rule_for_published_weights(config) -> None:
+    # Published tables are rounded (to 4 decimals): exact ties between domains at many steps.
+    if config is None:
+        pytest.skip(f"no published weights at {PUBLISHED}")
+    if config.suffix == ".json":
+        weights = list(json.loads(config.read_text())["train_domain_weights"].values())
+    else:  # RegMix's "train:" block of "  name: weight" lines
+        text = config.read_text().split("train:", 1)[1].split("\n")
+        weights = [float(line.split(":")[1]) for line in text[1:] if line.startswith("  ")]
+    assert len(weights) >= 1
+    size = 20_000
+    index, sample_index = blend_indices(weights, size)
+    ref_index, ref_sample = _blend_reference(weights, size)
+    np.testing.assert_array_equal(index, ref_index)
+    np.testing.assert_array_equal(sample_index, ref_sample)
+
+
 weight_vectors = st.one_of(
     st.lists(st.floats(0, 1e3, allow_nan=False, allow_subnormal=False), min_size=1, max_size=300),
     st.lists(st.sampled_from([0.0, 1.0, 2.0, 0.5, 1e-9]), min_size=1, max_size=300),  # many ties
