@@ -578,3 +578,26 @@ def test_an_output_name_taken_by_a_folder_fails_before_the_run(
     err = capsys.readouterr().err
     assert f"--out: {tmp_path / name} is a directory" in err and ".tmp" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no corpus was built
+
+
+def test_a_run_stopped_while_rendering_leaves_the_earlier_outputs_whole(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # weights.json, results.json and table.md were written before the figure was drawn (~1 s
+    # of matplotlib): a run stopped there left them beside an older run's figure and report.
+    import shutil
+
+    from fastmix.demo import report
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert set(report.OUTPUT_FILES) <= set(before)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "figure_png", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _demo("--out", str(out), *TINY_FLAGS, "--weights", str(tiny_run / "weights.json"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

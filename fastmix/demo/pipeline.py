@@ -313,6 +313,47 @@ def _write_outputs(
         ("figure", report.FIGURE_FILE),
         ("report", report.REPORT_FILE),
     )}
+    table = report.results_table(
+        domains, uniform, doremi_weights, uniform_loss, doremi_loss, reference_loss
+    )
+    results = {
+        "unit": "held-out loss in bits per byte (nats per byte / ln 2)",
+        "domains": domains,
+        "uniform_weights": uniform,
+        "doremi_weights": doremi_weights,
+        "uniform_model_bpb": {n: report.bits(v) for n, v in uniform_loss.items()},
+        "doremi_model_bpb": {n: report.bits(v) for n, v in doremi_loss.items()},
+        "reference_bpb": (
+            {n: report.bits(v) for n, v in reference_loss.items()} if reference_loss else None
+        ),
+        "weight_trajectory": trajectory.tolist() if trajectory is not None else None,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "settings": settings,
+        "timings_s": dict(timings),
+    }
+    png = report.figure_png(
+        domains,
+        trajectory,
+        uniform_loss,
+        doremi_loss,
+        reference_loss,
+        title=f"fastmix demo: {_shape(cfg)}, {opts.steps} steps of {opts.batch_size}x"
+        f"{opts.seq_len} bytes, seed {opts.seed}",
+    )
+    shown = dict(timings)
+    shown["total (before report)"] = time.perf_counter() - started
+    markdown = report.report_markdown(
+        table=table,
+        domains=domains,
+        doremi_weights=doremi_weights,
+        uniform_loss=uniform_loss,
+        doremi_loss=doremi_loss,
+        settings=settings,
+        timings=shown,
+        weights_source=weights_source,
+    )
+    # Everything is rendered first (the figure takes ~1 s) and written last, in a row: an
+    # interrupted run leaves the files of one run or the other, not a mix, for all but a moment.
     report.write_weights(
         files["weights"],
         doremi_weights,
@@ -333,53 +374,10 @@ def _write_outputs(
         model=cfg.to_dict(),
         fastmix_version=_version(),
     )
-    table = report.results_table(
-        domains, uniform, doremi_weights, uniform_loss, doremi_loss, reference_loss
-    )
+    atomic_write_json(files["results"], results)
     atomic_write_text(files["table"], table)
-    atomic_write_json(
-        files["results"],
-        {
-            "unit": "held-out loss in bits per byte (nats per byte / ln 2)",
-            "domains": domains,
-            "uniform_weights": uniform,
-            "doremi_weights": doremi_weights,
-            "uniform_model_bpb": {n: report.bits(v) for n, v in uniform_loss.items()},
-            "doremi_model_bpb": {n: report.bits(v) for n, v in doremi_loss.items()},
-            "reference_bpb": (
-                {n: report.bits(v) for n, v in reference_loss.items()} if reference_loss else None
-            ),
-            "weight_trajectory": trajectory.tolist() if trajectory is not None else None,
-            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-            "settings": settings,
-            "timings_s": dict(timings),
-        },
-    )
-    png = report.figure_png(
-        domains,
-        trajectory,
-        uniform_loss,
-        doremi_loss,
-        reference_loss,
-        title=f"fastmix demo: {_shape(cfg)}, {opts.steps} steps of {opts.batch_size}x"
-        f"{opts.seq_len} bytes, seed {opts.seed}",
-    )
     atomic_write_bytes(files["figure"], png)
-    shown = dict(timings)
-    shown["total (before report)"] = time.perf_counter() - started
-    atomic_write_text(
-        files["report"],
-        report.report_markdown(
-            table=table,
-            domains=domains,
-            doremi_weights=doremi_weights,
-            uniform_loss=uniform_loss,
-            doremi_loss=doremi_loss,
-            settings=settings,
-            timings=shown,
-            weights_source=weights_source,
-        ),
-    )
+    atomic_write_text(files["report"], markdown)
     return files
 
 
