@@ -386,6 +386,7 @@ class TokenCorpus:
 
     @property
     def num_domains(self) -> int:
+        """Number of domains, K."""
         return len(self.names)
 
     @property
@@ -1350,6 +1351,7 @@ class MixtureDataset(IterableDataset):
 
     @property
     def names(self) -> list[str]:
+        """The corpus's domain names, in weight order."""
         return list(self.corpus.names)
 
     @property

@@ -201,7 +201,11 @@ def get_tokenizer(spec: str = "byte") -> Tokenizer:
 def read_documents(
     path: str | os.PathLike, *, text_field: str = "text", lines: bool = False
 ) -> Iterator[str]:
-    """Documents of one input file (JSONL by suffix, else plain text); errors name the file."""
+    """Documents of one input file (JSONL by suffix, else plain text); errors name the file.
+
+    ``text_field`` is the JSONL field holding the text; ``lines`` makes each non-empty line of a
+    plain-text file a document.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"input {str(path)!r}: no such file")
@@ -466,7 +470,9 @@ def prepare_corpus(
 ) -> dict[str, Any]:
     """Tokenise every domain's input files; returns the written manifest (``corpus.json``).
 
-    ``domains`` maps a domain name to one input file or a list of them.
+    ``domains`` maps a domain name to one input file or a list of them, written into ``out_dir``
+    with ``tokenizer`` (see :func:`get_tokenizer`); ``text_field`` and ``lines`` are as in
+    :func:`read_documents`; ``show_progress`` draws a progress bar.
     """
     if not isinstance(domains, Mapping) or not domains:
         raise ValueError("domains: nothing to prepare (a mapping name -> file or list of files)")
@@ -572,6 +578,7 @@ def _load_or_new_manifest(out: Path, tok: Tokenizer) -> dict[str, Any]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``prepare`` arguments to ``parser``."""
     parser.description = (
         "Tokenise text or JSONL files into one token file per domain plus corpus.json, "
         "loadable with fastmix.TokenCorpus.from_dir(OUT)."
@@ -610,6 +617,7 @@ def parse_inputs(specs: Sequence[str]) -> dict[str, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``fastmix prepare``; returns the exit status (2 on bad input, 1 if writing fails)."""
     try:
         domains = parse_inputs(args.inputs)
         manifest = prepare_corpus(

@@ -243,10 +243,12 @@ class MixtureSampler:
     # ------------------------------------------------------------------------------ properties
     @property
     def method(self) -> str:
+        """``"alias"``, ``"stratified"`` or ``"greedy"``."""
         return self._method
 
     @property
     def seed(self) -> int:
+        """The seed (unused by ``"greedy"``)."""
         return self._seed
 
     @property
@@ -256,6 +258,7 @@ class MixtureSampler:
 
     @property
     def num_domains(self) -> int:
+        """Number of domains, K."""
         return int(self._raw.size)
 
     @property

@@ -125,18 +125,22 @@ class DoReMi:
 
     @property
     def num_updates(self) -> Tensor:
+        """Updates applied so far (int64 scalar on the device)."""
         return self._counters[0]
 
     @property
     def num_skipped(self) -> Tensor:
+        """Updates skipped because their statistics were not finite (int64 scalar)."""
         return self._counters[1]
 
     @property
     def num_out_of_range(self) -> Tensor:
+        """Unmasked tokens dropped for a domain id outside [0, K) (int64 scalar)."""
         return self._counters[2]
 
     @property
     def device(self) -> torch.device:
+        """Where the state lives."""
         return self._state.device
 
     def to(self, device: torch.device | str) -> DoReMi:

@@ -109,10 +109,12 @@ class ODM:
 
     @property
     def num_skipped(self) -> Tensor:
+        """Domain-steps whose mean loss was not finite, ignored (int64 scalar)."""
         return self._skipped
 
     @property
     def device(self) -> torch.device:
+        """Where the state lives."""
         return self._weights.device
 
     def exploration(self, t: int | None = None) -> float:

@@ -30,6 +30,9 @@ class Choice:
         predictors: per target, the predictor refitted on every run.
         search: the search result (top-k, objective).
         pareto: the front across targets (two or more targets), else ``None``.
+        objective_weights: ``{target: weight}`` of the objective.
+        maximize: ``{target: bool}``, True where higher is better.
+        info: the settings of the run (predictor, tune, holdout, seed, samples, top_k).
     """
 
     weights: dict[str, float]
@@ -78,6 +81,7 @@ def choose_weights(
         prior: centre of the search's Dirichlet sampling (default: mean sweep mixture).
         holdout: fraction of runs held out for evaluation (0 to skip).
         samples, top_k: search settings (RegMix-style top-k average).
+        pareto_samples: mixtures sampled for the Pareto front (two or more targets).
         seed: seeds the split, the predictors and the search.
     """
     if isinstance(targets, Mapping):

@@ -23,7 +23,10 @@ __all__ = ["ScalingLaw", "fit_scaling_law", "fit_domain_laws"]
 
 @dataclass(frozen=True)
 class ScalingLaw:
-    """``L(n) = E + A·n^(−α)`` with ``n`` in the same unit as the fit (e.g. tokens)."""
+    """``L(n) = E + A·n^(−α)`` with ``n`` in the same unit as the fit (e.g. tokens).
+
+    ``alpha`` is α; ``huber_loss`` is the Huber loss of the fit (on log residuals).
+    """
 
     E: float
     A: float
@@ -110,7 +113,8 @@ def _fit_starts(objective: Any, y: np.ndarray, n: np.ndarray, ymin: float,
 
 def fit_domain_laws(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
                     delta: float = 1e-3, seed: int = 0) -> dict[str, ScalingLaw]:
-    """Fit one law per domain from ``{domain: (tokens, loss)}``; errors name the domain."""
+    """Fit one law per domain from ``curves``, ``{domain: (tokens, loss)}``; errors name the
+    domain.  ``delta`` and ``seed`` as in :func:`fit_scaling_law`."""
     if not isinstance(curves, Mapping):  # a list of pairs failed on .items()
         raise TypeError(f"curves must be a mapping {{domain: (tokens, loss)}}, got "
                         f"{type(curves).__name__}")

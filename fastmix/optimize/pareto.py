@@ -23,7 +23,8 @@ def pareto_front(values: np.ndarray, maximize: Sequence[bool] | None = None) -> 
 
     Sorted sweep: after ordering points lexicographically, a point can only be dominated by
     an earlier one, and only by a point already on the front, so each point is compared with
-    the current front only (``O(n·front)`` vectorised).
+    the current front only (``O(n·front)`` vectorised).  ``maximize`` has one flag per
+    objective, True where higher is better (default: lower is better for all).
     """
     V = np.asarray(values, dtype=np.float64)
     if V.ndim != 2 or V.shape[0] == 0 or V.shape[1] == 0:
@@ -91,9 +92,11 @@ def pareto_search(objectives: Sequence[Any], names: Sequence[str], constraints: 
                   seed: int = 0) -> ParetoFront:
     """Sample feasible mixtures, predict every objective, keep the non-dominated ones.
 
-    ``objectives`` are vectorised callables ``(n, K) -> (n,)`` (e.g. predictors' ``predict``);
-    ``include`` adds mixtures of one's own to the candidates (e.g. a search's result, so the
-    front is not beaten by the chosen point).
+    ``objectives`` are vectorised callables ``(n, K) -> (n,)`` (e.g. predictors' ``predict``),
+    ``names`` their names; ``samples`` mixtures are drawn with :func:`sample_mixtures` around
+    ``prior`` (default: uniform) under ``constraints``, seeded by ``seed``; ``maximize`` has one
+    flag per objective (default: minimise all); ``include`` adds mixtures of one's own to the
+    candidates (e.g. a search's result, so the front is not beaten by the chosen point).
     """
     if len(objectives) != len(names) or len(names) < 2:
         raise ValueError("need at least two objectives, each with a name")

@@ -128,12 +128,15 @@ class Predictor:
     name = "predictor"
 
     def min_runs(self, num_domains: int) -> int:  # pragma: no cover - overridden
+        """The fewest runs a fit on ``num_domains`` domains needs."""
         raise NotImplementedError
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> Predictor:  # pragma: no cover
+        """Fit ``(runs, K)`` mixtures ``X`` to ``(runs,)`` values ``y``; returns self."""
         raise NotImplementedError
 
     def predict(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover
+        """Predicted values ``(n,)`` for ``(n, K)`` mixtures."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -146,6 +149,11 @@ class RidgePredictor(Predictor):
 
     Features are standardised before the penalty so α means the same for every domain; all
     α are solved at once from one SVD per fold.
+
+    Args:
+        alphas: the candidate penalties (default: 41 values from 1e-6 to 1e4, log-spaced).
+        folds: K of the K-fold CV (>= 2).
+        seed: seeds the folds.
     """
 
     name = "linear"
@@ -236,6 +244,7 @@ class MixingLawPredictor(Predictor):
             choice: 95% efficiency under Gaussian noise).
         sign: force ``s`` (+1 when ``y`` grows with ``exp``, e.g. losses) or ``None`` for both.
         seed: seeds the random starts.
+        max_iter: most L-BFGS iterations per fit (each start, and the refit).
     """
 
     name = "law"
@@ -555,7 +564,8 @@ PREDICTORS = ("linear", "trees", "law", "law+trees")
 def make_predictor(name: str, *, seed: int = 0, tune: bool = False, **kwargs: Any) -> Predictor:
     """A predictor by name: ``linear``, ``trees``, ``law`` or ``law+trees``.
 
-    ``tune`` chooses the tree settings by CV on the training rows (trees only); other keyword
+    ``tune`` chooses the tree settings by CV on the training rows (trees only); ``seed`` seeds
+    the predictor (the trees get ``42 + seed``: RegMix's seed 42 at the default); other keyword
     arguments go to the constructor.
     """
     if name == "linear":

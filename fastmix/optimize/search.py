@@ -205,6 +205,7 @@ class Constraints:
                 & (np.abs(W.sum(1) - 1) <= atol * W.shape[1]))
 
     def describe(self) -> dict[str, Any]:
+        """The bounds per domain and the token budget, as plain values."""
         return {"min_weight": dict(zip(self.domains, self.lo.tolist(), strict=True)),
                 "max_weight": dict(zip(self.domains, self.hi.tolist(), strict=True)),
                 "total_tokens": self.total_tokens, "max_epochs": self.max_epochs}
@@ -326,7 +327,8 @@ def sample_mixtures(n: int, prior: np.ndarray, constraints: Constraints, *,
     """``n`` feasible mixtures from Dirichlet(c·K·prior) for each concentration ``c`` in turn.
 
     Small ``c`` gives sparse mixtures far from the prior, large ``c`` mixtures near it, as in
-    RegMix's sampler.  Each sample is projected onto the constraints.
+    RegMix's sampler.  Each sample is projected onto the constraints.  Sample ``i`` uses
+    ``concentrations[i % len(concentrations)]``; ``seed`` seeds the draws.
     """
     K = len(constraints.domains)
     prior = _check_prior(prior, K)
@@ -346,7 +348,18 @@ def sample_mixtures(n: int, prior: np.ndarray, constraints: Constraints, *,
 
 @dataclass
 class SearchResult:
-    """The chosen weights and how they were found."""
+    """The chosen weights and how they were found.
+
+    Attributes:
+        weights: the chosen mixture: the average of the top-k samples, refined.
+        objective: the objective at ``weights``.
+        top_k, top_k_objective: the best sampled mixtures and their objectives, best first.
+        averaged_objective: the objective at the top-k average, before refinement.
+        refined: whether refinement improved on the average.
+        evaluated: mixtures evaluated in all.
+        candidates, candidate_objective: every sampled mixture and its objective
+            (``keep_candidates=True``), else ``None``.
+    """
 
     weights: np.ndarray
     objective: float
@@ -359,6 +372,7 @@ class SearchResult:
     candidate_objective: np.ndarray | None = None
 
     def as_dict(self, domains: Sequence[str]) -> dict[str, float]:
+        """``weights`` as ``{domain: weight}``, in the order of ``domains``."""
         return {d: float(w) for d, w in zip(domains, self.weights, strict=True)}
 
 

@@ -58,10 +58,12 @@ class Sweep:
 
     @property
     def num_runs(self) -> int:
+        """Rows of the sweep."""
         return int(self.mixtures.shape[0])
 
     @property
     def num_domains(self) -> int:
+        """Mixture columns of the sweep."""
         return int(self.mixtures.shape[1])
 
     def target(self, name: str) -> np.ndarray:
