@@ -97,12 +97,12 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
     """Read mixture weights from a ``weights.json`` path, a dict, a sequence, an array or a tensor.
 
     ``weights.json`` may be ``{"weights": {name: w, ...}}`` (what fastmix writes), DoReMi's
-    ``{"train_domain_weights": {name: w, ...}, ...}`` (its train weights are read) or a plain
-    ``{name: w}`` mapping (where a domain may be named "weights": a number there is a weight).
-    With ``names`` the result is a float64 array in that order (domains a mapping leaves out get
-    weight 0; a name not in ``names`` is an error); without ``names`` a mapping stays a ``dict``
-    and anything else becomes a float64 array.  Values are checked: finite, non-negative, not all
-    zero.  Nothing is normalised.
+    ``{"train_domain_weights": {name: w, ...}, ...}`` (its train weights are read), a plain
+    ``{name: w}`` mapping (where a domain may be named "weights": a number there is a weight) or
+    a list of weights (also under ``"weights"``).  With ``names`` the result is a float64 array
+    in that order (domains a mapping leaves out get weight 0; a name not in ``names`` is an
+    error); without ``names`` a mapping stays a ``dict`` and anything else becomes a float64
+    array.  Values are checked: finite, non-negative, not all zero.  Nothing is normalised.
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
