@@ -791,6 +791,8 @@ def test_tree_predictor_without_tree_libraries(monkeypatch):
         make_predictor("law+trees")
     with pytest.raises(ImportError, match="scikit-learn is not installed"):
         TreePredictor(backend="sklearn")
+    with pytest.raises(ImportError, match=r'lightgbm is not installed.*"fastmix\[trees\]"'):
+        TreePredictor(backend="lightgbm")
     make_predictor("law")  # the others need neither
     make_predictor("linear")
 

@@ -418,8 +418,11 @@ class TreePredictor(Predictor):
                  folds: int = 5, backend: str = "auto", seed: int = 42):
         if backend not in ("auto", "lightgbm", "sklearn"):
             raise ValueError(f"backend must be 'auto', 'lightgbm' or 'sklearn', got {backend!r}")
+        # ImportError for either missing library, as for "auto" (a ValueError for this one
+        # alone escaped an `except ImportError` fallback).
         if backend == "lightgbm" and not _have_lightgbm():
-            raise ValueError("backend='lightgbm' but lightgbm is not installed")
+            raise ImportError("backend='lightgbm' but lightgbm is not installed: pip install "
+                              '"fastmix[trees]"', name="lightgbm")
         if backend == "sklearn" and not _have_sklearn():
             raise ImportError("backend='sklearn' but scikit-learn is not installed: pip "
                               'install "fastmix[trees]"', name="sklearn")
