@@ -424,7 +424,8 @@ class TokenCorpus:
 
     def file_path(self, file_index: int) -> Path:
         """Path of the ``file_index``-th file (files numbered in domain order)."""
-        return self._flat_files[file_index]
+        # Checked as in tokens_of: -1 named the last file, one past the end an IndexError.
+        return self._flat_files[self._file_index(file_index)]
 
     def domain_files(self, name: str) -> str:
         """The domain's files as one string, for error messages."""

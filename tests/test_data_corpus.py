@@ -131,6 +131,11 @@ def test_corpus_specs_and_reads_are_checked(tmp_path):
             corpus.read(*args)
     with pytest.raises(ValueError, match="file_index"):
         corpus.tokens_of(-1)
+    # file_path(-1) (or True) named the last (second) file, file_path(1) raised an IndexError
+    assert corpus.file_path(np.int64(0)) == tmp_path / "a.bin"
+    for index, error in ((-1, ValueError), (1, ValueError), (True, TypeError), (0.0, TypeError)):
+        with pytest.raises(error, match="file_index"):
+            corpus.file_path(index)
     with pytest.raises(ValueError, match="no domain 'zz'"):
         corpus.domain_files("zz")
 
