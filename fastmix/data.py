@@ -1281,13 +1281,8 @@ class MixtureDataset(IterableDataset):
             raise TypeError(f"corpus must be a TokenCorpus, got {type(corpus).__name__}")
         self.corpus = corpus
         self.seq_len = integer(seq_len, "seq_len", 1)
-        if (
-            isinstance(seed, bool)
-            or not isinstance(seed, (int, np.integer))
-            or not 0 <= seed < 2**64
-        ):
-            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-        self.seed = int(seed)
+        # A seed that is no int is a TypeError, as for MixtureSampler (it was a ValueError).
+        self.seed = integer(seed, "seed", 0, 2**64 - 1)
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         self.method = method
@@ -1394,11 +1389,9 @@ class MixtureDataset(IterableDataset):
                 "rank), e.g. step = steps_consumed + prefetch_factor * num_workers"
             )
         if step is not None:
-            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-                raise ValueError(f"step must be a non-negative int or None, got {step!r}")
+            step = integer(step, "step", 0)  # 1.5 or "3": TypeError (it was a ValueError)
             if step >= 2**62:
                 raise ValueError(f"step must be < 2**62, got {step}")
-            step = int(step)
         if isinstance(weights, torch.Tensor) and weights.device.type == "cuda":
             if weights.dtype == torch.bool or weights.is_complex():
                 raise TypeError(f"weights must be real numbers, got a {weights.dtype} tensor")

@@ -642,3 +642,21 @@ def test_stream_keys_match_the_stream_state(corpus):
 
     ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1])
     assert tuple(_Stream(ds, None).state()) == _STREAM_KEYS
+
+
+def test_seed_and_step_of_another_type_are_type_errors(tmp_path):
+    # As for every other int argument (and MixtureSampler's seed): a float, a bool or a str is a
+    # TypeError, a negative int a ValueError; both were ValueErrors here.
+    corpus = make_corpus(tmp_path, {"a": [100], "b": [100]})
+    for seed in (1.0, True, "1"):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            MixtureDataset(corpus, SEQ_LEN, [1, 1], seed=seed)
+    for seed, match in ((-1, "seed must be >= 0"), (2**64, "seed must be <= 18446744073709551615")):
+        with pytest.raises(ValueError, match=match):
+            MixtureDataset(corpus, SEQ_LEN, [1, 1], seed=seed)
+    assert MixtureDataset(corpus, SEQ_LEN, [1, 1], seed=np.uint64(2**64 - 1)).seed == 2**64 - 1
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1])
+    for step in (1.5, True, "3"):
+        with pytest.raises(TypeError, match="step must be an int"):
+            ds.set_weights([1, 2], step=step)
+    assert ds.set_weights([1, 2], step=np.int64(3)) == 3
