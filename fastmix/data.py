@@ -231,6 +231,8 @@ class TokenCorpus:
         # DataLoader worker maps the files anew).
         self._flat_ids: list[tuple[int, int, int]] = []
         self._host = socket.gethostname()
+        #: The corpus.json the corpus was loaded from (``from_dir``), else None.
+        self.manifest: dict[str, Any] | None = None
         # corpus.json (or the error reading it) per directory, while the files are inspected
         self._manifests: dict[Path, dict[str, Any] | CorpusError | None] = {}
         for name, spec in domains.items():

@@ -45,7 +45,10 @@ def test_uint32_and_dtype_from_manifest(tmp_path):
     )
     corpus = TokenCorpus.from_dir(tmp_path)
     assert corpus.read(0, 0, 3).tolist() == [70000, 1, 2]
+    assert corpus.manifest == {"dtype": "uint32", "domains": {"x": {"files": ["x.bin"]}}}
     assert TokenCorpus({"x": tmp_path / "x.bin"}).tokens == {"x": 3}  # dtype from the manifest
+    # Not loaded from a directory: no manifest (the attribute was missing: AttributeError).
+    assert TokenCorpus({"x": tmp_path / "x.bin"}).manifest is None
     # An explicit dtype that contradicts the manifest listing the file would misread every token.
     with pytest.raises(CorpusError, match=r"dtype='uint16' but .*corpus.json' says 'uint32'"):
         TokenCorpus({"x": tmp_path / "x.bin"}, dtype="uint16")
