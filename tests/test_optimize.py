@@ -611,6 +611,9 @@ def test_projection_and_sampling_check_their_input():
     W = sample_mixtures(4, prior, c, concentrations=(1e12, 1e-300))
     assert c.feasible(W).all()
     np.testing.assert_allclose(W[0], prior, atol=1e-5)
+    # A prior whose sum overflows: it was divided by inf, all zeros, and sampled as uniform.
+    W = sample_mixtures(2, [1.5e308, 1e308, 1e308], c, concentrations=(1e12,))
+    np.testing.assert_allclose(W[0], [3 / 7, 2 / 7, 2 / 7], atol=1e-5)
     with pytest.raises(TypeError, match="domains must be a list of names, got 'web'"):
         Constraints("web")
     with pytest.raises(TypeError, match="domains must be a list of names, got None"):

@@ -93,9 +93,14 @@ def _check_prior(prior: Any, K: int) -> np.ndarray:
     arr = arr.astype(np.float64)
     if arr.shape != (K,):
         raise ValueError(f"prior must be {K} weights (one per domain), got shape {arr.shape}")
-    if not np.isfinite(arr).all() or (arr < 0).any() or not arr.sum() > 0:
+    if not np.isfinite(arr).all() or (arr < 0).any() or not arr.max() > 0:
         raise ValueError(f"prior must be {K} non-negative finite weights with a positive sum")
-    return arr / arr.sum()
+    with np.errstate(over="ignore"):
+        total = arr.sum()
+    if not np.isfinite(total):  # e.g. [1.5e308, 1e308]: dividing by inf gave all zeros
+        arr = arr / arr.max()
+        total = arr.sum()
+    return arr / total
 
 
 @dataclass
