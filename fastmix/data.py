@@ -215,7 +215,9 @@ class TokenCorpus:
     cheaply to DataLoader workers under any start method.
     """
 
-    def __init__(self, domains: Mapping[str, PathLike | Sequence[PathLike]], *, dtype: Any = None):
+    def __init__(
+        self, domains: Mapping[str, PathLike | Sequence[PathLike]], *, dtype: Any = None
+    ) -> None:
         if not isinstance(domains, Mapping) or not domains:
             raise TypeError("domains must be a non-empty mapping of name -> file or list of files")
         self._bin_dtype = None if dtype is None else _bin_dtype(dtype, "dtype")
@@ -1277,7 +1279,7 @@ class MixtureDataset(IterableDataset):
         world_size: int | None = None,
         max_epochs: int | None = None,
         on_exhausted: str = "reshuffle",
-    ):
+    ) -> None:
         super().__init__()
         if not isinstance(corpus, TokenCorpus):
             raise TypeError(f"corpus must be a TokenCorpus, got {type(corpus).__name__}")

@@ -33,7 +33,8 @@ class ScalingLaw:
     alpha: float
     huber_loss: float = 0.0
 
-    def __call__(self, n: float | np.ndarray) -> np.ndarray:
+    def __call__(self, n: float | np.ndarray) -> float | np.ndarray:
+        """The predicted loss at ``n``: a float for a scalar ``n``, else an array of its shape."""
         n = np.asarray(n, dtype=np.float64)
         if (n <= 0).any():
             raise ValueError("n must be > 0")

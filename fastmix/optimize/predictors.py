@@ -158,7 +158,8 @@ class RidgePredictor(Predictor):
 
     name = "linear"
 
-    def __init__(self, alphas: Sequence[float] | None = None, folds: int = 5, seed: int = 0):
+    def __init__(self, alphas: Sequence[float] | None = None, folds: int = 5,
+                 seed: int = 0) -> None:
         alphas = np.asarray(np.logspace(-6, 4, 41) if alphas is None else alphas)
         if alphas.dtype.kind not in "iuf":
             raise TypeError(f"alphas must be numbers, got {reprlib.repr(alphas.tolist())}")
@@ -250,7 +251,7 @@ class MixingLawPredictor(Predictor):
     name = "law"
 
     def __init__(self, starts: int = 16, delta: float = 1.345, sign: int | None = None,
-                 seed: int = 0, max_iter: int = 500):
+                 seed: int = 0, max_iter: int = 500) -> None:
         starts, max_iter = _integer(starts, "starts"), _integer(max_iter, "max_iter")
         if starts < 1:
             raise ValueError(f"starts must be >= 1, got {starts}")
@@ -415,7 +416,7 @@ class TreePredictor(Predictor):
     def __init__(self, n_estimators: int = 1000, learning_rate: float = 0.01,
                  num_leaves: int = 31, min_child_samples: int = 20, base: str | None = None,
                  tune: bool = False, grid: dict[str, Sequence[int]] | None = None,
-                 folds: int = 5, backend: str = "auto", seed: int = 42):
+                 folds: int = 5, backend: str = "auto", seed: int = 42) -> None:
         if backend not in ("auto", "lightgbm", "sklearn"):
             raise ValueError(f"backend must be 'auto', 'lightgbm' or 'sklearn', got {backend!r}")
         # ImportError for either missing library, as for "auto" (a ValueError for this one
