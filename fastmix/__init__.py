@@ -8,7 +8,18 @@ compiled ``fastmix._C``; everything that needs torch is imported on first use, s
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers see; at run time each name is imported on first use
+    from fastmix.data import MixtureDataset as MixtureDataset
+    from fastmix.data import TokenCorpus as TokenCorpus
+    from fastmix.mixers import ODM as ODM
+    from fastmix.mixers import DoReMi as DoReMi
+    from fastmix.ops import backends as backends
+    from fastmix.ops import domain_loss_stats as domain_loss_stats
+    from fastmix.sampler import MixtureSampler as MixtureSampler
+    from fastmix.sampler import blend_indices as blend_indices
+    from fastmix.sampler import sample_domains as sample_domains
 
 __version__ = "0.1.0"
 

@@ -40,7 +40,7 @@ def test_sdist_holds_the_headers_the_tests_and_ci(tmp_path: Path) -> None:
         for p in src.glob(pattern)
         if p.is_file()
     }
-    needed |= {".ci/run", "setup.py", "pyproject.toml", "README.md"}
+    needed |= {".ci/run", "setup.py", "pyproject.toml", "README.md", "fastmix/py.typed"}
     assert any(name.endswith(".h") for name in needed)
     assert needed <= names, sorted(needed - names)
 

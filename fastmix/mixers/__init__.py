@@ -8,7 +8,11 @@ per-domain statistics of :func:`fastmix.domain_loss_stats` and never synchronise
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers see; at run time each name is imported on first use
+    from fastmix.mixers.doremi import DoReMi as DoReMi
+    from fastmix.mixers.odm import ODM as ODM
 
 _LAZY = {"DoReMi": "fastmix.mixers.doremi", "ODM": "fastmix.mixers.odm"}
 __all__ = sorted(_LAZY)
