@@ -595,7 +595,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="byte",
         help="byte (built in, default) | tiktoken:<encoding> | hf:<tokenizer.json or hub name>",
     )
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    parser.add_argument(
+        "--text-field", default="text", help="JSONL field holding the text (default: text)"
+    )
     parser.add_argument(
         "--lines", action="store_true", help="plain text: one document per non-empty line"
     )

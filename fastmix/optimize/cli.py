@@ -108,12 +108,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "mixture, or each domain's share of the tokens, count / total of "
                              "--token-counts, when token counts are given)")
     parser.add_argument("--holdout", type=_number, default=0.2,
-                        help="fraction of runs held out to score the predictor (0 to skip)")
+                        help="fraction of runs held out to score the predictor "
+                             "(default 0.2; 0 to skip)")
     parser.add_argument("--samples", type=int, default=50_000,
                         help=f"mixtures sampled (default 50,000; at most {MAX_SAMPLES:,})")
-    parser.add_argument("--top-k", type=int, default=100, help="best samples averaged")
+    parser.add_argument("--top-k", type=int, default=100,
+                        help="best samples averaged (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="0 to 2**32 - 1 (default 0)")
-    parser.add_argument("--out", default="fastmix-optimize", help="output directory")
+    parser.add_argument("--out", default="fastmix-optimize",
+                        help="output directory (default fastmix-optimize)")
 
 
 def run(args: argparse.Namespace) -> int:
