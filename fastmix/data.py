@@ -1610,7 +1610,9 @@ class MixtureDataset(IterableDataset):
         the stream is the one a fresh process loading ``state`` would produce.  Afterwards
         ``weight_schedule`` lists the restored changes still to come.
         """
-        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+        if not isinstance(state, Mapping):  # (as the sampler and the mixers say it)
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        if state.get("format") != _STATE_FORMAT:
             raise ValueError("state is not a MixtureDataset state_dict")
         header = self._header()
         for key in ("version", "seed", "method", "seq_len", "global_batch", "domains"):

@@ -627,6 +627,9 @@ def test_load_state_dict_checks_the_body(corpus):
         with pytest.raises(ValueError, match=match):  # into the running dataset: nothing changes
             ds.load_state_dict(bad)
         assert ds.state_dict() == good
+    for not_a_dict in ([], None, "state"):  # a TypeError, as for the sampler and the mixers
+        with pytest.raises(TypeError, match="state must be a dict"):
+            ds.load_state_dict(not_a_dict)
     one_domain = dict(good, sampler=dict(good["sampler"], weights=[1.0]))
     with pytest.raises(ValueError, match="sampler.*over 3 domains"):
         k1.load_state_dict(one_domain)
