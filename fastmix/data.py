@@ -237,6 +237,8 @@ class TokenCorpus:
         self.manifest: dict[str, Any] | None = None
         # corpus.json (or the error reading it) per directory, while the files are inspected
         self._manifests: dict[Path, dict[str, Any] | CorpusError | None] = {}
+        # ... and the file names it lists, as a set (a list scan per file was O(files) each)
+        self._manifest_files: dict[Path, frozenset[str]] = {}
         for name, spec in domains.items():
             if not isinstance(name, str) or not name:
                 raise TypeError(f"domain names must be non-empty strings, got {name!r}")
@@ -273,7 +275,7 @@ class TokenCorpus:
                 raise CorpusError(f"domain {name!r} is empty: its files ({listing}) hold no tokens")
             self.file_tokens[name] = sizes
         self._maps: list[np.ndarray | None] = [None] * len(self._flat_files)
-        del self._manifests
+        del self._manifests, self._manifest_files
 
     @classmethod
     def from_dir(cls, path: PathLike) -> TokenCorpus:
@@ -355,7 +357,12 @@ class TokenCorpus:
                 manifest = self._manifest_beside(path)
             except CorpusError:  # not a fastmix manifest: no opinion on an explicit dtype
                 manifest = None
-            _check_manifest_dtype(where, path, dt, manifest)
+            listed = None
+            if manifest is not None:
+                listed = self._manifest_files.get(path.parent)
+                if listed is None:
+                    listed = self._manifest_files[path.parent] = _manifest_file_names(manifest)
+            _check_manifest_dtype(where, path, dt, manifest, listed)
         if dt is None:
             raise CorpusError(
                 f"{where}: a raw token file needs dtype= ('uint16' or 'uint32') or a "
@@ -511,25 +518,38 @@ def _bin_dtype(dtype: Any, what: str) -> np.dtype:
     return _BIN_DTYPES[dt.name]
 
 
+def _manifest_file_names(manifest: dict[str, Any]) -> frozenset[str]:
+    """Every file name a fastmix manifest lists, over all its domains."""
+    return frozenset(
+        f
+        for info in manifest["domains"].values()
+        if isinstance(info, Mapping) and isinstance(info.get("files"), list)
+        for f in info["files"]
+        if isinstance(f, str)
+    )
+
+
 def _check_manifest_dtype(
-    where: str, path: Path, dtype: np.dtype, manifest: dict[str, Any] | None
+    where: str,
+    path: Path,
+    dtype: np.dtype,
+    manifest: dict[str, Any] | None,
+    listed: frozenset[str] | None = None,
 ) -> None:
     """An explicit dtype= must agree with a fastmix manifest that lists the file (another dtype
     would read every token wrong); a manifest that is not fastmix's, or does not list it, is
-    none of our business."""
+    none of our business.  ``listed``: the manifest's file names (``_manifest_file_names``),
+    when the caller has them already."""
     if manifest is None:
         return
-    listed = any(
-        isinstance(info, Mapping)
-        and isinstance(info.get("files"), list)
-        and path.name in info["files"]
-        for info in manifest["domains"].values()
-    )
+    if listed is None:
+        listed = _manifest_file_names(manifest)
+    listed_here = path.name in listed
     try:
         theirs = _bin_dtype(manifest.get("dtype"), "dtype")
     except ValueError:
         return
-    if listed and theirs != dtype:
+    if listed_here and theirs != dtype:
         raise CorpusError(
             f"{where}: dtype={dtype.name!r} but {str(path.parent / CORPUS_MANIFEST)!r} says "
             f"{theirs.name!r}"
