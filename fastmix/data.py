@@ -740,18 +740,21 @@ class _Control:
                 v["event_weights"][slot] = weights
                 v["event_flag"][slot] = _READY
 
-    def dump(self) -> list[tuple[int, list[float]]]:
-        """Every change still in the ring, in the order they were made, as (step, weights)."""
+    def dump(self, min_step: int = -1) -> list[tuple[int, list[float]]]:
+        """Every change still in the ring for a step >= ``min_step``, in the order they were
+        made, as (step, weights)."""
         v = self.v
         with self.lock:
             ids = v["event_id"].copy()
             made = v["event_made"].copy()
             flags = v["event_flag"].copy()
             steps = v["event_step"].copy()
-            weights = v["event_weights"].copy()
+            # Only the rows asked for: the ring is 1024 x K (80 MB at K = 10,000).
+            keep = np.flatnonzero((ids >= 0) & (flags == _READY) & (steps >= min_step))
+            weights = dict(zip(keep.tolist(), v["event_weights"][keep], strict=True))
         # (not by event id: a CUDA change is published after changes made later, and where two
         # share a step the one made last must win when the list is replayed in order)
-        order = [i for i in np.argsort(made, kind="stable") if ids[i] >= 0 and flags[i] == _READY]
+        order = [i for i in np.argsort(made, kind="stable").tolist() if i in weights]
         return [(int(steps[i]), weights[i].tolist()) for i in order]
 
     # -- readers (iterators) ---------------------------------------------------------------------
@@ -1236,9 +1239,8 @@ class _MixtureIterator:
         state = self.stream.state()
         # Changes already in shared memory that this iterator has not collected yet.
         pending = {s: w for s, w in state["pending"]}
-        for step, weights in self.ds._control.dump():
-            if step >= self.stream.step:
-                pending[step] = weights
+        for step, weights in self.ds._control.dump(self.stream.step):
+            pending[step] = weights
         state["pending"] = [[s, pending[s]] for s in sorted(pending)]
         state.update(next_step=self.next_step, worker=self.worker_id, stride=self.stride)
         return state
@@ -1608,9 +1610,13 @@ class MixtureDataset(IterableDataset):
             state.update(next_step=None, worker=None, stride=None)
             if self._resume is not None and self._resume.get("next_step") is not None:
                 state.update({k: self._resume[k] for k in ("next_step", "worker", "stride")})
-        # Changes still to come; a worker's own state needs only its "pending" ones.
+        # Changes still to come; a worker's own state needs only its "pending" ones.  Those before
+        # the state's step are history load_state_dict skips (a ring of up to 1024 weight
+        # vectors: 93 MB and 8.7 s at K = 10,000 when the weights change every step).
         state["events"] = (
-            [] if in_worker else [[s, w] for s, w in self._control.dump() if s >= self._floor]
+            []
+            if in_worker
+            else [[s, w] for s, w in self._control.dump(max(self._floor, int(state["step"])))]
         )
         if not in_worker:
             # The earliest step a change can reach now: with DataLoader workers they, not this
