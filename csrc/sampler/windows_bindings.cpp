@@ -39,138 +39,190 @@ void check_writeable(const py::array& a, const char* name) {
   if (!a.writeable()) throw std::invalid_argument(std::string(name) + " must be writeable");
 }
 
-// Map samples [0, n_done) of a global batch; evaluate the permutation only for [begin, end).
-// Returns n_done: the batch length, or the index of the first sample whose domain has reached its
-// cap (caps[d] windows read), so the caller can drop that domain and redraw from there.
+// The file table of a corpus at one seq_len, validated and copied once: domain d owns files
+// [fb[d], fb[d+1]); fwe[f] is the cumulative window count of the domain up to and including file f,
+// so it ends at n_windows[d].  map_windows used to copy and check it on every call, O(files) per
+// global step (1.3 ms at a million files, on every step every DataLoader worker plans); a
+// MixtureDataset's stream builds one WindowTable and maps each step in O(batch + K).  The copies
+// are its own, so nothing another thread does to the arrays can move a mapping out of bounds.
+class WindowTable {
+ public:
+  WindowTable(const I64& n_windows, const I64& file_begin, const I64& file_window_end,
+              int64_t seq_len)
+      : seq_len_(seq_len) {
+    check_1d(n_windows, "n_windows", -1);
+    k_ = n_windows.shape(0);
+    if (k_ < 1) throw std::invalid_argument("n_windows must name at least one domain");
+    check_1d(file_begin, "file_begin", k_ + 1);
+    check_1d(file_window_end, "file_window_end", -1);
+    if (seq_len < 1)
+      throw std::invalid_argument("seq_len must be >= 1, got " + std::to_string(seq_len));
+    nw_.assign(n_windows.data(), n_windows.data() + k_);
+    fb_.assign(file_begin.data(), file_begin.data() + k_ + 1);
+    const py::ssize_t F = file_window_end.shape(0);
+    fwe_.assign(file_window_end.data(), file_window_end.data() + F);
+    // file_begin is checked whole before fwe is read through it.
+    if (fb_[0] != 0 || fb_[k_] != F)
+      throw std::invalid_argument("file_begin must start at 0 and end at len(file_window_end)");
+    for (py::ssize_t d = 0; d < k_; ++d) {
+      if (fb_[d + 1] < fb_[d]) throw std::invalid_argument("file_begin must be non-decreasing");
+    }
+    for (py::ssize_t d = 0; d < k_; ++d) {
+      if (nw_[d] < 0)
+        throw std::invalid_argument("n_windows[" + std::to_string(d) + "] is negative");
+      int64_t prev = 0;
+      for (int64_t f = fb_[d]; f < fb_[d + 1]; ++f) {
+        if (fwe_[f] < prev)
+          throw std::invalid_argument("file_window_end must be non-decreasing within a domain");
+        // The token offset (window - the file's first window) * seq_len must fit in int64.
+        int64_t tokens = 0;
+        if (__builtin_mul_overflow(fwe_[f] - prev, seq_len, &tokens))
+          throw std::invalid_argument("file " + std::to_string(f) + " holds " +
+                                      std::to_string(fwe_[f] - prev) + " windows of seq_len " +
+                                      std::to_string(seq_len) + ": its token offsets overflow int64");
+        prev = fwe_[f];
+      }
+      if (prev != nw_[d])
+        throw std::invalid_argument("file_window_end of domain " + std::to_string(d) +
+                                    " ends at " + std::to_string(prev) + ", n_windows says " +
+                                    std::to_string(nw_[d]));
+    }
+  }
+
+  py::ssize_t num_domains() const { return k_; }
+  py::ssize_t num_files() const { return static_cast<py::ssize_t>(fwe_.size()); }
+  int64_t seq_len() const { return seq_len_; }
+
+  // Map samples [0, n_done) of a global batch; evaluate the permutation only for [begin, end).
+  // Returns n_done: the batch length, or the index of the first sample whose domain has reached
+  // its cap (caps[d] windows read), so the caller can drop that domain and redraw from there.
+  int64_t map(const I32& domains, I64& cursors, const I64& caps, uint64_t seed, int64_t begin,
+              int64_t end, I64& out_file, I64& out_offset, I64& out_epoch, I64& out_window) const {
+    const py::ssize_t K = k_;
+    check_1d(domains, "domains", -1);
+    const py::ssize_t G = domains.shape(0);
+    check_1d(cursors, "cursors", K);
+    check_1d(caps, "caps", K);
+    check_writeable(cursors, "cursors");
+    if (begin < 0 || end < begin || end > G)
+      throw std::invalid_argument("slice [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                  ") is not inside the batch of " + std::to_string(G) + " samples");
+    const py::ssize_t S = end - begin;
+    for (auto* a : {&out_file, &out_offset, &out_epoch, &out_window}) {
+      check_1d(*a, "outputs", S);
+      check_writeable(*a, "outputs");
+    }
+    // Every array the loop writes must be apart from every other array: a cursor or output that
+    // aliased an input would change the domain ids or caps under the loop.
+    const std::pair<const py::array*, const char*> arrays[] = {
+        {&cursors, "cursors"},     {&out_file, "out_file"},     {&out_offset, "out_offset"},
+        {&out_epoch, "out_epoch"}, {&out_window, "out_window"}, {&domains, "domains"},
+        {&caps, "caps"}};
+    constexpr int kWritten = 5;  // the first five
+    constexpr int kArrays = 7;
+    for (int a = 0; a < kWritten; ++a) {
+      for (int b = a + 1; b < kArrays; ++b) {
+        if (share_memory(*arrays[a].first, *arrays[b].first))
+          throw std::invalid_argument(std::string(arrays[a].second) + " and " + arrays[b].second +
+                                      " share memory");
+      }
+    }
+    // Copies of the inputs (small: one batch of ids, one entry per domain), so nothing another
+    // thread does to the arrays while the GIL is released can move the loop out of bounds.
+    const std::vector<int32_t> dom(domains.data(), domains.data() + G);
+    const std::vector<int64_t> cap(caps.data(), caps.data() + K);
+    std::vector<int64_t> cur(cursors.data(), cursors.data() + K);
+    for (py::ssize_t d = 0; d < K; ++d) {
+      if (cap[d] < 0) throw std::invalid_argument("caps[" + std::to_string(d) + "] is negative");
+      if (cur[d] < 0) throw std::invalid_argument("cursors[" + std::to_string(d) + "] is negative");
+    }
+    for (py::ssize_t i = 0; i < G; ++i) {
+      if (dom[i] < 0 || dom[i] >= K)
+        throw std::invalid_argument("domains[" + std::to_string(i) + "] = " +
+                                    std::to_string(dom[i]) + " is outside [0, " +
+                                    std::to_string(K) + ")");
+    }
+    const std::vector<int64_t>& nw = nw_;
+    const std::vector<int64_t>& fb = fb_;
+    const std::vector<int64_t>& fwe = fwe_;
+    const int64_t seq_len = seq_len_;
+    int64_t* o_file = out_file.mutable_data();
+    int64_t* o_off = out_offset.mutable_data();
+    int64_t* o_epoch = out_epoch.mutable_data();
+    int64_t* o_win = out_window.mutable_data();
+
+    int64_t done = G;
+    std::string error;
+    {
+      py::gil_scoped_release release;
+      // One permutation per domain, rebuilt only when that domain's epoch changes.
+      std::vector<int64_t> cached_epoch(static_cast<size_t>(K), -1);
+      std::vector<KeyedPermutation> perm(static_cast<size_t>(K));
+      for (py::ssize_t i = 0; i < G; ++i) {
+        const int32_t d = dom[i];
+        if (cur[d] >= cap[d]) {
+          done = i;
+          break;
+        }
+        if (nw[d] == 0) {
+          error = "domain " + std::to_string(d) + " was drawn but has no windows";
+          break;
+        }
+        const int64_t c = cur[d]++;
+        if (i < begin || i >= end) continue;
+        const int64_t epoch = c / nw[d];
+        if (cached_epoch[d] != epoch) {
+          perm[d] = KeyedPermutation(
+              static_cast<uint64_t>(nw[d]),
+              window_key(seed, static_cast<uint64_t>(d), static_cast<uint64_t>(epoch)));
+          cached_epoch[d] = epoch;
+        }
+        const int64_t w = static_cast<int64_t>(perm[d](static_cast<uint64_t>(c % nw[d])));
+        // The file holding window w: the first of the domain's files whose cumulative end
+        // exceeds w.
+        const int64_t* first = fwe.data() + fb[d];
+        const int64_t* last = fwe.data() + fb[d + 1];
+        const int64_t* hit = std::upper_bound(first, last, w);
+        const int64_t f = hit - fwe.data();
+        const int64_t file_first_window = (hit == first) ? 0 : *(hit - 1);
+        const py::ssize_t j = i - begin;
+        o_file[j] = f;
+        o_off[j] = (w - file_first_window) * seq_len;
+        o_epoch[j] = epoch;
+        o_win[j] = w;
+      }
+    }
+    std::copy(cur.begin(), cur.end(), cursors.mutable_data());  // the advanced cursors
+    if (!error.empty()) throw std::invalid_argument(error);
+    return done;
+  }
+
+ private:
+  py::ssize_t k_ = 0;
+  int64_t seq_len_ = 1;
+  std::vector<int64_t> nw_, fb_, fwe_;
+};
+
+// The one-call form: a table for this call alone (O(files) per call; see WindowTable).
 int64_t map_windows(const I32& domains, I64& cursors, const I64& n_windows, const I64& caps,
                     const I64& file_begin, const I64& file_window_end, uint64_t seed, int64_t seq_len,
                     int64_t begin, int64_t end, I64& out_file, I64& out_offset, I64& out_epoch,
                     I64& out_window) {
-  check_1d(domains, "domains", -1);
-  check_1d(n_windows, "n_windows", -1);
-  const py::ssize_t K = n_windows.shape(0);
-  const py::ssize_t G = domains.shape(0);
-  if (K < 1) throw std::invalid_argument("n_windows must name at least one domain");
-  check_1d(cursors, "cursors", K);
-  check_1d(caps, "caps", K);
-  check_1d(file_begin, "file_begin", K + 1);
-  check_1d(file_window_end, "file_window_end", -1);
-  check_writeable(cursors, "cursors");
-  if (seq_len < 1) throw std::invalid_argument("seq_len must be >= 1, got " + std::to_string(seq_len));
-  if (begin < 0 || end < begin || end > G)
-    throw std::invalid_argument("slice [" + std::to_string(begin) + ", " + std::to_string(end) +
-                                ") is not inside the batch of " + std::to_string(G) + " samples");
-  const py::ssize_t S = end - begin;
-  for (auto* a : {&out_file, &out_offset, &out_epoch, &out_window}) {
-    check_1d(*a, "outputs", S);
-    check_writeable(*a, "outputs");
-  }
-  // Every array the loop writes must be apart from every other array: a cursor or output that
-  // aliased an input would change the domain ids, window counts or file table under the loop.
-  const std::pair<const py::array*, const char*> arrays[] = {
+  // The table's own arrays must not alias what the call writes either.
+  const std::pair<const py::array*, const char*> written[] = {
       {&cursors, "cursors"},     {&out_file, "out_file"},   {&out_offset, "out_offset"},
-      {&out_epoch, "out_epoch"}, {&out_window, "out_window"}, {&domains, "domains"},
-      {&n_windows, "n_windows"}, {&caps, "caps"},           {&file_begin, "file_begin"},
-      {&file_window_end, "file_window_end"}};
-  constexpr int kWritten = 5;  // the first five
-  for (int a = 0; a < kWritten; ++a) {
-    for (int b = a + 1; b < 10; ++b) {
-      if (share_memory(*arrays[a].first, *arrays[b].first))
-        throw std::invalid_argument(std::string(arrays[a].second) + " and " + arrays[b].second +
-                                    " share memory");
+      {&out_epoch, "out_epoch"}, {&out_window, "out_window"}};
+  const std::pair<const py::array*, const char*> table_arrays[] = {
+      {&n_windows, "n_windows"}, {&file_begin, "file_begin"}, {&file_window_end, "file_window_end"}};
+  for (const auto& a : written) {
+    for (const auto& b : table_arrays) {
+      if (share_memory(*a.first, *b.first))
+        throw std::invalid_argument(std::string(a.second) + " and " + b.second + " share memory");
     }
   }
-  // Copies of the inputs (small: one batch of ids, one entry per domain or file), so nothing
-  // another thread does to the arrays while the GIL is released can move the loop out of bounds.
-  const std::vector<int32_t> dom(domains.data(), domains.data() + G);
-  const std::vector<int64_t> nw(n_windows.data(), n_windows.data() + K);
-  const std::vector<int64_t> cap(caps.data(), caps.data() + K);
-  const std::vector<int64_t> fb(file_begin.data(), file_begin.data() + K + 1);
-  const py::ssize_t F = file_window_end.shape(0);
-  const std::vector<int64_t> fwe(file_window_end.data(), file_window_end.data() + F);
-  std::vector<int64_t> cur(cursors.data(), cursors.data() + K);
-
-  // The file table: domain d owns files [fb[d], fb[d+1]); fwe[f] is the cumulative window count of
-  // the domain up to and including file f, so it ends at n_windows[d].  file_begin is checked
-  // whole before fwe is read through it.
-  if (fb[0] != 0 || fb[K] != F)
-    throw std::invalid_argument("file_begin must start at 0 and end at len(file_window_end)");
-  for (py::ssize_t d = 0; d < K; ++d) {
-    if (fb[d + 1] < fb[d]) throw std::invalid_argument("file_begin must be non-decreasing");
-  }
-  for (py::ssize_t d = 0; d < K; ++d) {
-    if (nw[d] < 0) throw std::invalid_argument("n_windows[" + std::to_string(d) + "] is negative");
-    if (cap[d] < 0) throw std::invalid_argument("caps[" + std::to_string(d) + "] is negative");
-    if (cur[d] < 0) throw std::invalid_argument("cursors[" + std::to_string(d) + "] is negative");
-    int64_t prev = 0;
-    for (int64_t f = fb[d]; f < fb[d + 1]; ++f) {
-      if (fwe[f] < prev)
-        throw std::invalid_argument("file_window_end must be non-decreasing within a domain");
-      // The token offset (window - the file's first window) * seq_len must fit in int64.
-      int64_t tokens = 0;
-      if (__builtin_mul_overflow(fwe[f] - prev, seq_len, &tokens))
-        throw std::invalid_argument("file " + std::to_string(f) + " holds " +
-                                    std::to_string(fwe[f] - prev) + " windows of seq_len " +
-                                    std::to_string(seq_len) + ": its token offsets overflow int64");
-      prev = fwe[f];
-    }
-    if (prev != nw[d])
-      throw std::invalid_argument("file_window_end of domain " + std::to_string(d) +
-                                  " ends at " + std::to_string(prev) + ", n_windows says " +
-                                  std::to_string(nw[d]));
-  }
-  for (py::ssize_t i = 0; i < G; ++i) {
-    if (dom[i] < 0 || dom[i] >= K)
-      throw std::invalid_argument("domains[" + std::to_string(i) + "] = " + std::to_string(dom[i]) +
-                                  " is outside [0, " + std::to_string(K) + ")");
-  }
-  int64_t* o_file = out_file.mutable_data();
-  int64_t* o_off = out_offset.mutable_data();
-  int64_t* o_epoch = out_epoch.mutable_data();
-  int64_t* o_win = out_window.mutable_data();
-
-  int64_t done = G;
-  std::string error;
-  {
-    py::gil_scoped_release release;
-    // One permutation per domain, rebuilt only when that domain's epoch changes.
-    std::vector<int64_t> cached_epoch(static_cast<size_t>(K), -1);
-    std::vector<KeyedPermutation> perm(static_cast<size_t>(K));
-    for (py::ssize_t i = 0; i < G; ++i) {
-      const int32_t d = dom[i];
-      if (cur[d] >= cap[d]) {
-        done = i;
-        break;
-      }
-      if (nw[d] == 0) {
-        error = "domain " + std::to_string(d) + " was drawn but has no windows";
-        break;
-      }
-      const int64_t c = cur[d]++;
-      if (i < begin || i >= end) continue;
-      const int64_t epoch = c / nw[d];
-      if (cached_epoch[d] != epoch) {
-        perm[d] = KeyedPermutation(static_cast<uint64_t>(nw[d]),
-                                   window_key(seed, static_cast<uint64_t>(d), static_cast<uint64_t>(epoch)));
-        cached_epoch[d] = epoch;
-      }
-      const int64_t w = static_cast<int64_t>(perm[d](static_cast<uint64_t>(c % nw[d])));
-      // The file holding window w: the first of the domain's files whose cumulative end exceeds w.
-      const int64_t* first = fwe.data() + fb[d];
-      const int64_t* last = fwe.data() + fb[d + 1];
-      const int64_t* hit = std::upper_bound(first, last, w);
-      const int64_t f = hit - fwe.data();
-      const int64_t file_first_window = (hit == first) ? 0 : *(hit - 1);
-      const py::ssize_t j = i - begin;
-      o_file[j] = f;
-      o_off[j] = (w - file_first_window) * seq_len;
-      o_epoch[j] = epoch;
-      o_win[j] = w;
-    }
-  }
-  std::copy(cur.begin(), cur.end(), cursors.mutable_data());  // the advanced cursors
-  if (!error.empty()) throw std::invalid_argument(error);
-  return done;
+  const WindowTable table(n_windows, file_begin, file_window_end, seq_len);
+  return table.map(domains, cursors, caps, seed, begin, end, out_file, out_offset, out_epoch,
+                   out_window);
 }
 
 // The permutation itself, for tests and tools: perm_{seed, domain, epoch}(indices) over [0, n).
@@ -210,6 +262,22 @@ void bind_windows(py::module_& m) {
         "every sample in order and, for samples [begin, end), writes the file index, token offset, "
         "domain epoch and window index.  Stops before the first sample whose domain has read "
         "caps[d] windows and returns how many samples were mapped (len(domains) when none).");
+  py::class_<WindowTable>(m, "WindowTable",
+                          "A corpus's file table at one seq_len (n_windows[K], file_begin[K + 1], "
+                          "file_window_end[F], as TokenCorpus.window_table gives them), validated "
+                          "and copied once; map() is map_windows without the table's O(F) work.")
+      .def(py::init<const I64&, const I64&, const I64&, int64_t>(),
+           py::arg("n_windows").noconvert(), py::arg("file_begin").noconvert(),
+           py::arg("file_window_end").noconvert(), py::arg("seq_len"))
+      .def_property_readonly("num_domains", &WindowTable::num_domains)
+      .def_property_readonly("num_files", &WindowTable::num_files)
+      .def_property_readonly("seq_len", &WindowTable::seq_len)
+      .def("map", &WindowTable::map, py::arg("domains").noconvert(),
+           py::arg("cursors").noconvert(), py::arg("caps").noconvert(), py::arg("seed"),
+           py::arg("begin"), py::arg("end"), py::arg("out_file").noconvert(),
+           py::arg("out_offset").noconvert(), py::arg("out_epoch").noconvert(),
+           py::arg("out_window").noconvert(),
+           "map_windows(domains, cursors, <this table>, caps, seed, begin, end, outputs...).");
   m.def("permute_windows", &permute_windows, py::arg("n"), py::arg("seed"), py::arg("domain"),
         py::arg("epoch"), py::arg("indices").noconvert(), py::arg("inverse") = false,
         "The keyed bijection of [0, n) that orders a domain's windows in one epoch (or its inverse).");
