@@ -52,6 +52,7 @@ import socket
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,11 @@ class TokenCorpus:
     cheaply to DataLoader workers under any start method.
     """
 
+    #: The most files one process keeps memory-mapped (the least recently read are unmapped, and
+    #: mapped again when next read).  ``None``: half the process's soft limit on open files, at
+    #: most 32768 (each map holds a file descriptor and a memory area).
+    max_open_maps: int | None = None
+
     def __init__(
         self, domains: Mapping[str, PathLike | Sequence[PathLike]], *, dtype: Any = None
     ) -> None:
@@ -274,7 +280,8 @@ class TokenCorpus:
                 listing = ", ".join(repr(str(p)) for p in self.files[name])
                 raise CorpusError(f"domain {name!r} is empty: its files ({listing}) hold no tokens")
             self.file_tokens[name] = sizes
-        self._maps: list[np.ndarray | None] = [None] * len(self._flat_files)
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._maps_lock = threading.Lock()
         del self._manifests, self._manifest_files
 
     @classmethod
@@ -390,8 +397,15 @@ class TokenCorpus:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_maps"] = [None] * len(self._flat_files)  # each process maps the files itself
+        state["_maps"] = OrderedDict()  # each process maps the files itself
+        del state["_maps_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if not isinstance(state.get("_maps"), OrderedDict):  # pickled when it was a list
+            state["_maps"] = OrderedDict()
+        self.__dict__.update(state)
+        self._maps_lock = threading.Lock()
 
     # -- sizes ----------------------------------------------------------------------------------
 
@@ -447,7 +461,8 @@ class TokenCorpus:
     # -- reading --------------------------------------------------------------------------------
 
     def tokens_of(self, file_index: int) -> np.ndarray:
-        """The whole file as a read-only memory-mapped array (mapped once per process)."""
+        """The whole file as a read-only memory-mapped array (mapped on first read; a process
+        keeps the ``max_open_maps`` most recently read files mapped)."""
         return self._map(self._file_index(file_index))
 
     def read(self, file_index: int, offset: int, length: int) -> np.ndarray:
@@ -468,17 +483,29 @@ class TokenCorpus:
         return i
 
     def _map(self, file_index: int) -> np.ndarray:
-        arr = self._maps[file_index]
-        if arr is None:
-            self._check_unchanged(file_index)
-            arr = np.memmap(
-                self._flat_files[file_index],
-                dtype=self._flat_dtypes[file_index],
-                mode="r",
-                offset=self._flat_offsets[file_index],
-                shape=(self._flat_sizes[file_index],),
-            )
-            self._maps[file_index] = arr
+        maps = self._maps
+        with self._maps_lock:
+            arr = maps.get(file_index)
+            if arr is not None:
+                maps.move_to_end(file_index)
+                return arr
+        self._check_unchanged(file_index)
+        arr = np.memmap(
+            self._flat_files[file_index],
+            dtype=self._flat_dtypes[file_index],
+            mode="r",
+            offset=self._flat_offsets[file_index],
+            shape=(self._flat_sizes[file_index],),
+        )
+        with self._maps_lock:
+            maps[file_index] = arr
+            # Each map holds a file descriptor (Python's mmap keeps a duplicate) and a memory
+            # area: the least recently read are let go past max_open_maps (reading every file of a
+            # large corpus ended in "Too many open files" at the descriptor limit, 1024 by
+            # default on Linux).  A view still in use keeps its map alive until it is dropped.
+            limit = _max_open_maps(self.max_open_maps)
+            while len(maps) > limit:
+                maps.popitem(last=False)
         return arr
 
     def _check_unchanged(self, file_index: int) -> None:
@@ -500,6 +527,21 @@ class TokenCorpus:
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}: {t:,} tokens" for n, t in self.tokens.items())
         return f"TokenCorpus({parts})"
+
+
+def _max_open_maps(setting: int | None) -> int:
+    """``TokenCorpus.max_open_maps`` in effect: the setting, else half the soft limit on open
+    files (at least 16, at most 32768)."""
+    if setting is not None:
+        return max(1, int(setting))
+    try:
+        import resource
+    except ImportError:  # (Windows)
+        return 512
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return 32768
+    return max(16, min(soft // 2, 32768))
 
 
 def _file_windows(n_tokens: int, seq_len: int) -> int:

@@ -308,3 +308,27 @@ def test_from_dir_reads_the_manifest_listing_once_not_once_per_file(tmp_path, mo
     # The check itself still applies: a listed file under another dtype is refused.
     with pytest.raises(CorpusError, match="says 'uint16'"):
         TokenCorpus({"a": tmp_path / "s0.bin"}, dtype="uint32")
+
+
+def test_open_maps_are_bounded_and_reads_stay_right(tmp_path):
+    # Every file read stayed mapped for the life of the process, each map holding a file
+    # descriptor: a corpus of more files than the descriptor limit (1024 by default) ended in
+    # "Too many open files" part-way through a run.
+    files = [write_bin(tmp_path / f"f{i}.bin", np.arange(i * 10, i * 10 + 9)) for i in range(40)]
+    corpus = TokenCorpus({"a": files[:25], "b": files[25:]}, dtype="uint16")
+    corpus.max_open_maps = 4
+    fd_dir = Path("/proc/self/fd")
+    fds_before = len(os.listdir(fd_dir)) if fd_dir.is_dir() else None
+    for _sweep in range(3):
+        for i in range(40):
+            assert corpus.read(i, 2, 3).tolist() == [i * 10 + 2, i * 10 + 3, i * 10 + 4]
+    assert len(corpus._maps) <= 4
+    if fds_before is not None:
+        assert len(os.listdir(fd_dir)) <= fds_before + 4
+    # The most recently read stay mapped: reading one again maps nothing new.
+    held = corpus.tokens_of(39)
+    assert corpus.tokens_of(39) is held
+    # The default follows the descriptor limit, within [16, 32768].
+    from fastmix.data import _max_open_maps
+
+    assert 16 <= _max_open_maps(None) <= 32768 and _max_open_maps(7) == 7
