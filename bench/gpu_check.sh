@@ -121,20 +121,28 @@ sys.exit(0 if b["cuda"]["available"] and b["triton"]["available"] else 3)' \
 echo "gpu_check: build $build_status"
 report
 
+# Skip reasons that mean a GPU test did not run although it should have: no CUDA for this torch,
+# a backend that cannot run (resolve_backend's "cannot run"), the CUDA module missing.  Expected
+# skips on one GPU ("needs two CUDA devices", test_ops_cuda's no-GPU-only test) must not match.
+MISSED_GPU_SKIPS='needs a CUDA device|cannot run|fastmix._cuda not built'
+
 # 2. pytest under the deadline: SIGINT first (pytest still prints what failed so far), verbose so
-#    a hang shows its test's name, and faulthandler to print where it hangs.
+#    a hang shows its test's name, and faulthandler to print where it hangs.  -rfEs: the summary
+#    names failures, errors and skips (a bare -rs replaces pytest's default "fE" and the report's
+#    FAILED/ERROR lines would be missing).
 run_tests() {  # part cap pytest-arguments...
-    local part=$1 cap=$2 lim rc status
+    local part=$1 cap=$2 lim rc status missed
     shift 2
     lim=$(left "$cap")
-    timeout -s INT -k 10 "$lim" "$PY" -m pytest -v -rs -p no:cacheprovider \
+    timeout -s INT -k 10 "$lim" "$PY" -m pytest -v -rfEs -p no:cacheprovider \
         -o faulthandler_timeout=90 "$@" >"$LOG/gpu-check-tests-$part.log" 2>&1
     rc=$?
+    missed="$(grep -E '^SKIPPED' "$LOG/gpu-check-tests-$part.log" | grep -E "$MISSED_GPU_SKIPS")"
     status="ok"
     if [[ $rc -eq 124 || $rc -eq 137 ]]; then status="TIMED OUT after $lim s (the log ends at that test)"
     elif [[ $rc -ne 0 ]]; then status="FAILED (pytest exit $rc)"
-    elif grep -E '^SKIPPED' "$LOG/gpu-check-tests-$part.log" | grep -qE 'cannot run|needs a CUDA|CUDA device'; then
-        status="INCOMPLETE: GPU tests were skipped (see the log)"
+    elif [[ -n "$missed" ]]; then
+        status="INCOMPLETE: GPU tests were skipped: $(head -3 <<<"$missed" | tr '\n' ' ')"
     fi
     printf -v "${part}_status" '%s' "$status"
     echo "gpu_check: tests ($part) $status"
@@ -161,4 +169,9 @@ report
 run_tests b 200 tests/test_ops_gpu.py -k test_stats_match_torch
 
 echo "gpu_check: wrote $out${copy_to:+ (and the logs to $copy_to)}"
+echo "gpu_check: summary for $card after ${SECONDS} s:"
+echo "  build:            $build_status"
+echo "  GPU-only tests:   $a_status"
+echo "  benchmarks:       $bench_status"
+echo "  statistics sweep: $b_status"
 [[ "$build_status" == ok && "$a_status" == ok && "$b_status" == ok && "$bench_status" == ok ]]
