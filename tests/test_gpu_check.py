@@ -77,3 +77,96 @@ def test_pytest_summary_names_failures(tmp_path):
         lines = out.splitlines()
         assert any(line.startswith("FAILED") and "test_fails" in line for line in lines), out
         assert any(line.startswith("SKIPPED") for line in lines), out
+
+
+STUB = """#!/bin/sh
+# records its arguments, one per line, and creates the file after -o
+printf '%s\\n' "$@" > "$STUB_LOG/$(basename "$0").$$"
+while [ $# -gt 0 ]; do
+    if [ "$1" = -o ]; then mkdir -p "$(dirname "$2")"; : > "$2"; fi
+    shift
+done
+"""
+
+
+def _recorded(log: Path, tool: str) -> list[list[str]]:
+    return [p.read_text().splitlines() for p in sorted(log.glob(f"{tool}.*"))]
+
+
+def _code_flags(args: list[str]) -> set[str]:
+    """Flags that change the compiled code: no warnings, include paths, files or -c/-o."""
+    skip_next = {"-o", "-c"}
+    out, it = set(), iter(args)
+    for a in it:
+        if a in skip_next:
+            next(it, None)
+        elif a.startswith(("-W", "-I", "-L")) or a == "-g" or not a.startswith("-"):
+            continue
+        else:
+            out.add(a)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs sh")
+def test_direct_build_makes_the_compiler_calls_setup_py_makes(tmp_path, monkeypatch):
+    pytest.importorskip("setuptools")
+    pytest.importorskip("pybind11")
+    tree = tmp_path / "tree"
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tree / name)
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    (tree / "bench").mkdir()
+    shutil.copy(ROOT / "bench" / "_build_direct.sh", tree / "bench")
+    (tree / "fastmix").mkdir()
+    (tree / "fastmix" / "__init__.py").write_text("")
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for tool in ("nvcc", "cc"):
+        (stubs / tool).write_text(STUB)
+        (stubs / tool).chmod(0o755)
+    logs = {}
+    for how in ("setup", "direct"):
+        log = tmp_path / f"log-{how}"
+        log.mkdir()
+        cc = str(stubs / "cc")
+        env = {"PATH": f"{stubs}:/usr/bin:/bin", "STUB_LOG": str(log), "NVCC": str(stubs / "nvcc"),
+               "CC": cc, "CXX": cc, "LDSHARED": f"{cc} -shared", "FASTMIX_CUDA": "1",
+               "HOME": str(tmp_path)}  # fmt: skip
+        cmd = (
+            [sys.executable, "setup.py", "build_ext", "--inplace"]
+            if how == "setup"
+            else ["bash", "bench/_build_direct.sh", sys.executable]
+        )
+        run = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout + run.stderr
+        logs[how] = log
+        for stale in (tree / "fastmix").glob("_*"):
+            stale.unlink()
+
+    # nvcc: the same arguments (the sources in either order; setup.py links into build/ first)
+    def nvcc(how):
+        (args,) = _recorded(logs[how], "nvcc")
+        out = args.index("-o") + 1
+        return sorted([*args[:out], Path(args[out]).name, *args[out + 1 :]])
+
+    direct_nvcc = nvcc("direct")
+    assert direct_nvcc == nvcc("setup")
+    assert "arch=compute_90,code=sm_90" in direct_nvcc
+
+    # _C: every source compiled with the flags that matter, and linked to the same name
+    def compiles(how):
+        return [c for c in _recorded(logs[how], "cc") if "-c" in c]
+
+    def linked(how):
+        (link,) = [c for c in _recorded(logs[how], "cc") if "-c" not in c]
+        return Path(link[link.index("-o") + 1]).name
+
+    sources = lambda how: sorted(c[c.index("-c") + 1] for c in compiles(how))  # noqa: E731
+    assert sources("direct") == sources("setup") == sorted(
+        f"csrc/sampler/{p.name}" for p in (ROOT / "csrc" / "sampler").glob("*.cpp")
+    )
+    setup_flags = set.union(*(_code_flags(c) for c in compiles("setup")))
+    direct_flags = set.union(*(_code_flags(c) for c in compiles("direct")))
+    assert setup_flags <= direct_flags, setup_flags - direct_flags
+    assert linked("direct") == linked("setup")
