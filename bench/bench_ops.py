@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -203,6 +204,10 @@ def bench(args: argparse.Namespace) -> str:
         "|" + "---|" * (header.count("|") - 1),
     ]
     errors: list[str] = []
+    # (backend, op) pairs that failed once: not retried in later rows.  A failing torch.compile
+    # recompiles (and fails again) at every call, tens of seconds each on a GPU, which would eat
+    # the time limit gpu_check.sh gives the whole table before the kernels' rows are measured.
+    failed: set[tuple[str, str]] = set()
     for n_seq in args.sequences:
         for k in args.domains:
             loss, ref, domain, mask = make_batch(n_seq, k, device, dtype)
@@ -214,16 +219,23 @@ def bench(args: argparse.Namespace) -> str:
                 times: dict[str, float | None] = {}
                 graph_time = None
                 for name in names:
-                    # One backend failing (a compile error, say) costs its cell, not the run.
+                    times[name] = None
+                    if (name, op) in failed:
+                        continue
+                    # One backend failing (a compile error, say) costs its cells, not the run.
                     try:
                         fn = runner(name, op, (loss, domain, mask, ref), k, device, impls)
                         times[name] = measure(fn)
                         if name == "cuda":
                             graph_time = graph_replay_us(fn, measure)
                     except Exception as exc:  # noqa: BLE001 - reported under the table
-                        times[name] = None
-                        errors.append(f"{op}, N = {n:,}, K = {k}, {name}: "
-                                      f"{type(exc).__name__}: {exc}")  # fmt: skip
+                        failed.add((name, op))
+                        traceback.print_exc()  # the whole story goes to the log
+                        errors.append(f"{op}, N = {n:,}, K = {k}, {name}: {_one_line(exc)} "
+                                      f"(not retried for {op} in later rows)")  # fmt: skip
+                    unit = "" if times[name] is None else " µs"
+                    print(f"  {op} N={n} K={k} {name}: {_cell(times[name])}{unit}",
+                          file=sys.stderr, flush=True)  # fmt: skip
                 row = f"| {op} | {n_seq}×{SEQ} = {n:,} | {k} | "
                 row += " | ".join(_cell(times[name]) for name in names)
                 row += f" | {_ratio(times['eager'], _best(times, names))} |"
@@ -237,6 +249,14 @@ def bench(args: argparse.Namespace) -> str:
                 if args.out is not None:  # keep what is measured even if a time limit cuts in
                     write_text(args.out, _with_errors(lines, errors))
     return _with_errors(lines, errors)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters: one Markdown list item
+    (torch.compile's errors run to dozens of lines; the traceback goes to stderr)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _cell(us: float | None) -> str:

@@ -86,9 +86,10 @@ report() {
         echo "roofline = max(one pass over loss, ref_loss, ids and mask at the measured copy"
         echo "bandwidth, one empty kernel launch)."
         echo
-        if [[ -s "$LOG/gpu-check-bench.md" ]]; then cat "$LOG/gpu-check-bench.md"
-        elif [[ -f "$LOG/gpu-check-bench.log" ]]; then
-            echo '```'; tail -40 "$LOG/gpu-check-bench.log"; echo '```'
+        [[ -s "$LOG/gpu-check-bench.md" ]] && cat "$LOG/gpu-check-bench.md"
+        # a failed or cut-short run: the log's end says where (per-cell times, the traceback)
+        if [[ "$bench_status" != ok && -s "$LOG/gpu-check-bench.log" ]]; then
+            echo; echo '```'; tail -40 "$LOG/gpu-check-bench.log"; echo '```'
         fi
     } >"$out.tmp" && mv "$out.tmp" "$out"
     [[ -n "$copy_to" ]] && cp "$out" "$LOG/"
