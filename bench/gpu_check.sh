@@ -2,10 +2,12 @@
 # One command for any GPU machine: build fastmix._cuda in place, run the GPU tests, run the GPU
 # benchmarks, and write bench/results/gpu-<card name>.md.  Needs only what such a machine comes
 # with (python with CUDA torch and triton, nvcc, pybind11, pytest); installs nothing, uses no
-# network.  One overall deadline (GPU_CHECK_BUDGET seconds, default 450) bounds every stage, so a
-# machine lent for a few minutes is never overrun; the report is rewritten after every stage.
+# network.  One overall deadline (GPU_CHECK_BUDGET seconds, default 500: a machine lent for 10
+# minutes keeps a minute and a half in hand for the kill grace of the last stage and the report)
+# bounds every stage, so the machine is never overrun; the report is rewritten after every stage.
 #
 #   bash bench/gpu_check.sh                 # PYTHON=/path/to/python to choose the interpreter
+#                                           # (default: python3, else python, that imports torch)
 #   bash bench/gpu_check.sh DIR             # logs and the report go straight into DIR as each
 #                                           # stage ends (a machine you cannot keep: even a kill
 #                                           # of the whole command leaves what was done)
@@ -14,15 +16,26 @@
 # the benchmarks; then the long dtype/shape sweep of the statistics (~100 Triton compilations)
 # with whatever time is left.
 set -uo pipefail
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-500}))
 copy_to="${1:-}"
+# DIR is taken relative to where the script was called from, not to the repository root
+if [[ -n "$copy_to" ]]; then
+    mkdir -p "$copy_to" && copy_to="$(cd "$copy_to" && pwd)" || exit 2
+fi
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
-PY="${PYTHON:-python3}"
+if [[ -n "${PYTHON:-}" ]]; then
+    PY="$PYTHON"
+else  # the first of python3, python that has torch (images differ in which one has it)
+    PY=python3
+    for candidate in python3 python; do
+        if timeout 90 "$candidate" -c 'import torch' >/dev/null 2>&1; then PY=$candidate; break; fi
+    done
+fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # compile on the GPU (triton 3.6's interpreter fails with numpy >= 2.4)
-DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-450}))
 if [[ -n "$copy_to" ]]; then
-    mkdir -p "$copy_to" && LOG="$(cd "$copy_to" && pwd)"
+    LOG="$copy_to"
 else
     LOG="$(mktemp -d)"
     trap 'rm -rf "$LOG"' EXIT
@@ -40,15 +53,25 @@ probe="$LOG/gpu-check-probe.log"
 card="$(timeout 90 "$PY" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>"$probe")"
 [[ $? -ne 0 || -z "$card" ]] && card="no usable CUDA device"
 safe="$(printf '%s' "$card" | tr -cs 'A-Za-z0-9._-' '-' | sed 's/^-*//; s/-*$//')"
-mkdir -p bench/results
-out="bench/results/gpu-${safe}.md"
+if [[ "$card" == "no usable CUDA device" ]]; then
+    out="$LOG/gpu-check-report.md"  # nothing measured: no gpu-*.md in the repository
+else
+    mkdir -p bench/results
+    out="bench/results/gpu-${safe}.md"
+fi
 {
     timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    timeout 60 "$PY" -c 'import sys, torch, numpy, setuptools, pybind11
-print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda,
-      "numpy", numpy.__version__, "setuptools", setuptools.__version__, "pybind11",
-      pybind11.__version__)'
-    timeout 60 "$PY" -c 'import pytest, triton; print("pytest", pytest.__version__, "triton", triton.__version__)'
+    # each version on its own, so a missing package (setuptools, say) hides no other
+    timeout 60 "$PY" -c 'import importlib, sys
+found = ["python " + sys.version.split()[0]]
+for name in ("torch", "triton", "numpy", "setuptools", "pybind11", "pytest"):
+    try:
+        found.append(f"{name} {importlib.import_module(name).__version__}")
+    except Exception as exc:
+        found.append(f"{name} MISSING ({type(exc).__name__})")
+    if name == "torch" and "MISSING" not in found[-1]:
+        found.append(f"(CUDA {sys.modules[name].version.cuda})")
+print(" ".join(found))'
     command -v nvcc && timeout 20 nvcc --version | tail -2
 } >>"$probe" 2>&1
 build_status="not run" a_status="not run" b_status="not run" bench_status="not run"
@@ -92,7 +115,7 @@ report() {
             echo; echo '```'; tail -40 "$LOG/gpu-check-bench.log"; echo '```'
         fi
     } >"$out.tmp" && mv "$out.tmp" "$out"
-    [[ -n "$copy_to" ]] && cp "$out" "$LOG/"
+    [[ -n "$copy_to" && "$(dirname "$out")" != "$LOG" ]] && cp "$out" "$LOG/"
     return 0
 }
 
@@ -141,7 +164,7 @@ else
     fi
 fi
 # Every backend must be able to run here, or its GPU tests would only be skipped.
-timeout 60 "$PY" -c 'import sys, fastmix
+timeout "$(left 60)" "$PY" -c 'import sys, fastmix
 b = fastmix.backends(); print("backends:", b)
 sys.exit(0 if b["cuda"]["available"] and b["triton"]["available"] else 3)' \
     >"$LOG/gpu-check-backends.txt" 2>&1 || build_status="$build_status; a GPU backend is unavailable"
@@ -177,12 +200,12 @@ run_tests() {  # part cap pytest-arguments...
 }
 
 # 2a. what only a GPU can show: CUDA graphs, torch.compile, no host sync, the fused step
-run_tests a 150 --continue-on-collection-errors -k 'not test_stats_match_torch' \
+run_tests a 180 --continue-on-collection-errors -k 'not test_stats_match_torch' \
     tests/test_ops_cuda.py tests/test_ops_gpu.py tests/test_data_mixture.py::test_cuda_tensor_weights
 
 # 3. benchmarks: eager reference, torch.compile of it, triton, cuda; roofline (finished rows are
 #    kept if the limit cuts in)
-lim=$(left 110)
+lim=$(left 120)
 if timeout "$lim" "$PY" bench/bench_ops.py --device cuda --repeats 30 \
         --out "$LOG/gpu-check-bench.md" >"$LOG/gpu-check-bench.log" 2>&1; then
     bench_status="ok"

@@ -170,3 +170,23 @@ def test_direct_build_makes_the_compiler_calls_setup_py_makes(tmp_path, monkeypa
     direct_flags = set.union(*(_code_flags(c) for c in compiles("direct")))
     assert setup_flags <= direct_flags, setup_flags - direct_flags
     assert linked("direct") == linked("setup")
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="with a GPU the script runs for minutes"
+)
+def test_without_a_gpu_it_stops_early_and_leaves_its_report_in_dir(tmp_path, monkeypatch):
+    # DIR relative to the caller's directory, not the repository root the script changes to
+    monkeypatch.chdir(tmp_path)
+    before = set((ROOT / "bench" / "results").iterdir())
+    run = subprocess.run(
+        ["bash", str(SCRIPT), "out"], env={**__import__("os").environ, "PYTHON": sys.executable},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "no usable CUDA device" in run.stderr
+    report = (tmp_path / "out" / "gpu-check-report.md").read_text()
+    assert report.startswith("# fastmix GPU check: no usable CUDA device")
+    assert "torch " in report  # the versions line of the probe
+    assert (tmp_path / "out" / "gpu-check-probe.log").is_file()
+    assert set((ROOT / "bench" / "results").iterdir()) == before  # no gpu-*.md for no GPU
