@@ -206,11 +206,15 @@ run_tests a 180 --continue-on-collection-errors -k 'not test_stats_match_torch' 
 # 3. benchmarks: eager reference, torch.compile of it, triton, cuda; roofline (finished rows are
 #    kept if the limit cuts in)
 lim=$(left 120)
-if timeout "$lim" "$PY" bench/bench_ops.py --device cuda --repeats 30 \
-        --out "$LOG/gpu-check-bench.md" >"$LOG/gpu-check-bench.log" 2>&1; then
+timeout -k 10 "$lim" "$PY" bench/bench_ops.py --device cuda --repeats 30 \
+    --out "$LOG/gpu-check-bench.md" >"$LOG/gpu-check-bench.log" 2>&1
+rc=$?
+if [[ $rc -eq 0 ]]; then
     bench_status="ok"
+elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    bench_status="TIMED OUT after $lim s (the rows measured so far, then the log's end)"
 else
-    bench_status="FAILED or timed out after $lim s (the rows measured so far below)"
+    bench_status="FAILED (exit $rc; the rows measured so far, then the log's end)"
 fi
 echo "gpu_check: benchmarks $bench_status"
 report
