@@ -282,6 +282,7 @@ class TokenCorpus:
             self.file_tokens[name] = sizes
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._maps_lock = threading.Lock()
+        self._evicts = False  # (set at each new map: more files than max_open_maps)
         del self._manifests, self._manifest_files
 
     @classmethod
@@ -404,6 +405,7 @@ class TokenCorpus:
     def __setstate__(self, state: dict[str, Any]) -> None:
         if not isinstance(state.get("_maps"), OrderedDict):  # pickled when it was a list
             state["_maps"] = OrderedDict()
+        state.setdefault("_evicts", False)
         self.__dict__.update(state)
         self._maps_lock = threading.Lock()
 
@@ -484,11 +486,16 @@ class TokenCorpus:
 
     def _map(self, file_index: int) -> np.ndarray:
         maps = self._maps
-        with self._maps_lock:
-            arr = maps.get(file_index)
-            if arr is not None:
-                maps.move_to_end(file_index)
-                return arr
+        arr = maps.get(file_index)
+        if arr is not None:
+            # The order of use matters only where files can be let go: a corpus of fewer files
+            # than the limit skips it (the lock and the move cost ~0.35 us per read, ~11 us per
+            # batch of 32 windows, ~10% of next() here).
+            if self._evicts:
+                with self._maps_lock:
+                    if file_index in maps:
+                        maps.move_to_end(file_index)
+            return arr
         self._check_unchanged(file_index)
         arr = np.memmap(
             self._flat_files[file_index],
@@ -504,6 +511,7 @@ class TokenCorpus:
             # large corpus ended in "Too many open files" at the descriptor limit, 1024 by
             # default on Linux).  A view still in use keeps its map alive until it is dropped.
             limit = _max_open_maps(self.max_open_maps)
+            self._evicts = len(self._flat_files) > limit
             while len(maps) > limit:
                 maps.popitem(last=False)
         return arr
