@@ -15,11 +15,18 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-${PYTHON:-python3}}"
 
-read -r suffix pybind_inc py_inc < <("$PY" -c 'import sysconfig, pybind11
-print(sysconfig.get_config_var("EXT_SUFFIX"), pybind11.get_include(), sysconfig.get_paths()["include"])') || {
+# One value per line: CFLAGS and CCSHARED hold spaces.
+mapfile -t conf < <("$PY" -c 'import sysconfig, pybind11
+v = sysconfig.get_config_var
+print(v("EXT_SUFFIX"), pybind11.get_include(), sysconfig.get_paths()["include"], v("CFLAGS") or "",
+      v("CCSHARED") or "", sep="\n")')
+if [[ ${#conf[@]} -lt 3 || -z "${conf[0]}" ]]; then
     echo "_build_direct: $PY cannot import pybind11 (or sysconfig failed)" >&2
     exit 1
-}
+fi
+suffix="${conf[0]}" pybind_inc="${conf[1]}" py_inc="${conf[2]}"
+read -ra py_cflags <<<"${conf[3]:-}"
+read -ra py_ccshared <<<"${conf[4]:-}"
 
 nvcc="${NVCC:-}"
 if [[ -z "$nvcc" || ! -x "$nvcc" ]]; then
@@ -49,12 +56,13 @@ else
     echo "_build_direct: no nvcc (or FASTMIX_CUDA=0): fastmix._cuda not built" >&2
 fi
 
-# -DNDEBUG -fwrapv -O3 as Python's own CFLAGS give setuptools; -g0 -std=c++17 -fvisibility=hidden
-# from Pybind11Extension; then setup.py's CXX_FLAGS.  One compiler process per source, then link.
+# Python's own CFLAGS and CCSHARED first, as setuptools puts them (-DNDEBUG -fwrapv -O3 -fPIC on
+# 3.11; 3.12 adds -fno-strict-overflow); -g0 -std=c++17 -fvisibility=hidden from Pybind11Extension;
+# then setup.py's CXX_FLAGS.  One compiler process per source, then link.
 objs="$(mktemp -d)"
 trap 'rm -rf "$objs"' EXIT
-cxx_flags=(-DNDEBUG -fwrapv -fPIC -g0 -std=c++17 -fvisibility=hidden -O3 -ffp-contract=off
-           -Icsrc "-I$pybind_inc" "-I$py_inc")
+cxx_flags=("${py_cflags[@]}" "${py_ccshared[@]}" -fPIC -g0 -std=c++17 -fvisibility=hidden -O3
+           -ffp-contract=off -Icsrc "-I$pybind_inc" "-I$py_inc")
 pids=()
 for src in csrc/sampler/*.cpp; do
     obj="$objs/$(basename "$src" .cpp).o"
