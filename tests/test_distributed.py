@@ -78,10 +78,11 @@ def gloo_rank(rank: int, world: int, port: int) -> Iterator[None]:
         yield
     finally:
         dist.barrier()
-    # Done, results on disk: leave without the interpreter's finalisation.  There, CPython up to
-    # 3.13 ends a daemon thread still inside a C++ call (torch's) with a forced unwind that can
-    # abort the process (SIGABRT after "terminate called without an active exception", seen in
-    # one CI run of this module), failing a test whose ranks all did their work.
+    # Done, results on disk: leave without the interpreter's finalisation.  One CI run lost a
+    # rank there to SIGABRT after its work was done, failing the test.  (A core of a spawned
+    # DataLoader worker dying the same way showed the mechanism: CPython up to 3.13 ends a daemon
+    # thread still inside a torch C++ call with a forced unwind, "terminate called without an
+    # active exception".)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
