@@ -365,12 +365,11 @@ class TokenCorpus:
                 manifest = self._manifest_beside(path)
             except CorpusError:  # not a fastmix manifest: no opinion on an explicit dtype
                 manifest = None
-            listed = None
             if manifest is not None:
                 listed = self._manifest_files.get(path.parent)
                 if listed is None:
                     listed = self._manifest_files[path.parent] = _manifest_file_names(manifest)
-            _check_manifest_dtype(where, path, dt, manifest, listed)
+                _check_manifest_dtype(where, path, dt, manifest, listed)
         if dt is None:
             raise CorpusError(
                 f"{where}: a raw token file needs dtype= ('uint16' or 'uint32') or a "
@@ -580,26 +579,16 @@ def _manifest_file_names(manifest: dict[str, Any]) -> frozenset[str]:
 
 
 def _check_manifest_dtype(
-    where: str,
-    path: Path,
-    dtype: np.dtype,
-    manifest: dict[str, Any] | None,
-    listed: frozenset[str] | None = None,
+    where: str, path: Path, dtype: np.dtype, manifest: dict[str, Any], listed: frozenset[str]
 ) -> None:
     """An explicit dtype= must agree with a fastmix manifest that lists the file (another dtype
-    would read every token wrong); a manifest that is not fastmix's, or does not list it, is
-    none of our business.  ``listed``: the manifest's file names (``_manifest_file_names``),
-    when the caller has them already."""
-    if manifest is None:
-        return
-    if listed is None:
-        listed = _manifest_file_names(manifest)
-    listed_here = path.name in listed
+    would read every token wrong); a manifest that does not list it is none of our business.
+    ``listed``: the manifest's file names (``_manifest_file_names``)."""
     try:
         theirs = _bin_dtype(manifest.get("dtype"), "dtype")
     except ValueError:
         return
-    if listed_here and theirs != dtype:
+    if path.name in listed and theirs != dtype:
         raise CorpusError(
             f"{where}: dtype={dtype.name!r} but {str(path.parent / CORPUS_MANIFEST)!r} says "
             f"{theirs.name!r}"
@@ -937,13 +926,18 @@ def _proc_stat(pid: int) -> list[bytes] | None:
         return None
 
 
+def _started_at(fields: list[bytes] | None) -> int | None:
+    """The start time in ``_proc_stat`` fields, in clock ticks since boot (None if unknown)."""
+    try:
+        return int(fields[19]) if fields else None  # field 22 of stat(5); fields[0] is field 3
+    except (IndexError, ValueError):
+        return None
+
+
 def _start_time(pid: int) -> int:
     """When process ``pid`` started, in clock ticks since boot (0 where /proc cannot say)."""
-    fields = _proc_stat(pid)
-    try:
-        return int(fields[19]) if fields else 0  # field 22 of stat(5); fields[0] is field 3
-    except (IndexError, ValueError):
-        return 0
+    at = _started_at(_proc_stat(pid))
+    return 0 if at is None else at
 
 
 def _alive(pid: int, start: int = 0) -> bool:
@@ -962,10 +956,8 @@ def _alive(pid: int, start: int = 0) -> bool:
         return True
     if fields[0] == b"Z":  # an exited worker its parent has not joined yet holds back nothing
         return False
-    try:
-        return start == 0 or int(fields[19]) == start
-    except (IndexError, ValueError):
-        return True
+    at = _started_at(fields)
+    return start == 0 or at is None or at == start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1150,7 +1142,7 @@ class _Stream:
         rows = ids.numpy()
         files, offsets = out["file"].tolist(), out["offset"].tolist()
         for j, (f, off) in enumerate(zip(files, offsets, strict=True)):
-            rows[j] = corpus._map(f)[off : off + length]  # (indices from map_windows: valid)
+            rows[j] = corpus._map(f)[off : off + length]  # (indices from WindowTable.map: valid)
         return ids
 
 
@@ -1877,8 +1869,7 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     if rank is None:
         rank = dist.get_rank() if initialised else 0
     world_size = integer(world_size, "world_size", 1)
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    rank = integer(rank, "rank")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    return int(rank), world_size
+    return rank, world_size

@@ -97,12 +97,8 @@ def _as_weights(weights: Any, name: str = "weights") -> tuple[np.ndarray, tuple[
     return array, names
 
 
-def _check_int(value: Any, name: str, low: int = 0, high: int | None = None) -> int:
-    return integer(value, name, low, high)
-
-
 def _check_seed(seed: Any, name: str = "seed") -> int:
-    return _check_int(seed, name, 0, _U64 - 1)
+    return integer(seed, name, 0, _U64 - 1)
 
 
 def _check_out(out: Any, n: int) -> np.ndarray:
@@ -149,9 +145,9 @@ def sample_domains(
     released while drawing.
     """
     raw, _ = _as_weights(weights)
-    n = _check_int(n, "n")
+    n = integer(n, "n", 0)
     seed = _check_seed(seed)
-    offset = _check_int(offset, "offset")
+    offset = integer(offset, "offset", 0)
     if offset + n > _U64:
         raise ValueError(f"offset + n must be <= 2**64, got {offset + n}")
     out = _new_ids(n) if out is None else _check_out(out, n)
@@ -177,7 +173,7 @@ def blend_indices(weights: Weights, size: int) -> tuple[np.ndarray, np.ndarray]:
             f"weights has {raw.size} domains; blend_indices supports at most "
             f"{_MAX_BLEND_DOMAINS} (dataset_index is int16)"
         )
-    size = _check_int(size, "size", 0, 1 << 52)
+    size = integer(size, "size", 0, 1 << 52)
     return _C.blend_indices(_normalised(raw), size)
 
 
@@ -229,7 +225,7 @@ class MixtureSampler:
         if block is not None and method != "stratified":
             raise ValueError(f"block applies only to method='stratified', not {method!r}")
         self._block = (
-            _check_int(block, "block", 1, MAX_BLOCK) if block is not None else DEFAULT_BLOCK
+            integer(block, "block", 1, MAX_BLOCK) if block is not None else DEFAULT_BLOCK
         )
         raw, names = _as_weights(weights)
         self._names = names
@@ -285,7 +281,7 @@ class MixtureSampler:
     # ------------------------------------------------------------------------------ drawing
     def sample(self, n: int) -> np.ndarray:
         """The next ``n`` domain ids (int32); advances :attr:`position` by ``n``."""
-        n = _check_int(n, "n")
+        n = integer(n, "n", 0)
         with self._lock:
             out, segment_counts = self._draw(n)
             delta = np.zeros(self._raw.size, dtype=np.int64)
@@ -300,7 +296,7 @@ class MixtureSampler:
     def peek(self, n: int) -> np.ndarray:
         """The next ``n`` domain ids without advancing: ``peek(n)`` equals the following
         ``sample(n)``."""
-        n = _check_int(n, "n")
+        n = integer(n, "n", 0)
         with self._lock:
             return self._draw(n)[0]
 
@@ -354,7 +350,7 @@ class MixtureSampler:
         if not isinstance(method, str) or method not in METHODS:
             raise ValueError(f"state['method'] must be one of {METHODS}, got {method!r}")
         seed = _check_seed(state["seed"], "state['seed']")
-        block = _check_int(state["block"], "state['block']", 1, MAX_BLOCK)
+        block = integer(state["block"], "state['block']", 1, MAX_BLOCK)
         raw, _ = _as_weights(state["weights"], "state['weights']")
         k = raw.size
         names = state["names"]
@@ -368,8 +364,8 @@ class MixtureSampler:
             if len(set(names)) != k:
                 raise ValueError(f"state['names'] must be distinct, got {list(names)}")
             names = tuple(names)
-        position = _check_int(state["position"], "state['position']", 0, _MAX_POSITION)
-        segment_start = _check_int(state["segment_start"], "state['segment_start']", 0, position)
+        position = integer(state["position"], "state['position']", 0, _MAX_POSITION)
+        segment_start = integer(state["segment_start"], "state['segment_start']", 0, position)
         counts = self._check_counts(state["counts"], k, position, "state['counts']")
         segment_counts = self._check_counts(
             state["segment_counts"], k, position - segment_start, "state['segment_counts']"
