@@ -49,13 +49,14 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import stat
 import threading
 import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -267,9 +268,8 @@ class TokenCorpus:
                     raise TypeError(f"domain {name!r}: file must be a path, got {p!r}")
                 # Absolute: a relative path would follow the process's working directory.
                 path = Path(os.path.abspath(os.fsdecode(p)))
-                dt, offset, n = self._inspect(name, path)
-                st = path.stat()
-                self._flat_ids.append((st.st_dev, st.st_ino, st.st_size))
+                dt, offset, n, identity = self._inspect(name, path)
+                self._flat_ids.append(identity)
                 self.files[name].append(path)
                 self._flat_files.append(path)
                 self._flat_dtypes.append(dt)
@@ -326,35 +326,34 @@ class TokenCorpus:
         corpus.manifest = manifest
         return corpus
 
-    def _inspect(self, name: str, path: Path) -> tuple[np.dtype, int, int]:
+    def _inspect(
+        self, name: str, path: Path
+    ) -> tuple[np.dtype, int, int, tuple[int, int, int]]:
+        """dtype, data offset, token count and identity (device, inode, bytes) of one file, all
+        read through one open descriptor, so that they describe the same file even when its name
+        is given to another file meanwhile (a domain prepared again while a job starts)."""
         where = f"domain {name!r}, file {str(path)!r}"
         if not path.exists():
             raise CorpusError(f"{where}: no such file")
-        if not path.is_file():
+        if not path.is_file():  # (before open: opening a FIFO would wait for a writer)
             raise CorpusError(f"{where}: not a regular file")
         try:
-            with open(path, "rb") as f:
-                head = f.read(8)
+            f = _open_nonblocking(path)
         except OSError as e:
             raise CorpusError(f"{where}: cannot be read ({e.strerror or e})") from None
-        size = path.stat().st_size
-        if path.suffix == ".npy" or head[:6] == b"\x93NUMPY":
+        with f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise CorpusError(f"{where}: not a regular file")
+            identity = (st.st_dev, st.st_ino, st.st_size)
+            size = st.st_size
             try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError) as e:
-                raise CorpusError(f"{where}: not a valid .npy file ({e})") from None
-            if arr.ndim != 1 or arr.dtype.kind not in _NPY_KINDS:
-                raise CorpusError(
-                    f"{where}: a .npy token file must be a 1-D integer array, got shape "
-                    f"{arr.shape} and dtype {arr.dtype}"
-                )
-            if arr.dtype.kind == "u" and arr.dtype.itemsize == 8:
-                # input_ids are int64: ids from 2**63 on would come out negative.
-                raise CorpusError(
-                    f"{where}: uint64 token ids do not fit int64 input_ids; save the array as "
-                    "uint32 or int64"
-                )
-            return arr.dtype, int(arr.offset), int(arr.shape[0])
+                head = f.read(8)
+            except OSError as e:
+                raise CorpusError(f"{where}: cannot be read ({e.strerror or e})") from None
+            if path.suffix == ".npy" or head[:6] == b"\x93NUMPY":
+                dt, offset, n = _npy_header(f, size, where)
+                return dt, offset, n, identity
         dt = self._bin_dtype
         if dt is None:
             manifest = self._manifest_beside(path)
@@ -380,7 +379,7 @@ class TokenCorpus:
                 f"{where}: size {size} bytes is not a multiple of the token size "
                 f"({dt.itemsize} bytes for {dt.name}); the file is truncated or has another dtype"
             )
-        return dt, 0, size // dt.itemsize
+        return dt, 0, size // dt.itemsize, identity
 
     def _manifest_beside(self, path: Path) -> dict[str, Any] | None:
         """The corpus.json beside ``path`` (None without one), read once per directory while the
@@ -495,14 +494,16 @@ class TokenCorpus:
                     if file_index in maps:
                         maps.move_to_end(file_index)
             return arr
-        self._check_unchanged(file_index)
-        arr = np.memmap(
-            self._flat_files[file_index],
-            dtype=self._flat_dtypes[file_index],
-            mode="r",
-            offset=self._flat_offsets[file_index],
-            shape=(self._flat_sizes[file_index],),
-        )
+        # The map is made from the descriptor the check looked at: a file renamed over this one
+        # between the check and the map cannot be mapped under the old file's length.
+        with self._open_unchanged(file_index) as f:
+            arr = np.memmap(
+                f,
+                dtype=self._flat_dtypes[file_index],
+                mode="r",
+                offset=self._flat_offsets[file_index],
+                shape=(self._flat_sizes[file_index],),
+            )
         with self._maps_lock:
             maps[file_index] = arr
             # Each map holds a file descriptor (Python's mmap keeps a duplicate) and a memory
@@ -515,21 +516,30 @@ class TokenCorpus:
                 maps.popitem(last=False)
         return arr
 
-    def _check_unchanged(self, file_index: int) -> None:
+    def _open_unchanged(self, file_index: int) -> BinaryIO:
+        """File ``file_index`` open for reading, once its descriptor is known to be the file
+        inspected when the corpus was opened."""
         path = self._flat_files[file_index]
         dev, ino, size = self._flat_ids[file_index]
         try:
-            st = path.stat()
+            f = _open_nonblocking(path)
         except OSError as e:
             why = e.strerror or e
             raise CorpusError(f"file {str(path)!r} cannot be read now ({why})") from None
+        st = os.fstat(f.fileno())
         # Inodes name a file on this host only: elsewhere (a pickled corpus) the size must do.
         same_host = socket.gethostname() == self._host
-        if st.st_size != size or (same_host and (st.st_dev, st.st_ino) != (dev, ino)):
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_size != size
+            or (same_host and (st.st_dev, st.st_ino) != (dev, ino))
+        ):
+            f.close()
             raise CorpusError(
                 f"file {str(path)!r} has changed since the corpus was opened (replaced or "
                 f"resized: {size} bytes then, {st.st_size} now); open the corpus again"
             )
+        return f
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}: {t:,} tokens" for n, t in self.tokens.items())
@@ -553,6 +563,51 @@ def _max_open_maps(setting: int | None) -> int:
 
 def _file_windows(n_tokens: int, seq_len: int) -> int:
     return max(0, (n_tokens - 1) // seq_len)
+
+
+def _open_nonblocking(path: Path) -> BinaryIO:
+    """``open(path, "rb")`` that fails instead of waiting when ``path`` is a FIFO without a writer
+    (O_NONBLOCK changes nothing for regular files)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    return os.fdopen(fd, "rb")
+
+
+def _npy_header(f: BinaryIO, size: int, where: str) -> tuple[np.dtype, int, int]:
+    """dtype, data offset and length of the 1-D integer array in the .npy file open as ``f``
+    (``size`` bytes). The header is read as np.load reads it, from the same descriptor the
+    caller identified the file by; the data must fit in the file (a mapping past its end would
+    fault on the first read)."""
+    fmt = np.lib.format
+    try:
+        f.seek(0)
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(f)
+        else:  # 3.0 only holds structured arrays whose field names need UTF-8
+            raise ValueError(f"format version {version[0]}.{version[1]} is not read here")
+        offset = f.tell()
+    except (ValueError, TypeError, OSError, EOFError) as e:
+        raise CorpusError(f"{where}: not a valid .npy file ({e})") from None
+    if len(shape) != 1 or dtype.kind not in _NPY_KINDS:
+        raise CorpusError(
+            f"{where}: a .npy token file must be a 1-D integer array, got shape "
+            f"{shape} and dtype {dtype}"
+        )
+    if dtype.kind == "u" and dtype.itemsize == 8:
+        # input_ids are int64: ids from 2**63 on would come out negative.
+        raise CorpusError(
+            f"{where}: uint64 token ids do not fit int64 input_ids; save the array as "
+            "uint32 or int64"
+        )
+    n = int(shape[0])
+    if offset + n * dtype.itemsize > size:
+        raise CorpusError(
+            f"{where}: truncated .npy file: its header promises {n:,} tokens "
+            f"({n * dtype.itemsize:,} bytes), {size - offset:,} bytes follow the header"
+        )
+    return dtype, offset, n
 
 
 def _bin_dtype(dtype: Any, what: str) -> np.dtype:

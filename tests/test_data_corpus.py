@@ -332,3 +332,103 @@ def test_open_maps_are_bounded_and_reads_stay_right(tmp_path):
     from fastmix.data import _max_open_maps
 
     assert 16 <= _max_open_maps(None) <= 32768 and _max_open_maps(7) == 7
+
+
+def _replace(path, tokens):
+    """Give ``path``'s name to a new file, as `fastmix prepare` does (write, then rename)."""
+    write_bin(path.with_suffix(".new"), tokens)
+    os.replace(path.with_suffix(".new"), path)
+
+
+def test_a_file_replaced_or_resized_since_opening_is_refused(tmp_path, monkeypatch):
+    import pickle
+
+    import fastmix.data
+
+    path = write_bin(tmp_path / "a.bin", np.arange(10))
+    corpus = TokenCorpus({"a": path}, dtype="uint16")
+    blob = pickle.dumps(corpus)
+    _replace(path, np.arange(100, 110))  # same size, other tokens
+    with pytest.raises(CorpusError, match=r"a.bin' has changed since the corpus was opened"):
+        corpus.read(0, 0, 3)
+    assert TokenCorpus({"a": path}, dtype="uint16").read(0, 0, 3).tolist() == [100, 101, 102]
+    # On another host inodes mean nothing, so only the size is compared there.
+    monkeypatch.setattr(fastmix.data.socket, "gethostname", lambda: "elsewhere")
+    assert pickle.loads(blob).read(0, 0, 3).tolist() == [100, 101, 102]
+    _replace(path, np.arange(12))
+    with pytest.raises(CorpusError, match=r"20 bytes then, 24 now"):
+        pickle.loads(blob).read(0, 0, 3)
+    monkeypatch.undo()
+    # resized in place (same inode)
+    corpus = TokenCorpus({"a": path}, dtype="uint16")
+    with open(path, "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(CorpusError, match=r"24 bytes then, 26 now"):
+        corpus.read(0, 0, 3)
+
+
+def test_a_file_replaced_while_the_corpus_opens_it_is_not_read_as_the_old_one(
+    tmp_path, monkeypatch
+):
+    """What the corpus records of a file (length, identity) comes from one open descriptor:
+    replaced between the two, it read the new file under the old file's length."""
+    path = write_bin(tmp_path / "a.bin", np.arange(10))
+    manifest_beside = TokenCorpus._manifest_beside
+
+    def replace_midway(self, p):  # called while a raw file is inspected
+        _replace(path, np.arange(100, 120))
+        return manifest_beside(self, p)
+
+    monkeypatch.setattr(TokenCorpus, "_manifest_beside", replace_midway)
+    corpus = TokenCorpus({"a": path}, dtype="uint16")
+    monkeypatch.undo()
+    assert corpus.tokens == {"a": 10}  # the file inspected
+    with pytest.raises(CorpusError, match="has changed since the corpus was opened"):
+        corpus.read(0, 0, 10)
+
+
+def test_a_file_replaced_between_its_check_and_its_map_is_not_mapped(tmp_path, monkeypatch):
+    path = write_bin(tmp_path / "a.bin", np.arange(10))
+    corpus = TokenCorpus({"a": path}, dtype="uint16")
+    memmap = np.memmap
+
+    def replace_first(*args, **kwargs):
+        _replace(path, np.arange(100, 110))
+        return memmap(*args, **kwargs)
+
+    monkeypatch.setattr(np, "memmap", replace_first)
+    got = corpus.read(0, 0, 3).tolist()
+    monkeypatch.undo()
+    assert got == [0, 1, 2]  # the checked file (still open), not its replacement
+
+
+def test_npy_headers_are_read_and_their_length_checked(tmp_path):
+    np.save(tmp_path / "ok.npy", np.arange(50, dtype=">i4"))  # big-endian: read as such
+    corpus = TokenCorpus({"ok": tmp_path / "ok.npy"})
+    assert corpus.read(0, 47, 3).tolist() == [47, 48, 49]
+    whole = (tmp_path / "ok.npy").read_bytes()
+    (tmp_path / "short.npy").write_bytes(whole[:-6])  # cut inside the last tokens
+    with pytest.raises(CorpusError, match=r"short.npy.*truncated .npy.*promises 50 tokens"):
+        TokenCorpus({"s": tmp_path / "short.npy"})
+    (tmp_path / "head.npy").write_bytes(whole[:40])  # cut inside the header
+    (tmp_path / "magic.npy").write_bytes(b"\x93NUMPY\x09\x00" + whole[8:])  # version 9.0
+    for bad in ("head.npy", "magic.npy"):
+        with pytest.raises(CorpusError, match=rf"{bad}.*not a valid .npy file"):
+            TokenCorpus({"b": tmp_path / bad})
+    os.mkfifo(tmp_path / "fifo.npy")  # opening it would wait for a writer
+    with pytest.raises(CorpusError, match="fifo.npy.*not a regular file"):
+        TokenCorpus({"f": tmp_path / "fifo.npy"})
+
+
+def test_from_dir_checks_each_domain_against_its_manifest(tmp_path):
+    from fastmix.prepare import prepare_domain
+
+    prepare_domain("web", ["hello world", "more text here"], tmp_path)
+    prepare_domain("code", ["def f(): pass"], tmp_path)
+    corpus = TokenCorpus.from_dir(tmp_path)
+    web = corpus.files["web"][0]
+    held = corpus.tokens["web"]
+    tokens = np.fromfile(web, dtype=corpus._flat_dtypes[0])
+    tokens[:-3].tofile(web)  # a copy cut short at a token boundary
+    with pytest.raises(CorpusError, match=rf"domain 'web' has {held:,} tokens, its files .* hold"):
+        TokenCorpus.from_dir(tmp_path)
