@@ -1246,7 +1246,8 @@ class _MixtureIterator:
                 raise ValueError(
                     f"state was saved by DataLoader worker {state['worker']} of {state['stride']}; "
                     f"it cannot resume worker {worker_id} of {num_workers} (load the whole "
-                    "loader's state with StatefulDataLoader, or a state saved outside the workers)"
+                    "loader's state with StatefulDataLoader and as many workers, or save "
+                    "ds.state_dict(step=steps_consumed), which resumes with any number)"
                 )
             self.next_step = int(state["next_step"])
         else:
@@ -1693,18 +1694,28 @@ class MixtureDataset(IterableDataset):
             "domains": list(self.corpus.names),
         }
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, step: int | None = None) -> dict[str, Any]:
         """Where the stream is: the live iterator's position in this process, else the resume point.
 
         Holds O(K) numbers (cursors, weights, the sampler's state) and the pending weight changes:
         nothing per sample.  In the main process it first waits for CUDA weight copies still in
         flight (``flush_weights()``), so a change made just before the checkpoint is in it.
+
+        ``step``: the global steps of this rank the training loop has consumed (counted from 0,
+        not from the resume point).  With DataLoader workers the main process does not know
+        their position, so without ``step`` (and without StatefulDataLoader's own state) a
+        resumed run would start again from the resume point; with it the stream is replayed
+        here, draws only, up to that step, and the state resumes with any number of workers.
         """
         in_worker = torch.utils.data.get_worker_info() is not None
         if not in_worker:
             self.flush_weights()
         state = self._header()
-        if self._active is not None:
+        if step is not None:
+            if in_worker:
+                raise ValueError("state_dict(step=) is for the main process, not a worker")
+            state.update(self._state_at(integer(step, "step", 0)))
+        elif self._active is not None:
             state.update(self._active.state_dict())
         else:
             state.update(_Stream(self, self._resume).state())
@@ -1726,8 +1737,32 @@ class MixtureDataset(IterableDataset):
             # ``ds.weights``: with DataLoader workers the stream's own weights above are those at
             # the resume point, not the latest change.
             state["weights"] = self._weights.tolist()
-        state["exhausted"] = self.exhausted_at
+        if step is None:
+            state["exhausted"] = self.exhausted_at
+        else:  # not the marks of workers that have prefetched past the step
+            end = (state["step"] + state["finished"]) * self._global_batch
+            state["exhausted"] = {k: v for k, v in self.exhausted_at.items() if v < end}
         return state
+
+    def _state_at(self, step: int) -> dict[str, Any]:
+        """The stream's state after ``step`` global steps: replayed from the resume point with
+        every change made since (``weight_schedule`` holds them all; the shared ring only the
+        last 1024)."""
+        stream = _Stream(self, self._resume)
+        if not stream.step <= step <= self.next_step:
+            raise ValueError(
+                f"state_dict: step must be between the resume point {stream.step} and the "
+                f"earliest step not started yet {self.next_step} (the steps consumed), got {step}"
+            )
+        stream.generation = -1  # no generation: the replay leaves the shared exhaustion marks be
+        for made, (s, w) in zip(self._schedule_made, self.weight_schedule, strict=True):
+            stream.merge(made, s, np.asarray(w, np.float64))
+        with warnings.catch_warnings():  # the workers have already warned of dropped domains
+            warnings.simplefilter("ignore", RuntimeWarning)
+            while stream.step < step and not stream.finished:
+                stream.plan(produce=False)
+        # Produced by one iterator up to here: any number of workers can take over.
+        return {**stream.state(), "next_step": stream.step, "worker": 0, "stride": 1}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()``: the next iteration continues exactly where it was.

@@ -169,6 +169,65 @@ def test_stateful_dataloader_resume_after_weight_changes(corpus, num_workers):
     assert resumed == full[6 * 2 :]
 
 
+@pytest.mark.parametrize("resume_workers", [0, 1, 3])
+def test_plain_dataloader_resumes_from_the_steps_consumed(corpus, resume_workers):
+    # With workers the main process does not know their position: ds.state_dict() alone gave
+    # the resume point (step 0), so a run resumed from it silently replayed the batches it had
+    # trained on.  state_dict(step=consumed) replays the draws up to there.
+    def run(saved=None, num_workers=2, total=20):
+        ds = make(corpus, 0, 1, 2, max_epochs=2)
+        start = 0
+        if saved is not None:
+            state = pickle.loads(saved)
+            ds.load_state_dict(state["data"])
+            start = state["step"]
+        out, checkpoint = [], None
+        it = iter(DataLoader(ds, batch_size=None, num_workers=num_workers))
+        for i in range(start, total):
+            batch = next(it, None)
+            if batch is None:
+                break
+            out.append(batch)
+            if i == 1:
+                ds.set_weights([0, 2, 1], step=8)
+            if i == 6 and saved is None:
+                checkpoint = pickle.dumps({"data": ds.state_dict(step=i + 1), "step": i + 1})
+            if i == 9:
+                ds.set_weights([1, 1, 0], step=17)  # consumed + 2 * 3 workers < 17
+        return flatten(out), checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        full, checkpoint = run()
+        assert run(num_workers=0)[0] == full
+        resumed, _ = run(checkpoint, resume_workers)
+    assert resumed == full[7 * 2 :]
+
+
+def test_a_worker_state_names_the_way_to_another_worker_count(corpus):
+    ds = make(corpus, 0, 1, 2)
+    it = ds._iter_worker(1, 2)
+    take(it, 2)
+    state = it.state_dict()
+    other = make(corpus, 0, 1, 2)
+    other.load_state_dict({**ds._header(), **state})
+    with pytest.raises(ValueError, match=r"cannot resume worker 1 of 3 .*state_dict\(step="):
+        other._iter_worker(1, 3)
+
+
+def test_state_dict_at_a_step_replays_every_change(corpus):
+    # More changes than the shared ring holds (1024): the replay takes them from
+    # weight_schedule, and gives what the live iterator's own state says.
+    ds = make(corpus, 0, 1, 2)
+    it = iter(ds)
+    for i in range(1100):
+        next(it)
+        ds.set_weights([1 + i % 3, 1, 1 + i % 5], step=i + 1)
+    assert ds.state_dict(step=1100) == ds.state_dict()
+    with pytest.raises(ValueError, match="earliest step not started yet 1100"):
+        ds.state_dict(step=1101)
+
+
 def test_a_change_between_resuming_and_iterating_survives_the_loaders_own_load(corpus):
     # StatefulDataLoader(num_workers=0) loads the dataset's state itself, inside iter(loader),
     # after the user's ds.load_state_dict: a change made in between must not be wiped.
