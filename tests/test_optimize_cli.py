@@ -141,6 +141,32 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, message):
     assert not (tmp_path / "o" / "weights.json").exists()
 
 
+@pytest.mark.parametrize(
+    "prefix,extra,message",
+    [
+        # the prefix is stripped: the name as it stands in the CSV header is not a domain
+        ("train_", ["--min-weight", "train_web=0.1"],
+         "--min-weight: unknown domain 'train_web'; did you mean ['web']?"),
+        ("", ["--max-weight", "web=0.5"],
+         "--max-weight: unknown domain 'web'; did you mean ['train_web']?"),
+        ("", ["--token-counts", "web=1,code=1,books=1,math=1", "--total-tokens", "1"],
+         "--token-counts: unknown domains ['books', 'code', 'math', 'web']; did you mean "
+         "['train_books', 'train_code', 'train_math', 'train_web']?"),
+        ("train_", ["--max-weight", "nope=0.5"],
+         "unknown domain 'nope'; the domains are ['web', 'code', 'books', 'math']"),
+    ],
+)
+def test_unknown_domain_says_which_there_are(tmp_path, capsys, prefix, extra, message):
+    # "unknown domain 'web'" alone left the user to guess the names (a prefix kept or stripped)
+    files = _sweep(tmp_path, n=30, single=True)
+    domains = ["--domain-prefix", prefix] if prefix else ["--domains", ",".join(
+        f"train_{d}" for d in DOMAINS)]
+    rc = main(["optimize", *files, *domains, "--target", "val/loss", "--predictor", "linear",
+               "--samples", "200", "--top-k", "10", "--out", str(tmp_path / "o"), *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--total-tokens", "--max-epochs", "--holdout"])
 def test_float_flags_refuse_digit_grouping(tmp_path, capsys, flag):
     files = _sweep(tmp_path, n=30)

@@ -34,7 +34,7 @@ from fastmix._io import atomic_write_bytes, atomic_write_text, writable_dir
 
 from .choose import Choice, choose_weights
 from .predictors import PREDICTORS, _exponent
-from .search import Constraints
+from .search import Constraints, domain_hint
 from .sweep import (
     Sweep,
     data_columns,
@@ -330,7 +330,9 @@ def _pairs(specs: Sequence[str], what: str, domains: Sequence[str]) -> Any:
                 raise ValueError(f"{what}: {part!r} is not NAME=NUMBER or NUMBER") from None
             if sep:
                 if name not in domains:
-                    raise ValueError(f"{what}: unknown domain {name!r}")
+                    raise ValueError(
+                        f"{what}: unknown domain {name!r}{domain_hint([name], domains)}"
+                    )
                 named[name] = v
             else:
                 default = v

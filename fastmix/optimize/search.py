@@ -56,6 +56,21 @@ def _rng_seed(value: Any, what: str = "seed") -> Any:
     return _seed(value, what)
 
 
+def domain_hint(unknown: Sequence[str], domains: Sequence[str]) -> str:
+    """What to add to an "unknown domain" message: the names that look alike (a prefix kept or
+    stripped, e.g. 'pile_cc' for 'train_the_pile_pile_cc'), else the domains there are."""
+    def prefixed(long: str, short: str) -> bool:  # long = some prefix + a separator + short
+        long, short = long.lower(), short.lower()
+        n = len(short)
+        return len(long) > n and long.endswith(short) and not long[-n - 1].isalnum()
+
+    close = [d for u in unknown for d in domains if prefixed(d, u) or prefixed(u, d)]
+    if close:
+        return f"; did you mean {list(dict.fromkeys(close))[:5]}?"
+    names = ", ".join(repr(d) for d in list(domains)[:8]) + (", ..." if len(domains) > 8 else "")
+    return f"; the domains are [{names}]"
+
+
 def _per_domain(value: Any, domains: Sequence[str], what: str, default: float) -> np.ndarray:
     K = len(domains)
     if value is None:
@@ -63,7 +78,7 @@ def _per_domain(value: Any, domains: Sequence[str], what: str, default: float) -
     if isinstance(value, Mapping):
         unknown = sorted(set(value) - set(domains))
         if unknown:
-            raise ValueError(f"{what}: unknown domains {unknown}")
+            raise ValueError(f"{what}: unknown domains {unknown}{domain_hint(unknown, domains)}")
         out = np.full(K, default, dtype=np.float64)
         for i, d in enumerate(domains):
             if d in value:
