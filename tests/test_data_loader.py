@@ -228,6 +228,35 @@ def test_state_dict_at_a_step_replays_every_change(corpus):
         ds.state_dict(step=1101)
 
 
+def test_state_dict_at_a_step_goes_on_from_the_last_replay(corpus):
+    # Each call replays from where the previous one stopped, not from the resume point; what it
+    # gives is what a replay from scratch and the live iterator give, also when a new pass has
+    # put a change before the step the last replay reached.
+    ds = make(corpus, 0, 1, 2)
+    it = iter(ds)
+    for i in range(40):
+        next(it)
+        if i % 7 == 3:
+            ds.set_weights([1 + i % 3, 2, 1], step=i + 2)
+        if i % 10 == 9:
+            replay = ds._replay
+            assert ds.state_dict(step=i + 1) == ds.state_dict()
+            assert replay is None or ds._replay is replay  # went on, not started again
+            ds._replay = None
+            assert ds.state_dict(step=i + 1) == ds.state_dict()
+    # A new pass starts again from the resume point: a change at its step 3 lies before the
+    # step the last replay reached (40).
+    it = iter(ds)
+    take(it, 3)
+    assert ds.set_weights([0, 1, 1]) == 3
+    take(it, 42)
+    live = ds.state_dict()
+    assert ds.state_dict(step=45) == live
+    ds._replay = None
+    assert ds.state_dict(step=45) == live
+    assert ds.state_dict(step=10) == ds.state_dict(step=10)  # an earlier step: from scratch
+
+
 def test_a_change_between_resuming_and_iterating_survives_the_loaders_own_load(corpus):
     # StatefulDataLoader(num_workers=0) loads the dataset's state itself, inside iter(loader),
     # after the user's ds.load_state_dict: a change made in between must not be wiped.
