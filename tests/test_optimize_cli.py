@@ -98,6 +98,9 @@ def test_single_csv_with_prefix_and_token_budget(tmp_path):
     "extra,message",
     [
         (["--target", "val/nope"], "no metric 'val/nope'"),
+        (["--target", "val/cod"], "no metric 'val/cod'; did you mean ['val/code']?"),
+        # a part left out of the name: a look-alike, not a substring
+        (["--target", "vl/code"], "no metric 'vl/code'; did you mean ['val/code']?"),
         ([], "name one or more"),
         (["--target", "val/loss", "--min-weight", "0.3"], "min weights sum to 1.2"),
         (["--target", "val/loss", "--token-counts", "web=1,code=1,books=1,math=1",

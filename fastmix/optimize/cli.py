@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import io
 import json
 import math
@@ -301,7 +302,11 @@ def _targets(specs: Sequence[str], metrics: Sequence[str]) -> dict[str, float]:
             except ValueError:
                 name = spec
         if name not in metrics:
-            close = [t for t in metrics if name.lower() in t.lower()][:5]
+            # Names holding the one typed, then look-alikes ('metric/pile_cc_val_loss' for
+            # 'metric/the_pile_pile_cc_val_loss': a part left out, not a part typed).
+            close = [t for t in metrics if name.lower() in t.lower()]
+            close += difflib.get_close_matches(name, metrics, n=5, cutoff=0.75)
+            close = list(dict.fromkeys(close))[:5]
             hint = f"; did you mean {close}?" if close else ""
             raise ValueError(f"--target: no metric {name!r}{hint}")
         if not (math.isfinite(weight) and weight >= 0):
