@@ -289,6 +289,11 @@ class TokenCorpus:
     def from_dir(cls, path: PathLike) -> TokenCorpus:
         """Load a corpus written by ``fastmix prepare`` (``<path>/corpus.json`` + token files)."""
         root = Path(path)
+        if not root.is_dir():  # (a token file given for its directory said "has no corpus.json")
+            why = "is not a directory" if root.exists() else "does not exist"
+            raise CorpusError(
+                f"from_dir: {str(root)!r} {why}; give the folder `fastmix prepare` wrote"
+            )
         manifest = _read_manifest(root)
         if manifest is None:
             raise CorpusError(f"{str(root)!r} has no {CORPUS_MANIFEST} (run `fastmix prepare`)")

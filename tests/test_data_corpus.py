@@ -108,6 +108,10 @@ def test_bad_files_name_domain_and_file(tmp_path):
         TokenCorpus({})
     with pytest.raises(CorpusError, match="no corpus.json"):
         TokenCorpus.from_dir(tmp_path)
+    with pytest.raises(CorpusError, match=r"from_dir: .*good.bin' is not a directory"):
+        TokenCorpus.from_dir(good)
+    with pytest.raises(CorpusError, match=r"from_dir: .*nowhere' does not exist"):
+        TokenCorpus.from_dir(tmp_path / "nowhere")
     big = np.array([1, 2**63 + 5], np.uint64)  # would come out negative as int64 input_ids
     np.save(tmp_path / "u64.npy", big)
     with pytest.raises(CorpusError, match=r"domain 'u', file .*u64.npy.*uint64"):
