@@ -942,6 +942,12 @@ class _Control:
                 )
             time.sleep(1e-4)
 
+    def claimed_end(self) -> int:
+        """One past the furthest step an iterator of this generation has claimed (iterators that
+        have ended included)."""
+        with self.lock:
+            return int(self.v["high_water"][0]) + 1
+
     def clear(self) -> int:
         """Forget every change, exhaustion mark and iterator (the main process loads another
         state); returns the new generation."""
@@ -1044,6 +1050,7 @@ class _Stream:
         self.ds = ds
         K = ds.corpus.num_domains
         self.generation: int | None = None  # the iterator's, when one runs this stream
+        self.warn = True  # of a domain dropped at its cap (a replay of drawn steps does not)
         self.pending: dict[int, tuple[int, np.ndarray]] = {}
         if state is None:
             self.step = 0
@@ -1149,12 +1156,13 @@ class _Stream:
                 return None
             # "reshuffle" with max_epochs: drop the domain, renormalise the rest, redraw from here.
             self.dropped[d] = True
-            warnings.warn(
-                f"fastmix: domain {name!r} reached max_epochs={ds.max_epochs} at {where}; it is "
-                "dropped and the other domains' weights are renormalised",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            if self.warn:
+                warnings.warn(
+                    f"fastmix: domain {name!r} reached max_epochs={ds.max_epochs} at {where}; it "
+                    "is dropped and the other domains' weights are renormalised",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             assert snap is not None  # a cap can only be reached when the snapshot was taken
             snap_at, snap_state = snap
             self.sampler.load_state_dict(snap_state)
@@ -1757,10 +1765,13 @@ class MixtureDataset(IterableDataset):
         every change made since (``weight_schedule`` holds them all; the shared ring only the
         last 1024)."""
         start = 0 if self._resume is None else int(self._resume["step"])
-        if not start <= step <= self.next_step:
+        # The furthest step started: the DataLoader's workers are gone once its pass has ended
+        # (a last checkpoint after the loop), so the live ones alone do not tell.
+        end = max(self.next_step, self._control.claimed_end())
+        if not start <= step <= end:
             raise ValueError(
                 f"state_dict: step must be between the resume point {start} and the "
-                f"earliest step not started yet {self.next_step} (the steps consumed), got {step}"
+                f"furthest step started {end} (the steps consumed), got {step}"
             )
         # The replay goes on from the previous call's (7-8 us per step at batch 32: replaying a
         # whole long run at every checkpoint would grow with the run), unless the resume point
@@ -1776,16 +1787,15 @@ class MixtureDataset(IterableDataset):
         ):
             stream = _Stream(self, self._resume)
             stream.generation = -1  # no generation: the replay leaves the shared marks be
+            stream.warn = False  # the iterators have warned of the domains dropped
             replay = self._replay = (self._resume, stream, set())
         _, stream, merged = replay
         for made, (s, w) in changes:
             if made not in merged:
                 stream.merge(made, s, np.asarray(w, np.float64))
                 merged.add(made)
-        with warnings.catch_warnings():  # the workers have already warned of dropped domains
-            warnings.simplefilter("ignore", RuntimeWarning)
-            while stream.step < step and not stream.finished:
-                stream.plan(produce=False)
+        while stream.step < step and not stream.finished:
+            stream.plan(produce=False)
         # Produced by one iterator up to here: any number of workers can take over.
         return {**stream.state(), "next_step": stream.step, "worker": 0, "stride": 1}
 

@@ -204,6 +204,25 @@ def test_plain_dataloader_resumes_from_the_steps_consumed(corpus, resume_workers
     assert resumed == full[7 * 2 :]
 
 
+def test_state_dict_at_a_step_after_the_workers_have_gone(corpus):
+    # A last checkpoint after the loop: the DataLoader's workers have exited, so no live
+    # iterator holds the position any more; the steps they claimed still bound the step.
+    ds = make(corpus, 0, 1, 2)
+    it = iter(DataLoader(ds, batch_size=None, num_workers=2))
+    seen = flatten(take(it, 5))
+    del it  # the workers exit
+    assert ds.next_step == 0
+    state = ds.state_dict(step=5)
+    fresh = make(corpus, 0, 1, 2)
+    full = flatten(take(iter(fresh), 9))
+    assert seen == full[: 5 * 2]
+    resumed = make(corpus, 0, 1, 2)
+    resumed.load_state_dict(state)
+    assert flatten(take(iter(resumed), 4)) == full[5 * 2 :]
+    with pytest.raises(ValueError, match=r"furthest step started \d+"):
+        ds.state_dict(step=100)
+
+
 def test_a_worker_state_names_the_way_to_another_worker_count(corpus):
     ds = make(corpus, 0, 1, 2)
     it = ds._iter_worker(1, 2)
@@ -224,7 +243,7 @@ def test_state_dict_at_a_step_replays_every_change(corpus):
         next(it)
         ds.set_weights([1 + i % 3, 1, 1 + i % 5], step=i + 1)
     assert ds.state_dict(step=1100) == ds.state_dict()
-    with pytest.raises(ValueError, match="earliest step not started yet 1100"):
+    with pytest.raises(ValueError, match="furthest step started 1100"):
         ds.state_dict(step=1101)
 
 
@@ -255,6 +274,30 @@ def test_state_dict_at_a_step_goes_on_from_the_last_replay(corpus):
     ds._replay = None
     assert ds.state_dict(step=45) == live
     assert ds.state_dict(step=10) == ds.state_dict(step=10)  # an earlier step: from scratch
+
+
+def test_state_dict_at_a_step_silences_only_its_own_replay(corpus, monkeypatch):
+    # The replay does not warn again of the domains the iterators dropped, and does not do it
+    # by a process-wide warnings filter, which hid the RuntimeWarnings of every other thread
+    # (a training thread's, an in-process iterator's) while it ran.
+    from fastmix import data
+
+    ds = make(corpus, 0, 1, 2, max_epochs=1)
+    it = iter(ds)
+    with pytest.warns(RuntimeWarning, match="reached max_epochs"):
+        consumed = len(take(it, 10**6))
+    plan = data._Stream.plan
+
+    def plan_while_another_thread_warns(self, produce):
+        warnings.warn("from another thread", RuntimeWarning, stacklevel=1)
+        return plan(self, produce)
+
+    monkeypatch.setattr(data._Stream, "plan", plan_while_another_thread_warns)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ds.state_dict(step=consumed)
+    messages = [str(w.message) for w in seen]
+    assert messages and all(m == "from another thread" for m in messages)
 
 
 def test_a_change_between_resuming_and_iterating_survives_the_loaders_own_load(corpus):
