@@ -1381,6 +1381,9 @@ class MixtureDataset(IterableDataset):
         batch_size: yield ready batches ``{"input_ids": LongTensor[B, seq_len + 1], "domain":
             LongTensor[B]}`` of this per-rank size (use ``DataLoader(ds, batch_size=None)``); when
             ``None`` yield single samples ``{"input_ids": LongTensor[seq_len + 1], "domain": int}``.
+            Batch here rather than in the DataLoader: with workers, a DataLoader batching single
+            samples fills each batch from one worker's samples (every ``num_workers``-th), so
+            its batches would depend on the number of workers.
         rank, world_size: this process's slice of every global batch; default from
             ``torch.distributed`` when it is initialised, else 0 and 1.
         max_epochs: the most passes over any one domain (``None``: unlimited with "reshuffle", one
@@ -1399,7 +1402,9 @@ class MixtureDataset(IterableDataset):
     made with ``set_weights`` after a worker's last snapshot live in the main process: save
     ``dataset.state_dict()`` alongside ``loader.state_dict()`` and load it (before the loader's)
     when resuming, or they are lost.  That state also holds ``next_step`` as it was (how far the
-    workers had run), the earliest step a change made after resuming can reach.
+    workers had run), the earliest step a change made after resuming can reach.  With a plain
+    ``DataLoader`` save ``state_dict(step=steps_consumed)``: the main process replays the draws
+    up to there, and the state resumes with any number of workers.
     """
 
     def __init__(
