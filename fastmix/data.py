@@ -1131,9 +1131,10 @@ class _Stream:
         out = self._out if produce else self._none
         caps = ds._caps
         # Snapshot the sampler only when some domain can reach its cap within this step.
-        snap = None
+        snap = start_cursors = None
         if ds._capped and np.any(((caps - self.cursors) < G) & ~self.dropped):
             snap = (0, self.sampler.state_dict())
+            start_cursors = self.cursors.copy()  # (map advances them in place)
         domains = self.sampler.sample(G)
         done = 0
         while True:
@@ -1146,6 +1147,12 @@ class _Stream:
             epochs = int(self.cursors[d] // ds._n_windows[d])
             where = f"global sample {self.step * G + done} (step {self.step})"
             if ds.on_exhausted == "error":
+                # Back to the start of the step: the sampler had drawn it whole and the cursors
+                # had moved past its first `done` samples, so a retry or a state saved now went
+                # on from a stream no run produces.
+                assert snap is not None and start_cursors is not None
+                self.sampler.load_state_dict(snap[1])
+                self.cursors[:] = start_cursors
                 raise RuntimeError(
                     f"domain {name!r} is exhausted after {epochs} epoch(s) of "
                     f"{int(ds._n_windows[d])} windows at {where} (on_exhausted='error')"

@@ -121,6 +121,31 @@ def test_stop_and_error_policies(corpus):
         stream(ds3, 1000)
 
 
+def test_error_policy_leaves_the_stream_at_the_failed_step(corpus):
+    # The error came after the sampler had drawn the whole step and the cursors had moved past
+    # its first samples: a retry reported another sample, and a state saved then (to resume with
+    # a larger max_epochs) went on from a stream that no run produces.
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=4, batch_size=3, on_exhausted="error")
+    it = iter(ds)
+    produced = []
+    with pytest.raises(RuntimeError, match="is exhausted") as first:
+        for _ in range(1000):
+            produced.append(next(it))
+    with pytest.raises(RuntimeError) as again:
+        next(it)
+    assert str(again.value) == str(first.value)
+    state = ds.state_dict()
+    step = len(produced)
+    assert state["step"] == step and state["sampler"]["position"] == 3 * step
+    assert sum(state["cursors"]) == 3 * step
+    # resumed with room for a second epoch: the stream of a run that had it from the start
+    kwargs = dict(seed=4, batch_size=3, on_exhausted="error", max_epochs=2)
+    resumed = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], **kwargs)
+    resumed.load_state_dict(state)
+    fresh = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], **kwargs)
+    assert stream(resumed, 5) == stream(fresh, step + 5)[3 * step :]
+
+
 def test_resume_mid_epoch_and_after_weight_changes(corpus):
     def run(resume_at=None, state=None, total=30):
         ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=5, batch_size=3, max_epochs=3)
