@@ -1996,6 +1996,17 @@ def _check_state_body(state: Mapping[str, Any], ds: MixtureDataset) -> None:
         MixtureSampler([1.0]).load_state_dict(sampler)
     except (TypeError, ValueError) as e:
         raise bad("sampler", f"is not a valid sampler state ({e})") from None
+    # Where the parts say the stream is must agree: each step draws global_batch samples and maps
+    # each to one window (a stream that has ended may stop part-way through a step).  A state
+    # edited or pieced together from two went on silently as another stream, or failed later (a
+    # cursor at 2**63 - 1 ended in a bare AssertionError).
+    if not state["finished"]:
+        at = int(state["step"]) * ds._global_batch
+        if sampler["position"] != at:
+            raise bad("sampler", f"is at position {sampler['position']}, not step * global_batch "
+                                 f"= {at}")
+        if sum(int(c) for c in state["cursors"]) != at:
+            raise bad("cursors", f"must sum to step * global_batch = {at}")
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

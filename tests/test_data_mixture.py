@@ -638,6 +638,11 @@ def test_load_state_dict_checks_the_body(corpus):
         ("sampler", dict(good["sampler"], method="greedy"), "sampler.*method='greedy'"),
         ("sampler", dict(good["sampler"], seed=999), "sampler.*seed=999"),
         ("sampler", dict(good["sampler"], position=-1), "sampler.*not a valid sampler state"),
+        # parts that disagree on where the stream is (it went on silently as another stream)
+        ("step", 0, "sampler.*not step \\* global_batch = 0"),
+        ("cursors", [good["cursors"][0] + 1, *good["cursors"][1:]],
+         r"cursors.*must sum to step \* global_batch = 4"),
+        ("cursors", [2**63 - 1, 0, 0], "cursors.*must sum"),  # a bare AssertionError later
     ]
     for key, value, match in cases:
         bad = dict(good)
