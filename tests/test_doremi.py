@@ -392,6 +392,21 @@ def test_init_weights_from_numpy_keeps_float64_precision():
         DoReMi(2, init_weights=np.array([1 + 1j, 1]))
 
 
+def test_init_weights_and_state_from_byte_swapped_numpy():
+    # A '>f8' array (saved on another machine, read with np.load) holds real numbers: torch
+    # refuses byte-swapped arrays, and the error said "init_weights must hold real numbers".
+    np = pytest.importorskip("numpy")
+    for dtype in (">f8", ">f4", ">i8"):
+        init = np.array([1, 2, 5], dtype=dtype)
+        weights = DoReMi(3, init_weights=init).weights
+        torch.testing.assert_close(weights, torch.tensor([1 / 8, 2 / 8, 5 / 8]))
+    state = DoReMi(3).state_dict()
+    state["weights"] = np.array([0.25, 0.25, 0.5], dtype=">f8")
+    mixer = DoReMi(3)
+    mixer.load_state_dict(state)
+    assert mixer.weights.tolist() == [0.25, 0.25, 0.5]
+
+
 def test_device_errors_name_the_argument():
     with pytest.raises(ValueError, match="device 'gpu0' is not a valid torch device"):
         DoReMi(3, device="gpu0")

@@ -60,6 +60,15 @@ def state_device(device: Any) -> torch.device:
     return dev
 
 
+def _native(value: Any) -> Any:
+    """``value``, or a copy in this machine's byte order when it is a byte-swapped NumPy array
+    (a '>f8' array saved on another machine): torch refuses those, and its message became
+    "must hold real numbers"."""
+    if isinstance(value, np.ndarray) and not value.dtype.isnative:
+        return value.astype(value.dtype.newbyteorder("="))
+    return value
+
+
 def _weights_float64(init_weights: Any) -> Tensor:
     """``init_weights`` as a flat float64 CPU tensor, parsed without a float32 detour.
 
@@ -70,7 +79,7 @@ def _weights_float64(init_weights: Any) -> Tensor:
         w = init_weights.detach()
     elif hasattr(init_weights, "__array__") and not isinstance(init_weights, Sequence):
         try:  # a NumPy array: its dtype maps to a torch dtype exactly
-            w = torch.as_tensor(init_weights)
+            w = torch.as_tensor(_native(init_weights))
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"init_weights must hold real numbers: {exc}") from None
     else:
@@ -183,7 +192,7 @@ def state_vector(
     value = state.get(key, default)
     if not isinstance(value, Tensor):
         try:
-            value = torch.as_tensor(value)
+            value = torch.as_tensor(_native(value))
         except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise TypeError(f"{name} must be a tensor of floats: {exc}") from None
     if value.shape != (num_domains,):
