@@ -392,6 +392,17 @@ def test_init_weights_from_numpy_keeps_float64_precision():
         DoReMi(2, init_weights=np.array([1 + 1j, 1]))
 
 
+def test_init_weights_refuse_masked_entries():
+    # The masked 9 was the weight used (load_weights and the sampler refuse it already).
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match="init_weights has masked entries"):
+        DoReMi(2, init_weights=np.ma.array([1.0, 9.0], mask=[0, 1]))
+    with pytest.raises(TypeError, match="init_weights has masked entries"):
+        fastmix.ODM(2, init_weights=np.ma.array([1.0, 9.0], mask=[0, 1]))
+    unmasked = DoReMi(2, init_weights=np.ma.array([1.0, 3.0], mask=[0, 0])).weights
+    assert unmasked.tolist() == [0.25, 0.75]
+
+
 def test_init_weights_and_state_from_byte_swapped_numpy():
     # A '>f8' array (saved on another machine, read with np.load) holds real numbers: torch
     # refuses byte-swapped arrays, and the error said "init_weights must hold real numbers".

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastmix._checks import plain_values
+
 # Float32 weights renormalised by a float32 softmax / division can each be off by about one ulp,
 # so their sum drifts from 1 by up to ~K·eps (measured: 7e-7 for K = 1024 after 20k updates).
 _EPS32 = torch.finfo(torch.float32).eps
@@ -78,6 +80,9 @@ def _weights_float64(init_weights: Any) -> Tensor:
     if isinstance(init_weights, Tensor):
         w = init_weights.detach()
     elif hasattr(init_weights, "__array__") and not isinstance(init_weights, Sequence):
+        # A masked array converts with the values hidden under its mask, as load_weights and the
+        # sampler refuse to.
+        init_weights = plain_values(init_weights, "init_weights")
         try:  # a NumPy array: its dtype maps to a torch dtype exactly
             w = torch.as_tensor(_native(init_weights))
         except (TypeError, ValueError, RuntimeError) as exc:
