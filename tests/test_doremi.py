@@ -351,6 +351,11 @@ def test_average_weights_tolerance_grows_with_the_number_of_updates():
         ([[1.0], 2.0, 3.0], TypeError, "init_weights must hold real numbers, got list"),
         (torch.tensor([1 + 1j, 1, 1]), TypeError, "init_weights must be real"),
         (torch.tensor([True, True, True]), TypeError, "init_weights must be real"),
+        # ... also as the elements of a list (True was taken as 1.0)
+        ([torch.tensor(True), torch.tensor(1.0), torch.tensor(2.0)], TypeError,
+         "init_weights must hold real numbers, got a torch.bool tensor"),
+        ([torch.tensor(1 + 1j), 1.0, 2.0], TypeError,
+         "init_weights must hold real numbers, got a torch.complex64 tensor"),
         ({1.0, 2.0, 3.0}, TypeError, "init_weights must be a sequence"),
         ([10**400, 1, 1], ValueError, "init_weights must be finite"),
         ([1.0, float("inf"), 1.0], ValueError, "init_weights must be finite"),

@@ -97,6 +97,9 @@ def _weights_float64(init_weights: Any) -> Tensor:
             # bools and complex numbers would be converted silently (True -> 1.0, 1+1j -> 1.0)
             if isinstance(x, bool) or not isinstance(x, (numbers.Real, Tensor)):
                 raise TypeError(f"init_weights must hold real numbers, got {type(x).__name__}")
+            # ... also inside a tensor: [tensor(True), tensor(3.0)] became [1.0, 3.0]
+            if isinstance(x, Tensor) and (x.dtype == torch.bool or x.is_complex()):
+                raise TypeError(f"init_weights must hold real numbers, got a {x.dtype} tensor")
         try:
             w = torch.as_tensor(init_weights, dtype=torch.float64)
         except OverflowError:
