@@ -128,6 +128,13 @@ BAD = [
     (dict(backend="jax"), ValueError, "backend must be one of"),
     (dict(backend="cuda"), RuntimeError, "backend='cuda' cannot run on cpu"),
     (dict(domain=torch.zeros(4, dtype=torch.int64, device="meta")), ValueError, "domain is on"),
+    # sparse and mkldnn layouts failed inside torch, naming no argument
+    (dict(loss=torch.ones(4).to_sparse()), TypeError, "loss must be a dense .*sparse_coo"),
+    (dict(loss=torch.ones(4).to_mkldnn()), TypeError, "loss must be a dense .*mkldnn"),
+    (dict(domain=torch.zeros(4, dtype=torch.int64).to_sparse()), TypeError,
+     "domain must be a dense"),
+    (dict(ref_loss=torch.ones(4).to_sparse()), TypeError, "ref_loss must be a dense"),
+    (dict(mask=torch.ones(4, dtype=torch.bool).to_sparse()), TypeError, "mask must be a dense"),
 ]
 
 

@@ -148,6 +148,13 @@ def _check_num_domains(num_domains: Any) -> int:
     return _checks.num_domains(num_domains)
 
 
+def _check_dense(t: Tensor, name: str) -> None:
+    # A sparse or mkldnn tensor failed deep inside torch ("reshape is not implemented for sparse
+    # tensors", or on the kernels' path "do not have is_contiguous"), naming no argument.
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
 def validate_inputs(
     loss: Any,
     domain: Any,
@@ -168,12 +175,14 @@ def validate_inputs(
         raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
     if loss.dtype not in LOSS_DTYPES:
         raise TypeError(f"loss must be float32, bfloat16 or float16, got {loss.dtype}")
+    _check_dense(loss, "loss")
     if loss.dim() not in (1, 2):
         raise ValueError(f"loss must be [N] or [B, T], got shape {tuple(loss.shape)}")
     if not isinstance(domain, Tensor):
         raise TypeError(f"domain must be a torch.Tensor, got {type(domain).__name__}")
     if domain.dtype not in ID_DTYPES:
         raise TypeError(f"domain must be int32 or int64, got {domain.dtype}")
+    _check_dense(domain, "domain")
     per_sequence = loss.dim() == 2 and domain.shape == loss.shape[:1]
     if domain.shape != loss.shape and not per_sequence:
         expected = f"{tuple(loss.shape)}" + (
@@ -192,6 +201,7 @@ def validate_inputs(
             raise TypeError(f"ref_loss must be a torch.Tensor, got {type(ref_loss).__name__}")
         if ref_loss.dtype != loss.dtype:
             raise TypeError(f"ref_loss must have loss's dtype {loss.dtype}, got {ref_loss.dtype}")
+        _check_dense(ref_loss, "ref_loss")
         if ref_loss.shape != loss.shape:
             raise ValueError(
                 f"ref_loss must have loss's shape {tuple(loss.shape)}, "
@@ -204,6 +214,7 @@ def validate_inputs(
             raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be bool, got {mask.dtype}")
+        _check_dense(mask, "mask")
         if mask.shape != loss.shape:
             raise ValueError(
                 f"mask must have loss's shape {tuple(loss.shape)}, got {tuple(mask.shape)}"
