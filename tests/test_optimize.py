@@ -696,7 +696,20 @@ def test_library_arguments_of_the_wrong_type_are_named():
         Constraints(d, token_counts={"a": "many", "b": 1, "c": 1}, total_tokens=2)
     with pytest.raises(TypeError, match="min_weight must be a number"):
         Constraints(d, min_weight=["0.1", "0", "0"])
+    # a bool among numbers was taken as 0 or 1, as a mapping's bool is not
+    with pytest.raises(TypeError, match="token_counts must hold real numbers, got a bool"):
+        Constraints(d, token_counts=[True, 1, 1], total_tokens=2)
+    with pytest.raises(TypeError, match="min_weight must hold real numbers, got a bool"):
+        Constraints(d, min_weight=(True, 0, 0))
+    with pytest.raises(TypeError, match="max_weight has masked entries"):
+        Constraints(d, max_weight=np.ma.array([1.0, 1.0, 0.0], mask=[0, 0, 1]))
+    with pytest.raises(TypeError, match="scores must hold real numbers, got a bool"):
+        weights_from_affinity([True, 2.0, 3.0])
+    with pytest.raises(TypeError, match="scores must hold real numbers, got a bool"):
+        weights_from_affinity({"a": False, "b": 2.0})
     c = Constraints(d)
+    with pytest.raises(TypeError, match="prior must hold real numbers, got a bool"):
+        search(lambda W: W[:, 0], c, prior=[True, 1, 1], samples=50, top_k=5)
 
     def objective(W):
         return W[:, 0]

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fastmix._checks import real_number
+from fastmix._checks import plain_values, real_number
 
 __all__ = ["weights_from_affinity"]
 
@@ -29,10 +29,13 @@ def weights_from_affinity(scores: Mapping[str, float] | Sequence[float] | np.nda
         An array of weights, or ``{domain: weight}`` when ``scores`` is a mapping.
     """
     names = list(scores.keys()) if isinstance(scores, Mapping) else None
-    raw = np.asarray(list(scores.values()) if names is not None else scores)
+    values = list(scores.values()) if names is not None else scores
+    raw = np.asarray(values)
     # Text ('ab'), booleans and complex numbers are no scores: numpy's own errors named nothing.
     if isinstance(scores, (str, bytes)) or raw.dtype.kind not in "iuf":
         raise TypeError(f"scores must be real numbers, got {reprlib.repr(scores)}")
+    # ... nor a bool among numbers ([True, 2] became [1, 2]), nor a masked entry's hidden value
+    raw = np.asarray(plain_values(values, "scores"))
     s = raw.astype(np.float64)
     if s.ndim != 1 or s.size == 0:
         raise ValueError(f"scores must be a non-empty 1-D list, got shape {s.shape}")

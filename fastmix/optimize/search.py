@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._checks import real_number
+from fastmix._checks import plain_values, real_number
 
 __all__ = ["Constraints", "SearchResult", "project", "sample_mixtures", "search"]
 
@@ -86,7 +86,8 @@ def _per_domain(value: Any, domains: Sequence[str], what: str, default: float) -
         return out
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{what} must be a number, a mapping or {K} numbers, got {value!r}")
-    arr = np.asarray(value)
+    # (a bool among numbers: [True, 0] converted to [1, 0] without a word)
+    arr = np.asarray(plain_values(value, what))
     if arr.dtype.kind not in "iuf":  # text, booleans, objects: nothing that merely converts
         raise TypeError(f"{what} must be a number, a mapping or {K} numbers, got {value!r}")
     arr = arr.astype(np.float64)
@@ -102,7 +103,7 @@ def _check_prior(prior: Any, K: int) -> np.ndarray:
     """``prior`` as ``K`` non-negative finite weights summing to 1."""
     if isinstance(prior, (str, bytes)):
         raise TypeError(f"prior must be {K} weights, got {prior!r}")
-    arr = np.asarray(prior)
+    arr = np.asarray(plain_values(prior, "prior"))
     if arr.dtype.kind not in "iuf":
         raise TypeError(f"prior must be {K} numbers, got {prior!r}")
     arr = arr.astype(np.float64)
