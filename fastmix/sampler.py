@@ -351,6 +351,10 @@ class MixtureSampler:
             raise ValueError(f"state['method'] must be one of {METHODS}, got {method!r}")
         seed = _check_seed(state["seed"], "state['seed']")
         block = integer(state["block"], "state['block']", 1, MAX_BLOCK)
+        if isinstance(state["weights"], Mapping):
+            # Its keys were ignored: {"b": 2, "a": 1} gave domain a weight 2 under names [a, b].
+            raise TypeError("state['weights'] must be a list of weights in the order of "
+                            "state['names'], not a dict")
         raw, _ = _as_weights(state["weights"], "state['weights']")
         k = raw.size
         names = state["names"]

@@ -1038,6 +1038,9 @@ def test_bad_state_dicts() -> None:
         # np.sum (pairwise) is finite, the C++ in-order sum overflows: refused before any change
         ({**good, "method": "stratified", "weights": [2.0**1023, 2.0**1023, 0.0]}, ValueError,
          r"state\['weights'\] sum overflows"),
+        # a dict's keys were ignored: weights went to the domains in the dict's order
+        ({**good, "names": ["a", "b", "c"], "weights": {"c": 3, "b": 2, "a": 1}}, TypeError,
+         r"state\['weights'\] must be a list of weights in the order of state\['names'\]"),
         ({**good, "counts": [4, 3, 3], "segment_counts": [5, 3, 2]}, ValueError,
          r"state\['segment_counts'\] exceeds state\['counts'\]"),
         # 2 * (2**63 - 1) + 12 wraps to 10 in int64: not a sum of 10
