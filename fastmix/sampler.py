@@ -174,7 +174,12 @@ def blend_indices(weights: Weights, size: int) -> tuple[np.ndarray, np.ndarray]:
             f"{_MAX_BLEND_DOMAINS} (dataset_index is int16)"
         )
     size = integer(size, "size", 0, 1 << 52)
-    return _C.blend_indices(_normalised(raw), size)
+    try:
+        return _C.blend_indices(_normalised(raw), size)
+    except MemoryError as exc:  # (as for sample_domains' n: say which argument asked for it)
+        raise ValueError(
+            f"size={size}: cannot allocate the outputs ({10 * size:,} bytes) ({exc})"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------- the sampler

@@ -982,6 +982,8 @@ def test_bad_arguments() -> None:
         sample_domains([1, 2], 2**63 - 1, seed=0)
     with pytest.raises(ValueError, match="n=4611686018427387904: cannot allocate"):
         MixtureSampler([1, 2]).sample(2**62)
+    with pytest.raises(ValueError, match=r"size=4503599627370496: cannot allocate the outputs"):
+        blend_indices([1, 2], 2**52)  # 45 PB: more than the address space
     assert blend_indices(np.ones(32767), 2)[0].tolist() == [0, 1]
 
 
