@@ -436,3 +436,23 @@ def test_from_dir_checks_each_domain_against_its_manifest(tmp_path):
     tokens[:-3].tofile(web)  # a copy cut short at a token boundary
     with pytest.raises(CorpusError, match=rf"domain 'web' has {held:,} tokens, its files .* hold"):
         TokenCorpus.from_dir(tmp_path)
+
+
+def test_negative_ids_in_a_signed_file_are_refused_where_they_are_read(tmp_path):
+    from fastmix.data import MixtureDataset
+
+    ok = np.arange(400, dtype=np.int32)
+    padded = ok.copy()
+    padded[250] = -1  # a pad id saved with the tokens
+    np.save(tmp_path / "ok.npy", ok)
+    np.save(tmp_path / "padded.npy", padded)
+    write_bin(tmp_path / "web.bin", np.arange(400))
+    clean = TokenCorpus({"web": tmp_path / "web.bin", "code": tmp_path / "ok.npy"}, dtype="uint16")
+    batches = list(MixtureDataset(clean, 9, [1, 1], batch_size=4, on_exhausted="stop"))
+    assert len(batches) > 10 and min(int(b["input_ids"].min()) for b in batches) >= 0
+    corpus = TokenCorpus({"web": tmp_path / "web.bin", "code": tmp_path / "padded.npy"},
+                         dtype="uint16")
+    with pytest.raises(CorpusError, match=r"padded.npy' holds a negative token id \(-1\) in "
+                                          r"tokens \[\d+, \d+\): token ids must be >= 0"):
+        list(MixtureDataset(corpus, 9, [1, 1], batch_size=4, on_exhausted="stop"))
+    assert corpus.read(1, 250, 1).tolist() == [-1]  # the raw read gives the file as it is
