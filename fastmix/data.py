@@ -207,7 +207,8 @@ class TokenCorpus:
     Args:
         domains: maps a domain name to one token file or a list of them.  A file is either raw
             little-endian ``uint16``/``uint32`` tokens (``.bin`` or any other suffix) or a 1-D
-            integer ``.npy`` array (its dtype comes from the header).
+            integer ``.npy`` array (its dtype comes from the header; a signed one must hold no
+            negative id: a batch that reads one raises ``CorpusError``).
         dtype: dtype of the raw files (``"uint16"`` or ``"uint32"``).  When omitted, it is read from
             a ``corpus.json`` next to the file (written by ``fastmix prepare``).
 
