@@ -1952,9 +1952,23 @@ def _check_state_body(state: Mapping[str, Any], ds: MixtureDataset) -> None:
         if key not in state:
             raise bad(key, "is missing")
     count("step")
-    for key in ("floor", "next_step"):
-        if state.get(key) is not None:
-            count(key)
+    if state.get("floor") is not None:
+        count("floor")
+    # Where a DataLoader worker's iterator goes on: all None (saved outside an iterator), else the
+    # worker's next step, its id and the number of workers (one iterator: 0 and 1).  Unchecked,
+    # worker="0" or stride=0 failed only in iter(), as a state "saved by DataLoader worker 0 of
+    # 1" that "cannot resume worker 0 of 1".
+    if any(state.get(key) is not None for key in ("next_step", "worker", "stride")):
+        for key in ("next_step", "worker", "stride"):
+            if state.get(key) is None:
+                raise bad(key, "must be set with next_step, worker and stride (or all None)")
+        count("next_step")
+        stride = state["stride"]
+        if not is_int(stride, _WORKER_SLOTS + 1) or stride == 0:
+            raise bad("stride", f"must be the number of DataLoader workers, an int in [1, "
+                                f"{_WORKER_SLOTS}], got {stride!r}")
+        stride = int(stride)
+        count("worker", stride)
     for key in ("cursors", "user_weights", "dropped"):
         try:
             n = len(state[key])
@@ -2020,6 +2034,17 @@ def _check_state_body(state: Mapping[str, Any], ds: MixtureDataset) -> None:
                                  f"= {at}")
         if sum(int(c) for c in state["cursors"]) != at:
             raise bad("cursors", f"must sum to step * global_batch = {at}")
+    if state.get("next_step") is not None:
+        # An iterator runs the steps from the stream's position up to next_step without producing
+        # them, and moves on by stride after each step it produces: next_step is never behind the
+        # stream nor a whole stride ahead (else steps were produced twice, or skipped).
+        step, stride = int(state["step"]), int(state["stride"])
+        if not step <= state["next_step"] < step + stride:
+            raise bad(
+                "next_step",
+                f"must be in [step, step + stride) = [{step}, {step + stride}), got "
+                f"{state['next_step']}",
+            )
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

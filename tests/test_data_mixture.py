@@ -635,6 +635,24 @@ def test_load_state_dict_checks_the_body(corpus):
         ("cursors", [2**63, 0, 0], "cursors.*ints"),
         ("exhausted", {"a": 2**70}, "exhausted"),
         ("next_step", 2**70, "next_step.*must be an int"),
+    ]
+    # A worker's position: these failed only in iter(), as a state "saved by DataLoader worker 0
+    # of 1" that "cannot resume worker 0 of 1".
+    at = {"next_step": good["step"], "worker": 0, "stride": 1}
+    assert {k: good[k] for k in at} == at
+    cases += [
+        ("next_step", dict(at, next_step=None), "'next_step'.*must be set with next_step, worker"),
+        ("worker", dict(at, worker="0"), r"'worker'.*must be an int in \[0, 1\), got '0'"),
+        ("worker", dict(at, worker=True), "'worker'.*must be an int"),
+        ("worker", dict(at, worker=1), r"'worker'.*must be an int in \[0, 1\), got 1"),
+        ("worker", dict(at, worker=None), "'worker'.*must be set with next_step"),
+        ("stride", dict(at, stride="1"), r"'stride'.*an int in \[1, 256\], got '1'"),
+        ("stride", dict(at, stride=0), r"'stride'.*an int in \[1, 256\], got 0"),
+        ("stride", dict(at, stride=257, worker=3), r"'stride'.*an int in \[1, 256\]"),
+        ("next_step", dict(at, next_step="2"), "'next_step'.*must be an int"),
+        ("next_step", dict(at, next_step=good["step"] - 1), r"next_step.*\[step, step \+ stride\)"),
+        ("next_step", dict(at, next_step=good["step"] + 2, stride=2),
+         r"next_step.*\[step, step \+ stride\) = \[2, 4\), got 4"),
         ("sampler", dict(good["sampler"], method="greedy"), "sampler.*method='greedy'"),
         ("sampler", dict(good["sampler"], seed=999), "sampler.*seed=999"),
         ("sampler", dict(good["sampler"], position=-1), "sampler.*not a valid sampler state"),
@@ -648,6 +666,8 @@ def test_load_state_dict_checks_the_body(corpus):
         bad = dict(good)
         if value is None:
             del bad[key]
+        elif key in at and isinstance(value, dict):
+            bad.update(value)  # the three fields together
         else:
             bad[key] = value
         fresh = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
@@ -663,6 +683,10 @@ def test_load_state_dict_checks_the_body(corpus):
     one_domain = dict(good, sampler=dict(good["sampler"], weights=[1.0]))
     with pytest.raises(ValueError, match="sampler.*over 3 domains"):
         k1.load_state_dict(one_domain)
+    for position in ({k: None for k in at}, dict(at, next_step=3, worker=1, stride=2)):
+        MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2).load_state_dict(
+            dict(good, **position)
+        )
     fresh = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
     fresh.load_state_dict(good)
     assert stream(fresh, 3) == flatten(take(it, 3))
