@@ -1940,6 +1940,28 @@ def _check_state_body(state: Mapping[str, Any], ds: MixtureDataset) -> None:
             raise bad(key, f"must be an int in [0, {high}), got {state.get(key)!r}")
 
     def weight_vector(key: str, value: Any) -> None:
+        # As load_weights and set_weights take them: real numbers only.  Read as float64 straight
+        # away, ["1", "1"] and [True, True] loaded as weights.
+        what = f"state[{key!r}]"
+        try:
+            raw = np.asarray(plain_values(value, what))
+        except TypeError as e:
+            raise TypeError(f"{e}: not a MixtureDataset state_dict, or damaged") from None
+        except ValueError:  # ragged: reported below
+            raw = None
+        if raw is not None and raw.dtype == object:  # ints beyond int64: checked one by one
+            for i, v in enumerate(raw.reshape(-1)):
+                try:
+                    real_number(v, f"{what}[{i}]")
+                except TypeError as e:
+                    raise TypeError(f"{e}: not a MixtureDataset state_dict, or damaged") from None
+                except ValueError:  # too large for float64: reported below
+                    pass
+        elif raw is not None and raw.dtype.kind not in "iuf" and raw.size:
+            kind = {"U": "strings", "S": "bytes", "b": "bools", "c": "complex numbers"}
+            raise TypeError(f"{what} must hold real numbers, got "
+                            f"{kind.get(raw.dtype.kind, raw.dtype)}: not a MixtureDataset "
+                            "state_dict, or damaged")
         try:
             weights = np.asarray(value, np.float64)
             if weights.shape != (num_domains,):

@@ -677,6 +677,23 @@ def test_load_state_dict_checks_the_body(corpus):
         with pytest.raises(ValueError, match=match):  # into the running dataset: nothing changes
             ds.load_state_dict(bad)
         assert ds.state_dict() == good
+    # Weights that converted to floats without a word, as load_weights and set_weights refuse.
+    type_cases = [
+        ("user_weights", ["1", "1", "1"], r"'user_weights'.*real numbers, got strings"),
+        ("user_weights", [True, True, True], "'user_weights'.*real numbers, got a bool"),
+        ("weights", np.array([True, True, True]), "'weights'.*real numbers, got bools"),
+        ("weights", [1 + 1j, 1, 1], "'weights'.*real numbers, got complex"),
+        ("pending", [[9, [True, 1, 1]]], "'pending'.*real numbers, got a bool"),
+        ("events", [[9, ["1", "1", "1"]]], "'events'.*real numbers, got strings"),
+        ("user_weights", [2**70, "1", 1], r"'user_weights'\]\[1\] must be a number"),
+    ]
+    for key, value, match in type_cases:
+        fresh = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
+        with pytest.raises(TypeError, match=match):
+            fresh.load_state_dict(dict(good, **{key: value}))
+        assert fresh._resume is None
+    fresh = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
+    fresh.load_state_dict(dict(good, user_weights=[2**70, 1, 1], weights=np.ones(3, np.float32)))
     for not_a_dict in ([], None, "state"):  # a TypeError, as for the sampler and the mixers
         with pytest.raises(TypeError, match="state must be a dict"):
             ds.load_state_dict(not_a_dict)
