@@ -578,6 +578,18 @@ def test_projection_stays_inside_the_bounds_exactly():
 
 
 @pytest.mark.filterwarnings("error")  # no numpy warning either
+def test_projection_iters_is_bounded_by_what_float64_can_resolve():
+    # iters=10**30 ran (and hung) bisection long after the bracket had stopped changing.
+    for iters in (2101, 10**30):
+        with pytest.raises(ValueError, match=r"iters must lie in \[1, 2100\], got"):
+            project([[0.3, 0.3, 0.4]], 0, 1, iters=iters)
+    with pytest.raises(ValueError, match=r"iters must lie in \[1, 2100\], got 0"):
+        project([[0.3, 0.3, 0.4]], 0, 1, iters=0)
+    # A row spanning the float64 range needs the most halvings: the last ones change nothing.
+    row = [[1.7976931348623157e308, 0.5]]
+    assert np.array_equal(project(row, 0, 0.5, iters=2100), project(row, 0, 0.5, iters=2099))
+
+
 def test_projection_and_sampling_check_their_input():
     # Unchecked: infeasible bounds gave rows summing to 1.5, NaN rows came back NaN,
     # concentrations=(inf,) gave NaN mixtures and () or (-1,) failed inside numpy.

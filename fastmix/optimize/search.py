@@ -242,13 +242,17 @@ def project(V: np.ndarray, lo: np.ndarray, hi: np.ndarray, iters: int = 100) -> 
 
     Raises:
         ValueError: on NaN/inf in ``V`` or the bounds, or bounds no row can meet (``lo > hi``,
-            ``Σlo > 1`` or ``Σhi < 1``).
+            ``Σlo > 1`` or ``Σhi < 1``); on ``iters`` outside [1, 2100] (no float64 bracket
+            changes after 2099 halvings).
         TypeError: on values that are not numbers.
     """
     V, lo, hi = _check_projection(V, lo, hi)  # (V: a private float64 copy)
     iters = _integer(iters, "iters")
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
+    # A row's bracket is narrower than 2**1025 and the finest float64 spacing is 2**-1074: after
+    # 2099 halvings the midpoint is an end and nothing changes (measured: a row spanning the
+    # float64 range stops at 2099).  More only spent time: iters=10**30 never returned.
+    if not 1 <= iters <= _MAX_PROJECT_ITERS:
+        raise ValueError(f"iters must lie in [1, {_MAX_PROJECT_ITERS}], got {iters}")
     # Rows are independent: project a block of rows at a time, into V itself.  Whole-array
     # temporaries took ~8 copies of V (50,000 mixtures of 1,000 domains: 3.2 GB beyond the input;
     # of 10,000 domains, 32 GB); the blocks also stay in cache.
@@ -257,6 +261,9 @@ def project(V: np.ndarray, lo: np.ndarray, hi: np.ndarray, iters: int = 100) -> 
         V[i : i + rows] = _project_rows(V[i : i + rows], lo, hi, iters)
     return V
 
+
+# The most bisection steps project() takes: more cannot change a float64 bracket (see project).
+_MAX_PROJECT_ITERS = 2100
 
 # Entries per block of rows that project() works on at once (1 MiB of float64).
 _PROJECT_BLOCK = 1 << 17
