@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import reprlib
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,16 @@ def real_number(value: Any, what: str) -> float:
         return float(value)
     except OverflowError:  # an int beyond float64, e.g. 10**400
         raise ValueError(f"{what} must be finite, got an int too large for float64") from None
+
+
+def flag(value: Any, what: str) -> bool:
+    """``value`` as a bool; TypeError naming ``what`` for anything else.
+
+    ``bool()`` takes any value: the string "no", or "False", is true.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{what} must be True or False, got {reprlib.repr(value)}")
+    return bool(value)
 
 
 def plain_values(values: Any, what: str) -> Any:

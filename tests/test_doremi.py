@@ -465,6 +465,9 @@ def test_one_domain_takes_a_scalar_init_weight():
          r"init_weights must be 1-D \(K values\), got shape \(1, 3\)"),
         (dict(init_weights=torch.tensor(1.0)), ValueError, "init_weights must have 3"),
         (dict(backend="tpu"), ValueError, "backend"),
+        # taken by their truth: "no" switched them on
+        (dict(deterministic="no"), TypeError, "deterministic must be True or False, got 'no'"),
+        (dict(debug=1), TypeError, "debug must be True or False, got 1"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, exc, match):

@@ -292,6 +292,8 @@ def test_constructor_errors_name_the_argument():
         ODM(3, smoothing=10**400)
     with pytest.raises(TypeError, match="init_weights must be a sequence"):
         ODM(3, init_weights="abc")
+    with pytest.raises(TypeError, match="deterministic must be True or False, got 'no'"):
+        ODM(3, deterministic="no")  # taken by its truth: "no" switched it on
     with pytest.raises(TypeError, match="init_weights must hold real numbers"):
         ODM(3, init_weights=[None, 1, 1])
     with pytest.raises(ValueError, match="init_weights\\[0\\] is 0 in float32"):

@@ -739,6 +739,39 @@ def test_library_arguments_of_the_wrong_type_are_named():
         pareto_search([objective, objective], ["x", "y"], c, maximize=[True], samples=50)
 
 
+def test_flags_must_be_bools():
+    # Taken by their truth: higher_is_better="no" ranked as higher-is-better, tune="no" tuned
+    # (minutes of CV), and maximize=["no", "yes"] maximised both.
+    d = ["a", "b", "c"]
+    c = Constraints(d)
+
+    def objective(W):
+        return W[:, 0]
+
+    for bad in ("no", 1, None, np.array([True])):
+        with pytest.raises(TypeError, match="higher_is_better must be True or False"):
+            weights_from_affinity([1.0, 2.0], higher_is_better=bad)
+        with pytest.raises(TypeError, match="keep_candidates must be True or False"):
+            search(objective, c, samples=50, top_k=5, keep_candidates=bad)
+        with pytest.raises(TypeError, match="tune must be True or False"):
+            make_predictor("linear", tune=bad)
+        with pytest.raises(TypeError, match="tune must be True or False"):
+            TreePredictor(tune=bad)
+        with pytest.raises(TypeError, match=r"maximize\[1\] must be True or False"):
+            pareto_front(np.ones((3, 2)), maximize=[False, bad])
+        with pytest.raises(TypeError, match=r"maximize\[0\] must be True or False"):
+            pareto_search([objective, objective], ["x", "y"], c, maximize=[bad, True],
+                          samples=50)
+    with pytest.raises(TypeError, match="maximize must be a list of bools, got str"):
+        pareto_front(np.ones((3, 2)), maximize="no")
+    with pytest.raises(TypeError, match="maximize must be a list of bools, got str"):
+        pareto_search([objective, objective], ["x", "y"], c, maximize="ny", samples=50)
+    # NumPy's bools are bools
+    low = weights_from_affinity([1.0, 2.0], higher_is_better=np.bool_(False))
+    assert low[0] > low[1]
+    assert list(pareto_front([[0, 1], [1, 0]], maximize=np.array([True, False]))) == [1]
+
+
 def test_seeds_and_small_settings_are_checked_with_their_names():
     # numpy said "expected non-negative integer" naming no argument; '<' failed on a string;
     # alphas=[nan] fitted a constant; text, complex scores and a list of curves failed deep

@@ -93,8 +93,9 @@ class DoReMi:
         self.proxy_loss = proxy_loss
         self.backend = backend
         self.process_group = process_group
-        self.deterministic = bool(deterministic)
-        self.debug = bool(debug)
+        # bool("no") is True: any value switched these on
+        self.deterministic = _checks.flag(deterministic, "deterministic")
+        self.debug = _checks.flag(debug, "debug")
         self._device_fixed = device is not None
         dev = state_device(device)
         alpha = initial_weights(init_weights, num_domains)

@@ -85,7 +85,7 @@ class ODM:
             raise ValueError(f"backend must be 'cuda', 'triton', 'torch' or None, got {backend!r}")
         self.backend = backend
         self.process_group = process_group
-        self.deterministic = bool(deterministic)
+        self.deterministic = _checks.flag(deterministic, "deterministic")  # bool("no") is True
         self._device_fixed = device is not None
         dev = state_device(device)
         self._init = initial_weights(init_weights, num_domains).to(dev)

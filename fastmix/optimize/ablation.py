@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fastmix._checks import plain_values, real_number
+from fastmix._checks import flag, plain_values, real_number
 
 __all__ = ["weights_from_affinity"]
 
@@ -28,6 +28,7 @@ def weights_from_affinity(scores: Mapping[str, float] | Sequence[float] | np.nda
     Returns:
         An array of weights, or ``{domain: weight}`` when ``scores`` is a mapping.
     """
+    higher_is_better = flag(higher_is_better, "higher_is_better")  # "no" counted as true
     names = list(scores.keys()) if isinstance(scores, Mapping) else None
     values = list(scores.values()) if names is not None else scores
     raw = np.asarray(values)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from fastmix._checks import flag
+
 from .search import Constraints, _check_prior, _evaluate, _integer, _rng_seed, sample_mixtures
 
 __all__ = ["pareto_front", "ParetoFront", "pareto_search"]
@@ -32,7 +34,10 @@ def pareto_front(values: np.ndarray, maximize: Sequence[bool] | None = None) -> 
     if not np.isfinite(V).all():
         raise ValueError("values must be finite")
     if maximize is not None:
-        flip = np.asarray(maximize, dtype=bool)
+        # Each a real bool: as dtype=bool, numpy took "no" (and 0.5) for True.
+        if isinstance(maximize, (str, bytes)) or not isinstance(maximize, (Sequence, np.ndarray)):
+            raise TypeError(f"maximize must be a list of bools, got {type(maximize).__name__}")
+        flip = np.array([flag(m, f"maximize[{i}]") for i, m in enumerate(maximize)], dtype=bool)
         if flip.shape != (V.shape[1],):
             raise ValueError(f"maximize needs {V.shape[1]} flags, got {flip.shape}")
         V = np.where(flip[None, :], -V, V)
@@ -105,7 +110,10 @@ def pareto_search(objectives: Sequence[Any], names: Sequence[str], constraints: 
     if maximize is None:
         maximize = [False] * len(names)
     else:
-        maximize = [bool(m) for m in maximize]
+        # Each a real bool: bool("no") is True.
+        if isinstance(maximize, (str, bytes)) or not isinstance(maximize, (Sequence, np.ndarray)):
+            raise TypeError(f"maximize must be a list of bools, got {type(maximize).__name__}")
+        maximize = [flag(m, f"maximize[{i}]") for i, m in enumerate(maximize)]
         if len(maximize) != len(names):
             raise ValueError(f"maximize needs {len(names)} flags (one per objective), got "
                              f"{len(maximize)}")

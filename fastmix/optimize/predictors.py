@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import optimize, stats
 
-from fastmix._checks import real_number
+from fastmix._checks import flag, real_number
 
 from .search import _integer, _seed
 
@@ -446,7 +446,8 @@ class TreePredictor(Predictor):
         folds = _integer(folds, "folds")
         if folds < 2:
             raise ValueError(f"folds must be >= 2, got {folds}")
-        self.base, self.tune, self.folds = base, bool(tune), folds
+        # bool("no") is True: tuning (minutes of CV) ran on any value
+        self.base, self.tune, self.folds = base, flag(tune, "tune"), folds
         self.seed = _seed(seed)
         if grid is not None and not isinstance(grid, Mapping):
             raise TypeError(f"grid must be a mapping {{setting: values}}, got "
@@ -572,6 +573,7 @@ def make_predictor(name: str, *, seed: int = 0, tune: bool = False, **kwargs: An
     the predictor (the trees get ``42 + seed``: RegMix's seed 42 at the default); other keyword
     arguments go to the constructor.
     """
+    tune = flag(tune, "tune")  # (also for the predictors without trees, which ignore it)
     if name == "linear":
         return RidgePredictor(seed=seed, **kwargs)
     if name == "law":

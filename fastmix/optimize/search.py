@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._checks import plain_values, real_number
+from fastmix._checks import flag, plain_values, real_number
 
 __all__ = ["Constraints", "SearchResult", "project", "sample_mixtures", "search"]
 
@@ -455,6 +455,7 @@ def search(objective: Objective, constraints: Constraints, *, prior: np.ndarray 
     refine_steps = _integer(refine_steps, "refine_steps")
     refine_batch = _integer(refine_batch, "refine_batch")
     seed = _seed(seed)
+    keep_candidates = flag(keep_candidates, "keep_candidates")  # any value counted by truth
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not 1 <= top_k <= samples:
