@@ -48,6 +48,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import reprlib
 import socket
 import stat
 import threading
@@ -106,6 +107,18 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
     error); without ``names`` a mapping stays a ``dict`` and anything else becomes a float64
     array.  Values are checked: finite, non-negative, not all zero.  Nothing is normalised.
     """
+    if names is not None:
+        # Each domain once: ["a", "a"] gave {"a": 1} as [1, 1], one domain's weight twice.
+        if isinstance(names, (str, bytes)) or not isinstance(names, (Sequence, np.ndarray)) or (
+            not all(isinstance(n, str) for n in names)
+        ):
+            raise TypeError(f"names must be a list of domain names (strings), got "
+                            f"{reprlib.repr(names)}")
+        seen: set[str] = set()
+        for n in names:
+            if n in seen:
+                raise ValueError(f"names must be distinct, got {n!r} more than once")
+            seen.add(n)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.exists() and not path.is_file():  # a FIFO would block the open forever

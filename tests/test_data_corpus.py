@@ -207,6 +207,14 @@ def test_load_weights_reads_the_published_doremi_configs(config):
 
 def test_load_weights_bad_input(tmp_path):
     names = ["a", "b"]
+    # A name twice gave one domain's weight twice: {"a": 1} under ["a", "a"] was [1, 1].
+    with pytest.raises(ValueError, match="names must be distinct, got 'a' more than once"):
+        load_weights({"a": 1}, ["a", "a"])
+    with pytest.raises(ValueError, match="names must be distinct, got 'b' more than once"):
+        load_weights([1, 2, 3], ("a", "b", "b"))
+    for bad in ("ab", [1, 2], 5):
+        with pytest.raises(TypeError, match="names must be a list of domain names"):
+            load_weights([1, 2], bad)
     with pytest.raises(ValueError, match=r"unknown domains \['zzz'\]"):
         load_weights({"a": 1, "zzz": 1}, names)
     with pytest.raises(ValueError, match="2 domains"):
