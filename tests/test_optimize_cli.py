@@ -132,6 +132,12 @@ def test_single_csv_with_prefix_and_token_budget(tmp_path):
         (["--target", "val/loss", "--token-counts", "web=1_0,code=1,books=1,math=1",
           "--total-tokens", "1"], "--token-counts: count of 'web' is '1_0', not a number"),
         (["--target", "val/loss=0_5"], "no metric 'val/loss=0_5'"),
+        # the second replaced the first silently
+        (["--target", "val/loss=2", "--target", "val/loss=1"],
+         "--target: metric 'val/loss' is given twice ('val/loss=2' and 'val/loss=1'); give each "
+         "metric once"),
+        (["--target", "val/loss", "--target", "val/code", "--target", "val/loss"],
+         "--target: metric 'val/loss' is given twice ('val/loss' and 'val/loss')"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, message):

@@ -292,6 +292,7 @@ def _load(args: argparse.Namespace) -> tuple[Sweep, dict[str, float]]:
 
 def _targets(specs: Sequence[str], metrics: Sequence[str]) -> dict[str, float]:
     out: dict[str, float] = {}
+    given: dict[str, str] = {}  # metric -> the --target that named it
     for spec in specs:
         name, weight = spec, 1.0
         head, sep, tail = spec.rpartition("=")
@@ -311,6 +312,11 @@ def _targets(specs: Sequence[str], metrics: Sequence[str]) -> dict[str, float]:
             raise ValueError(f"--target: no metric {name!r}{hint}")
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"--target: weight of {name!r} must be >= 0, got {weight:g}")
+        # A second --target of a metric replaced the first without a word.
+        if name in given:
+            raise ValueError(f"--target: metric {name!r} is given twice ({given[name]!r} and "
+                             f"{spec!r}); give each metric once")
+        given[name] = spec
         out[name] = weight
     if not sum(out.values()) > 0:
         raise ValueError("--target: the weights sum to 0")
