@@ -341,6 +341,32 @@ def test_average_weights_tolerance_grows_with_the_number_of_updates():
     assert int(mixer.num_updates) == 100_000
 
 
+def test_average_weights_tolerance_is_capped():
+    # 1.2e-7 per update without a cap: from 8.4M updates an all-zero average loaded.
+    state = DoReMi(3).state_dict()
+    for n, average in ((9_000_000, [0.0, 0.0, 0.0]), (10**12, [0.3, 0.3, 0.25]),
+                       (10**12, [0.5, 0.5, 0.11])):
+        state.update(num_updates=torch.tensor(n), average_weights=torch.tensor(average))
+        with pytest.raises(ValueError, match="'average_weights'.*normalised"):
+            DoReMi(3).load_state_dict(state)
+    # the drift a long run can really have (measured: ~5e-2 after 1e7 updates) still loads
+    state.update(num_updates=torch.tensor(10**7), average_weights=torch.tensor([0.3, 0.3, 0.35]))
+    DoReMi(3).load_state_dict(state)
+
+
+@pytest.mark.parametrize("key", ["num_updates", "num_skipped", "num_out_of_range"])
+def test_counters_near_int64s_end_are_refused(key):
+    # 2**63 - 1 loaded, and the next update wrapped the counter to -2**63.
+    state = _trained().state_dict()
+    for value in (2**63 - 1, torch.tensor(2**62)):
+        with pytest.raises(ValueError, match=rf"state\['{key}'\] must be < 2\*\*62 .*got "):
+            DoReMi(3).load_state_dict(dict(state, **{key: value}))
+    mixer = DoReMi(3, step_size=0.8)
+    mixer.load_state_dict(dict(state, **{key: 2**62 - 1}))
+    mixer.step(*batch(7, k=3))
+    assert int(mixer.state_dict()[key]) >= 2**62 - 1
+
+
 @pytest.mark.parametrize(
     "init,exc,match",
     [

@@ -273,6 +273,20 @@ def test_load_state_dict_rejects_bad_values_and_changes_nothing(key, value, exc,
     _assert_same_state(before, odm.state_dict())
 
 
+def test_counters_near_int64s_end_are_refused():
+    # num_steps = 2**63 - 1 loaded, and after one step the state held 2**63, which no load took;
+    # num_skipped (an int64 tensor) would wrap to -2**63.
+    state = _trained_odm().state_dict()
+    for key in ("num_steps", "num_skipped"):
+        for value in (2**63 - 1, torch.tensor(2**62)):
+            with pytest.raises(ValueError, match=rf"state\['{key}'\] must be < 2\*\*62"):
+                ODM(3).load_state_dict(dict(state, **{key: value}))
+    odm = ODM(3, smoothing=0.8, warmup_steps=1)
+    odm.load_state_dict(dict(state, num_steps=2**62 - 1))
+    odm.step(torch.ones(4), torch.tensor([0, 1, 2, 0]))
+    assert odm.num_steps == 2**62 and int(odm.num_skipped) >= 0
+
+
 def test_load_state_dict_round_trip_is_bit_exact():
     source = _trained_odm()
     target = ODM(3)

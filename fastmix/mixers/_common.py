@@ -148,8 +148,16 @@ def initial_weights(init_weights: Sequence[float] | Tensor | None, num_domains: 
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def state_int(state: dict[str, Any], key: str, default: Any = 0, low: int = 0) -> int:
-    """``state[key]`` (Python int or a one-element integer tensor) as an int >= ``low``."""
+# A counter of the state (updates, steps, skipped updates, dropped tokens) counts on after a load
+# in int64, by at most a batch's tokens per update: from 2**62 no run could get there, and from
+# 2**63 - 1 the next update wrapped it to -2**63.
+MAX_COUNT = 2**62
+
+
+def state_int(
+    state: dict[str, Any], key: str, default: Any = 0, low: int = 0, high: int = 2**63
+) -> int:
+    """``state[key]`` (Python int or a one-element integer tensor) as an int in [low, high)."""
     value = state.get(key, default)
     name = f"state[{key!r}]"
     if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
@@ -172,6 +180,9 @@ def state_int(state: dict[str, Any], key: str, default: Any = 0, low: int = 0) -
         raise ValueError(f"{name} must be >= {low}, got {value}")
     if value >= 2**63:
         raise ValueError(f"{name} must fit in int64, got {value}")
+    if value >= high:
+        bound = f"2**{high.bit_length() - 1}" if high & (high - 1) == 0 else str(high)
+        raise ValueError(f"{name} must be < {bound} (a count that goes on in int64), got {value}")
     return value
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fastmix import _checks, distributed
 from fastmix.mixers._common import (
+    MAX_COUNT,
     check_float,
     initial_weights,
     state_device,
@@ -265,8 +266,8 @@ class ODM:
         """Restore :meth:`state_dict` output.
 
         Validated before anything changes (a rejected state leaves this ODM as it was): K, the
-        hyperparameters, shapes, counters (integers >= 0), R̂ (finite, >= 0), π (finite, >= 0,
-        summing to 1) and the initial weights (finite, > 0, summing to 1).  Raises
+        hyperparameters, shapes, counters (integers in [0, 2**62)), R̂ (finite, >= 0), π (finite,
+        >= 0, summing to 1) and the initial weights (finite, > 0, summing to 1).  Raises
         TypeError/ValueError naming the state key.
         """
         if not isinstance(state, dict):
@@ -292,8 +293,8 @@ class ODM:
         if smoothing == 1.0:
             raise ValueError("state['smoothing'] must be < 1")
         warmup = state_int(state, "warmup_steps", self.warmup_steps)
-        steps = state_int(state, "num_steps")
-        skipped = state_int(state, "num_skipped", 0)
+        steps = state_int(state, "num_steps", high=MAX_COUNT)
+        skipped = state_int(state, "num_skipped", 0, high=MAX_COUNT)
         # everything is checked: only now change the object
         self._weights.copy_(weights)
         self._rewards.copy_(rewards)
