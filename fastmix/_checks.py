@@ -78,6 +78,18 @@ def integer(value: Any, what: str, low: int | None = None, high: int | None = No
     return out
 
 
+def state_version(value: Any, expected: int, what: str = "state['version']") -> None:
+    """Checks a state's format version: the int ``expected`` (TypeError/ValueError naming ``what``).
+
+    Compared with ``!=``, a tensor or an array gave an array, whose truth torch and NumPy refuse
+    ("ambiguous") without naming the key; the string "1" was "state version 1 is not 1".
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    if value != expected:
+        raise ValueError(f"{what} must be {expected}, got {_shown(int(value))}")
+
+
 def num_domains(value: Any, what: str = "num_domains") -> int:
     """``value`` as a domain count K in [1, :data:`MAX_DOMAINS`] (errors name ``what``)."""
     k = integer(value, what, 1)

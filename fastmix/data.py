@@ -64,7 +64,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from fastmix import _C
-from fastmix._checks import integer, plain_values, real_number
+from fastmix._checks import integer, plain_values, real_number, state_version
 
 __all__ = [
     "CorpusError",
@@ -1847,11 +1847,12 @@ class MixtureDataset(IterableDataset):
         """
         if not isinstance(state, Mapping):  # (as the sampler and the mixers say it)
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        if state.get("format") != _STATE_FORMAT:
+        if not _same(state.get("format"), _STATE_FORMAT):
             raise ValueError("state is not a MixtureDataset state_dict")
         header = self._header()
-        for key in ("version", "seed", "method", "seq_len", "global_batch", "domains"):
-            if state.get(key) != header[key]:
+        state_version(state.get("version"), _STATE_VERSION)
+        for key in ("seed", "method", "seq_len", "global_batch", "domains"):
+            if not _same(state.get(key), header[key]):
                 raise ValueError(
                     f"state was saved with {key}={state.get(key)!r}, this dataset has "
                     f"{key}={header[key]!r}"
@@ -1930,6 +1931,16 @@ class MixtureDataset(IterableDataset):
             f"batch_size={self.batch_size}, rank={self.rank}/{self.world_size}, "
             f"method={self.method!r}, seed={self.seed})"
         )
+
+
+def _same(value: Any, expected: Any) -> bool:
+    """``value == expected`` for a state's header field, False where that is no truth value: a
+    tensor or an array compares to an array, whose truth is "ambiguous" (or fails to broadcast),
+    which failed the load naming no key."""
+    try:
+        return bool(value == expected)
+    except (ValueError, RuntimeError, TypeError):
+        return False
 
 
 def _check_state_body(state: Mapping[str, Any], ds: MixtureDataset) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fastmix import _C
-from fastmix._checks import integer, plain_values
+from fastmix._checks import integer, plain_values, state_version
 
 __all__ = ["MixtureSampler", "sample_domains", "blend_indices", "METHODS", "DEFAULT_BLOCK"]
 
@@ -349,8 +349,7 @@ class MixtureSampler:
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         if set(state) != _STATE_KEYS:
             raise ValueError(f"state has keys {sorted(state)}, expected {sorted(_STATE_KEYS)}")
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(f"state version must be {_STATE_VERSION}, got {state['version']!r}")
+        state_version(state["version"], _STATE_VERSION)
         method = state["method"]
         if not isinstance(method, str) or method not in METHODS:
             raise ValueError(f"state['method'] must be one of {METHODS}, got {method!r}")

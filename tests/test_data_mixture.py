@@ -694,6 +694,19 @@ def test_load_state_dict_checks_the_body(corpus):
         assert fresh._resume is None
     fresh = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2)
     fresh.load_state_dict(dict(good, user_weights=[2**70, 1, 1], weights=np.ones(3, np.float32)))
+    # A tensor or an array in the header: torch's or NumPy's "ambiguous" error naming no key.
+    with pytest.raises(TypeError, match=r"state\['version'\] must be an int, got Tensor"):
+        ds.load_state_dict(dict(good, version=torch.tensor([1, 1])))
+    with pytest.raises(ValueError, match=r"state\['version'\] must be 1, got 2"):
+        ds.load_state_dict(dict(good, version=2))
+    with pytest.raises(ValueError, match=r"saved with seed=array\(\[0, 0\]\)"):
+        ds.load_state_dict(dict(good, seed=np.array([0, 0])))
+    with pytest.raises(ValueError, match=r"saved with domains=array\(\['a', 'b', 'c'\]"):
+        ds.load_state_dict(dict(good, domains=np.array(good["domains"])))
+    with pytest.raises(ValueError, match=r"saved with domains=array\(\['a', 'b'\]"):
+        ds.load_state_dict(dict(good, domains=np.array(good["domains"][:2])))
+    with pytest.raises(ValueError, match="not a MixtureDataset state_dict"):
+        ds.load_state_dict(dict(good, format=np.array([good["format"]] * 2)))
     for not_a_dict in ([], None, "state"):  # a TypeError, as for the sampler and the mixers
         with pytest.raises(TypeError, match="state must be a dict"):
             ds.load_state_dict(not_a_dict)

@@ -299,6 +299,10 @@ NAN3 = torch.tensor([float("nan"), 0.5, 0.5])
         ("step_size", -1.0, ValueError, "'step_size'"),
         ("smoothing", 2.0, ValueError, "'smoothing'"),
         ("proxy_loss", ["dro"], ValueError, "'proxy_loss'"),
+        # torch's "Boolean value of Tensor ... is ambiguous", naming no key
+        ("version", torch.tensor([1, 1]), TypeError, r"state\['version'\] must be an int"),
+        ("version", "1", TypeError, r"state\['version'\] must be an int, got str"),
+        ("version", 2, ValueError, r"state\['version'\] must be 1, got 2"),
     ],
 )
 def test_load_state_dict_rejects_bad_values_and_changes_nothing(key, value, exc, match):

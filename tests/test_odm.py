@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -261,6 +262,9 @@ def _assert_same_state(a, b):
         ("num_domains", "3", TypeError, "state\\['num_domains'\\] must be an int"),
         ("smoothing", 1.0, ValueError, "'smoothing'.*< 1"),
         ("smoothing", 10**400, ValueError, "'smoothing'.*finite"),
+        # NumPy's "truth value of an array ... is ambiguous", naming no key
+        ("version", np.array([1, 1]), TypeError, r"state\['version'\] must be an int"),
+        ("version", 2, ValueError, r"state\['version'\] must be 1, got 2"),
     ],
 )
 def test_load_state_dict_rejects_bad_values_and_changes_nothing(key, value, exc, match):

@@ -1022,7 +1022,11 @@ def test_bad_state_dicts() -> None:
         ({**good, "counts": [10, 0, 1]}, ValueError, r"state\['counts'\] must be non-negative and"),
         ({**good, "position": -1}, ValueError, r"state\['position'\] must be >= 0"),
         ({**good, "segment_start": 11}, ValueError, r"state\['segment_start'\] must be <= 10"),
-        ({**good, "version": 2}, ValueError, "state version must be 1"),
+        ({**good, "version": 2}, ValueError, r"state\['version'\] must be 1, got 2"),
+        # compared with !=: "truth value ... ambiguous" naming no key; "1" was "not 1"
+        ({**good, "version": np.array([1, 1])}, TypeError,
+         r"state\['version'\] must be an int, got ndarray"),
+        ({**good, "version": "1"}, TypeError, r"state\['version'\] must be an int, got str"),
         ({k: v for k, v in good.items() if k != "seed"}, ValueError, "state has keys"),
         ({**good, "seed": "x"}, TypeError, r"state\['seed'\] must be an int"),
         ([("position", 0)], TypeError, "state must be a dict"),

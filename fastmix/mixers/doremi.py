@@ -365,8 +365,7 @@ class DoReMi:
         ]
         if missing:
             raise ValueError(f"state is missing {missing}")
-        if state.get("version", _STATE_VERSION) != _STATE_VERSION:
-            raise ValueError(f"state version {state['version']} is not {_STATE_VERSION}")
+        _checks.state_version(state.get("version", _STATE_VERSION), _STATE_VERSION)
         num_domains = _checks.integer(state["num_domains"], "state['num_domains']")
         if num_domains != self.num_domains:
             raise ValueError(

@@ -275,8 +275,7 @@ class ODM:
         missing = [k for k in ("num_domains", "weights", "rewards", "num_steps") if k not in state]
         if missing:
             raise ValueError(f"state is missing {missing}")
-        if state.get("version", _STATE_VERSION) != _STATE_VERSION:
-            raise ValueError(f"state version {state['version']} is not {_STATE_VERSION}")
+        _checks.state_version(state.get("version", _STATE_VERSION), _STATE_VERSION)
         num_domains = _checks.integer(state["num_domains"], "state['num_domains']")
         if num_domains != self.num_domains:
             raise ValueError(f"state has num_domains={num_domains}, this ODM has "
