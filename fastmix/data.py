@@ -1864,7 +1864,9 @@ class MixtureDataset(IterableDataset):
             if (
                 self._resume is not None
                 and self._control.registrations() == self._registrations_at_load
-                and all(self._resume.get(k) == state.get(k) for k in _POSITION_KEYS)
+                and all(
+                    _plain(self._resume.get(k)) == _plain(state.get(k)) for k in _POSITION_KEYS
+                )
             ):
                 # The position already loaded, and nothing has run since: StatefulDataLoader
                 # with num_workers=0 loads the dataset's state itself, inside iter(loader),
@@ -1941,6 +1943,19 @@ def _same(value: Any, expected: Any) -> bool:
         return bool(value == expected)
     except (ValueError, RuntimeError, TypeError):
         return False
+
+
+def _plain(value: Any) -> Any:
+    """A state's value with NumPy arrays and scalars as lists and Python numbers (nested), so two
+    states compare with ``==``: a state holding arrays (which load) failed its second load, by
+    StatefulDataLoader after the user's, with NumPy's "truth value ... ambiguous"."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _check_state_body(state: Mapping[str, Any], ds: MixtureDataset) -> None:

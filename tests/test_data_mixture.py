@@ -766,3 +766,21 @@ def test_state_dict_holds_the_changes_to_come_not_the_ring_of_past_ones(corpus):
     resumed.load_state_dict(pickle.loads(pickle.dumps(state)))
     assert flatten(take(iter(resumed), 8)) == flatten(take(it, 8))
     assert [s for s, _ in resumed.weight_schedule] == [40, 43]
+
+
+def test_loading_a_state_that_holds_arrays_again_keeps_the_changes_made_between(corpus):
+    # StatefulDataLoader(num_workers=0) loads the dataset's state again inside iter(loader). A
+    # state holding NumPy arrays (which load) failed that second load with NumPy's "truth value
+    # of an array ... is ambiguous", naming no key.
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=5, batch_size=2)
+    it = iter(ds)
+    take(it, 3)
+    state = ds.state_dict()
+    state.update(cursors=np.array(state["cursors"]), user_weights=np.array(state["user_weights"]))
+    resumed = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=5, batch_size=2)
+    resumed.load_state_dict(state)
+    assert resumed.set_weights([0, 0, 1], step=4) == 4
+    resumed.load_state_dict(dict(state))  # the same position: the change above stays
+    assert resumed.weight_schedule == [(4, [0.0, 0.0, 1.0])]
+    ds.set_weights([0, 0, 1], step=4)
+    assert stream(resumed, 4) == flatten(take(it, 4))
