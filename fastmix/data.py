@@ -1824,7 +1824,9 @@ class MixtureDataset(IterableDataset):
             or any(s < replay[1].step for made, (s, _) in changes if made not in replay[2])
         ):
             stream = _Stream(self, self._resume)
-            stream.generation = -1  # no generation: the replay leaves the shared marks be
+            # It marks the domains it drops (the sample numbers an iterator producing those
+            # steps marks): right after a load, no iterator of this run may have produced them.
+            stream.generation = self._generation
             stream.warn = False  # the iterators have warned of the domains dropped
             replay = self._replay = (self._resume, stream, set())
         _, stream, merged = replay

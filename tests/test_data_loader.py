@@ -223,6 +223,28 @@ def test_state_dict_at_a_step_after_the_workers_have_gone(corpus):
         ds.state_dict(step=100)
 
 
+def test_state_dict_at_a_step_marks_the_domains_its_replay_drops(corpus):
+    # Right after a load the floor counts as started, so a step no iterator of this run has
+    # produced can be asked for: the domain its replay dropped was missing from "exhausted".
+    def mk():
+        return make(corpus, 0, 1, 2, max_epochs=1, seed=1, weights=[1, 1, 1])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ds = mk()
+        workers = [ds._iter_worker(w, 2) for w in range(2)]
+        for j in range(8):
+            next(workers[j % 2])
+        reference = dict(ds.exhausted_at)
+        state = ds.state_dict(step=2)
+        resumed = mk()
+        resumed.load_state_dict(state)
+        later = resumed.state_dict(step=8)
+    dropped = [n for n, d in zip(resumed.names, later["dropped"], strict=True) if d]
+    assert dropped and set(dropped) <= set(later["exhausted"])
+    assert later["exhausted"] == {k: v for k, v in reference.items() if k in later["exhausted"]}
+
+
 def test_a_worker_state_names_the_way_to_another_worker_count(corpus):
     ds = make(corpus, 0, 1, 2)
     it = ds._iter_worker(1, 2)
