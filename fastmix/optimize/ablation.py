@@ -36,7 +36,8 @@ def weights_from_affinity(scores: Mapping[str, float] | Sequence[float] | np.nda
     if isinstance(scores, (str, bytes)) or raw.dtype.kind not in "iuf":
         raise TypeError(f"scores must be real numbers, got {reprlib.repr(scores)}")
     # ... nor a bool among numbers ([True, 2] became [1, 2]), nor a masked entry's hidden value
-    raw = np.asarray(plain_values(values, "scores"))
+    # (once it has none, the array above holds what plain_values would give)
+    plain_values(values, "scores")
     s = raw.astype(np.float64)
     if s.ndim != 1 or s.size == 0:
         raise ValueError(f"scores must be a non-empty 1-D list, got shape {s.shape}")

@@ -20,6 +20,14 @@ from .search import Constraints, _check_prior, _evaluate, _integer, _rng_seed, s
 __all__ = ["pareto_front", "ParetoFront", "pareto_search"]
 
 
+def _flags(maximize: Any) -> list[bool]:
+    """``maximize`` as a list of bools, each a real bool: bool("no") is True, and numpy's
+    dtype=bool also took 0.5 for True."""
+    if isinstance(maximize, (str, bytes)) or not isinstance(maximize, (Sequence, np.ndarray)):
+        raise TypeError(f"maximize must be a list of bools, got {type(maximize).__name__}")
+    return [flag(m, f"maximize[{i}]") for i, m in enumerate(maximize)]
+
+
 def pareto_front(values: np.ndarray, maximize: Sequence[bool] | None = None) -> np.ndarray:
     """Indices (ascending) of the non-dominated rows of ``values`` ``(points, objectives)``.
 
@@ -34,10 +42,7 @@ def pareto_front(values: np.ndarray, maximize: Sequence[bool] | None = None) -> 
     if not np.isfinite(V).all():
         raise ValueError("values must be finite")
     if maximize is not None:
-        # Each a real bool: as dtype=bool, numpy took "no" (and 0.5) for True.
-        if isinstance(maximize, (str, bytes)) or not isinstance(maximize, (Sequence, np.ndarray)):
-            raise TypeError(f"maximize must be a list of bools, got {type(maximize).__name__}")
-        flip = np.array([flag(m, f"maximize[{i}]") for i, m in enumerate(maximize)], dtype=bool)
+        flip = np.array(_flags(maximize), dtype=bool)
         if flip.shape != (V.shape[1],):
             raise ValueError(f"maximize needs {V.shape[1]} flags, got {flip.shape}")
         V = np.where(flip[None, :], -V, V)
@@ -110,10 +115,7 @@ def pareto_search(objectives: Sequence[Any], names: Sequence[str], constraints: 
     if maximize is None:
         maximize = [False] * len(names)
     else:
-        # Each a real bool: bool("no") is True.
-        if isinstance(maximize, (str, bytes)) or not isinstance(maximize, (Sequence, np.ndarray)):
-            raise TypeError(f"maximize must be a list of bools, got {type(maximize).__name__}")
-        maximize = [flag(m, f"maximize[{i}]") for i, m in enumerate(maximize)]
+        maximize = _flags(maximize)
         if len(maximize) != len(names):
             raise ValueError(f"maximize needs {len(names)} flags (one per objective), got "
                              f"{len(maximize)}")
