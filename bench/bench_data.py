@@ -138,9 +138,9 @@ def checkpoint_replay(corpus: TokenCorpus, weights: np.ndarray, steps: int) -> d
     """``state_dict(step=)`` as a loop over a plain DataLoader calls it: the main process replays
     the draws, from the resume point the first time, then from the previous call's replay."""
     ds = MixtureDataset(corpus, SEQ_LEN, weights, batch_size=BATCH, seed=1)
-    take = iter(ds)
+    it = iter(ds)
     for _ in range(steps):  # the steps a loader would have claimed
-        next(take)
+        next(it)
     fresh = []
     for _ in range(5):
         ds._replay = None

@@ -1966,8 +1966,10 @@ def _check_state_body(state: Mapping[str, Any], ds: MixtureDataset) -> None:
     names = ds.corpus.names
     num_domains = len(names)
 
+    damaged = ": not a MixtureDataset state_dict, or damaged"
+
     def bad(key: str, why: str) -> ValueError:
-        return ValueError(f"state[{key!r}] {why}: not a MixtureDataset state_dict, or damaged")
+        return ValueError(f"state[{key!r}] {why}{damaged}")
 
     def is_int(value: Any, high: int) -> bool:
         return (
@@ -1987,7 +1989,7 @@ def _check_state_body(state: Mapping[str, Any], ds: MixtureDataset) -> None:
         try:
             raw = np.asarray(plain_values(value, what))
         except TypeError as e:
-            raise TypeError(f"{e}: not a MixtureDataset state_dict, or damaged") from None
+            raise TypeError(f"{e}{damaged}") from None
         except ValueError:  # ragged: reported below
             raw = None
         if raw is not None and raw.dtype == object:  # ints beyond int64: checked one by one
@@ -1995,14 +1997,14 @@ def _check_state_body(state: Mapping[str, Any], ds: MixtureDataset) -> None:
                 try:
                     real_number(v, f"{what}[{i}]")
                 except TypeError as e:
-                    raise TypeError(f"{e}: not a MixtureDataset state_dict, or damaged") from None
+                    raise TypeError(f"{e}{damaged}") from None
                 except ValueError:  # too large for float64: reported below
                     pass
         elif raw is not None and raw.dtype.kind not in "iuf" and raw.size:
             kind = {"U": "strings", "S": "bytes", "b": "bools", "c": "complex numbers"}
-            raise TypeError(f"{what} must hold real numbers, got "
-                            f"{kind.get(raw.dtype.kind, raw.dtype)}: not a MixtureDataset "
-                            "state_dict, or damaged")
+            raise TypeError(
+                f"{what} must hold real numbers, got {kind.get(raw.dtype.kind, raw.dtype)}{damaged}"
+            )
         try:
             weights = np.asarray(value, np.float64)
             if weights.shape != (num_domains,):
