@@ -444,6 +444,49 @@ def test_pareto_search_checks_what_the_objectives_return():
                       samples=50)
 
 
+def test_search_refuses_objectives_returning_text_or_bools():
+    # np.asarray(..., float64) read "0.25" as 0.25 and a comparison's True as 1.0, and the
+    # search minimised them without a word.
+    c = Constraints(["a", "b", "c"])
+    strings = lambda W: np.array([f"{x:.3f}" for x in W[:, 0]])  # noqa: E731
+    text_list = lambda W: [str(x) for x in W[:, 0]]  # noqa: E731
+    flags = lambda W: W[:, 0] > 0.3  # noqa: E731
+    mixed = lambda W: [0.5] * (len(W) - 1) + [True]  # noqa: E731
+    with pytest.raises(TypeError, match="objective must return real numbers, got an array of "
+                                        "dtype <U5"):
+        search(strings, c, samples=20, top_k=2)
+    with pytest.raises(TypeError, match="dtype <U"):
+        search(text_list, c, samples=20, top_k=2)
+    with pytest.raises(TypeError, match="dtype bool"):
+        search(flags, c, samples=20, top_k=2)
+    with pytest.raises(TypeError, match=r"got a bool \(True\) among its values"):
+        search(lambda W: np.array(mixed(W), dtype=object), c, samples=20, top_k=2)
+    with pytest.raises(TypeError, match="objective 'y' must return real numbers"):
+        pareto_search([lambda W: W[:, 0], strings], ["x", "y"], c, samples=20)
+    # What numbers come as still works: ints, float32, an object array of floats, a list
+    ints = search(lambda W: (W[:, 0] * 1000).astype(np.int64), c, samples=50, top_k=5)
+    floats = search(lambda W: np.array(list(W[:, 0]), dtype=object), c, samples=50, top_k=5)
+    plain = search(lambda W: list(W[:, 0]), c, samples=50, top_k=5)
+    assert floats.objective == plain.objective and ints.weights[0] < 0.1
+
+
+def test_absurd_sizes_name_the_argument():
+    # numpy's MemoryError ("Unable to allocate 7.11 PiB ...") named none of these.
+    c = Constraints(["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"n=1,000,000,000,000,000,000 mixtures of 3 domains need "
+                                         r"22,351,741,790.8 GiB"):
+        sample_mixtures(10**18, np.full(3, 1 / 3), c)
+    with pytest.raises(ValueError, match="samples=1,000,000,000,000,000,000 mixtures"):
+        search(lambda W: W[:, 0], c, samples=10**18, top_k=1)
+    with pytest.raises(ValueError, match="refine_batch=1,000,000,000,000,000,000 mixtures"):
+        search(lambda W: W[:, 0], c, samples=10, top_k=1, refine_batch=10**18)
+    with pytest.raises(ValueError, match="samples=1,000,000,000,000,000,000 mixtures"):
+        pareto_search([lambda W: W[:, 0], lambda W: -W[:, 0]], ["x", "y"], c, samples=10**18)
+    # refinement off: refine_batch is never allocated, so any size is fine
+    assert search(lambda W: W[:, 0], c, samples=10, top_k=1, refine_steps=0,
+                  refine_batch=10**18).evaluated == 11
+
+
 # ---------------------------------------------------------------------------------- ablation
 def test_fits_do_not_depend_on_the_targets_units():
     # Both curve fits in raw units stopped early once the target's scale moved away from 1

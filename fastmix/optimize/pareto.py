@@ -15,7 +15,15 @@ import numpy as np
 
 from fastmix._checks import flag
 
-from .search import Constraints, _check_prior, _evaluate, _integer, _rng_seed, sample_mixtures
+from .search import (
+    _CONCENTRATIONS,
+    Constraints,
+    _check_prior,
+    _evaluate,
+    _integer,
+    _rng_seed,
+    draw_mixtures,
+)
 
 __all__ = ["pareto_front", "ParetoFront", "pareto_search"]
 
@@ -123,7 +131,7 @@ def pareto_search(objectives: Sequence[Any], names: Sequence[str], constraints: 
     seed = _rng_seed(seed)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    cands = sample_mixtures(samples, prior, constraints, seed=seed)
+    cands = draw_mixtures(samples, prior, constraints, _CONCENTRATIONS, seed, "samples")
     if include is not None:
         extra = np.atleast_2d(np.asarray(include, dtype=np.float64))
         if extra.shape[1] != K or not constraints.feasible(extra).all():

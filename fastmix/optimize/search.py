@@ -364,8 +364,11 @@ def _check_concentrations(concentrations: Any) -> np.ndarray:
     return conc
 
 
+_CONCENTRATIONS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
 def sample_mixtures(n: int, prior: np.ndarray, constraints: Constraints, *,
-                    concentrations: Sequence[float] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+                    concentrations: Sequence[float] = _CONCENTRATIONS,
                     seed: int = 0) -> np.ndarray:
     """``n`` feasible mixtures from Dirichlet(c·K·prior) for each concentration ``c`` in turn.
 
@@ -373,23 +376,29 @@ def sample_mixtures(n: int, prior: np.ndarray, constraints: Constraints, *,
     RegMix's sampler.  Each sample is projected onto the constraints.  Sample ``i`` uses
     ``concentrations[i % len(concentrations)]``; ``seed`` seeds the draws.
     """
+    return draw_mixtures(n, prior, constraints, concentrations, seed, "n")
+
+
+def draw_mixtures(n: int, prior: np.ndarray, constraints: Constraints,
+                  concentrations: Sequence[float], seed: Any, what: str) -> np.ndarray:
+    """:func:`sample_mixtures`, its errors about ``n`` naming ``what`` (search's ``samples``)."""
     K = len(constraints.domains)
     prior = _check_prior(prior, K)
     seed = _rng_seed(seed)
-    n = _integer(n, "n")
+    n = _integer(n, what)
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise ValueError(f"{what} must be >= 1, got {n}")
     conc = _check_concentrations(concentrations)
+    G = _rows(n, K, what)
     rng = np.random.default_rng(seed)
     alpha_base = np.maximum(prior, 1e-3 / K)  # a zero prior entry would never be sampled
     alpha_base = alpha_base / alpha_base.sum()
-    which = np.arange(n) % conc.size
     # Drawn a block of rows at a time (the generator's stream is the same as one call over the
     # whole array), normalised in place: whole-array temporaries made ~9 copies of the output.
-    G = np.empty((n, K))
     rows = max(1, _PROJECT_BLOCK // K)
     for i in range(0, n, rows):
-        G[i : i + rows] = rng.gamma(conc[which[i : i + rows], None] * K * alpha_base[None, :])
+        which = np.arange(i, min(i + rows, n)) % conc.size
+        G[i : i + rows] = rng.gamma(conc[which, None] * K * alpha_base[None, :])
     np.maximum(G, 1e-300, out=G)  # Gamma draws underflow to 0 for tiny shapes
     G /= G.sum(1, keepdims=True)
     return project(G, constraints.lo, constraints.hi)
@@ -462,7 +471,7 @@ def search(objective: Objective, constraints: Constraints, *, prior: np.ndarray 
         raise ValueError(f"top_k must lie in [1, samples={samples}], got {top_k}")
     if refine_steps < 0 or refine_batch < 1:
         raise ValueError("refine_steps must be >= 0 and refine_batch >= 1")
-    cands = sample_mixtures(samples, prior, constraints, seed=seed)
+    cands = draw_mixtures(samples, prior, constraints, _CONCENTRATIONS, seed, "samples")
     values = _evaluate(objective, cands)
     order = np.argsort(values, kind="stable")[:top_k]
     avg = cands[order].mean(0)
@@ -477,8 +486,10 @@ def search(objective: Objective, constraints: Constraints, *, prior: np.ndarray 
     tol = 1e-12 * spread
     rng = np.random.default_rng([seed, 1])
     step = 0.05
+    noise = _rows(refine_batch if refine_steps else 0, K, "refine_batch")
     for _ in range(refine_steps):
-        noise = rng.normal(0.0, step, (refine_batch, K))
+        rng.standard_normal(out=noise)  # rng.normal(0, step) draws the same, then scales
+        noise *= step
         noise -= noise.mean(1, keepdims=True)  # stay on the Σw = 1 plane before projecting
         prop = project(best_w[None, :] + noise, constraints.lo, constraints.hi)
         v = _evaluate(objective, prop)
@@ -497,10 +508,37 @@ def search(objective: Objective, constraints: Constraints, *, prior: np.ndarray 
                         candidate_objective=values if keep_candidates else None)
 
 
+def _rows(n: int, K: int, what: str) -> np.ndarray:
+    """An empty ``(n, K)`` float64 array; a size no allocation can take is a ValueError naming
+    ``what`` (numpy's MemoryError, or its "array is too big", named no argument)."""
+    try:
+        return np.empty((n, K))
+    except (MemoryError, ValueError):
+        raise ValueError(f"{what}={n:,} mixtures of {K} domains need {n * K * 8 / 2**30:,.1f} "
+                         "GiB, more than can be allocated here") from None
+
+
 def _evaluate(objective: Objective, W: np.ndarray, what: str = "objective") -> np.ndarray:
-    v = np.asarray(objective(W), dtype=np.float64).ravel()
+    v = np.asarray(objective(W))
+    # Only numbers: asarray(float64) also read strings ("0.25") and bools (a comparison
+    # returned by mistake), and minimised those.
+    if v.dtype.kind == "O":
+        if not all(isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+                   for x in v.flat):
+            raise TypeError(f"{what} must return real numbers, got "
+                            f"{_first_non_number(v.flat)} among its values")
+    elif v.dtype.kind not in "iuf":
+        raise TypeError(f"{what} must return real numbers, got an array of dtype {v.dtype}")
+    v = v.astype(np.float64, copy=False).ravel()
     if v.shape != (W.shape[0],):
         raise ValueError(f"{what} returned {v.size} values for {W.shape[0]} mixtures")
     if not np.isfinite(v).all():
         raise ValueError(f"{what} returned NaN/inf")
     return v
+
+
+def _first_non_number(values: Any) -> str:
+    """The first value of ``values`` that is not a real number, by type, for a message."""
+    bad = next(x for x in values if isinstance(x, (bool, np.bool_))
+               or not isinstance(x, numbers.Real))
+    return f"a {type(bad).__name__} ({reprlib.repr(bad)})"
