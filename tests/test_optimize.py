@@ -115,6 +115,33 @@ def test_load_sweep_bad_input(tmp_path):
         load_sweep(X, {"loss": np.ones(5)}, targets=["nope"])
 
 
+def test_load_sweep_does_not_read_bools_as_numbers():
+    # float(True) is 1.0: a flag column became a domain of weight 1 ("run sums to 2"), one-hot
+    # bools became weights, and bool metrics were fitted.
+    met = {"run": [1, 2], "loss": [1.0, 2.0]}
+    mix = {"run": [1, 2], "a": [0.5, 0.25], "b": [0.5, 0.75], "baseline": [True, False]}
+    s = load_sweep(mix, met)
+    assert s.domains == ["a", "b"]
+    np.testing.assert_array_equal(s.mixtures, [[0.5, 0.5], [0.25, 0.75]])
+    with pytest.raises(ValueError, match="column 'baseline' row 0: True is not a number"):
+        load_sweep(mix, met, domains=["a", "baseline"])
+    with pytest.raises(ValueError, match=r"mixtures: no numeric columns besides ids; columns "
+                                         r"\['a', 'b'\] \(2\) hold bools"):
+        load_sweep({"run": [1, 2], "a": [True, False], "b": [False, True]}, met)
+    with pytest.raises(ValueError, match="metrics: no numeric columns besides ids; columns "
+                                         r"\['ok'\] \(1\) hold bools"):
+        load_sweep({"run": [1, 2], "a": [0.5, 0.5], "b": [0.5, 0.5]},
+                   {"run": [1, 2], "ok": [np.True_, np.False_]})
+    with pytest.raises(ValueError, match="column 'loss' holds numbers, but run '3' \\(row 2\\) "
+                                         "is True"):
+        load_sweep({"run": [1, 2, 3], "a": [1.0] * 3},
+                   {"run": [1, 2, 3], "loss": [1.0, 2.0, True]})
+    with pytest.raises(TypeError, match="mixtures: an array of bools holds no weights"):
+        load_sweep(np.eye(2, dtype=bool), np.ones(2))
+    with pytest.raises(TypeError, match="metrics: an array of bools holds no weights or metrics"):
+        load_sweep(np.full((2, 2), 0.5), np.array([True, False]))
+
+
 def test_evaluate_metrics():
     y = np.array([1.0, 2.0, 3.0, 4.0])
     m = evaluate(y, np.array([1.1, 1.9, 3.5, 3.9]))

@@ -308,10 +308,14 @@ def _as_columns(obj: Any, what: str, names: Sequence[str] | None) -> dict[str, S
             raise ValueError(f"{what}: columns have different lengths {sorted(lengths)}")
         return cols
     try:
-        arr = np.asarray(obj, dtype=np.float64)
+        arr = np.asarray(obj)
+        if arr.dtype.kind != "b":
+            arr = arr.astype(np.float64)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what}: expected a CSV path, DataFrame, mapping or 2-D array, got "
                         f"{type(obj).__name__}") from exc
+    if arr.dtype.kind == "b":  # asarray(float64) read True as a weight (or metric) of 1
+        raise TypeError(f"{what}: an array of bools holds no weights or metrics")
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2:
@@ -350,7 +354,10 @@ def _value_columns(cols: Mapping[str, Sequence[Any]], wanted: Sequence[str] | No
         return wanted
     out = value_columns(cols, what, key)
     if not out:
-        raise ValueError(f"{what}: no numeric columns besides ids")
+        flags = [c for c in data_columns(cols, key)
+                 if any(isinstance(v, (bool, np.bool_)) for v in cols[c])]
+        hint = f"; columns {_preview(flags)} hold bools, which are not numbers" if flags else ""
+        raise ValueError(f"{what}: no numeric columns besides ids{hint}")
     return out
 
 
@@ -400,8 +407,11 @@ def value_columns(cols: Mapping[str, Sequence[Any]], what: str = "table",
 def parse_float(v: Any) -> float:
     """``float(v)``, but text must be a plain decimal number (no ``_``, ASCII digits only).
 
-    Raises ValueError (TypeError for what float() rejects by type) like float() does.
+    Raises ValueError (TypeError for what float() rejects by type) like float() does, and
+    TypeError for a bool (float(True) is 1.0).
     """
+    if isinstance(v, (bool, np.bool_)):  # float(True) is 1.0: a flag column read as weights
+        raise TypeError(f"a bool ({v}) is not a number")
     if isinstance(v, (bytes, bytearray)):
         v = v.decode("utf-8", "replace")
     if isinstance(v, str) and not _NUMBER.fullmatch(v):
