@@ -6,6 +6,7 @@ import gc
 import itertools
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from ops_helpers import make_batch
@@ -417,6 +418,12 @@ def test_deterministic_reaches_the_backend(monkeypatch):
                      torch.where(mask, (loss - ref).clamp_min(0.0), 0.0)]), 22,
     )  # fmt: skip
     torch.testing.assert_close(ordered, first, rtol=1e-5, atol=1e-3)
+    # bool("no") is True: only real bools (a NumPy one too) are taken
+    for bad in ("no", 0, None, torch.tensor(True)):
+        with pytest.raises(TypeError, match="deterministic must be True or False"):
+            fastmix.domain_loss_stats(loss, domain, 22, deterministic=bad)
+    fastmix.domain_loss_stats(loss, domain, 22, deterministic=np.bool_(True))
+    assert seen[-1] is True
 
 
 def test_ordered_bin_sums_match_index_add_with_special_values():

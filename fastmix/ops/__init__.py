@@ -582,7 +582,9 @@ def domain_loss_stats(
     num_domains = _check_num_domains(num_domains)
     validate_inputs(loss, domain, num_domains, ref_loss, mask)
     name = resolve_backend(backend, loss.device, num_domains, loss.numel())
-    args = (loss, domain, mask, ref_loss, num_domains, name, bool(deterministic))
+    # bool("no") is True: any value switched the fixed-order sums on
+    deterministic = _checks.flag(deterministic, "deterministic")
+    args = (loss, domain, mask, ref_loss, num_domains, name, deterministic)
     needs_grad = torch.is_grad_enabled() and (
         loss.requires_grad or (ref_loss is not None and ref_loss.requires_grad)
     )
