@@ -1247,6 +1247,26 @@ class _Stream:
         return ids
 
 
+def _check_batch_fits(batch: int, seq_len: int, global_batch: int) -> None:
+    """ValueError naming batch_size (or world_size) when a step's buffers cannot be allocated
+    here: numpy's MemoryError at the first step, from a DataLoader worker, named neither."""
+    # Untouched pages: each probe costs an mmap and an munmap, not the memory.
+    try:
+        np.empty((batch, seq_len + 1), np.int64)  # the batch's tokens
+    except (MemoryError, ValueError):
+        raise ValueError(
+            f"batch_size={batch:,}: a batch of {batch:,} x (seq_len + 1 = {seq_len + 1:,}) tokens "
+            f"is {batch * (seq_len + 1) * 8 / 2**30:,.1f} GiB, more than can be allocated here"
+        ) from None
+    try:
+        np.empty(global_batch, np.int32)  # the step's draws, for every rank
+    except (MemoryError, ValueError):
+        raise ValueError(
+            f"batch_size x world_size = {global_batch:,} draws per step "
+            f"({global_batch * 4 / 2**30:,.1f} GiB), more than can be allocated here"
+        ) from None
+
+
 def _empty_long(shape: tuple[int, int], shared: bool) -> torch.Tensor:
     if not shared:
         return torch.empty(shape, dtype=torch.int64)
@@ -1489,6 +1509,7 @@ class MixtureDataset(IterableDataset):
         per_rank = self.batch_size or 1
         self._global_batch = per_rank * self.world_size
         self._slice = (self.rank * per_rank, (self.rank + 1) * per_rank)
+        _check_batch_fits(per_rank, self.seq_len, self._global_batch)
 
         self._initial_weights = self._check(weights)
         self._weights = self._initial_weights.copy()

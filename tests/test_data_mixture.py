@@ -322,6 +322,16 @@ def test_bad_input_is_clear(tmp_path):
             MixtureDataset(corpus, SEQ_LEN, [1, 0], **kwargs)
     with pytest.raises(TypeError, match="corpus"):
         MixtureDataset("corpus", SEQ_LEN, [1, 0])
+    # Sizes no allocation can take: numpy's MemoryError came at the first step (from a worker)
+    with pytest.raises(ValueError, match=r"batch_size=1,099,511,627,776: a batch of "
+                                         r"1,099,511,627,776 x \(seq_len \+ 1 = 5\) tokens is "
+                                         r"40,960.0 GiB"):
+        MixtureDataset(corpus, SEQ_LEN, [1, 0], batch_size=2**40)
+    with pytest.raises(ValueError, match="batch_size=4,611,686,018,427,387,904"):
+        MixtureDataset(corpus, SEQ_LEN, [1, 0], batch_size=2**62)  # past int64 bytes
+    with pytest.raises(ValueError, match="batch_size x world_size = 4,611,686,018,427,387,904 "
+                                         "draws per step"):
+        MixtureDataset(corpus, SEQ_LEN, [1, 0], rank=0, world_size=2**62)
     other = MixtureDataset(corpus, SEQ_LEN, [1, 0], seed=9)
     with pytest.raises(ValueError, match="seed=0"):
         other.load_state_dict(ds.state_dict())
