@@ -21,8 +21,10 @@ Tokenizers: ``byte`` (built in: the UTF-8 bytes 0-255 plus end-of-document 256, 
 ``tiktoken`` / ``tokenizers`` packages are installed.
 
 Crash safety: a token file is written under a temporary name in the output directory and renamed
-into place only once complete; ``corpus.json`` is rewritten the same way afterwards, under a lock on
-the directory, so runs adding domains to one directory at once keep each other's.  A crash
+into place only once complete; ``corpus.json`` is rewritten the same way afterwards.  The rename and
+the manifest update happen under one lock on the directory, so runs adding domains to one directory
+at once keep each other's, and a domain prepared by two runs at once is the file and the entry of
+one of them.  A crash
 leaves at most a ``.<domain>.bin.tmp-*`` file, which nothing loads; domains are done one after
 another, so a run that fails keeps the domains it finished before (complete, and listed).
 """
@@ -326,59 +328,74 @@ def prepare_domain(
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer)
     manifest = _load_or_new_manifest(out, tok)
     target = out / f"{name}.bin"
-    n_tokens = n_docs = n_empty = n_surrogates = 0
-    with atomic_open(target) as f:
-        buffer: list[np.ndarray] = []
-        buffered = 0
-        eos = np.array([tok.eos_id], dtype=tok.dtype)
-        for text in texts:
-            if not isinstance(text, str):
-                raise TypeError(
-                    f"domain {name!r}: documents must be str, got {type(text).__name__}"
-                )
-            if progress is not None:
-                progress.update(len(text))
-            text, replaced = _without_surrogates(text)
-            n_surrogates += replaced
-            ids = _token_ids(tok, text, name)
-            if ids.size == 0:
-                n_empty += 1
-                continue
-            buffer += [ids.astype(tok.dtype, copy=False), eos]
-            buffered += ids.size + 1
-            n_docs += 1
-            if buffered >= _FLUSH_TOKENS:
-                f.write(np.concatenate(buffer).tobytes())
-                n_tokens += buffered
-                buffer, buffered = [], 0
-        if buffer:
-            f.write(np.concatenate(buffer).tobytes())
-            n_tokens += buffered
-        if n_surrogates:
-            warnings.warn(
-                f"domain {name!r}: {n_surrogates} lone surrogate(s) (code points U+D800-U+DFFF, "
-                "which UTF-8 cannot hold) were replaced with U+FFFD",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        if n_docs == 0:
-            empty = f", {n_empty} empty" if n_empty else ""
-            raise ValueError(
-                f"domain {name!r}: no documents{empty} (inputs: {list(sources) or 'none'})"
-            )
-    entry = {
-        "files": [target.name],
-        "tokens": int(n_tokens),
-        "documents": int(n_docs),
-        "sources": [str(s) for s in sources],
-    }
-    if n_empty:
-        entry["empty_documents"] = int(n_empty)
-    with _manifest_lock(out):  # another run may be adding domains to this directory
-        manifest = _load_or_new_manifest(out, tok)  # re-read: it may have added some since
+    # The rename and the manifest update happen under one lock, after the manifest is read
+    # again: renamed before it, the file of a run that then met another tokenizer's manifest (or
+    # lost the manifest update to a concurrent run of the same domain) stayed in place, listed
+    # under the other run's tokenizer or token count.
+    with contextlib.ExitStack() as locked:
+        with atomic_open(target) as f:
+            n_tokens, n_docs, n_empty = _write_documents(f, texts, tok, name, sources, progress)
+            f.flush()
+            os.fsync(f.fileno())  # the slow part, before taking the lock
+            locked.enter_context(_manifest_lock(out))  # another run may be adding domains here
+            manifest = _load_or_new_manifest(out, tok)  # re-read: it may have added some since
+        # renamed into place: still under the lock
+        entry = {
+            "files": [target.name],
+            "tokens": int(n_tokens),
+            "documents": int(n_docs),
+            "sources": [str(s) for s in sources],
+        }
+        if n_empty:
+            entry["empty_documents"] = int(n_empty)
         manifest["domains"][name] = entry
         atomic_write_json(out / CORPUS_MANIFEST, manifest)
     return entry
+
+
+def _write_documents(
+    f: Any, texts: Iterable[str], tok: Tokenizer, name: str, sources: Sequence[str], progress: Any
+) -> tuple[int, int, int]:
+    """Tokenise ``texts`` into ``f`` (see ``prepare_domain``); returns (tokens, documents, empty
+    documents), and raises ValueError when no document holds a token."""
+    n_tokens = n_docs = n_empty = n_surrogates = 0
+    buffer: list[np.ndarray] = []
+    buffered = 0
+    eos = np.array([tok.eos_id], dtype=tok.dtype)
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"domain {name!r}: documents must be str, got {type(text).__name__}")
+        if progress is not None:
+            progress.update(len(text))
+        text, replaced = _without_surrogates(text)
+        n_surrogates += replaced
+        ids = _token_ids(tok, text, name)
+        if ids.size == 0:
+            n_empty += 1
+            continue
+        buffer += [ids.astype(tok.dtype, copy=False), eos]
+        buffered += ids.size + 1
+        n_docs += 1
+        if buffered >= _FLUSH_TOKENS:
+            f.write(np.concatenate(buffer).tobytes())
+            n_tokens += buffered
+            buffer, buffered = [], 0
+    if buffer:
+        f.write(np.concatenate(buffer).tobytes())
+        n_tokens += buffered
+    if n_surrogates:
+        warnings.warn(
+            f"domain {name!r}: {n_surrogates} lone surrogate(s) (code points U+D800-U+DFFF, "
+            "which UTF-8 cannot hold) were replaced with U+FFFD",
+            RuntimeWarning,
+            stacklevel=3,  # prepare_domain's caller
+        )
+    if n_docs == 0:
+        empty = f", {n_empty} empty" if n_empty else ""
+        raise ValueError(
+            f"domain {name!r}: no documents{empty} (inputs: {list(sources) or 'none'})"
+        )
+    return n_tokens, n_docs, n_empty
 
 
 def _without_surrogates(text: str) -> tuple[str, int]:

@@ -397,3 +397,35 @@ def test_sigterm_exits_cleanly_and_leaves_no_temporary_file(tmp_path, monkeypatc
     assert "fastmix: terminated" in capsys.readouterr().err
     assert len(calls) == 3 and [p.name for p in out.iterdir() if ".tmp-" in p.name] == []
     assert signal.getsignal(signal.SIGTERM) == before  # restored
+
+
+def test_a_run_that_loses_a_race_leaves_the_token_file_alone(tmp_path, monkeypatch):
+    # The token file was renamed into place before the manifest was read again under the lock:
+    # a run that then met another tokenizer's corpus.json raised "cannot add domains", yet its
+    # byte tokens had replaced the other run's file, listed under the other tokenizer.
+    from fastmix import prepare
+
+    other = Tokenizer("other", lambda text: [5] * len(text), 300, 299)
+
+    def documents():
+        yield "ab"
+        prepare_domain("web", ["xy"], tmp_path / "a", other)  # another run, meanwhile
+
+    with pytest.raises(ValueError, match="cannot add domains tokenised with 'byte'"):
+        prepare_domain("web", documents(), tmp_path / "a")
+    assert TokenCorpus.from_dir(tmp_path / "a").tokens_of(0).tolist() == [5, 5, 299]
+    assert [p.name for p in (tmp_path / "a").iterdir() if ".tmp-" in p.name] == []
+    # Two runs of one domain: the file and the manifest entry come from the same run (the one
+    # renaming first lost its entry to the other's, which listed another token count).
+    lock, calls = prepare._manifest_lock, []
+
+    def lock_after_another_run(out):
+        calls.append(out)
+        if len(calls) == 1:
+            prepare_domain("web", ["a longer text"], out)
+        return lock(out)
+
+    monkeypatch.setattr(prepare, "_manifest_lock", lock_after_another_run)
+    prepare_domain("web", ["short"], tmp_path / "b")
+    corpus = TokenCorpus.from_dir(tmp_path / "b")  # (said: 'web' has 14 tokens, files hold 6)
+    assert corpus.tokens == {"web": len("short") + 1} and len(calls) == 2
