@@ -518,13 +518,19 @@ class TokenCorpus:
         # The map is made from the descriptor the check looked at: a file renamed over this one
         # between the check and the map cannot be mapped under the old file's length.
         with self._open_unchanged(file_index) as f:
-            arr = np.memmap(
-                f,
-                dtype=self._flat_dtypes[file_index],
-                mode="r",
-                offset=self._flat_offsets[file_index],
-                shape=(self._flat_sizes[file_index],),
-            )
+            if self._flat_sizes[file_index] == 0:
+                # mmap refuses a length of 0 ("cannot mmap an empty file"): an empty shard of a
+                # domain is an empty array, as an empty .npy already was.
+                arr = np.empty(0, dtype=self._flat_dtypes[file_index])
+                arr.flags.writeable = False
+            else:
+                arr = np.memmap(
+                    f,
+                    dtype=self._flat_dtypes[file_index],
+                    mode="r",
+                    offset=self._flat_offsets[file_index],
+                    shape=(self._flat_sizes[file_index],),
+                )
         with self._maps_lock:
             maps[file_index] = arr
             # Each map holds a file descriptor (Python's mmap keeps a duplicate) and a memory

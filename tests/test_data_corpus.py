@@ -118,6 +118,28 @@ def test_bad_files_name_domain_and_file(tmp_path):
         TokenCorpus({"u": tmp_path / "u64.npy"})
 
 
+def test_an_empty_shard_reads_as_an_empty_array(tmp_path):
+    # mmap refuses a length of 0: tokens_of on an empty .bin shard (a domain with other files
+    # loads fine) raised numpy's bare "cannot mmap an empty file".
+    write_bin(tmp_path / "full.bin", np.arange(10))
+    (tmp_path / "empty.bin").write_bytes(b"")
+    np.save(tmp_path / "empty.npy", np.zeros(0, np.int32))
+    corpus = TokenCorpus(
+        {"a": [tmp_path / "empty.bin", tmp_path / "full.bin", tmp_path / "empty.npy"]},
+        dtype="uint16",
+    )
+    assert corpus.num_windows(4) == {"a": 2}
+    for i, dtype in ((0, np.uint16), (2, np.int32)):
+        tokens = corpus.tokens_of(i)
+        assert tokens.dtype == dtype and tokens.shape == (0,) and not tokens.flags.writeable
+    assert corpus.read(0, 0, 0).tolist() == [] and corpus.read(1, 8, 2).tolist() == [8, 9]
+    fresh = TokenCorpus({"a": [tmp_path / "empty.bin", tmp_path / "full.bin"]}, dtype="uint16")
+    write_bin(tmp_path / "other.bin", [1, 2])
+    os.replace(tmp_path / "other.bin", tmp_path / "empty.bin")  # still checked when replaced
+    with pytest.raises(CorpusError, match=r"empty.bin' has changed since the corpus was opened"):
+        fresh.tokens_of(0)
+
+
 def test_corpus_specs_and_reads_are_checked(tmp_path):
     write_bin(tmp_path / "a.bin", np.arange(10))
     for spec in (5, None):
