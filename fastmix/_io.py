@@ -84,6 +84,8 @@ def make_dir(path: str | os.PathLike[str], what: str) -> Path:
     Raises ValueError naming ``what`` (the argument or flag) when ``path`` is a file or a part of
     it is, or the folder cannot be created.
     """
+    if not isinstance(path, (str, os.PathLike)):  # Path(None) names no argument
+        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what}: {path} exists and is not a folder")

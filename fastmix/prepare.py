@@ -477,7 +477,7 @@ def _manifest_lock(out: Path) -> Iterator[None]:
 
 
 def prepare_corpus(
-    domains: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]],
+    domains: Mapping[str, str | bytes | os.PathLike | Sequence[str | bytes | os.PathLike]],
     out_dir: str | os.PathLike,
     tokenizer: str = "byte",
     *,
@@ -493,15 +493,12 @@ def prepare_corpus(
     """
     if not isinstance(domains, Mapping) or not domains:
         raise ValueError("domains: nothing to prepare (a mapping name -> file or list of files)")
-    # One path for a domain is a list of one (a str is not a list of one-character paths).
-    domains = {
-        name: [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        for name, paths in domains.items()
-    }
+    for name in domains:
+        _check_domain_name(name)
+    domains = {name: _input_paths(name, spec) for name, spec in domains.items()}
     tok = get_tokenizer(tokenizer)
     writable_dir(out_dir, "out_dir")  # before any tokenising: a bad out_dir fails at once
     for name, paths in domains.items():
-        _check_domain_name(name)
         for p in paths:
             if not Path(p).is_file():
                 raise ValueError(f"domain {name!r}: input {str(p)!r} is not a file")
@@ -517,6 +514,27 @@ def prepare_corpus(
         if bar is not None:
             bar.close()
     return _load_or_new_manifest(Path(out_dir), tok)
+
+
+def _input_paths(name: str, spec: Any) -> list[str]:
+    """A domain's input files as a list of str paths; errors name the domain.
+
+    One path is a list of one (a str is not a list of one-character paths, nor bytes of ints).
+    """
+    if isinstance(spec, (str, bytes, os.PathLike)):
+        spec = [spec]
+    elif not isinstance(spec, Iterable):
+        raise TypeError(
+            f"domain {name!r}: expected an input file or a list of them, got {type(spec).__name__}"
+        )
+    paths = []
+    for p in spec:
+        if not isinstance(p, (str, bytes, os.PathLike)):
+            raise TypeError(f"domain {name!r}: an input file must be a path, got {p!r}")
+        paths.append(os.fsdecode(p))
+    if not paths:  # (it said "no documents (inputs: none)", once its out_dir was made)
+        raise ValueError(f"domain {name!r} lists no input files")
+    return paths
 
 
 def _documents(paths: Sequence[Any], text_field: str, lines: bool, bar: Any) -> Iterator[str]:

@@ -429,3 +429,33 @@ def test_a_run_that_loses_a_race_leaves_the_token_file_alone(tmp_path, monkeypat
     prepare_domain("web", ["short"], tmp_path / "b")
     corpus = TokenCorpus.from_dir(tmp_path / "b")  # (said: 'web' has 14 tokens, files hold 6)
     assert corpus.tokens == {"web": len("short") + 1} and len(calls) == 2
+
+
+def test_bad_domain_specs_and_out_dir_name_what_is_wrong(tmp_path):
+    # These raised TypeErrors from deep inside pathlib ("'int' object is not iterable",
+    # "expected str, bytes or os.PathLike object, not int") naming no domain or argument, and
+    # bytes, a path everywhere else, were iterated into ints.
+    (tmp_path / "a.txt").write_text("hello")
+    out = tmp_path / "out"
+    for domains, error, message in (
+        ({"web": 5}, TypeError, "domain 'web': expected an input file or a list of them, got int"),
+        ({"web": [5]}, TypeError, "domain 'web': an input file must be a path, got 5"),
+        ({"web": [str(tmp_path / "a.txt"), None]}, TypeError, "must be a path, got None"),
+        ({"web": []}, ValueError, "domain 'web' lists no input files"),
+    ):
+        with pytest.raises(error, match=message):
+            prepare_corpus(domains, out, show_progress=False)
+        assert not out.exists()  # refused before anything is made
+    for out_dir in (None, 5):
+        with pytest.raises(TypeError, match="out_dir must be a path"):
+            prepare_corpus({"web": tmp_path / "a.txt"}, out_dir, show_progress=False)
+        with pytest.raises(TypeError, match="out_dir must be a path"):
+            prepare_domain("web", ["x"], out_dir)
+    manifest = prepare_corpus(
+        {"web": bytes(tmp_path / "a.txt"), "two": (tmp_path / "a.txt", bytes(tmp_path / "a.txt"))},
+        out,
+        show_progress=False,
+    )
+    assert manifest["domains"]["web"]["sources"] == [str(tmp_path / "a.txt")]
+    assert manifest["domains"]["two"]["sources"] == [str(tmp_path / "a.txt")] * 2
+    assert TokenCorpus.from_dir(out).tokens == {"web": 6, "two": 12}
