@@ -266,7 +266,7 @@ def _parse_documents(
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
+            except ValueError as e:  # also a number past int's digit limit: not a JSON error
                 raise ValueError(
                     f"input {str(path)!r}, line {lineno}: invalid JSON ({e})"
                 ) from None
@@ -580,6 +580,8 @@ def _load_or_new_manifest(out: Path, tok: Tokenizer) -> dict[str, Any]:
             raise CorpusError(
                 f"{str(path)!r} cannot be read: not UTF-8 text (byte {e.start}: {e.reason})"
             ) from None
+        except ValueError as e:  # a number past int's digit limit: not a JSON error
+            raise CorpusError(f"{str(path)!r} cannot be read: {e}") from None
         if (
             not isinstance(manifest, dict)
             or manifest.get("format") != MANIFEST_FORMAT

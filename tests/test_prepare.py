@@ -459,3 +459,21 @@ def test_bad_domain_specs_and_out_dir_name_what_is_wrong(tmp_path):
     assert manifest["domains"]["web"]["sources"] == [str(tmp_path / "a.txt")]
     assert manifest["domains"]["two"]["sources"] == [str(tmp_path / "a.txt")] * 2
     assert TokenCorpus.from_dir(out).tokens == {"web": 6, "two": 12}
+
+
+def test_an_integer_past_the_digit_limit_names_the_file(tmp_path, capsys):
+    # int() refuses more than 4300 digits with a plain ValueError, not a JSON error: the message
+    # named no file and no line (a metadata field of a JSONL record, or a corpus.json).
+    huge = "9" * 5000
+    (tmp_path / "big.jsonl").write_text(f'{{"text": "a"}}\n{{"text": "b", "id": {huge}}}\n')
+    (tmp_path / "ok.txt").write_text("fine")
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "corpus.json").write_text(f'{{"format": "fastmix-corpus", "n": {huge}}}')
+    for inputs, out, named in (
+        (f"d={tmp_path / 'big.jsonl'}", tmp_path / "o1", "big.jsonl', line 2: invalid JSON"),
+        (f"d={tmp_path / 'ok.txt'}", tmp_path / "o2", "corpus.json' cannot be read"),
+    ):
+        rc = cli.main(["prepare", inputs, "-o", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and named in err and "digits" in err
+        assert not (out / "d.bin").exists()
