@@ -86,6 +86,8 @@ def make_dir(path: str | os.PathLike[str], what: str) -> Path:
     """
     if not isinstance(path, (str, os.PathLike)):  # Path(None) names no argument
         raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}")
+    if os.fspath(path) == "":  # Path("") is ".": `-o "$OUT"` with OUT unset wrote into the cwd
+        raise ValueError(f"{what}: empty path (give a folder, '.' for the current one)")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what}: {path} exists and is not a folder")

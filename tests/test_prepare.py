@@ -477,3 +477,15 @@ def test_an_integer_past_the_digit_limit_names_the_file(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and named in err and "digits" in err
         assert not (out / "d.bin").exists()
+
+
+def test_an_empty_out_dir_is_refused(tmp_path, monkeypatch, capsys):
+    # Path("") is ".": `-o "$OUT"` with OUT unset scattered token files over the current folder.
+    (tmp_path / "web.txt").write_text("hello")
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["prepare", "web.txt", "-o", "", "--no-progress"])
+    assert rc == 2 and "out_dir: empty path" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="out_dir: empty path"):
+        prepare_domain("web", ["x"], "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["web.txt"]
+    assert prepare_domain("web", ["x"], ".")["tokens"] == 2  # the current folder, said so
