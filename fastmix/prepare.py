@@ -563,6 +563,13 @@ def _check_domain_name(name: Any) -> None:
         )
     if "\0" in name:  # no file name holds one: open() would say only "embedded null byte"
         raise ValueError(f"domain name must not contain a NUL character, got {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's bytes that are not UTF-8, named after the file
+        raise ValueError(
+            f"domain name must be text UTF-8 can hold (corpus.json is UTF-8), got {name!r}; "
+            "name the domain: DOMAIN=FILE"
+        ) from None
     if len(name.encode("utf-8", errors="replace")) > 200:  # + ".bin" and a temporary suffix
         raise ValueError(f"domain name must be at most 200 bytes, got {name[:40]!r}...")
 
@@ -678,7 +685,7 @@ def run(args: argparse.Namespace) -> int:
         empty = entry.get("empty_documents", 0)
         skipped = f" ({empty:,} empty skipped)" if empty else ""
         print(f"{name}: {entry['documents']:,} documents, {entry['tokens']:,} tokens{skipped}")
-    print(
-        f"wrote {Path(args.out) / CORPUS_MANIFEST} ({manifest['tokenizer']}, {manifest['dtype']})"
-    )
+    # (a path's bytes that are not UTF-8 shown escaped: a strict stdout cannot print them)
+    wrote = os.fsencode(Path(args.out) / CORPUS_MANIFEST).decode("utf-8", "backslashreplace")
+    print(f"wrote {wrote} ({manifest['tokenizer']}, {manifest['dtype']})")
     return 0

@@ -489,3 +489,27 @@ def test_an_empty_out_dir_is_refused(tmp_path, monkeypatch, capsys):
         prepare_domain("web", ["x"], "")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["web.txt"]
     assert prepare_domain("web", ["x"], ".")["tokens"] == 2  # the current folder, said so
+
+
+def test_file_names_that_are_not_utf8(tmp_path, capsys):
+    # A bare FILE named with bytes that are not UTF-8 made a domain name holding a lone
+    # surrogate: the run wrote everything, then printing the summary to a strict UTF-8 stdout
+    # (any UTF-8 locale but C) raised UnicodeEncodeError - a traceback after a success.
+    import os
+
+    src = tmp_path / os.fsdecode(b"caf\xe9.txt")
+    src.write_text("hello")
+    out = tmp_path / os.fsdecode(b"out\xff")
+    rc = cli.main(["prepare", str(src), "-o", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "domain name must be text UTF-8 can hold" in captured.err
+    assert "DOMAIN=FILE" in captured.err and not out.exists()
+    with pytest.raises(ValueError, match="UTF-8 can hold"):
+        prepare_domain("caf\udce9", ["x"], tmp_path / "o")
+    rc = cli.main(["prepare", f"web={src}", "-o", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "web: 1 documents, 6 tokens" in captured.out and "out\\xff/corpus.json" in captured.out
+    corpus = TokenCorpus.from_dir(out)
+    assert corpus.tokens == {"web": 6}
+    assert corpus.manifest["domains"]["web"]["sources"] == [str(src)]
