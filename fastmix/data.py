@@ -221,7 +221,8 @@ class TokenCorpus:
         domains: maps a domain name to one token file or a list of them.  A file is either raw
             little-endian ``uint16``/``uint32`` tokens (``.bin`` or any other suffix) or a 1-D
             integer ``.npy`` array (its dtype comes from the header; a signed one must hold no
-            negative id: a batch that reads one raises ``CorpusError``).
+            negative id: a batch that reads one raises ``CorpusError``).  A file of another
+            suffix than ``.bin`` that starts with the ``.npy`` magic is read as ``.npy``.
         dtype: dtype of the raw files (``"uint16"`` or ``"uint32"``).  When omitted, it is read from
             a ``corpus.json`` next to the file (written by ``fastmix prepare``).
 
@@ -372,7 +373,9 @@ class TokenCorpus:
                 head = f.read(8)
             except OSError as e:
                 raise CorpusError(f"{where}: cannot be read ({e.strerror or e})") from None
-            if path.suffix == ".npy" or head[:6] == b"\x93NUMPY":
+            # A .bin file is raw whatever it starts with: uint16 tokens 20115, 19797, 22864 (ids
+            # of a 50k vocabulary) are the bytes of the .npy magic, and such a file failed to load.
+            if path.suffix == ".npy" or (path.suffix != ".bin" and head[:6] == b"\x93NUMPY"):
                 dt, offset, n = _npy_header(f, size, where)
                 return dt, offset, n, identity
         dt = self._bin_dtype

@@ -118,6 +118,22 @@ def test_bad_files_name_domain_and_file(tmp_path):
         TokenCorpus({"u": tmp_path / "u64.npy"})
 
 
+def test_a_bin_file_starting_like_npy_is_raw(tmp_path):
+    # The uint16 tokens 20115, 19797, 22864 (ids of a 50k vocabulary) are the bytes of the .npy
+    # magic: a prepared domain whose first document began with them failed to load ("not a
+    # valid .npy file"), as would any file its header happened to parse as.
+    from fastmix.prepare import Tokenizer, prepare_domain
+
+    magic = np.frombuffer(b"\x93NUMPY", "<u2").tolist()
+    tok = Tokenizer("custom", lambda text: [*magic, len(text)], 50_257, 50_256)
+    prepare_domain("web", ["a", "bb"], tmp_path, tok)
+    corpus = TokenCorpus.from_dir(tmp_path)
+    assert corpus.tokens_of(0).tolist() == [*magic, 1, 50_256, *magic, 2, 50_256]
+    np.save(tmp_path / "real.npy", np.arange(5, dtype=np.int32))
+    (tmp_path / "real.npy").rename(tmp_path / "real.tokens")  # another suffix: still sniffed
+    assert TokenCorpus({"n": tmp_path / "real.tokens"}).tokens_of(0).tolist() == [0, 1, 2, 3, 4]
+
+
 def test_an_empty_shard_reads_as_an_empty_array(tmp_path):
     # mmap refuses a length of 0: tokens_of on an empty .bin shard (a domain with other files
     # loads fine) raised numpy's bare "cannot mmap an empty file".
