@@ -274,7 +274,13 @@ def _parse_documents(
                 raise ValueError(
                     f"input {str(path)!r}, line {lineno}: invalid JSON (nested too deeply)"
                 ) from None
-            if not isinstance(obj, dict) or text_field not in obj:
+            if not isinstance(obj, dict):  # (it said "no 'text' field": choose --text-field)
+                raise ValueError(
+                    f"input {str(path)!r}, line {lineno}: a JSON {type(obj).__name__}, not an "
+                    "object; JSON lines input holds one object per line (a whole JSON array "
+                    "is not read)"
+                )
+            if text_field not in obj:
                 raise ValueError(
                     f"input {str(path)!r}, line {lineno}: no {text_field!r} field "
                     "(choose the field with --text-field)"

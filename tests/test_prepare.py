@@ -513,3 +513,16 @@ def test_file_names_that_are_not_utf8(tmp_path, capsys):
     corpus = TokenCorpus.from_dir(out)
     assert corpus.tokens == {"web": 6}
     assert corpus.manifest["domains"]["web"]["sources"] == [str(src)]
+
+
+def test_a_json_array_is_named_as_such(tmp_path, capsys):
+    # A .json file holding one JSON array (a common export) said "no 'text' field (choose the
+    # field with --text-field)": no field choice helps; say what the file is.
+    (tmp_path / "arr.json").write_text('[{"text": "a"}, {"text": "b"}]\n')
+    (tmp_path / "str.jsonl").write_text('{"text": "a"}\n"just text"\n')
+    for name, line, kind in (("arr.json", 1, "list"), ("str.jsonl", 2, "str")):
+        argv = ["prepare", f"d={tmp_path / name}", "-o", str(tmp_path / "o"), "--no-progress"]
+        rc = cli.main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{name}', line {line}: a JSON {kind}, not an object" in err
+        assert "--text-field" not in err
