@@ -406,11 +406,21 @@ class MixtureSampler:
 
     @staticmethod
     def _check_counts(values: Any, k: int, total: int, name: str) -> np.ndarray:
-        if not isinstance(values, (list, tuple, np.ndarray)) or len(values) != k:
+        if not isinstance(values, (list, tuple, np.ndarray)):
             raise ValueError(f"{name} must hold {k} integers")
-        array = np.asarray(values)
-        if array.ndim != 1:
+        # numpy reads [True, 4, 5] as ints without a word
+        if isinstance(values, (list, tuple)) and any(
+            isinstance(v, (bool, np.bool_)) for v in values
+        ):
+            raise TypeError(f"{name} must hold integers, got a bool among them")
+        try:
+            array = np.asarray(values)
+        except ValueError:  # ragged ([1, [2, 3], 4]): numpy's message names no key
+            raise ValueError(f"{name} must hold {k} integers, got a ragged sequence") from None
+        if array.ndim != 1:  # (a 0-d array has no len(): a bare TypeError naming nothing)
             raise ValueError(f"{name} must hold {k} integers, got shape {array.shape}")
+        if array.size != k:
+            raise ValueError(f"{name} must hold {k} integers")
         if array.dtype.kind not in "iu":
             raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
         array = array.astype(np.int64)

@@ -1033,6 +1033,14 @@ def test_bad_state_dicts() -> None:
         ({**good, "counts": np.array(good["counts"]).reshape(3, 1)}, ValueError,
          r"state\['counts'\] must hold 3 integers, got shape \(3, 1\)"),
         ({**good, "names": ["a", "a", "b"]}, ValueError, r"state\['names'\] must be distinct"),
+        # len() of a 0-d array and numpy's ragged-list error named no key
+        ({**good, "counts": np.array(10)}, ValueError,
+         r"state\['counts'\] must hold 3 integers, got shape \(\)"),
+        ({**good, "segment_counts": [2, [3, 3], 2]}, ValueError,
+         r"state\['segment_counts'\] must hold 3 integers, got a ragged"),
+        # numpy reads the bool as the int 1: this state loaded
+        ({**good, "counts": [True, 4, 5], "segment_counts": [True, 4, 5]}, TypeError,
+         r"state\['counts'\] must hold integers, got a bool among them"),
         ({**good, "position": 2**63, "counts": [2**63 - 10, 10, 0]}, ValueError,
          r"state\['position'\] must be <= 9223372036854775807"),  # int64 counts
         # draws of a domain whose weight is 0 in the current segment
