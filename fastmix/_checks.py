@@ -42,9 +42,19 @@ def plain_values(values: Any, what: str) -> Any:
         if np.ma.getmaskarray(values).any():
             raise TypeError(f"{what} has masked entries: fill them ({what}.filled(0))")
         return values.filled()
-    if isinstance(values, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in values):
+    if isinstance(values, (list, tuple)) and any(_is_bool(v) for v in values):
         raise TypeError(f"{what} must hold real numbers, got a bool among them")
     return values
+
+
+def _is_bool(value: Any) -> bool:
+    # A 0-d bool array or tensor too: beside numbers np.asarray reads it as 1 or 0 (plain floats
+    # and ints, the common case, skip the attribute lookup).
+    if type(value) is float or type(value) is int:
+        return False
+    if isinstance(value, (bool, np.generic)):
+        return isinstance(value, (bool, np.bool_))
+    return str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
 
 
 # Domain ids are int32 in the sampler's output and the CUDA and Triton kernels take K as a C int,

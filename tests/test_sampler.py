@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
@@ -871,6 +872,9 @@ BAD_WEIGHTS = [
     (np.ma.array([1.0, 9.0], mask=[0, 1]), TypeError, "masked entries"),
     ([True, 1.0], TypeError, "bool among them"),  # numpy makes it [1.0, 1.0]
     ({"a": True, "b": 1}, TypeError, "bool among them"),
+    # 0-d bool arrays and tensors beside numbers: np.asarray made them 1.0 and 0.0
+    ([np.array(True), 0.5], TypeError, "bool among them"),
+    ({"a": torch.tensor(True), "b": torch.tensor(0.5)}, TypeError, "bool among them"),
 ]
 
 
