@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -334,7 +335,8 @@ def test_state_follows_the_first_batch_also_after_loading():
     resumed = ODM(3)
     resumed.load_state_dict(source.state_dict())
     resumed.update(stats.to("meta"))
-    assert resumed.device.type == "meta" and resumed.num_steps == 2
+    # (the step count went along; a meta tensor holds no value to compare)
+    assert resumed.device.type == "meta" and resumed._steps.device.type == "meta"
     with pytest.raises(ValueError, match="inputs are on cpu but the ODM state is on meta"):
         resumed.update(stats)  # after a step the state stays where it is
     with pytest.raises(ValueError, match="inputs are on meta but the ODM state is on cpu"):
@@ -371,3 +373,54 @@ def test_update_reads_no_device_value(monkeypatch):
         odm.update(stats)
     monkeypatch.undo()
     assert odm.num_steps == 3 and abs(float(odm.weights.sum()) - 1) < 1e-6
+
+
+
+# A training script's mixer is often a module global, which dynamo specialises on (a closure's or
+# a bound method's host int it makes dynamic after one recompile instead).
+_GLOBAL_ODM: ODM | None = None
+
+
+def test_compiled_step_follows_the_step_count_without_recompiling():
+    # t was a host int bumped by every step: a constant to torch.compile, so each step
+    # recompiled, and at the 9th (dynamo's recompile limit) a fullgraph=True step raised (a
+    # whole compiled training step fell back to eager without it).  In a CUDA graph, each replay
+    # would reuse the captured step's ε_t and warm-up.
+    from torch._dynamo.testing import CompileCounter
+
+    global _GLOBAL_ODM
+    torch._dynamo.reset()  # no compiled frame of another test counts here
+    eager, _GLOBAL_ODM = ODM(5, warmup_steps=3), ODM(5, warmup_steps=3)
+    counter = CompileCounter()
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def step(loss, dom):
+        return _GLOBAL_ODM.step(loss, dom)
+
+    try:
+        for loss, dom in _batches(5, 12, seed=4, unseen=set()):
+            want = eager.step(loss, dom)
+            got = step(loss, dom)
+            assert torch.equal(got, want)  # warm-up, then ε_t of each step, bit for bit
+        assert _GLOBAL_ODM.num_steps == 12
+        assert torch.equal(_GLOBAL_ODM.rewards, eager.rewards)
+        assert counter.frame_count <= 2  # not one per step
+    finally:
+        _GLOBAL_ODM = None
+
+
+def test_an_odm_pickled_with_a_host_step_count_unpickles():
+    # Before t moved to the device an ODM pickled (torch.save'd whole) its step count as a
+    # host int "num_steps"; such an object still loads and counts on.
+    source = ODM(3, warmup_steps=1)
+    source.step(torch.ones(4), torch.tensor([0, 1, 2, 0]))
+    old = dict(source.__dict__)
+    del old["_steps"]
+    old["num_steps"] = 7
+    odm = ODM.__new__(ODM)
+    odm.__setstate__(old)
+    assert odm.num_steps == 7
+    odm.step(torch.ones(4), torch.tensor([0, 1, 2, 0]))
+    assert odm.num_steps == 8
+    clone = pickle.loads(pickle.dumps(odm))
+    assert clone.num_steps == 8 and torch.equal(clone.weights, odm.weights)

@@ -9,8 +9,10 @@ the model still finds hard is sampled more).  In the form of the authors' releas
 
 with R̂ = 0 at the start (so an unseen domain gets only the exploration share ε_t) and the
 initial weights during the first ``warmup_steps`` steps (R̂ still accumulates then).  ``t`` is the
-1-based step count, kept on the host: it needs no device value, so :meth:`ODM.step` never
-synchronises — no ``.item()``, no ``.cpu()``, no Python branch on a device tensor.
+1-based step count, a device tensor like the rest of the state, and ε_t and the warm-up are
+computed from it on the device: :meth:`ODM.step` never synchronises — no ``.item()``, no
+``.cpu()``, no Python branch on a device value — and runs under ``torch.compile(fullgraph=True)``
+and in CUDA graphs, where a count kept on the host would be a constant of the graph.
 
 The statistics come from :func:`fastmix.domain_loss_stats` (token count and loss sum per domain)
 and are summed over data-parallel ranks, so every rank holds the same π.  ``weights`` is a device
@@ -61,7 +63,8 @@ class ODM:
             torch.distributed is initialised).
         deterministic: bitwise-reproducible statistics.
 
-    Attributes: ``weights`` (π, ``[K]`` float32), ``rewards`` (R̂), ``num_steps`` (host int t),
+    Attributes: ``weights`` (π, ``[K]`` float32), ``rewards`` (R̂), ``num_steps`` (t, read as an
+    int from the device: a synchronisation),
     ``num_skipped`` (device int64: domain-steps whose mean loss was not finite, ignored).
     """
 
@@ -93,7 +96,10 @@ class ODM:
         self._weights = self._init.clone()
         self._rewards = torch.zeros(self.num_domains, dtype=torch.float32, device=dev)
         self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
-        self.num_steps = 0
+        # t on the device: a Python int changed by every step was a constant to torch.compile
+        # (a recompile per step, then eager or, with fullgraph=True, an error after 8) and to a
+        # CUDA graph (each replay reused the captured step's ε_t and warm-up).
+        self._steps = torch.zeros((), dtype=torch.int64, device=dev)
         # Not num_steps == 0: a state loaded into a new ODM should still follow the first batch.
         self._stepped = False
 
@@ -112,6 +118,11 @@ class ODM:
     def num_skipped(self) -> Tensor:
         """Domain-steps whose mean loss was not finite, ignored (int64 scalar)."""
         return self._skipped
+
+    @property
+    def num_steps(self) -> int:
+        """t, the steps taken so far (reads the device counter: a synchronisation)."""
+        return int(self._steps)
 
     @property
     def device(self) -> torch.device:
@@ -137,6 +148,7 @@ class ODM:
         self._weights = self._weights.to(dev)
         self._rewards = self._rewards.to(dev)
         self._skipped = self._skipped.to(dev)
+        self._steps = self._steps.to(dev)
         self._device_fixed = True
         return self
 
@@ -188,13 +200,13 @@ class ODM:
         beta = self.smoothing
         self._rewards.copy_(torch.where(seen, beta * self._rewards + (1.0 - beta) * reward,
                                         self._rewards))
-        self.num_steps += 1
-        t = self.num_steps
-        if t <= self.warmup_steps:  # a host counter: no device value is read
-            self._weights.copy_(self._init)
-            return self._weights
+        self._steps.add_(1)
         k = self.num_domains
-        eps = self.exploration(t)
+        # ε_t = min(1/K, √(ln K / (K·t))) in float64 on the device, as exploration() forms it on
+        # the host (k·t is exact below 2**53 and each operation correctly rounded: the same bits).
+        eps64 = torch.sqrt(math.log(k) / (k * self._steps.to(torch.float64))).clamp(max=1.0 / k)
+        eps = eps64.to(torch.float32)
+        keep = (1.0 - k * eps64).to(torch.float32)
         # Scaled by the largest reward first: the plain float32 sum overflows once K rewards
         # near exp(_MAX_LOSS) add up (π then collapsed to ε, summing to < 1), and a sum of
         # subnormal rewards lost its scale to a clamp.  The scaled sum lies in [1, K].
@@ -202,7 +214,10 @@ class ODM:
         scaled = self._rewards / torch.where(top > 0, top, 1.0)
         share = torch.where(top > 0, scaled / scaled.sum().clamp_min(1.0),
                             torch.full_like(self._rewards, 1.0 / k))
-        self._weights.copy_((1.0 - k * eps) * share + eps)
+        # the initial weights during the warm-up (a device comparison: no host branch)
+        # (capped: t stays below 2**62, and an int64 comparison refuses a larger Python int)
+        warm = self._steps <= min(self.warmup_steps, MAX_COUNT)
+        self._weights.copy_(torch.where(warm, self._init, keep * share + eps))
         return self._weights
 
     def _follow(self, device: torch.device) -> None:
@@ -231,7 +246,7 @@ class ODM:
             "smoothing": self.smoothing,
             "warmup_steps": self.warmup_steps,
             "backend": self.backend,
-            "num_steps": self.num_steps,
+            "num_steps": self._steps,
             "init_weights": self._init,
             "weights": self._weights,
             "rewards": self._rewards,
@@ -244,6 +259,15 @@ class ODM:
     # a deep copy shares it.
     def __getstate__(self) -> dict[str, Any]:
         return distributed.state_without_group(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # An ODM pickled when t was a host int ("num_steps" in its __dict__) gets its counter.
+        state = dict(state)
+        if "_steps" not in state:
+            steps = state.pop("num_steps", 0)
+            state["_steps"] = torch.tensor(steps, dtype=torch.int64,
+                                           device=state["_weights"].device)
+        self.__dict__.update(state)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         return distributed.deepcopy_sharing_group(self, memo)
@@ -299,7 +323,8 @@ class ODM:
         self._rewards.copy_(rewards)
         self._init.copy_(init)
         self._skipped.fill_(skipped)
-        self.smoothing, self.warmup_steps, self.num_steps = smoothing, warmup, steps
+        self._steps.fill_(steps)
+        self.smoothing, self.warmup_steps = smoothing, warmup
 
     def __repr__(self) -> str:
         return (f"ODM(num_domains={self.num_domains}, smoothing={self.smoothing}, "
