@@ -572,6 +572,58 @@ def test_compiled_step_matches_eager():
     assert int(compiled.num_updates) == 3
 
 
+
+# A training script's mixer is often a module global, which dynamo specialises on.
+_GLOBAL_DOREMI: DoReMi | None = None
+
+
+def test_compiled_accumulate_does_not_recompile_per_micro_batch():
+    # accumulate() counted its micro-batches in a host int: a constant to torch.compile, so each
+    # micro-batch recompiled, and at the 9th (dynamo's recompile limit) fullgraph=True raised.
+    from torch._dynamo.testing import CompileCounter
+
+    global _GLOBAL_DOREMI
+    torch._dynamo.reset()  # no compiled frame of another test counts here
+    eager, _GLOBAL_DOREMI = DoReMi(4, step_size=0.6), DoReMi(4, step_size=0.6)
+    counter = CompileCounter()
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def accumulate(loss, ref, domain, mask):
+        return _GLOBAL_DOREMI.accumulate(loss, ref, domain, mask)
+
+    try:
+        for update in range(2):
+            for seed in range(10):
+                loss, ref, domain, mask = batch(10 * update + seed, k=4)
+                a_loss = loss.clone().requires_grad_(True)
+                b_loss = loss.clone().requires_grad_(True)
+                eager.accumulate(a_loss, ref, domain, mask).backward()
+                accumulate(b_loss, ref, domain, mask).backward()
+                assert torch.equal(b_loss.grad, a_loss.grad)
+            eager.update()
+            _GLOBAL_DOREMI.update()
+            assert torch.equal(_GLOBAL_DOREMI.weights, eager.weights)
+        assert int(_GLOBAL_DOREMI.num_updates) == 2
+        assert counter.frame_count <= 2  # not one per micro-batch
+        with pytest.raises(RuntimeError, match="update\\(\\) needs"):
+            _GLOBAL_DOREMI.update()  # the flag is cleared by update()
+    finally:
+        _GLOBAL_DOREMI = None
+
+
+def test_a_doremi_pickled_with_a_pending_count_unpickles():
+    # Before the pending micro-batches became a flag, a pickled DoReMi held their count.
+    source = DoReMi(2)
+    old = dict(source.__dict__)
+    del old["_has_pending"]
+    old["_num_pending"] = 3
+    mixer = DoReMi.__new__(DoReMi)
+    mixer.__setstate__(old)
+    with pytest.raises(RuntimeError, match="call update\\(\\) before step"):
+        mixer.step(*batch(0, k=2))
+    mixer.update()
+    assert int(mixer.num_updates) == 1
+
 def test_inductor_step_with_a_transposed_loss(monkeypatch):
     # A sequence-first model's [T, B] loss seen as [B, T]: inductor checks the gradient op's real
     # output strides against its fake ones (they differed: a crash in backward).

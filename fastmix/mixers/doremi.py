@@ -105,7 +105,10 @@ class DoReMi:
         self._state = torch.stack([alpha, torch.zeros_like(alpha), alpha]).to(dev)
         self._counters = torch.zeros(3, dtype=torch.int64, device=dev)
         self._pending = torch.zeros(3, num_domains, dtype=torch.float32, device=dev)
-        self._num_pending = 0  # micro-batches accumulated since the last update (host-side)
+        # Whether micro-batches were accumulated since the last update (host-side).  A flag, not
+        # a count: torch.compile specialises on a host int that every accumulate() changed (a
+        # recompile per micro-batch; with fullgraph=True an error from the 9th).
+        self._has_pending = False
         self._workspace: Tensor | None = None
         self._workspace_key: tuple[str, torch.device] | None = None
         self._stepped = False
@@ -222,7 +225,7 @@ class DoReMi:
             statistics are summed across ranks before the update (every rank holds the same α)
             and the objective is each rank's own batch.
         """
-        if self._num_pending:
+        if self._has_pending:
             raise RuntimeError(
                 "accumulate() was called since the last update(); call update() before step()"
             )
@@ -265,14 +268,14 @@ class DoReMi:
         )  # fmt: skip
         self._pending.add_(stats)
         self._counters[2:].add_(out_of_range)
-        self._num_pending += 1
+        self._has_pending = True
         aux = torch.cat([stats, self._state[0:1]])
         objective = reference.objective_from(aux, self.proxy_loss)
         return proxy_objective(loss, objective, aux, domain, mask, self.proxy_loss)
 
     def update(self) -> None:
         """Update α from the statistics accumulated since the last update (all ranks summed)."""
-        if not self._num_pending:
+        if not self._has_pending:
             raise RuntimeError("update() needs at least one accumulate() since the last update")
         backend = resolve_backend(self.backend, self._state.device, self.num_domains)
         group = self._group()
@@ -282,7 +285,7 @@ class DoReMi:
             self.proxy_loss, backend,
         )  # fmt: skip
         self._pending.zero_()
-        self._num_pending = 0
+        self._has_pending = False
         self._after_update()
 
     def check(self) -> None:
@@ -327,12 +330,19 @@ class DoReMi:
     def __getstate__(self) -> dict[str, Any]:
         return distributed.state_without_group(self.__dict__)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A DoReMi pickled when the pending micro-batches were counted ("_num_pending").
+        state = dict(state)
+        if "_has_pending" not in state:
+            state["_has_pending"] = bool(state.pop("_num_pending", 0))
+        self.__dict__.update(state)
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         return distributed.deepcopy_sharing_group(self, memo)
 
     def state_dict(self) -> dict[str, Any]:
         """The full state (tensors cloned, on the state's device) and hyperparameters."""
-        if self._num_pending:
+        if self._has_pending:
             raise RuntimeError("call update() before state_dict(): micro-batches are pending")
         return {
             "version": _STATE_VERSION,
@@ -407,7 +417,7 @@ class DoReMi:
         self._state.copy_(torch.stack([weights, excess, average]))
         self._counters.copy_(torch.tensor(counts, dtype=torch.int64, device=dev))
         self._pending.zero_()
-        self._num_pending = 0
+        self._has_pending = False
         self.step_size, self.smoothing, self.proxy_loss = step_size, smoothing, proxy
         self._ranks_checked = False  # debug mode checks the loaded state against the other ranks
 
