@@ -351,6 +351,10 @@ def test_update_takes_two_or_three_rows():
     odm.update(torch.ones(2, 3))
     odm.update(torch.ones(3, 3))
     assert odm.num_steps == 2
+    # a sparse tensor failed inside torch with NotImplementedError, naming no argument
+    with pytest.raises(TypeError, match="stats must be a dense"):
+        odm.update(torch.ones(3, 3).to_sparse())
+    assert odm.num_steps == 2
 
 
 def test_exported_from_package():

@@ -188,6 +188,8 @@ class ODM:
                 f"{tuple(stats.shape)}")
         if not stats.is_floating_point():
             raise TypeError(f"stats must be floating point, got {stats.dtype}")
+        if stats.layout != torch.strided:  # a sparse tensor failed in torch ("as_strided")
+            raise TypeError(f"stats must be a dense (strided) tensor, got layout {stats.layout}")
         self._follow(stats.device)
         group = distributed.resolve_group(self.process_group)
         totals = distributed.all_reduce_sum_(stats[:2].to(torch.float32).clone(), group)
