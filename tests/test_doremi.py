@@ -644,5 +644,18 @@ def test_inductor_step_with_a_transposed_loss(monkeypatch):
     torch.testing.assert_close(compiled.weights, eager.weights)
 
 
+
+def test_a_rejected_batch_leaves_the_state_where_it_is():
+    # ("meta" stands in for a GPU.)  The state followed the batch before the forced backend was
+    # checked: the RuntimeError left it moved, and a batch on the first device was then refused.
+    mixer = DoReMi(3, backend="cuda")
+    loss = torch.rand(2, 4, device="meta")
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run on meta"):
+        mixer.step(loss, loss, torch.zeros(2, dtype=torch.int64, device="meta"))
+    assert mixer.device.type == "cpu"
+    mixer.backend = "torch"
+    mixer.step(*batch(0, k=3))
+    assert int(mixer.num_updates) == 1
+
 def test_public_export():
     assert fastmix.DoReMi is DoReMi

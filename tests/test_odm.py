@@ -428,3 +428,14 @@ def test_an_odm_pickled_with_a_host_step_count_unpickles():
     assert odm.num_steps == 8
     clone = pickle.loads(pickle.dumps(odm))
     assert clone.num_steps == 8 and torch.equal(clone.weights, odm.weights)
+
+
+def test_a_rejected_batch_leaves_the_state_where_it_is():
+    # ("meta" stands in for a GPU.)  The state followed the loss's device before the batch was
+    # checked: a rejected first batch moved it, and every later (good) batch was refused.
+    odm = ODM(3)
+    with pytest.raises(ValueError, match="domain is on cpu but loss is on meta"):
+        odm.step(torch.rand(4, device="meta"), torch.tensor([0, 1, 2, 0]))
+    assert odm.device.type == "cpu"
+    odm.step(torch.ones(4), torch.tensor([0, 1, 2, 0]))
+    assert odm.num_steps == 1

@@ -164,6 +164,8 @@ class DoReMi:
     # ---------------------------------------------------------------- internals
     def _prepare(self, loss: Tensor, ref_loss: Any, domain: Tensor, mask: Tensor | None) -> str:
         validate_inputs(loss, domain, self.num_domains, ref_loss, mask, ref_required=True)
+        # before the state follows the batch: a backend that cannot run there leaves it in place
+        backend = resolve_backend(self.backend, loss.device, self.num_domains, loss.numel())
         if loss.device != self._state.device:
             if not self._device_fixed and not self._stepped:
                 self.to(loss.device)
@@ -172,7 +174,7 @@ class DoReMi:
                     f"loss is on {loss.device} but the DoReMi state is on {self._state.device}"
                 )
         self._stepped = True
-        return resolve_backend(self.backend, loss.device, self.num_domains, loss.numel())
+        return backend
 
     def _get_workspace(self, backend: str) -> Tensor:
         key = (backend, self._state.device)

@@ -166,7 +166,7 @@ class ODM:
         """
         if not isinstance(loss, Tensor):
             raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
-        self._follow(loss.device)
+        # update() moves the state to the statistics' device: only a batch the checks took
         stats = domain_loss_stats(loss.detach(), domain, self.num_domains, mask=mask,
                                   backend=self.backend, deterministic=self.deterministic)
         return self.update(stats)
