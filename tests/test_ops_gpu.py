@@ -179,6 +179,39 @@ def test_cuda_graph_capture_and_replay(backend, deterministic, k):
     assert int(mixer.num_updates) == 4
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_odm_step_in_a_cuda_graph_follows_the_step_count(backend):
+    # t is a device counter: each replay must take the next step's warm-up and exploration
+    # share (a host count would be frozen into the graph at its captured value).
+    need(backend)
+    mixer = fastmix.ODM(22, warmup_steps=2, backend=backend, device="cuda")
+    oracle = fastmix.ODM(22, warmup_steps=2, backend="torch", device="cuda")
+    loss, domain, _, mask = make(0, (16, 300), 22, per_sequence=True)
+    static = [t.clone() for t in (loss, domain, mask)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (kernel compilation)
+        mixer.step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    oracle.step(loss, domain, mask)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        weights = mixer.step(*static)
+    for seed in range(1, 6):  # steps 2..6: the last warm-up step, then ε_t falls
+        loss, domain, _, mask = make(seed, (16, 300), 22, per_sequence=True)
+        for dst, src in zip(static, (loss, domain, mask), strict=True):
+            dst.copy_(src)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graph.replay()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        want = oracle.step(loss, domain, mask)
+        torch.testing.assert_close(weights, want, rtol=1e-5, atol=1e-7)
+    # the warm-up ran one step, the capture none (it records), the replays five
+    assert mixer.num_steps == oracle.num_steps == 6
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tensors_on_another_device_than_the_current_one(backend):
