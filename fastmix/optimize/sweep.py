@@ -121,7 +121,7 @@ def load_sweep(
         id_column: column identifying runs in both tables; by default the first of
             ``run, run_id, id, index`` present in both.  Rows are matched by it.
         domains: mixture columns to use (default: every numeric non-id column, see
-            :func:`value_columns`).  For arrays, the names of the columns.
+            :func:`fastmix.optimize.sweep.value_columns`).  For arrays, the names of the columns.
         targets: metric columns to use (default: every numeric non-id column).  Only these are
             read and checked for NaN.
         strip_prefix: removed from the start of domain names (e.g. ``"train_the_pile_"``).
