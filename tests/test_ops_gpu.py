@@ -3,7 +3,11 @@ step(), torch.compile, CUDA-graph capture and replay."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,8 +35,8 @@ def need(backend: str) -> None:
 
 
 SHAPES = [((1,), 1, False), ((4097,), 3, False), ((3, 4097), 8, True), ((64, 2048), 22, True),
-          ((7, 333), 22, False), ((50001,), 256, False), ((16, 1000), 1024, True),
-          ((0,), 5, False)]  # fmt: skip
+          ((7, 333), 22, False), ((50001,), 256, False), ((9, 500), 512, True),
+          ((16, 1000), 1024, True), ((0,), 5, False)]  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -52,6 +56,36 @@ def test_stats_match_torch(backend, shape, k, per_sequence, dtype, deterministic
                                          backend="torch", deterministic=True)  # fmt: skip
         assert torch.equal(got[0], want[0])
         torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-3)
+
+
+_FIRST_LAUNCH_AT_512 = """
+import torch, fastmix
+from ops_helpers import make_batch
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for id_dtype in (torch.int32, torch.int64):
+        loss, domain, ref, mask = make_batch(0, (9, 500), 512, dtype, True, id_dtype,
+                                             device="cuda")
+        got = fastmix.domain_loss_stats(loss, domain, 512, ref_loss=ref, mask=mask,
+                                        backend="cuda")
+        want = fastmix.domain_loss_stats(loss, domain, 512, ref_loss=ref, mask=mask,
+                                         backend="torch")
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-3)
+print("OK")
+"""
+
+
+def test_cuda_kernels_launch_first_at_exactly_48_kib_of_shared_memory():
+    # K = 512 asks for 8 x 3 x 512 floats = 48 KiB of dynamic shared memory; with the kernel's
+    # static shared memory that is over the default limit, so it needs the opt-in attribute too
+    # (it was set only above 48 KiB: the launch failed).  A fresh process, so no earlier launch
+    # with a larger K has raised the limit of these kernel instances already.
+    need("cuda")
+    here = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [here, *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", _FIRST_LAUNCH_AT_512], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -152,7 +186,8 @@ def test_compiled_step(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("k", [22, 1024])  # 1024: > 48 KiB of shared memory (opt-in attribute)
+# 512: 48 KiB of dynamic shared memory plus the static (opt-in); 1024: 96 KiB
+@pytest.mark.parametrize("k", [22, 512, 1024])
 def test_cuda_graph_capture_and_replay(backend, deterministic, k):
     need(backend)
     mixer = fastmix.DoReMi(k, backend=backend, device="cuda", deterministic=deterministic)

@@ -307,9 +307,17 @@ cudaError_t launch_typed(const Inputs& in, float* out_stats, long long* out_oob,
   const int blocks = grid_blocks(in.n);
   const size_t smem = static_cast<size_t>(shared_bytes(in.num_domains));
   auto kernel = stats_kernel<T, I>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  // The kernel's static shared memory (s_red, s_last, s_oob: 48 bytes) counts against the default
+  // 48 KiB too: the default dynamic limit is 48 KiB minus it, so K = 512 (exactly 48 KiB of
+  // dynamic memory) needs the opt-in as well.  Compare with the function's actual limit on this
+  // device, and raise it to what the largest K needs: a fixed value, so a concurrent launch with
+  // a smaller K never lowers the limit another launch relies on.
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  if (static_cast<int64_t>(smem) > static_cast<int64_t>(attr.maxDynamicSharedSizeBytes)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(shared_bytes(kMaxDomains)));
     if (err != cudaSuccess) return err;
   }
   const bool narrow = in.n <= static_cast<int64_t>(UINT32_MAX);
