@@ -315,7 +315,14 @@ cudaError_t launch_typed(const Inputs& in, float* out_stats, long long* out_oob,
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
-  if (static_cast<int64_t>(smem) > static_cast<int64_t>(attr.maxDynamicSharedSizeBytes)) {
+  // (Until raised, the static part is also checked against 48 KiB directly: the launch fits
+  // whichever way a driver reports the default dynamic limit, with or without it deducted.)
+  const int64_t limit = attr.maxDynamicSharedSizeBytes;
+  const int64_t dynamic = static_cast<int64_t>(smem);
+  const bool fits = dynamic <= limit &&
+                    (limit > 48 * 1024 ||
+                     dynamic + static_cast<int64_t>(attr.sharedSizeBytes) <= 48 * 1024);
+  if (!fits) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(shared_bytes(kMaxDomains)));
     if (err != cudaSuccess) return err;
