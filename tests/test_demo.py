@@ -231,6 +231,16 @@ def test_out_that_is_a_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--out" in err and "cannot create" in err
 
 
+def test_an_empty_out_is_an_error_not_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # `--out "$OUT"` with OUT unset: Path("") is ".", and the corpus and outputs went to the cwd.
+    monkeypatch.chdir(tmp_path)
+    assert _demo("--out", "", *TINY_FLAGS) == 2
+    assert "--out: empty path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_read_only_out_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

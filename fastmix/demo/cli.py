@@ -38,7 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "under --out.  About 5 minutes on two CPU cores; --quick about 1."
     )
     g = parser.add_argument_group("run")
-    g.add_argument("--out", type=Path, default=Path("fastmix-demo"),
+    # str, not Path: Path("") is ".", so `--out "$OUT"` with OUT unset wrote into the cwd.
+    g.add_argument("--out", default="fastmix-demo",
                    help="output folder; the corpus is cached there between runs "
                    "(default ./fastmix-demo)")
     g.add_argument("--quick", action="store_true",
@@ -111,6 +112,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
+    if os.fspath(args.out) == "":
+        raise ValueError("--out: empty path (give a folder, '.' for the current one)")
     known = {f.name for f in fields(DemoOptions)}
     assert set(values) <= known, set(values) - known
     return DemoOptions(
