@@ -514,6 +514,25 @@ def test_shape_and_seed_errors_name_the_flags(
     assert not Path(out).exists()  # refused before anything was created
 
 
+@pytest.mark.parametrize("flag, value", [
+    ("--steps", "0"), ("--main-steps", "-3"), ("--d-model", "-4"), ("--layers", "0"),
+    ("--heads", "0"), ("--main-d-model", "0"), ("--main-layers", "-1"), ("--main-heads", "0"),
+    ("--seq-len", "0"), ("--batch-size", "0"), ("--eval-windows", "0"), ("--threads", "0"),
+    ("--lr", "nan"), ("--step-size", "-1"), ("--smoothing", "1"), ("--train-bytes", "0"),
+    ("--heldout-bytes", "-1"), ("--heldout-bytes", "1000"),
+])
+def test_bad_values_are_errors_naming_their_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str
+) -> None:
+    # "n_layers must be a positive integer" named no flag the user typed (--layers), and the
+    # corpus's limits (--train-bytes 0) came only after --out was created and torch imported.
+    out = tmp_path / "o"
+    assert _demo("--out", str(out), *TINY_FLAGS, flag, value) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmix demo: error: ") and f"({flag})" in err, err
+    assert not out.exists()  # refused before anything was created
+
+
 def test_threads_beyond_the_usable_cpus_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -12,6 +12,16 @@ __all__ = ["VOCAB_SIZE", "GPTConfig", "DemoOptions", "QUICK", "usable_cpus"]
 
 VOCAB_SIZE = 257  # fastmix prepare's byte tokenizer: 256 byte values + end-of-document
 MAX_SEED = 2**64 - 3  # seed + 2 must stay a valid (64-bit) sampler and torch seed
+# Least bytes of each domain's train and held-out parts (the corpus builder's CorpusSpec checks).
+MIN_TRAIN_BYTES = 4096
+MIN_HELDOUT_BYTES = 1024
+# DemoOptions field -> the demo's flag, so that an error names what the user typed.
+_FLAGS = {"n_layers": "--layers", "n_heads": "--heads"}
+
+
+def _flag(name: str) -> str:
+    """``name (--flag)`` for a DemoOptions field."""
+    return f"{name} ({_FLAGS.get(name, '--' + name.replace('_', '-'))})"
 
 
 def usable_cpus() -> int:
@@ -79,17 +89,18 @@ class DemoOptions:
     quick: bool = False
 
     def __post_init__(self) -> None:
+        flag = _flag
         positive = (
             "steps", "d_model", "n_layers", "n_heads", "seq_len", "batch_size", "eval_windows"
         )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{flag(name)} must be a positive integer, got {value!r}")
         for name in ("main_steps", "main_d_model", "main_layers", "main_heads", "threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{flag(name)} must be a positive integer, got {value!r}")
         # torch.set_num_threads takes any count, but OpenMP then fails to create the threads:
         # 8192 hung, 32768 and 100000 crashed the process (SIGSEGV), with no message naming a flag.
         if self.threads is not None and self.threads > usable_cpus():
@@ -98,20 +109,28 @@ class DemoOptions:
         for name in ("lr", "step_size"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+                raise ValueError(f"{flag(name)} must be a positive finite number, got {value!r}")
         if not (0.0 <= self.smoothing < 1.0):
-            raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing!r}")
+            raise ValueError(f"{flag('smoothing')} must be in [0, 1), got {self.smoothing!r}")
         if self.proxy_loss not in ("dro", "reweighted"):
-            raise ValueError(f"proxy_loss must be 'dro' or 'reweighted', got {self.proxy_loss!r}")
+            raise ValueError(f"{flag('proxy_loss')} must be 'dro' or 'reweighted', got "
+                             f"{self.proxy_loss!r}")
         # The runs use seed, seed + 1 and seed + 2, and MixtureDataset takes seeds below 2**64.
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) \
                 or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed (--seed) must be an integer in [0, 2**64 - 3], got "
                              f"{self.seed!r}")
+        # The corpus's own bounds (CorpusSpec), checked here too so that they name the flags and
+        # come before the output folder is created and torch is imported.
+        for name, least in (("train_bytes", MIN_TRAIN_BYTES), ("heldout_bytes", MIN_HELDOUT_BYTES)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{flag(name)} must be an integer of at least {least}, got "
+                                 f"{value!r}")
         if self.heldout_bytes < (self.seq_len + 1) * 4:
             raise ValueError(
-                f"heldout_bytes ({self.heldout_bytes}) must hold at least 4 windows of "
-                f"seq_len + 1 = {self.seq_len + 1} bytes"
+                f"{flag('heldout_bytes')} ({self.heldout_bytes}) must hold at least 4 windows of "
+                f"seq_len + 1 = {self.seq_len + 1} bytes (--seq-len {self.seq_len})"
             )
         # Checked here to name the flags: GPTConfig only knows its own field names.
         shapes = (
