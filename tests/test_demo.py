@@ -533,6 +533,36 @@ def test_bad_values_are_errors_naming_their_flag(
     assert not out.exists()  # refused before anything was created
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--steps", str(10**12)], "(--steps)"),
+    (["--main-steps", str(10**12)], "(--main-steps)"),
+    (["--d-model", str(10**8), "--heads", "1"], "--d-model 100000000"),
+    (["--layers", str(10**9)], "--layers 1000000000"),
+    (["--main-layers", str(10**9)], "--main-layers 1000000000"),
+    (["--main-d-model", str(10**8), "--heads", "1"], "--main-d-model 100000000"),
+])
+def test_sizes_beyond_memory_are_errors_naming_their_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str], named: str
+) -> None:
+    # --steps 10**12 or --d-model 10**8: an allocator's RuntimeError traceback after the corpus
+    # was built; --layers 10**9: minutes of building blocks, then out of memory.
+    out = tmp_path / "o"
+    assert _demo("--out", str(out), *TINY_FLAGS, *flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmix demo: error: ") and named in err, err
+    assert "more than can be allocated here" in err
+    assert not out.exists()  # refused before anything was created
+
+
+def test_the_parameter_count_the_memory_check_uses_is_the_model_s() -> None:
+    from fastmix.demo.options import N_DOMAINS
+
+    assert N_DOMAINS == len(DOMAINS)
+    for cfg in (GPTConfig(), GPTConfig(96, 2, 4, 96), GPTConfig(32, 1, 2, 32),
+                GPTConfig(64, 3, 8, 50, 300)):
+        assert cfg.num_parameters == TinyGPT(cfg).num_parameters(), cfg
+
+
 def test_threads_beyond_the_usable_cpus_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

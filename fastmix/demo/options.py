@@ -15,6 +15,7 @@ MAX_SEED = 2**64 - 3  # seed + 2 must stay a valid (64-bit) sampler and torch se
 # Least bytes of each domain's train and held-out parts (the corpus builder's CorpusSpec checks).
 MIN_TRAIN_BYTES = 4096
 MIN_HELDOUT_BYTES = 1024
+N_DOMAINS = 5  # code, prose, math, data, noise (fastmix.demo.corpus.DOMAINS)
 # DemoOptions field -> the demo's flag, so that an error names what the user typed.
 _FLAGS = {"n_layers": "--layers", "n_heads": "--heads"}
 
@@ -22,6 +23,17 @@ _FLAGS = {"n_layers": "--layers", "n_heads": "--heads"}
 def _flag(name: str) -> str:
     """``name (--flag)`` for a DemoOptions field."""
     return f"{name} ({_FLAGS.get(name, '--' + name.replace('_', '-'))})"
+
+
+def _allocatable(nbytes: int) -> bool:
+    """Whether ``nbytes`` can be allocated now (untouched pages: an mmap and an munmap)."""
+    import numpy as np
+
+    try:
+        np.empty(nbytes, np.uint8)
+    except (MemoryError, ValueError, OverflowError):
+        return False
+    return True
 
 
 def usable_cpus() -> int:
@@ -54,6 +66,13 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the TinyGPT of this shape (computed: the model is never built)."""
+        d = self.d_model
+        block = 12 * d * d + 13 * d  # qkv, proj, fc, out (weights and biases), two LayerNorms
+        return (self.vocab_size + self.seq_len) * d + self.n_layers * block + 2 * d
 
 
 @dataclass(frozen=True)
@@ -146,6 +165,37 @@ class DemoOptions:
                                  f"n_heads {heads} ({h_flag})")
         GPTConfig(self.d_model, self.n_layers, self.n_heads, self.seq_len)  # checks the shape
         self.main_config()
+        self._check_fits()
+
+    def _check_fits(self) -> None:
+        """ValueError naming the flags when a size is more than this machine can allocate.
+
+        Without it, --steps 10**12 or --d-model 10**8 ended in an allocator's RuntimeError
+        traceback after the corpus was built, and --layers 10**9 ran out of memory building
+        the model.  Only what is surely needed on the host is probed: the model's weights (built
+        on the CPU, whatever the device) and every step's records (the loss, and α and the excess
+        loss of each domain, as float32).
+        """
+        main_layers = "--main-layers" if self.main_layers else "--layers"
+        main_width = "--main-d-model" if self.main_d_model else "--d-model"
+        needs = (
+            (self.proxy_config().num_parameters * 4,
+             f"the reference and proxy models' {self.proxy_config().num_parameters:,} "
+             f"parameters (--d-model {self.d_model}, --layers {self.n_layers})"),
+            (self.main_config().num_parameters * 4,
+             f"the main models' {self.main_config().num_parameters:,} parameters ("
+             f"{main_width} {self.main_config().d_model}, {main_layers} "
+             f"{self.main_config().n_layers})"),
+            (self.steps * (1 + 2 * N_DOMAINS) * 4,
+             f"the records of {self.steps:,} proxy steps (--steps)"),
+            (self.total_main_steps * 4,
+             f"the records of {self.total_main_steps:,} main-model steps "
+             f"({'--main-steps' if self.main_steps else '--steps'})"),
+        )
+        for nbytes, what in needs:
+            if not _allocatable(nbytes):
+                raise ValueError(f"{what} need {nbytes / 2**30:,.1f} GiB, more than can be "
+                                 "allocated here")
 
     def proxy_config(self, vocab_size: int = VOCAB_SIZE) -> GPTConfig:
         """Shape of the reference and proxy models."""
