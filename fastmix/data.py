@@ -812,11 +812,16 @@ class _Control:
         floor: int,
         made: int,
         flag: int = _READY,
+        least: int | None = None,
     ) -> tuple[int, int]:
-        """Append change number ``made``; returns (event id, the step it applies from)."""
+        """Append change number ``made``; returns (event id, the step it applies from).
+
+        ``floor`` places a change without ``step``; a given ``step`` must only come after
+        ``least`` (default ``floor``) and the steps the live iterators have started."""
         v = self.v
+        low = floor if least is None else min(floor, least)
         with self.lock:
-            earliest = self._earliest_step(floor)
+            earliest = self._earliest_step(floor if step is None else low)
             if step is None:
                 step = earliest
             elif step < earliest:
@@ -835,7 +840,7 @@ class _Control:
                 # ring still holds.
                 live = self._live_started(workers_only=True)
                 consumed_through = (
-                    int(live.min()) if live.size else max(floor - 1, int(v["high_water"][0]))
+                    int(live.min()) if live.size else max(low - 1, int(v["high_water"][0]))
                 )
                 if v["event_step"][slot] > consumed_through:
                     raise RuntimeError(
@@ -1533,6 +1538,9 @@ class MixtureDataset(IterableDataset):
         # changes merged into it)
         self._replay: tuple[dict[str, Any] | None, _Stream, set[int]] | None = None
         self._floor = 0
+        # The earliest step a change with step= may name (apart from the steps started): the
+        # floor, except after loading a state that resumes with any number of workers.
+        self._least = 0
         self._active: _MixtureIterator | None = None
         self.weight_schedule: list[tuple[int, list[float]]] = []
         self._made = 0  # set_weights calls so far: the order changes were made in
@@ -1569,7 +1577,10 @@ class MixtureDataset(IterableDataset):
 
     @property
     def next_step(self) -> int:
-        """The earliest global step a weight change made now can reach on this rank.
+        """The earliest global step a weight change made now can reach on this rank (where one
+        without ``step=`` applies from; after loading a ``state_dict(step=)`` state, a change
+        with ``step=`` may also name any step from that state's on that no iterator of this run
+        has started: the saving run's workers' lead binds only changes without ``step=``).
 
         Iterating in-process (no DataLoader workers) it is the number of steps consumed, so
         ``set_weights(w, step=ds.next_step)`` makes the stream independent of timing - also for a
@@ -1625,7 +1636,7 @@ class MixtureDataset(IterableDataset):
             # an older CUDA change would land at a later step and win.
             self._submit_async(torch.from_numpy(w), None, None, made)
             return None
-        _, eff = self._control.publish(w, step, self._floor, made)
+        _, eff = self._control.publish(w, step, self._floor, made, least=self._least)
         self._record(eff, w, made)
         return eff
 
@@ -1649,7 +1660,9 @@ class MixtureDataset(IterableDataset):
         made = self._next_made() if made is None else made
         placeholder = None
         if step is not None:  # reserve the step now so no worker runs past it while the copy lands
-            placeholder, _ = self._control.publish(None, step, self._floor, made, flag=_PENDING)
+            placeholder, _ = self._control.publish(
+                None, step, self._floor, made, flag=_PENDING, least=self._least
+            )
         if self._async is None:
             self._async = queue.Queue()
             self._async_thread = threading.Thread(
@@ -1932,6 +1945,14 @@ class MixtureDataset(IterableDataset):
             if state.get("weights") is not None:
                 self._weights = np.array(state["weights"], np.float64)
             self._floor = max(self._floor, int(state.get("floor", self._floor)))
+            # A state produced by one iterator up to its step (state_dict(step=), or in-process)
+            # resumes with any number of workers, which produce every step from there again:
+            # a change with step= need only come after it.  The floor (how far the saving
+            # run's workers had prefetched, which differs between ranks) places only changes
+            # without step=; it refused `steps_consumed + prefetch_factor * num_workers` after
+            # resuming with fewer workers, on some ranks and not others.
+            single = state.get("stride") == 1 and state.get("next_step") == state["step"]
+            self._least = int(state["step"]) if single else self._floor
             self._registrations_at_load = self._control.registrations()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -204,6 +204,34 @@ def test_plain_dataloader_resumes_from_the_steps_consumed(corpus, resume_workers
     assert resumed == full[7 * 2 :]
 
 
+def test_a_state_at_a_step_resumes_with_fewer_workers_and_their_safe_step(corpus):
+    # The old run's 4 workers had started steps up to 9 when state_dict(step=2) was taken; that
+    # state resumes with any number of workers, which produce every step from 2 again.  Their
+    # lead, recorded as the floor, refused set_weights(step=consumed + prefetch_factor *
+    # num_workers) - "always safe" - after resuming with fewer workers ("already produced up to
+    # step 9"); with real workers the floor (how far each rank's had prefetched) differs between
+    # ranks, so one rank raised and the others went on.
+    ds = make(corpus, 0, 1, 2)
+    workers = [ds._iter_worker(w, 4) for w in range(4)]
+    for j in range(10):
+        next(workers[j % 4])
+    state = ds.state_dict(step=2)
+    resumed = make(corpus, 0, 1, 2)
+    resumed.load_state_dict(state)
+    assert resumed.set_weights([0, 0, 1], step=3) == 3  # e.g. 2 consumed + 1 worker ahead
+    with pytest.raises(ValueError, match="earliest step a change can reach now is 2"):
+        resumed.set_weights([0, 1, 0], step=1)  # consumed before the checkpoint
+    # a change without step= still goes where it would have without the interruption
+    assert resumed.next_step == ds.next_step == 10
+    assert resumed.set_weights([1, 0, 0]) == 10
+    reference = make(corpus, 0, 1, 2)
+    reference.set_weights([0, 0, 1], step=3)
+    reference.set_weights([1, 0, 0], step=10)
+    expected = flatten(take(iter(reference), 12))
+    assert flatten(take(iter(resumed), 10)) == expected[2 * 2 :]
+    assert {d for _, d in expected[3 * 2 : 10 * 2]} == {2}
+
+
 def test_state_dict_at_a_step_after_the_workers_have_gone(corpus):
     # A last checkpoint after the loop: the DataLoader's workers have exited, so no live
     # iterator holds the position any more; the steps they claimed still bound the step.
