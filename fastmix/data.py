@@ -1825,7 +1825,9 @@ class MixtureDataset(IterableDataset):
         state["events"] = (
             []
             if in_worker
-            else [[s, w] for s, w in self._control.dump(max(self._floor, int(state["step"])))]
+            # (from _least, not the floor: after a state_dict(step=) state, a change with step=
+            # may lie below the floor, and was lost on the next resume)
+            else [[s, w] for s, w in self._control.dump(max(self._least, int(state["step"])))]
         )
         if not in_worker:
             # The earliest step a change can reach now: with DataLoader workers they, not this

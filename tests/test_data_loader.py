@@ -232,6 +232,26 @@ def test_a_state_at_a_step_resumes_with_fewer_workers_and_their_safe_step(corpus
     assert {d for _, d in expected[3 * 2 : 10 * 2]} == {2}
 
 
+def test_a_change_between_a_loaded_state_and_its_floor_is_saved_again(corpus):
+    # After loading a state_dict(step=2) whose workers had run to step 9, a change with step=3
+    # is allowed (nothing of this run has produced step 3).  A state saved before iterating must
+    # keep it: its changes were written only from the old floor on (below it, only the loaded
+    # state's own could lie), and the change at 3 was lost on the next resume.
+    ds = make(corpus, 0, 1, 2)
+    workers = [ds._iter_worker(w, 4) for w in range(4)]
+    for j in range(10):
+        next(workers[j % 4])
+    resumed = make(corpus, 0, 1, 2)
+    resumed.load_state_dict(ds.state_dict(step=2))
+    resumed.set_weights([0, 0, 1], step=3)
+    again = make(corpus, 0, 1, 2)
+    again.load_state_dict(resumed.state_dict())
+    reference = make(corpus, 0, 1, 2)
+    reference.set_weights([0, 0, 1], step=3)
+    assert flatten(take(iter(again), 6)) == flatten(take(iter(reference), 8))[2 * 2 :]
+    assert again.weight_schedule == reference.weight_schedule
+
+
 def test_state_dict_at_a_step_after_the_workers_have_gone(corpus):
     # A last checkpoint after the loop: the DataLoader's workers have exited, so no live
     # iterator holds the position any more; the steps they claimed still bound the step.
