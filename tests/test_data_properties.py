@@ -11,6 +11,11 @@ past it (a rollback), and a deepcopy taken at it runs on; each must give the ref
 from ``c`` on, and the same ``weights``, ``next_step`` and ``exhausted_at``.  DataLoader workers
 are emulated in-process (``ds._iter_worker``), prefetching a few steps ahead of what the training
 loop has consumed (tests/test_data_loader.py runs real ones).
+
+A second property makes the changes only a resumed run can make: right after loading a
+``state_dict(step=c)`` (or in-process) state, for steps between ``c`` and the state's floor (how far
+the saving run's workers had prefetched), and checks them through further checkpoints, resumes,
+rollbacks and copies.
 """
 
 import copy
@@ -142,13 +147,15 @@ def build(corpora, s, rank, world_size, role):
     )
 
 
-def run(ds, num_workers, ahead, start, total, changes, checkpoint=None, at=None, probes=()):
+def run(ds, num_workers, ahead, start, total, changes, checkpoint=None, at=None, probes=(),
+        refuse=False):  # fmt: skip
     """Consume steps ``start..total-1`` as a training loop would: through an in-process iterator,
     or ``num_workers`` emulated workers taking every n-th step and prefetching ``ahead`` steps
     beyond the one consumed.  When ``j`` steps are consumed: the checkpoint (kind ``checkpoint``)
     if ``j == at``, then the changes ``(made, step, weights, timed)`` made at ``j`` (step None:
     without ``step=``; timed: made so in the source run), then the ``probes``
-    (``state_dict(step=)`` calls whose result is dropped).
+    (``state_dict(step=)`` calls whose result is dropped); with ``refuse``, a change for the
+    last step produced is refused at each step.
 
     Returns a dict: "samples" (flattened), "saved" (the pickled checkpoint), "weights" (ds.weights
     at the checkpoint), "applied" (the step each change applies from)."""
@@ -195,6 +202,9 @@ def run(ds, num_workers, ahead, start, total, changes, checkpoint=None, at=None,
                 expected = step
             result["applied"][i] = ds.set_weights(w, step=step)
             assert result["applied"][i] == expected, "set_weights' step"
+        if refuse and iterators and not ended and next_produce > start:
+            with pytest.raises(ValueError, match="already been produced"):
+                ds.set_weights(ds.weights, step=next_produce - 1)
         for when, back in probes:
             if when == j:
                 ds.state_dict(step=max(start, j - back))
@@ -342,3 +352,186 @@ def test_resume_and_rollback_give_the_uninterrupted_stream(corpora, s):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # domains dropped at their cap
         check(corpora, s)
+
+
+# -- changes between a loaded state's step and its floor ----------------------------------------
+#
+# A state produced by one iterator up to its step (state_dict(step=c), or the in-process
+# iterator's) resumes with any number of workers, so set_weights(w, step=s) is accepted for any
+# s >= c no iterator of the resumed run has started, even below the state's floor (how far the
+# saving run's workers had prefetched); a change without step= still goes to the floor.  The
+# source run checkpoints so while its workers prefetch, the resumed runs make changes between c
+# and the floor (which the source run could no longer reach) right after loading, checkpoint
+# again (before iterating, mid-way, a worker's state, state_dict(step=)), and that checkpoint is
+# resumed on other ranks, rolled back and copied - each against a run that made the same changes
+# at the same steps from the start.
+
+BELOW_FLOOR = settings(PROFILE, max_examples=100)
+SRC_AHEAD = 4
+
+
+@st.composite
+def below_floor_scenarios(draw):
+    s = draw(scenarios())
+    # Fewer streams that end before the checkpoint, which is early (the resumed runs go on).
+    s["on_exhausted"] = draw(st.sampled_from(["reshuffle", "reshuffle", "reshuffle", "stop"]))
+    s["checkpoint"] = draw(st.integers(1, min(s["total"], 8)))
+    # The source run's workers prefetch up to SRC_AHEAD steps (the state's floor is up to that
+    # far past its step); its changes go past them.
+    workers = draw(st.sampled_from([2, 3, 1, 0]))
+    ahead = draw(st.sampled_from([2, SRC_AHEAD, 1, 3, 0])) if workers else 0
+    s["src_workers"], s["src_ahead"] = workers, ahead
+    s["kind"] = "step" if workers else draw(st.sampled_from(["step", "inproc"]))
+    s["changes"] = [(m, max(step, m + ahead) if m else step, w) for m, step, w in s["changes"]]
+    # Changes made right after loading, before the run has produced anything: (offset from the
+    # state's step, or None: without step=, where one rank resumes; weights).
+    now = st.lists(
+        st.tuples(st.sampled_from([0, 1, 2, None, 3, 4, 5]), weight_vectors(s["k"])),
+        min_size=1,
+        max_size=3,
+    )
+    s["now1"] = draw(now)  # by the runs resuming the first checkpoint
+    s["now2"] = draw(now)  # by the runs resuming the second (None: at its step)
+    # Changes the first resumed run makes once it has consumed j_off steps, before the second
+    # checkpoint: extra steps past the first step none of its iterators has started.
+    mid = st.tuples(st.integers(1, 3), st.integers(0, 2), weight_vectors(s["k"]))
+    s["mid"] = draw(st.lists(mid, max_size=2))
+    # The second checkpoint this far past the first (None: at checkpoint2), often before the
+    # resumed run has consumed anything or while it is still below the first state's floor;
+    # the in-process iterator's state, the one worker's, or state_dict(step=).
+    s["c2_offset"] = draw(st.sampled_from([0, 0, 1, 2, 3, None]))
+    s["kind2"] = kind2 = draw(st.sampled_from(["step", "step", "inproc", "worker"]))
+    if kind2 != "step":
+        s["res_workers"], s["res_ahead"] = int(kind2 == "worker"), 0
+    s["res2_world"] = draw(st.sampled_from([w for w in (1, 2, 3) if s["global"] % w == 0]))
+    return s
+
+
+def make_now(ds, now, single):
+    """Changes ``(step, weights, timed)`` made right after loading a state; timed ones without
+    step= where ``single`` (they must land at ``step``, the state's floor)."""
+    for step, w, timed in now:
+        assert ds.set_weights(w, step=None if timed and single else step) == step, "set_weights"
+
+
+def reference_run(corpora, s, schedule, total):
+    ds = build(corpora, s, 0, 1, "ref")
+    for step, w in schedule:
+        ds.set_weights(w, step=step)
+    return run(ds, 0, 0, 0, total, [])["samples"], ds
+
+
+def check_below_floor(corpora, s):
+    note(repr(s))
+    total, g, c0 = s["total"], s["global"], s["checkpoint"]
+    src_rank, src_world, res_world = s["src_rank"], s["src_world"], s["res_world"]
+    # The source run makes the changes made before the checkpoint (some without step=) and runs
+    # just past it, its workers prefetching.
+    before = [
+        (m, None if timed and src_world == 1 else step, w, timed)
+        for (m, step, w), timed in zip(s["changes"], s["timed"], strict=True)
+        if m < c0
+    ]
+    src = build(corpora, s, src_rank, src_world, "src")
+    first = run(src, s["src_workers"], s["src_ahead"], 0, min(total, c0 + SRC_AHEAD + 1), before,
+                s["kind"], c0, s["probes"])  # fmt: skip
+    c = min(c0, len(first["samples"]) // (g // src_world))
+    state = pickle.loads(first["saved"])
+    floor = first["next_step"]  # (None: the source's workers had reached the stream's end)
+    assert floor is None or floor == state["floor"] >= c
+    schedule = [(first["applied"][i], w) for i, (_, _, w, _) in enumerate(before)
+                if i in first["applied"]]  # fmt: skip
+    # A stream that had ended at the state's step (every domain dropped, or one exhausted under
+    # "stop") stays ended: no changes then (the base test's changes stop at the end too).
+    late = first["late"]
+    now1 = [] if state["finished"] else [
+        (floor, w, True) if off is None and floor is not None else (c + (off or 0), w, False)
+        for off, w in s["now1"]
+    ]  # fmt: skip
+    # Made later, each where the source run would have (step= at least MAX_AHEAD ahead), and
+    # the resumed run's own, from the first step its iterators have not started (below the
+    # floor too): they register at c (worker i as having started c + i - 1) and prefetch.
+    later = [] if late else [(m, step, w, False) for m, step, w in s["changes"] if m >= c]
+    n, ahead = max(1, s["res_workers"]), s["res_ahead"]
+    mid = [] if late else [
+        (c + j, max(c + n - 1, c + j + ahead) + extra, w, False) for j, extra, w in s["mid"]
+    ]  # fmt: skip
+    off = s["c2_offset"]
+    c2 = c + off if off is not None else max(c, s["checkpoint2"])
+    mid = sorted((ch for ch in mid if ch[0] < c2), key=lambda ch: ch[0])
+    r1_changes = sorted(later + mid, key=lambda ch: ch[0])  # (in list order at one step)
+    schedule1 = schedule + [(st_, w) for st_, w, _ in now1] + [ch[1:3] for ch in r1_changes]
+    ref1, ref1_ds = reference_run(corpora, s, schedule1, total)
+    steps = len(ref1) // g
+    c2 = min(c2, steps)
+    upto = c * (g // src_world)  # (its samples past c lack the resumed runs' changes)
+    assert first["samples"][:upto] == rank_rows(ref1, s, src_rank, src_world, 0)[:upto], "source"
+
+    # Resumed on every rank of res_world (changes between c and the floor first); rank 0
+    # checkpoints again at c2 (state_dict(step=) calls on the way).
+    per_rank, second, r1 = [], None, None
+    for rank in range(res_world):
+        ds = build(corpora, s, rank, res_world, "res")
+        ds.load_state_dict(pickle.loads(first["saved"]))
+        assert floor in (None, ds.next_step), "resumed: next_step"
+        make_now(ds, now1, res_world == 1)
+        got = run(ds, s["res_workers"], s["res_ahead"], c, total, r1_changes, s["kind2"],
+                  c2 if rank == 0 else None, s["probes"] if rank == 0 else (),
+                  refuse=rank == 0)  # fmt: skip
+        per_rank.append(got["samples"])
+        if rank == 0:
+            second, r1 = got, ds
+            assert ds.exhausted_at == ref1_ds.exhausted_at, "resumed: exhausted_at"
+    assert interleave(per_rank, s) == ref1[c * g :], "resumed"
+    if second["copy"] is not None:  # an in-process deepcopy at c2 continues from there
+        got = run(second["copy"], 0, 0, c2, total, [ch for ch in r1_changes if ch[0] >= c2])
+        assert got["samples"] == rank_rows(ref1, s, 0, res_world, c2), "copy"
+
+    # The second checkpoint: resumed on every rank of res2_world, which first make changes from
+    # c2 on (below its floor too), and rolled back into the dataset that saved it, which makes
+    # them too.  Against a run that made them after the changes made before the checkpoint.
+    assert not second["late"]
+    ended = pickle.loads(second["saved"])["finished"]
+    now2 = [] if ended else [(c2 + (off or 0), w, False) for off, w in s["now2"]]
+    later2 = [ch for ch in r1_changes if ch[0] >= c2]
+    schedule2 = (
+        schedule
+        + [(st_, w) for st_, w, _ in now1]
+        + [ch[1:3] for ch in r1_changes if ch[0] < c2]
+        + [(st_, w) for st_, w, _ in now2]
+        + [ch[1:3] for ch in later2]
+    )
+    ref2 = reference_run(corpora, s, schedule2, total)[0] if now2 else ref1
+    per_rank = []
+    for rank in range(s["res2_world"]):
+        ds = build(corpora, s, rank, s["res2_world"], "res2")
+        ds.load_state_dict(pickle.loads(second["saved"]))
+        if s["kind2"] != "worker":  # (a worker's own state holds neither, nor the floor)
+            assert ds.weights.tolist() == second["weights"], "resumed again: weights"
+            assert second["next_step"] in (None, ds.next_step), "resumed again: next_step"
+        make_now(ds, now2, False)
+        got = run(ds, s["res2_workers"], s["res2_ahead"], c2, total, later2)
+        per_rank.append(got["samples"])
+    assert interleave(per_rank, s) == ref2[c2 * g :], "resumed from the second checkpoint"
+    r1.load_state_dict(pickle.loads(second["saved"]))
+    make_now(r1, now2, False)
+    got = run(r1, s["rb_workers"], s["rb_ahead"], c2, total, later2)
+    assert got["samples"] == rank_rows(ref2, s, 0, res_world, c2), "second rollback"
+
+    # The source dataset rolled back to the first checkpoint makes the same changes (those
+    # made mid-way with as many workers as the resumed run, which reached those steps then).
+    src.load_state_dict(pickle.loads(first["saved"]))
+    assert floor in (None, src.next_step), "rolled back: next_step"
+    make_now(src, now1, src_world == 1)
+    workers, ahead = (s["res_workers"], s["res_ahead"]) if mid else (s["rb_workers"], s["rb_ahead"])
+    got = run(src, workers, ahead, c, total, r1_changes, probes=s["probes"])
+    assert got["samples"] == rank_rows(ref1, s, src_rank, src_world, c), "rolled back"
+    assert src.exhausted_at == ref1_ds.exhausted_at, "rolled back: exhausted_at"
+
+
+@BELOW_FLOOR
+@given(s=below_floor_scenarios())
+def test_changes_below_a_loaded_floor_give_the_uninterrupted_stream(corpora, s):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # domains dropped at their cap
+        check_below_floor(corpora, s)
