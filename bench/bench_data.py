@@ -23,11 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _machine import cpu_model  # bench/_machine.py
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastmix._io import atomic_write_text
-from fastmix.data import MixtureDataset, TokenCorpus
+# run as a script: import the checkout this file lives in, not an installed fastmix
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import cpu_model  # noqa: E402  (bench/_machine.py)
+from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
+
+from fastmix._io import atomic_write_text  # noqa: E402
+from fastmix.data import MixtureDataset, TokenCorpus  # noqa: E402
 
 K = 22
 SEQ_LEN = 2048

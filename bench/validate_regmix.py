@@ -26,10 +26,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_model  # bench/_machine.py
 
-from fastmix._io import atomic_write_text
-from fastmix.optimize import evaluate, load_sweep, make_predictor
+# run as a script: import the checkout this file lives in, not an installed fastmix
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import cpu_model  # noqa: E402  (bench/_machine.py)
+
+from fastmix._io import atomic_write_text  # noqa: E402
+from fastmix.optimize import evaluate, load_sweep, make_predictor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "metric/the_pile_pile_cc_val_loss"
