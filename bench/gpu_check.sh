@@ -115,7 +115,10 @@ report() {
             echo; echo '```'; tail -40 "$LOG/gpu-check-bench.log"; echo '```'
         fi
     } >"$out.tmp" && mv "$out.tmp" "$out"
-    [[ -n "$copy_to" && "$(dirname "$out")" != "$LOG" ]] && cp "$out" "$LOG/"
+    # into DIR atomically too: a kill during a plain cp would leave a truncated report there
+    if [[ -n "$copy_to" && "$(dirname "$out")" != "$LOG" ]]; then
+        cp "$out" "$LOG/.report.tmp" && mv -f "$LOG/.report.tmp" "$LOG/$(basename "$out")"
+    fi
     return 0
 }
 

@@ -190,3 +190,43 @@ def test_without_a_gpu_it_stops_early_and_leaves_its_report_in_dir(tmp_path, mon
     assert "torch " in report  # the versions line of the probe
     assert (tmp_path / "out" / "gpu-check-probe.log").is_file()
     assert set((ROOT / "bench" / "results").iterdir()) == before  # no gpu-*.md for no GPU
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# an interpreter that sees a GPU, then fails every stage fast
+case "$*" in
+  *get_device_name*) echo "Fake GPU 9000";;
+  *"import torch"*) ;;
+  *importlib*) echo "python 3 torch 0 (CUDA 0)";;
+  *"-m pytest"*) echo "FAILED tests/test_x.py::test_y - boom"; exit 1;;
+  *bench_ops.py*) echo "| stats | 1 |";;
+  *) exit 1;;
+esac
+"""
+
+
+def test_with_a_gpu_every_stage_reports_and_dir_gets_the_same_report(tmp_path):
+    # The whole flow with a fake GPU interpreter, in a copy of the tree (the report goes to the
+    # tree's bench/results/): each stage's status, the exit status, the report copied into DIR.
+    tree = tmp_path / "tree"
+    (tree / "bench").mkdir(parents=True)
+    for name in ("gpu_check.sh", "_build_direct.sh"):
+        shutil.copy(ROOT / "bench" / name, tree / "bench")
+    python = tmp_path / "fakepython"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    run = subprocess.run(
+        ["bash", str(tree / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+        env={**__import__("os").environ, "PYTHON": str(python), "GPU_CHECK_BUDGET": "120"},
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    report = tree / "bench" / "results" / "gpu-Fake-GPU-9000.md"
+    text = report.read_text()
+    assert text.startswith("# fastmix GPU check: Fake GPU 9000")
+    assert "## Build: FAILED" in text and "## Benchmarks: ok" in text
+    assert "FAILED tests/test_x.py::test_y" in text
+    assert (tmp_path / "out" / report.name).read_text() == text
+    leftovers = [p.name for d in (tmp_path / "out", report.parent) for p in d.iterdir()
+                 if p.name.endswith(".tmp")]  # fmt: skip
+    assert not leftovers
