@@ -193,13 +193,16 @@ def test_without_a_gpu_it_stops_early_and_leaves_its_report_in_dir(tmp_path, mon
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# an interpreter that sees a GPU, then fails every stage fast
+# an interpreter that sees a GPU, then fails every stage fast (setup.py always; the rest passes
+# with FAKE_OK set)
 case "$*" in
   *get_device_name*) echo "Fake GPU 9000";;
   *"import torch"*) ;;
   *importlib*) echo "python 3 torch 0 (CUDA 0)";;
-  *"-m pytest"*) echo "FAILED tests/test_x.py::test_y - boom"; exit 1;;
+  *"-m pytest"*) [ -n "$FAKE_OK" ] && { echo "1 passed"; exit 0; }
+                echo "FAILED tests/test_x.py::test_y - boom"; exit 1;;
   *bench_ops.py*) echo "| stats | 1 |";;
+  *fastmix.backends*) [ -n "$FAKE_OK" ] || exit 3;;
   *) exit 1;;
 esac
 """
@@ -230,3 +233,25 @@ def test_with_a_gpu_every_stage_reports_and_dir_gets_the_same_report(tmp_path):
     leftovers = [p.name for d in (tmp_path / "out", report.parent) for p in d.iterdir()
                  if p.name.endswith(".tmp")]  # fmt: skip
     assert not leftovers
+
+
+def test_a_build_by_the_direct_fallback_counts_as_built(tmp_path):
+    # setup.py fails (old setuptools, say), bench/_build_direct.sh builds, everything else
+    # passes: the check passes (exit 0), as when the -allow-unsupported-compiler retry builds.
+    tree = tmp_path / "tree"
+    (tree / "bench").mkdir(parents=True)
+    shutil.copy(ROOT / "bench" / "gpu_check.sh", tree / "bench")
+    (tree / "bench" / "_build_direct.sh").write_text("echo built directly\n")
+    python = tmp_path / "fakepython"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    env = {**__import__("os").environ, "PYTHON": str(python), "GPU_CHECK_BUDGET": "120"}
+    run = subprocess.run(["bash", str(tree / "bench" / "gpu_check.sh")], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path, env={**env, "FAKE_OK": "1"})
+    assert "build:            ok, by bench/_build_direct.sh" in run.stdout, run.stdout
+    assert run.returncode == 0, run.stdout + run.stderr
+    # a backend that cannot run after that build still fails the check
+    run = subprocess.run(["bash", str(tree / "bench" / "gpu_check.sh")], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path, env=env)
+    assert "a GPU backend is unavailable" in run.stdout
+    assert run.returncode == 1, run.stdout + run.stderr
