@@ -46,3 +46,27 @@ def test_a_failing_backend_is_tried_once_per_op_and_reported_on_one_line(monkeyp
         assert line.startswith("- ") and "compile: RuntimeError: backend='inductor' raised" in line
         assert "not retried" in line
     assert out.read_text() == text
+
+
+def test_without_the_cuda_backend_the_graph_column_reads_na_not_error(monkeypatch):
+    # On a GPU whose fastmix._cuda did not build (gpu_check.sh still runs the benchmarks), the
+    # "cuda in a CUDA graph" cells are not errors: no cuda column was measured at all.
+    bench_ops = _bench_ops(monkeypatch)
+    make_batch = bench_ops.make_batch
+    monkeypatch.setattr(bench_ops, "roofline", lambda device, measure: (1e3, 1.0, 1.0))
+    monkeypatch.setattr(bench_ops, "make_batch", lambda n, k, device, dtype: make_batch(
+        n, k, "cpu", dtype))  # fmt: skip
+    monkeypatch.setattr(bench_ops, "timer", lambda device, repeats, warmup: lambda fn: 1.0)
+    monkeypatch.setattr(bench_ops, "backends", lambda: {
+        "triton": {"available": False}, "cuda": {"available": False}})  # fmt: skip
+    monkeypatch.setattr(bench_ops, "fresh_state", lambda k, device: (None, None))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    args = argparse.Namespace(device="cuda", sequences=[1], domains=[2], dtype="float32",
+                              repeats=1, warmup=0, out=None, threads=None)  # fmt: skip
+    text = bench_ops.bench(args)
+    rows = [line for line in text.splitlines() if line.startswith(("| stats", "| step"))]
+    assert len(rows) == 2, text
+    for row in rows:
+        assert "error" not in row, row
+        assert row.split("|")[-4].strip() == "n/a", row
+    assert "Errors" not in text
