@@ -1,9 +1,31 @@
-"""The machine a benchmark ran on, for the header of its results (every bench/ script uses it)."""
+"""The machine a benchmark ran on, for the header of its results (every bench/ script uses it),
+and the scripts' argument types."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 import subprocess
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (--repeats 0 ended in statistics.median's bare error)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+    return value
 
 
 def cpu_model() -> str:

@@ -27,7 +27,7 @@ import torch
 # run as a script: import the checkout this file lives in, not an installed fastmix
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _machine import cpu_model  # noqa: E402  (bench/_machine.py)
+from _machine import cpu_model, positive_int  # noqa: E402  (bench/_machine.py)
 from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 from fastmix._io import atomic_write_text  # noqa: E402
@@ -164,9 +164,10 @@ def checkpoint_replay(corpus: TokenCorpus, weights: np.ndarray, steps: int) -> d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small corpus, few batches")
-    parser.add_argument("--tokens", type=int, default=150_000_000, help="corpus size in tokens")
-    parser.add_argument("--batches", type=int, default=100, help="timed batches per run")
-    parser.add_argument("--repeats", type=int, default=7, help="runs per loader (median)")
+    parser.add_argument("--tokens", type=positive_int, default=150_000_000,
+                        help="corpus size in tokens")
+    parser.add_argument("--batches", type=positive_int, default=100, help="timed batches per run")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="runs per loader (median)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "data-cpu.md"),
                         help="Markdown report (default: the committed bench/results/data-cpu.md; "
                              "--quick writes nothing)")

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _machine import cpu_model  # noqa: E402  (bench/_machine.py)
+from _machine import cpu_model, non_negative_int, positive_int  # noqa: E402  (bench/_machine.py)
 
 from fastmix._io import atomic_write_text  # noqa: E402
 from fastmix.ops import backends, reference  # noqa: E402
@@ -292,14 +292,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=["cpu", "cuda"])  # fmt: skip
-    parser.add_argument("--sequences", type=int, nargs="+", default=None,
+    parser.add_argument("--sequences", type=positive_int, nargs="+", default=None,
                         help="sequences of 2048 tokens (default GPU: 64 512 4096; CPU: 8 64)")
-    parser.add_argument("--domains", type=int, nargs="+", default=[8, 22, 256])
+    parser.add_argument("--domains", type=positive_int, nargs="+", default=[8, 22, 256])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=None)
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads (default 1 on CPU: spinning OpenMP threads on a shared "
                         "2-core box made the compiled reference 100x slower)")  # fmt: skip
     args = parser.parse_args()

@@ -27,7 +27,7 @@ import pytest
 if __package__ in (None, ""):  # run as a script: import the checkout this file lives in
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _machine import cpu_model  # noqa: E402  (bench/_machine.py)
+from _machine import cpu_model, positive_int  # noqa: E402  (bench/_machine.py)
 
 from fastmix import _C, MixtureSampler, blend_indices, sample_domains  # noqa: E402
 from fastmix._io import atomic_write_text  # noqa: E402
@@ -143,8 +143,9 @@ def run_table(n: int, repeats: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=N, help="draws per call (default 10M)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
+    parser.add_argument("--n", type=positive_int, default=N, help="draws per call (default 10M)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed runs per case (median)")
     parser.add_argument(
         "--out", type=Path, default=None, help="markdown file for the table (default: print only)"
     )

@@ -28,3 +28,25 @@ def test_script_imports_the_fastmix_of_its_own_checkout(script, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     assert "usage:" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "script,args,flag",
+    [
+        ("bench_sampler.py", ["--repeats", "0"], "--repeats"),
+        ("bench_sampler.py", ["--n", "-1"], "--n"),
+        ("bench_data.py", ["--batches", "0"], "--batches"),
+        ("bench_ops.py", ["--warmup", "-1"], "--warmup"),
+        ("bench_ops.py", ["--domains", "8", "0"], "--domains"),
+        ("bench_ops.py", ["--threads", "0"], "--threads"),
+    ],
+)
+def test_script_refuses_counts_it_cannot_use_naming_the_flag(script, args, flag, tmp_path):
+    # --repeats 0 ended in statistics.median's bare "no median for empty data" after the setup,
+    # --n 0 in a division by zero, --threads 0 in torch's error: argparse errors now, up front.
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"argument {flag}: must be >=" in run.stderr
