@@ -88,6 +88,17 @@ def integer(value: Any, what: str, low: int | None = None, high: int | None = No
     return out
 
 
+def allocatable(shape: int | tuple[int, ...], dtype: Any = np.uint8) -> bool:
+    """Whether an array of ``shape`` and ``dtype`` can be allocated here now, so that a size no
+    machine could hold is an error naming its argument, not numpy's MemoryError (or its "array is
+    too big") from a later step.  The pages are never touched: an mmap and an munmap."""
+    try:
+        np.empty(shape, dtype)
+    except (MemoryError, ValueError, OverflowError):
+        return False
+    return True
+
+
 def state_version(value: Any, expected: int, what: str = "state['version']") -> None:
     """Checks a state's format version: the int ``expected`` (TypeError/ValueError naming ``what``).
 

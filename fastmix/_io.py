@@ -78,17 +78,22 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def path_arg(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a Path; TypeError/ValueError naming ``what`` for a non-path or an empty one."""
+    if not isinstance(path, (str, os.PathLike)):  # Path(None) names no argument
+        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}")
+    if os.fspath(path) == "":  # Path("") is ".": `-o "$OUT"` with OUT unset wrote into the cwd
+        raise ValueError(f"{what}: empty path (give a folder, '.' for the current one)")
+    return Path(path)
+
+
 def make_dir(path: str | os.PathLike[str], what: str) -> Path:
     """Create the folder ``path`` (and its parents) if needed, and return it.
 
     Raises ValueError naming ``what`` (the argument or flag) when ``path`` is a file or a part of
     it is, or the folder cannot be created.
     """
-    if not isinstance(path, (str, os.PathLike)):  # Path(None) names no argument
-        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}")
-    if os.fspath(path) == "":  # Path("") is ".": `-o "$OUT"` with OUT unset wrote into the cwd
-        raise ValueError(f"{what}: empty path (give a folder, '.' for the current one)")
-    path = Path(path)
+    path = path_arg(path, what)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what}: {path} exists and is not a folder")
     try:

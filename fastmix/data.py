@@ -64,7 +64,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from fastmix import _C
-from fastmix._checks import integer, plain_values, real_number, state_version
+from fastmix._checks import allocatable, integer, plain_values, real_number, state_version
 
 __all__ = [
     "CorpusError",
@@ -1264,21 +1264,16 @@ class _Stream:
 def _check_batch_fits(batch: int, seq_len: int, global_batch: int) -> None:
     """ValueError naming batch_size (or world_size) when a step's buffers cannot be allocated
     here: numpy's MemoryError at the first step, from a DataLoader worker, named neither."""
-    # Untouched pages: each probe costs an mmap and an munmap, not the memory.
-    try:
-        np.empty((batch, seq_len + 1), np.int64)  # the batch's tokens
-    except (MemoryError, ValueError):
+    if not allocatable((batch, seq_len + 1), np.int64):  # the batch's tokens
         raise ValueError(
             f"batch_size={batch:,}: a batch of {batch:,} x (seq_len + 1 = {seq_len + 1:,}) tokens "
             f"is {batch * (seq_len + 1) * 8 / 2**30:,.1f} GiB, more than can be allocated here"
-        ) from None
-    try:
-        np.empty(global_batch, np.int32)  # the step's draws, for every rank
-    except (MemoryError, ValueError):
+        )
+    if not allocatable(global_batch, np.int32):  # the step's draws, for every rank
         raise ValueError(
             f"batch_size x world_size = {global_batch:,} draws per step "
             f"({global_batch * 4 / 2**30:,.1f} GiB), more than can be allocated here"
-        ) from None
+        )
 
 
 def _empty_long(shape: tuple[int, int], shared: bool) -> torch.Tensor:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastmix._io import writable_dir
+from fastmix._io import path_arg, writable_dir
 
 # Flag destination -> DemoOptions field, for the flags that override a preset.
 _OVERRIDES = (
@@ -112,12 +112,11 @@ def options_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
-    if os.fspath(args.out) == "":
-        raise ValueError("--out: empty path (give a folder, '.' for the current one)")
+    out = path_arg(args.out, "--out")  # before anything is built
     known = {f.name for f in fields(DemoOptions)}
     assert set(values) <= known, set(values) - known
     return DemoOptions(
-        out=Path(args.out),
+        out=out,
         weights=args.weights,
         resample=bool(args.resample),
         progress=bool(args.progress),

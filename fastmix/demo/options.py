@@ -25,17 +25,6 @@ def _flag(name: str) -> str:
     return f"{name} ({_FLAGS.get(name, '--' + name.replace('_', '-'))})"
 
 
-def _allocatable(nbytes: int) -> bool:
-    """Whether ``nbytes`` can be allocated now (untouched pages: an mmap and an munmap)."""
-    import numpy as np
-
-    try:
-        np.empty(nbytes, np.uint8)
-    except (MemoryError, ValueError, OverflowError):
-        return False
-    return True
-
-
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask where the OS has one)."""
     try:
@@ -176,6 +165,8 @@ class DemoOptions:
         on the CPU, whatever the device) and every step's records (the loss, and α and the excess
         loss of each domain, as float32).
         """
+        from fastmix._checks import allocatable  # (numpy: imported on first use here)
+
         main_layers = "--main-layers" if self.main_layers else "--layers"
         main_width = "--main-d-model" if self.main_d_model else "--d-model"
         needs = (
@@ -193,7 +184,7 @@ class DemoOptions:
              f"({'--main-steps' if self.main_steps else '--steps'})"),
         )
         for nbytes, what in needs:
-            if not _allocatable(nbytes):
+            if not allocatable(nbytes):
                 raise ValueError(f"{what} need {nbytes / 2**30:,.1f} GiB, more than can be "
                                  "allocated here")
 

@@ -19,10 +19,10 @@ from .search import (
     _CONCENTRATIONS,
     Constraints,
     _check_prior,
+    _draw_mixtures,
     _evaluate,
     _integer,
     _rng_seed,
-    draw_mixtures,
 )
 
 __all__ = ["pareto_front", "ParetoFront", "pareto_search"]
@@ -131,7 +131,7 @@ def pareto_search(objectives: Sequence[Any], names: Sequence[str], constraints: 
     seed = _rng_seed(seed)
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    cands = draw_mixtures(samples, prior, constraints, _CONCENTRATIONS, seed, "samples")
+    cands = _draw_mixtures(samples, prior, constraints, _CONCENTRATIONS, seed, "samples")
     if include is not None:
         extra = np.atleast_2d(np.asarray(include, dtype=np.float64))
         if extra.shape[1] != K or not constraints.feasible(extra).all():

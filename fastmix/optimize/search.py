@@ -376,10 +376,10 @@ def sample_mixtures(n: int, prior: np.ndarray, constraints: Constraints, *,
     RegMix's sampler.  Each sample is projected onto the constraints.  Sample ``i`` uses
     ``concentrations[i % len(concentrations)]``; ``seed`` seeds the draws.
     """
-    return draw_mixtures(n, prior, constraints, concentrations, seed, "n")
+    return _draw_mixtures(n, prior, constraints, concentrations, seed, "n")
 
 
-def draw_mixtures(n: int, prior: np.ndarray, constraints: Constraints,
+def _draw_mixtures(n: int, prior: np.ndarray, constraints: Constraints,
                   concentrations: Sequence[float], seed: Any, what: str) -> np.ndarray:
     """:func:`sample_mixtures`, its errors about ``n`` naming ``what`` (search's ``samples``)."""
     K = len(constraints.domains)
@@ -471,7 +471,7 @@ def search(objective: Objective, constraints: Constraints, *, prior: np.ndarray 
         raise ValueError(f"top_k must lie in [1, samples={samples}], got {top_k}")
     if refine_steps < 0 or refine_batch < 1:
         raise ValueError("refine_steps must be >= 0 and refine_batch >= 1")
-    cands = draw_mixtures(samples, prior, constraints, _CONCENTRATIONS, seed, "samples")
+    cands = _draw_mixtures(samples, prior, constraints, _CONCENTRATIONS, seed, "samples")
     values = _evaluate(objective, cands)
     order = np.argsort(values, kind="stable")[:top_k]
     avg = cands[order].mean(0)
@@ -523,10 +523,11 @@ def _evaluate(objective: Objective, W: np.ndarray, what: str = "objective") -> n
     # Only numbers: asarray(float64) also read strings ("0.25") and bools (a comparison
     # returned by mistake), and minimised those.
     if v.dtype.kind == "O":
-        if not all(isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
-                   for x in v.flat):
-            raise TypeError(f"{what} must return real numbers, got "
-                            f"{_first_non_number(v.flat)} among its values")
+        bad = next((x for x in v.flat
+                    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real)), None)
+        if bad is not None:
+            raise TypeError(f"{what} must return real numbers, got a {type(bad).__name__} "
+                            f"({reprlib.repr(bad)}) among its values")
     elif v.dtype.kind not in "iuf":
         raise TypeError(f"{what} must return real numbers, got an array of dtype {v.dtype}")
     v = v.astype(np.float64, copy=False).ravel()
@@ -535,10 +536,3 @@ def _evaluate(objective: Objective, W: np.ndarray, what: str = "objective") -> n
     if not np.isfinite(v).all():
         raise ValueError(f"{what} returned NaN/inf")
     return v
-
-
-def _first_non_number(values: Any) -> str:
-    """The first value of ``values`` that is not a real number, by type, for a message."""
-    bad = next(x for x in values if isinstance(x, (bool, np.bool_))
-               or not isinstance(x, numbers.Real))
-    return f"a {type(bad).__name__} ({reprlib.repr(bad)})"
