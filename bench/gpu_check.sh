@@ -142,10 +142,16 @@ export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} --threads 0"
 build_log="$LOG/gpu-check-build.log"
 : >"$build_log"
 build_setup() {
-    local lim
+    local lim start=$SECONDS rc
     lim=$(left 150)
     echo "== $PY setup.py build_ext --inplace -j 4 (limit $lim s; NVCC_APPEND_FLAGS=$NVCC_APPEND_FLAGS)" >>"$build_log"
-    FASTMIX_CUDA=1 timeout "$lim" "$PY" setup.py build_ext --inplace -j 4 >>"$build_log" 2>&1
+    # -k: nvcc or a compiler that ignores SIGTERM would hold the whole check past its budget
+    FASTMIX_CUDA=1 timeout -k 10 "$lim" "$PY" setup.py build_ext --inplace -j 4 >>"$build_log" 2>&1
+    rc=$?
+    # 137 after the limit: killed after the grace, a time-out all the same (before it: the
+    # kernel's OOM killer, a failure)
+    if ((rc == 137 && SECONDS - start >= lim)); then rc=124; fi
+    return $rc
 }
 build_setup
 rc=$?
@@ -161,7 +167,7 @@ elif [[ $rc -eq 124 ]]; then
 else
     lim=$(left 150)
     echo "== setup.py failed (exit $rc): bash bench/_build_direct.sh (limit $lim s)" >>"$build_log"
-    if FASTMIX_CUDA=1 timeout "$lim" bash bench/_build_direct.sh "$PY" >>"$build_log" 2>&1; then
+    if FASTMIX_CUDA=1 timeout -k 10 "$lim" bash bench/_build_direct.sh "$PY" >>"$build_log" 2>&1; then
         build_status="ok, by bench/_build_direct.sh (setup.py failed with exit $rc: see the build log)"
         build_ok=1
     else

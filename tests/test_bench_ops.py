@@ -70,3 +70,38 @@ def test_without_the_cuda_backend_the_graph_column_reads_na_not_error(monkeypatc
         assert "error" not in row, row
         assert row.split("|")[-4].strip() == "n/a", row
     assert "Errors" not in text
+
+
+def test_a_failed_cuda_graph_capture_is_listed_under_the_table(monkeypatch):
+    # The cuda backend runs but its capture in a CUDA graph fails: that cell reads error and the
+    # reason is listed with the other errors (it went to stderr only, under a table whose
+    # "error" cells had no explanation in the report).
+    bench_ops = _bench_ops(monkeypatch)
+    make_batch = bench_ops.make_batch
+    monkeypatch.setattr(bench_ops, "roofline", lambda device, measure: (1e3, 1.0, 1.0))
+    monkeypatch.setattr(bench_ops, "make_batch", lambda n, k, device, dtype: make_batch(
+        n, k, "cpu", dtype))  # fmt: skip
+    monkeypatch.setattr(bench_ops, "timer", lambda device, repeats, warmup: lambda fn: 1.0)
+    monkeypatch.setattr(bench_ops, "backends", lambda: {
+        "triton": {"available": False}, "cuda": {"available": True}})  # fmt: skip
+    monkeypatch.setattr(bench_ops, "runner", lambda *args: lambda: None)
+
+    def capture_fails(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(torch.cuda, "Stream", capture_fails)  # the capture's first step
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    args = argparse.Namespace(device="cuda", sequences=[1], domains=[2], dtype="float32",
+                              repeats=1, warmup=0, out=None, threads=None)  # fmt: skip
+    text = bench_ops.bench(args)
+    rows = [line for line in text.splitlines() if line.startswith(("| stats", "| step"))]
+    assert len(rows) == 2, text
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")]
+        assert cells[6] == "1.0", row  # the cuda column itself was measured
+        assert cells[-4] == "error", row
+    errors = text.split("Errors")[1].strip().splitlines()[2:]
+    assert errors == [
+        f"- {op}, N = {bench_ops.SEQ:,}, K = 2, cuda in a CUDA graph: RuntimeError: operation "
+        "not permitted when stream is capturing" for op in ("stats", "step")
+    ], errors

@@ -255,3 +255,31 @@ def test_a_build_by_the_direct_fallback_counts_as_built(tmp_path):
                          text=True, timeout=300, cwd=tmp_path, env=env)
     assert "a GPU backend is unavailable" in run.stdout
     assert run.returncode == 1, run.stdout + run.stderr
+
+
+def test_a_build_that_ignores_sigterm_is_killed_at_its_limit(tmp_path):
+    # nvcc, or a compiler it runs, that ignores SIGTERM must not hold the check past its budget:
+    # the build stage is killed after a grace and reported as timed out, not as failed.
+    tree = tmp_path / "tree"
+    (tree / "bench").mkdir(parents=True)
+    shutil.copy(ROOT / "bench" / "gpu_check.sh", tree / "bench")
+    (tree / "bench" / "_build_direct.sh").write_text("echo built directly\n")
+    python = tmp_path / "fakepython"
+    # an ignored signal stays ignored across exec: sleep ignores SIGTERM too
+    python.write_text(FAKE_PYTHON.replace(
+        '  *) exit 1;;', "  *setup.py*) trap '' TERM; sleep 600;;\n  *) exit 1;;"))  # fmt: skip
+    python.chmod(0o755)
+    # a budget of 30 s leaves the build 5 s (the least any stage gets)
+    env = {**__import__("os").environ, "PYTHON": str(python), "GPU_CHECK_BUDGET": "30"}
+    proc = subprocess.Popen(["bash", str(tree / "bench" / "gpu_check.sh")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**env, "FAKE_OK": "1"}, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        # a check that hangs leaves no process behind (the fake build ignores SIGTERM, and
+        # timeout runs it in a process group of its own, inside the script's session)
+        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
+        proc.wait()
+    assert "build:            TIMED OUT" in out, out + err
+    assert proc.returncode == 1, out + err
