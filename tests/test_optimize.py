@@ -700,6 +700,8 @@ def test_projection_and_sampling_check_their_input():
         Constraints("web")
     with pytest.raises(TypeError, match="domains must be a list of names, got None"):
         Constraints(None)
+    with pytest.raises(TypeError, match="domains must be a list of names, got a set"):
+        Constraints({"web", "code"})
 
 
 @pytest.mark.filterwarnings("error")

@@ -151,6 +151,10 @@ class Constraints:
         # A string is iterable too: 'web' became the domains ['w', 'e', 'b'].
         if isinstance(self.domains, (str, bytes)) or not isinstance(self.domains, Iterable):
             raise TypeError(f"domains must be a list of names, got {self.domains!r}")
+        # A set's order changes with PYTHONHASHSEED: the same seed searched other weights.
+        if isinstance(self.domains, (set, frozenset)):
+            raise TypeError("domains must be a list of names, got a set (its order differs "
+                            "between runs; pass sorted(...) or a list)")
         self.domains = [str(d) for d in self.domains]
         K = len(self.domains)
         if K < 1:
