@@ -115,6 +115,23 @@ def test_load_sweep_bad_input(tmp_path):
         load_sweep(X, {"loss": np.ones(5)}, targets=["nope"])
 
 
+def test_load_sweep_column_lists():
+    mix = {"run": [0, 1], "a": [0.5, 0.25], "b": [0.5, 0.75]}
+    met = {"run": [0, 1], "loss": [1.0, 2.0], "ppl": [3.0, 4.0]}
+    # one name is one column, not one per character ('loss' was the columns l, o, s, s)
+    s = load_sweep(mix, met, targets="loss")
+    assert s.targets == ["loss"]
+    np.testing.assert_array_equal(s.metrics, [[1.0], [2.0]])
+    # a set's order changes with PYTHONHASHSEED: another process got other domain orders
+    with pytest.raises(TypeError, match="domains must be a list of column names, got a set"):
+        load_sweep(mix, met, domains={"a", "b"})
+    with pytest.raises(TypeError, match="targets must be a list of column names, got int"):
+        load_sweep(mix, met, targets=3)
+    # a repeated domain was read twice and then failed the rows' sum check ("sums to 0.5")
+    with pytest.raises(ValueError, match=r"domains: columns \['a'\] \(1\) are listed more"):
+        load_sweep(mix, met, domains=["a", "b", "a"])
+
+
 def test_load_sweep_does_not_read_bools_as_numbers():
     # float(True) is 1.0: a flag column became a domain of weight 1 ("run sums to 2"), one-hot
     # bools became weights, and bool metrics were fitted.

@@ -13,7 +13,7 @@ import csv
 import io
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,7 +344,17 @@ def _column(values: Any) -> list[Any]:
 def _value_columns(cols: Mapping[str, Sequence[Any]], wanted: Sequence[str] | None, what: str,
                    arg: str, key: str | None) -> list[str]:
     if wanted is not None:
+        if isinstance(wanted, str):  # one column, not one per character ('loss' was l, o, s, s)
+            wanted = [wanted]
+        elif isinstance(wanted, (set, frozenset)):  # its order changes with PYTHONHASHSEED
+            raise TypeError(f"{arg} must be a list of column names, got a set (its order "
+                            "differs between runs; pass sorted(...) or a list)")
+        elif not isinstance(wanted, Iterable):
+            raise TypeError(f"{arg} must be a list of column names, got {type(wanted).__name__}")
         wanted = [str(w) for w in wanted]
+        repeated = sorted({w for w in wanted if wanted.count(w) > 1})
+        if repeated:
+            raise ValueError(f"{arg}: columns {_preview(repeated)} are listed more than once")
         unknown = [w for w in wanted if w not in cols]
         if unknown:
             raise ValueError(f"{arg}: {what} has no column {_preview(unknown)}; it has "
