@@ -53,6 +53,7 @@ import socket
 import stat
 import threading
 import time
+import unicodedata
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -316,6 +317,7 @@ class TokenCorpus:
             raise CorpusError(f"{str(root)!r} has no {CORPUS_MANIFEST} (run `fastmix prepare`)")
         where = repr(str(root / CORPUS_MANIFEST))
         domains = {}
+        listed = []  # (domain, file name) in the order the corpus inspects the files
         for name, info in manifest["domains"].items():
             files = info.get("files") if isinstance(info, Mapping) else None
             if (
@@ -325,6 +327,7 @@ class TokenCorpus:
             ):
                 raise CorpusError(f"{where}: domain {name!r} needs 'files', a list of file names")
             domains[name] = [root / f for f in files]
+            listed += [(name, f) for f in files]
         if not domains:
             raise CorpusError(f"{where} lists no domains")
         if "dtype" not in manifest:
@@ -334,6 +337,7 @@ class TokenCorpus:
         except ValueError as e:
             raise CorpusError(f"{where}: {e}") from None
         corpus = cls(domains, dtype=dtype)
+        _check_one_file_per_name(where, listed, corpus._flat_ids)
         for name, info in manifest["domains"].items():
             # A copy cut short at a token boundary, or a file written after the manifest, loads
             # with no other sign.
@@ -678,6 +682,36 @@ def _check_manifest_dtype(
             f"{where}: dtype={dtype.name!r} but {str(path.parent / CORPUS_MANIFEST)!r} says "
             f"{theirs.name!r}"
         )
+
+
+def _file_name_key(name: str) -> str:
+    """``name`` as a file system that tells neither letter case nor Unicode normalisation apart
+    may take it (the default on macOS and Windows; macOS also normalises file names): its
+    canonical caseless form, so two names with one key may name one file there."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+
+def _check_one_file_per_name(
+    where: str, listed: Sequence[tuple[str, str]], identities: Sequence[tuple[int, int, int]]
+) -> None:
+    """Refuse two file names of a manifest, differing only in letter case or Unicode
+    normalisation, that are one file here (``identities``: (device, inode, bytes) of each listed
+    file, in order): on such a file system the domain prepared last overwrote the other's tokens,
+    which the token-count check would only call a truncated or replaced file.  Two such names
+    that are two files (a file system that tells them apart) are fine."""
+    seen: dict[tuple[int, int], tuple[str, str]] = {}
+    for (name, file), (device, inode, _) in zip(listed, identities, strict=True):
+        if not inode:  # a file system without inode numbers: nothing to compare
+            continue
+        other, other_file = seen.setdefault((device, inode), (name, file))
+        if other_file != file and _file_name_key(other_file) == _file_name_key(file):
+            raise CorpusError(
+                f"{where}: domains {other!r} ({other_file!r}) and {name!r} ({file!r}) list one "
+                "file on this file system, which does not tell letter case or Unicode "
+                "normalisation apart in file names (the default on macOS and Windows): the "
+                "domain prepared last overwrote the other's tokens; prepare the domains again "
+                "under names that differ otherwise"
+            )
 
 
 def _read_manifest(root: Path) -> dict[str, Any] | None:

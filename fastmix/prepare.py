@@ -16,6 +16,11 @@ lone surrogates in a text (a JSON ``"\\ud800"`` escape makes one), with a warnin
 domain.  A document with no text is skipped (and counted in its domain's ``"empty_documents"``),
 never stored as a lone end-of-document.
 
+Domain names: a token file is named after its domain, so two names that differ only in letter case
+or Unicode normalisation (``Code`` and ``code``) are refused, within a run or against a domain
+already in ``corpus.json``, before anything is written: macOS and Windows take their token files
+for one file.
+
 Tokenizers: ``byte`` (built in: the UTF-8 bytes 0-255 plus end-of-document 256, stored as uint16),
 ``tiktoken:<encoding>`` (e.g. ``tiktoken:gpt2``) and ``hf:<tokenizer.json or hub name>`` when the
 ``tiktoken`` / ``tokenizers`` packages are installed.
@@ -50,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from fastmix._io import atomic_open, atomic_write_json, make_dir, writable_dir
-from fastmix.data import CORPUS_MANIFEST, CorpusError
+from fastmix.data import CORPUS_MANIFEST, CorpusError, _file_name_key
 
 __all__ = [
     "Tokenizer",
@@ -323,6 +328,10 @@ def prepare_domain(
     under a temporary name and renamed once complete, then ``corpus.json`` is updated the same
     way, so an exception or a crash midway never leaves a file that loads.  Returns the manifest
     entry.
+    A ``name`` that differs from a domain already in ``corpus.json`` only in letter case or Unicode
+    normalisation (``code`` beside ``Code``) is refused with a ValueError before anything is
+    written: the two token files would be one on a case-insensitive file system (macOS,
+    Windows).  The same name again replaces that domain.
     ``progress`` is an optional tqdm-like object whose ``update(n)`` gets the characters consumed.
     """
     _check_domain_name(name)
@@ -332,7 +341,7 @@ def prepare_domain(
         )
     out = make_dir(out_dir, "out_dir")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer)
-    manifest = _load_or_new_manifest(out, tok)
+    _check_name_clashes([name], _load_or_new_manifest(out, tok))
     target = out / f"{name}.bin"
     # The rename and the manifest update happen under one lock, after the manifest is read
     # again: renamed before it, the file of a run that then met another tokenizer's manifest (or
@@ -345,6 +354,7 @@ def prepare_domain(
             os.fsync(f.fileno())  # the slow part, before taking the lock
             locked.enter_context(_manifest_lock(out))  # another run may be adding domains here
             manifest = _load_or_new_manifest(out, tok)  # re-read: it may have added some since
+            _check_name_clashes([name], manifest)
         # renamed into place: still under the lock
         entry = {
             "files": [target.name],
@@ -495,19 +505,25 @@ def prepare_corpus(
 
     ``domains`` maps a domain name to one input file or a list of them, written into ``out_dir``
     with ``tokenizer`` (see :func:`get_tokenizer`); ``text_field`` and ``lines`` are as in
-    :func:`read_documents`; ``show_progress`` draws a progress bar.
+    :func:`read_documents`; ``show_progress`` draws a progress bar.  Domain names that differ
+    only in letter case or Unicode normalisation, from each other or from a domain already in
+    ``corpus.json``, are refused before anything is written (see ``prepare_domain``).
     """
     if not isinstance(domains, Mapping) or not domains:
         raise ValueError("domains: nothing to prepare (a mapping name -> file or list of files)")
     for name in domains:
         _check_domain_name(name)
+    _check_name_clashes(list(domains))
     domains = {name: _input_paths(name, spec) for name, spec in domains.items()}
     tok = get_tokenizer(tokenizer)
-    writable_dir(out_dir, "out_dir")  # before any tokenising: a bad out_dir fails at once
+    out = writable_dir(out_dir, "out_dir")  # before any tokenising: a bad out_dir fails at once
     for name, paths in domains.items():
         for p in paths:
             if not Path(p).is_file():
                 raise ValueError(f"domain {name!r}: input {str(p)!r} is not a file")
+    # Against the domains already there, before the first domain is written (prepare_domain
+    # checks again, under the lock, for domains another run adds meanwhile).
+    _check_name_clashes(list(domains), _load_or_new_manifest(out, tok))
     total = sum(Path(p).stat().st_size for ps in domains.values() for p in ps)
     bar = _progress(total, show_progress)
     try:
@@ -578,6 +594,56 @@ def _check_domain_name(name: Any) -> None:
         ) from None
     if len(name.encode("utf-8", errors="replace")) > 200:  # + ".bin" and a temporary suffix
         raise ValueError(f"domain name must be at most 200 bytes, got {name[:40]!r}...")
+
+
+def _check_name_clashes(names: Sequence[str], manifest: Mapping[str, Any] | None = None) -> None:
+    """Refuse a domain whose token file would be another domain's on some file systems.
+
+    The token files of two names that differ only in letter case or Unicode normalisation
+    (``Code.bin`` and ``code.bin``; ``café`` composed and decomposed) are one file where file
+    names are compared without them (the default on macOS and Windows): the domain prepared last
+    would overwrite the other's tokens, silently.  ``names`` are checked against each other and
+    against the domains of ``manifest`` (a corpus.json read); the same name again is the same
+    domain, prepared again.  A domain of the manifest listing a file of that name (a hand-written
+    corpus.json) is refused too.
+    """
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(_file_name_key(name), name)
+        if other != name:
+            raise ValueError(_name_clash(name, other, ""))
+    if manifest is None:
+        return
+    listed_names: dict[str, list[str]] = {}
+    listed_files: dict[str, list[tuple[str, str]]] = {}
+    for other, info in manifest["domains"].items():
+        listed_names.setdefault(_file_name_key(other), []).append(other)
+        files = info.get("files") if isinstance(info, Mapping) else None
+        for file in files if isinstance(files, list) else ():
+            if isinstance(file, str):
+                listed_files.setdefault(_file_name_key(file), []).append((other, file))
+    for name in names:
+        for other in listed_names.get(_file_name_key(name), ()):
+            if other != name:
+                where = f" ({other!r} is already in corpus.json)"
+                raise ValueError(_name_clash(name, other, where))
+        target = f"{name}.bin"
+        for other, file in listed_files.get(_file_name_key(target), ()):
+            if other != name:
+                one_file = "" if file == target else " (one file on a case-insensitive file system)"
+                raise ValueError(
+                    f"domain {name!r} would write {target!r}, but corpus.json lists {file!r} for "
+                    f"domain {other!r}{one_file}; choose another name"
+                )
+
+
+def _name_clash(name: str, other: str, where: str) -> str:
+    return (
+        f"domain names {name!r} and {other!r} differ only in letter case or Unicode "
+        f"normalisation{where}: their token files, named after them, would be one file on a "
+        "case-insensitive file system (the default on macOS and Windows), where one domain's "
+        "tokens would overwrite the other's; give the domains names that differ otherwise"
+    )
 
 
 def _load_or_new_manifest(out: Path, tok: Tokenizer) -> dict[str, Any]:

@@ -502,3 +502,31 @@ def test_negative_ids_in_a_signed_file_are_refused_where_they_are_read(tmp_path)
                                           r"tokens \[\d+, \d+\): token ids must be >= 0"):
         list(MixtureDataset(corpus, 9, [1, 1], batch_size=4, on_exhausted="stop"))
     assert corpus.read(1, 250, 1).tolist() == [-1]  # the raw read gives the file as it is
+
+
+def test_from_dir_names_two_domains_whose_files_are_one_file(tmp_path):
+    # On a case-insensitive file system Code.bin and code.bin are one file: a corpus prepared
+    # elsewhere (or by an older fastmix) with domains "Code" and "code" said "domain 'Code' has
+    # 4 tokens, its files hold 2: a file is truncated or was replaced".  A hard link stands in
+    # for such a file system here.
+    from fastmix.prepare import prepare_domain
+
+    prepare_domain("Code", ["abc"], tmp_path)
+    prepare_domain("other", ["x"], tmp_path)  # what "code" would have written over Code.bin
+    os.replace(tmp_path / "other.bin", tmp_path / "Code.bin")
+    os.link(tmp_path / "Code.bin", tmp_path / "code.bin")
+    manifest = json.loads((tmp_path / "corpus.json").read_text())
+    manifest["domains"]["code"] = dict(manifest["domains"].pop("other"), files=["code.bin"])
+    (tmp_path / "corpus.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        CorpusError,
+        match=r"domains 'Code' \('Code.bin'\) and 'code' \('code.bin'\) .*one file on this file "
+        r"system, .*letter case",
+    ):
+        TokenCorpus.from_dir(tmp_path)
+    # Two files whose names differ only in case, on a file system that tells them apart: fine.
+    os.unlink(tmp_path / "code.bin")
+    os.unlink(tmp_path / "Code.bin")
+    write_bin(tmp_path / "Code.bin", [97, 98, 99, 256])
+    write_bin(tmp_path / "code.bin", [120, 256])
+    assert TokenCorpus.from_dir(tmp_path).tokens == {"Code": 4, "code": 2}

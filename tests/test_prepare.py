@@ -526,3 +526,76 @@ def test_a_json_array_is_named_as_such(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and f"{name}', line {line}: a JSON {kind}, not an object" in err
         assert "--text-field" not in err
+
+
+def test_domain_names_one_file_apart_only_in_case_are_refused(tmp_path, capsys):
+    # "Code" and "code" write Code.bin and code.bin: one file on a case-insensitive file system
+    # (macOS, Windows), where the second prepare silently overwrote the first's tokens and
+    # from_dir then said "a file is truncated or was replaced".
+    import os
+
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "b.txt").write_text("second")
+    out = tmp_path / "out"
+    clash = r"'code' and 'Code' .*differ only in letter case or Unicode normalisation"
+    # several domains of one call: refused before anything is made
+    with pytest.raises(ValueError, match=clash + r".*case-insensitive file system"):
+        prepare_corpus(
+            {"Code": tmp_path / "a.txt", "code": tmp_path / "b.txt"}, out, show_progress=False
+        )
+    assert not out.exists()
+    rc = cli.main(
+        ["prepare", f"Code={tmp_path / 'a.txt'}", str(tmp_path / "code.txt"), "-o", str(out),
+         "--no-progress"]
+    )  # fmt: skip
+    assert rc == 2 and "'code' and 'Code'" in capsys.readouterr().err and not out.exists()
+    # composed and decomposed accents: one name to macOS, which normalises file names
+    with pytest.raises(ValueError, match="Unicode normalisation"):
+        prepare_corpus(
+            {"caf\u00e9": tmp_path / "a.txt", "cafe\u0301": tmp_path / "b.txt"},
+            out,
+            show_progress=False,
+        )
+    assert not out.exists()
+    # against a domain already listed in corpus.json
+    prepare_domain("Code", ["abc"], out)
+    before = (out / "Code.bin").read_bytes()
+    with pytest.raises(ValueError, match=clash + r".*'Code' is already in corpus.json"):
+        prepare_domain("code", ["x"], out)
+    with pytest.raises(ValueError, match=r"'CODE' and 'Code'"):
+        prepare_corpus(
+            {"web": tmp_path / "a.txt", "CODE": tmp_path / "b.txt"}, out, show_progress=False
+        )
+    assert sorted(os.listdir(out)) == ["Code.bin", "corpus.json"]  # web was not written either
+    assert (out / "Code.bin").read_bytes() == before
+    # the same name again is the same domain, prepared again
+    assert prepare_domain("Code", ["abcd"], out)["tokens"] == 5
+    assert TokenCorpus.from_dir(out).tokens == {"Code": 5}
+
+
+def test_a_domain_name_clash_added_by_another_run_meanwhile_is_refused(tmp_path):
+    # The manifest read again under the lock may list a domain another run added since.
+    def documents():
+        yield "ab"
+        prepare_domain("Web", ["xyz"], tmp_path)  # another run, meanwhile
+
+    with pytest.raises(ValueError, match=r"'web' and 'Web'"):
+        prepare_domain("web", documents(), tmp_path)
+    assert TokenCorpus.from_dir(tmp_path).tokens == {"Web": 4}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Web.bin", "corpus.json"]
+
+
+def test_a_file_another_domain_lists_is_not_overwritten(tmp_path):
+    # A hand-written corpus.json may list any file for a domain: preparing a domain whose token
+    # file has that name (or one differing only in case) replaced the other domain's tokens.
+    prepare_domain("web", ["abc"], tmp_path)
+    manifest = json.loads((tmp_path / "corpus.json").read_text())
+    (tmp_path / "web.bin").rename(tmp_path / "Shared.bin")
+    manifest["domains"]["web"]["files"] = ["Shared.bin"]
+    (tmp_path / "corpus.json").write_text(json.dumps(manifest))
+    for name in ("Shared", "shared"):
+        with pytest.raises(ValueError, match=rf"domain '{name}' would write '{name}.bin', .*"
+                           r"lists 'Shared.bin' for domain 'web'"):  # fmt: skip
+            prepare_domain(name, ["x"], tmp_path)
+    assert TokenCorpus.from_dir(tmp_path).tokens == {"web": 4}
+
