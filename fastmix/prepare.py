@@ -11,10 +11,12 @@ Output layout (what ``TokenCorpus.from_dir`` reads)::
 Inputs: ``.jsonl`` / ``.json`` / ``.ndjson`` files hold one JSON object per line whose
 ``--text-field`` (default ``text``) is a document; a ``.gz`` suffix is read through gzip; any other
 file is plain text, one document per file, kept as it is (``\r\n`` stays; ``--lines``: one per
-non-empty line).  Bytes that are not UTF-8 become U+FFFD, with a warning naming the file; so do
-lone surrogates in a text (a JSON ``"\\ud800"`` escape makes one), with a warning naming the
-domain.  A document with no text is skipped (and counted in its domain's ``"empty_documents"``),
-never stored as a lone end-of-document.
+non-empty line).  ``--lines`` applies to plain-text files only: a JSONL record is always one
+document, newlines in its text included, so one run can take both kinds of file.  Bytes that are
+not UTF-8 become U+FFFD, with a warning naming the file; so do lone surrogates in a text (a JSON
+``"\\ud800"`` escape makes one), with a warning naming the domain.  A document with no text is
+skipped (and counted in its domain's ``"empty_documents"``), never stored as a lone
+end-of-document.
 
 Domain names: a token file is named after its domain, so two names that differ only in letter case
 or Unicode normalisation (``Code`` and ``code``) are refused, within a run or against a domain
@@ -211,7 +213,8 @@ def read_documents(
     """Documents of one input file (JSONL by suffix, else plain text); errors name the file.
 
     ``text_field`` is the JSONL field holding the text; ``lines`` makes each non-empty line of a
-    plain-text file a document.
+    plain-text file a document, and changes nothing for JSONL, whose records are always one
+    document each.
     """
     path = Path(path)
     if not path.is_file():
@@ -505,8 +508,9 @@ def prepare_corpus(
 
     ``domains`` maps a domain name to one input file or a list of them, written into ``out_dir``
     with ``tokenizer`` (see :func:`get_tokenizer`); ``text_field`` and ``lines`` are as in
-    :func:`read_documents`; ``show_progress`` draws a progress bar.  Domain names that differ
-    only in letter case or Unicode normalisation, from each other or from a domain already in
+    :func:`read_documents` (``lines`` splits the plain-text files only: a JSONL record is always
+    one document); ``show_progress`` draws a progress bar.  Domain names that differ only in
+    letter case or Unicode normalisation, from each other or from a domain already in
     ``corpus.json``, are refused before anything is written (see ``prepare_domain``).
     """
     if not isinstance(domains, Mapping) or not domains:
@@ -715,7 +719,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--text-field", default="text", help="JSONL field holding the text (default: text)"
     )
     parser.add_argument(
-        "--lines", action="store_true", help="plain text: one document per non-empty line"
+        "--lines",
+        action="store_true",
+        help="plain-text files: one document per non-empty line (a JSONL record is always one "
+        "document, whatever --lines)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

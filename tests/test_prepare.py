@@ -599,3 +599,21 @@ def test_a_file_another_domain_lists_is_not_overwritten(tmp_path):
             prepare_domain(name, ["x"], tmp_path)
     assert TokenCorpus.from_dir(tmp_path).tokens == {"web": 4}
 
+
+def test_lines_splits_plain_text_and_leaves_jsonl_records_whole(tmp_path, capsys):
+    # A JSONL record is one document whatever --lines, so text and JSONL go in one run; the
+    # help says so (it read "plain text: one document per non-empty line", and nothing on JSONL).
+    (tmp_path / "t.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": "a\nb"}) + "\n")
+    out = tmp_path / "out"
+    argv = ["prepare", f"mixed={tmp_path / 't.txt'},{tmp_path / 'r.jsonl'}", "--lines",
+            "-o", str(out), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "mixed: 3 documents" in capsys.readouterr().out
+    assert TokenCorpus.from_dir(out).tokens_of(0).tolist() == [
+        *b"one", 256, *b"two", 256, *b"a\nb", 256
+    ]
+    with pytest.raises(SystemExit):
+        cli.main(["prepare", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "a JSONL record is always one document, whatever --lines" in help_text
