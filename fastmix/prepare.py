@@ -342,6 +342,8 @@ def prepare_domain(
         raise TypeError(
             f"texts must be an iterable of documents (str), not a single {type(texts).__name__}"
         )
+    if isinstance(texts, (set, frozenset)):  # its order, the tokens' order, changes per process
+        raise TypeError(_UNORDERED.format(what="texts", items="documents"))
     out = make_dir(out_dir, "out_dir")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer)
     _check_name_clashes([name], _load_or_new_manifest(out, tok))
@@ -542,6 +544,12 @@ def prepare_corpus(
     return _load_or_new_manifest(Path(out_dir), tok)
 
 
+# A set of str iterates in an order that changes with PYTHONHASHSEED, i.e. from one process to the
+# next: the same call would lay the domain's tokens out in another order each time.
+_UNORDERED = ("{what}: a set of {items} has no fixed order, and their order is the order of the "
+              "domain's tokens; pass a list (e.g. sorted(...))")
+
+
 def _input_paths(name: str, spec: Any) -> list[str]:
     """A domain's input files as a list of str paths; errors name the domain.
 
@@ -549,6 +557,8 @@ def _input_paths(name: str, spec: Any) -> list[str]:
     """
     if isinstance(spec, (str, bytes, os.PathLike)):
         spec = [spec]
+    elif isinstance(spec, (set, frozenset)):  # its order, the tokens' order, changes per process
+        raise TypeError(_UNORDERED.format(what=f"domain {name!r}", items="input files"))
     elif not isinstance(spec, Iterable):
         raise TypeError(
             f"domain {name!r}: expected an input file or a list of them, got {type(spec).__name__}"

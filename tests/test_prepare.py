@@ -133,6 +133,8 @@ def test_bad_input_is_clear(tmp_path, capsys):
         parse_inputs(["d="])
     with pytest.raises(TypeError, match="texts must be an iterable of documents"):
         prepare_domain("x", "hello", tmp_path / "s")  # not five one-letter documents
+    with pytest.raises(TypeError, match="texts: a set of documents has no fixed order"):
+        prepare_domain("x", {"hello", "world"}, tmp_path / "s")
     assert not (tmp_path / "s").exists()
     # Corrupt and truncated gzip input, an out_dir that is a file: one line, no traceback.
     (tmp_path / "corrupt.jsonl.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 10)
@@ -442,6 +444,9 @@ def test_bad_domain_specs_and_out_dir_name_what_is_wrong(tmp_path):
         ({"web": [5]}, TypeError, "domain 'web': an input file must be a path, got 5"),
         ({"web": [str(tmp_path / "a.txt"), None]}, TypeError, "must be a path, got None"),
         ({"web": []}, ValueError, "domain 'web' lists no input files"),
+        # a set's order changes with PYTHONHASHSEED: the tokens' order changed per process
+        ({"web": {str(tmp_path / "a.txt"), "b.txt"}}, TypeError,
+         "domain 'web': a set of input files has no fixed order"),
     ):
         with pytest.raises(error, match=message):
             prepare_corpus(domains, out, show_progress=False)
