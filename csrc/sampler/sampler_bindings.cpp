@@ -15,6 +15,7 @@
 #include "sampler/alias.h"
 #include "sampler/arrays.h"
 #include "sampler/blend.h"
+#include "sampler/constructed.h"
 #include "sampler/rng.h"
 #include "sampler/stratified.h"
 #include "sampler/weights.h"
@@ -297,6 +298,8 @@ void accumulate_counts(const py::handle& ids_obj, const py::handle& counts_obj) 
 }  // namespace
 
 void bind_sampler(py::module_& m) {
+  // Members are bound through checked<> (sampler/constructed.h): on an instance whose __init__
+  // never ran (cls.__new__(cls)) they raise TypeError instead of reading unconstructed memory.
   py::class_<PyAliasTable>(m, "AliasTable", R"doc(
 Walker/Vose alias table over K domains, built exactly in integer fixed point in O(K).
 
@@ -304,8 +307,9 @@ AliasTable(weights: numpy.ndarray[float64]) -- finite, non-negative, at least on
 normalised internally; a zero weight is never drawn.
 )doc")
       .def(py::init<const py::handle&>(), py::arg("weights"))
-      .def_property_readonly("num_domains", &PyAliasTable::num_domains)
-      .def("fill", &PyAliasTable::fill, py::arg("seed"), py::arg("offset"), py::arg("out"), R"doc(
+      .def_property_readonly("num_domains", checked<&PyAliasTable::num_domains>)
+      .def("fill", checked<&PyAliasTable::fill>, py::arg("seed"), py::arg("offset"),
+           py::arg("out"), R"doc(
 Write draws [offset, offset + len(out)) of the alias stream for `seed` into `out`
 (int32, 1-D, C-contiguous, writable).  Draw i depends only on (seed, i, table).  Releases the GIL.
 )doc");
@@ -315,15 +319,16 @@ Systematic sampling in blocks of `block` draws: each domain appears floor or cei
 times per block, in a keyed shuffled order.  StratifiedTable(weights: float64 array, block: int).
 )doc")
       .def(py::init<const py::handle&, int64_t>(), py::arg("weights"), py::arg("block"))
-      .def_property_readonly("num_domains", &PyStratifiedTable::num_domains)
-      .def_property_readonly("block", &PyStratifiedTable::block)
-      .def("fill", &PyStratifiedTable::fill, py::arg("seed"), py::arg("segment_start"),
+      .def_property_readonly("num_domains", checked<&PyStratifiedTable::num_domains>)
+      .def_property_readonly("block", checked<&PyStratifiedTable::block>)
+      .def("fill", checked<&PyStratifiedTable::fill>, py::arg("seed"), py::arg("segment_start"),
            py::arg("start"), py::arg("out"), R"doc(
 Write draws [start, start + len(out)) of the segment that began at absolute position
 `segment_start` (blocks are counted from there) into `out` (int32).  Releases the GIL.
 )doc")
-      .def("block_ids", &PyStratifiedTable::block_ids, py::arg("seed"), py::arg("segment_start"),
-           py::arg("index"), "The `block` domain ids of block `index` of the segment (int32).");
+      .def("block_ids", checked<&PyStratifiedTable::block_ids>, py::arg("seed"),
+           py::arg("segment_start"), py::arg("index"),
+           "The `block` domain ids of block `index` of the segment (int32).");
 
   m.def("greedy_fill", &greedy_fill, py::arg("weights"), py::arg("start_step"), py::arg("counts"),
         py::arg("out"), py::arg("isa") = "best", R"doc(

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "sampler/arrays.h"
+#include "sampler/constructed.h"
 #include "sampler/permutation.h"
 
 namespace py = pybind11;
@@ -262,6 +263,7 @@ void bind_windows(py::module_& m) {
         "every sample in order and, for samples [begin, end), writes the file index, token offset, "
         "domain epoch and window index.  Stops before the first sample whose domain has read "
         "caps[d] windows and returns how many samples were mapped (len(domains) when none).");
+  // Members bound through checked<>: TypeError on an instance whose __init__ never ran.
   py::class_<WindowTable>(m, "WindowTable",
                           "A corpus's file table at one seq_len (n_windows[K], file_begin[K + 1], "
                           "file_window_end[F], as TokenCorpus.window_table gives them), validated "
@@ -269,10 +271,10 @@ void bind_windows(py::module_& m) {
       .def(py::init<const I64&, const I64&, const I64&, int64_t>(),
            py::arg("n_windows").noconvert(), py::arg("file_begin").noconvert(),
            py::arg("file_window_end").noconvert(), py::arg("seq_len"))
-      .def_property_readonly("num_domains", &WindowTable::num_domains)
-      .def_property_readonly("num_files", &WindowTable::num_files)
-      .def_property_readonly("seq_len", &WindowTable::seq_len)
-      .def("map", &WindowTable::map, py::arg("domains").noconvert(),
+      .def_property_readonly("num_domains", checked<&WindowTable::num_domains>)
+      .def_property_readonly("num_files", checked<&WindowTable::num_files>)
+      .def_property_readonly("seq_len", checked<&WindowTable::seq_len>)
+      .def("map", checked<&WindowTable::map>, py::arg("domains").noconvert(),
            py::arg("cursors").noconvert(), py::arg("caps").noconvert(), py::arg("seed"),
            py::arg("begin"), py::arg("end"), py::arg("out_file").noconvert(),
            py::arg("out_offset").noconvert(), py::arg("out_epoch").noconvert(),
