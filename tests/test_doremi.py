@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -656,6 +658,43 @@ def test_a_rejected_batch_leaves_the_state_where_it_is():
     mixer.backend = "torch"
     mixer.step(*batch(0, k=3))
     assert int(mixer.num_updates) == 1
+
+def _inference_tensors(mixer):
+    return [key for key, value in vars(mixer).items()
+            if isinstance(value, torch.Tensor) and value.is_inference()]
+
+
+def test_a_doremi_made_in_inference_mode_steps_outside_it():
+    # Evaluation code often builds or restores objects inside torch.inference_mode(): the state
+    # (and the workspace of a first step taken there) was then inference tensors, and the first
+    # step outside raised "Inplace update to inference tensor outside InferenceMode is not
+    # allowed".
+    batches = [batch(seed, k=4) for seed in range(4)]
+    want = DoReMi(4, step_size=0.6)
+    objectives = [want.step(*b) for b in batches]
+    first = DoReMi(4, step_size=0.6)
+    first.step(*batches[0])
+    with torch.inference_mode():
+        built = DoReMi(4, step_size=0.6)
+        loaded = DoReMi(4)
+        loaded.load_state_dict(first.state_dict())
+        copied = copy.deepcopy(first)
+        unpickled = pickle.loads(pickle.dumps(first))
+        moved = DoReMi(4).to("meta")  # ("meta" stands in for a GPU)
+        stepped = DoReMi(4, step_size=0.6)
+        stepped.step(*batches[0])  # allocates the workspace
+    for mixer, start in ((built, 0), (loaded, 1), (copied, 1), (unpickled, 1), (stepped, 1)):
+        for b, objective in zip(batches[start:], objectives[start:], strict=True):
+            assert torch.equal(mixer.step(*b), objective)
+    for mixer in (built, loaded, copied, unpickled, stepped):  # bit for bit
+        for key, value in want.state_dict().items():
+            other = mixer.state_dict()[key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+    loss = torch.rand(2, 4, device="meta")
+    moved.step(loss, loss, torch.zeros(2, dtype=torch.int64, device="meta"))
+    for mixer in (built, loaded, copied, unpickled, moved, stepped):
+        assert _inference_tensors(mixer) == []
+
 
 def test_public_export():
     assert fastmix.DoReMi is DoReMi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 
@@ -428,6 +429,49 @@ def test_an_odm_pickled_with_a_host_step_count_unpickles():
     assert odm.num_steps == 8
     clone = pickle.loads(pickle.dumps(odm))
     assert clone.num_steps == 8 and torch.equal(clone.weights, odm.weights)
+
+
+def _inference_tensors(odm):
+    return [key for key, value in vars(odm).items()
+            if isinstance(value, torch.Tensor) and value.is_inference()]
+
+
+def test_an_odm_made_in_inference_mode_steps_outside_it():
+    # Evaluation code often builds or restores objects inside torch.inference_mode(): the state
+    # was then inference tensors, and the first step outside raised "Inplace update to inference
+    # tensor outside InferenceMode is not allowed".
+    batches = list(_batches(5, 6, seed=7, unseen=set()))
+    want = ODM(5, warmup_steps=2)
+    for loss, dom in batches:
+        want.step(loss, dom)
+    first = ODM(5, warmup_steps=2)
+    first.step(*batches[0])
+    with torch.inference_mode():
+        built = ODM(5, warmup_steps=2)
+        loaded = ODM(5, warmup_steps=2)
+        loaded.load_state_dict(first.state_dict())
+        copied = copy.deepcopy(first)
+        unpickled = pickle.loads(pickle.dumps(first))
+        moved = ODM(5, warmup_steps=2).to("meta")  # ("meta" stands in for a GPU)
+    for loss, dom in batches:
+        built.step(loss, dom)
+    for odm in (loaded, copied, unpickled):
+        for loss, dom in batches[1:]:
+            odm.step(loss, dom)
+    for odm in (built, loaded, copied, unpickled):  # bit for bit as a mixer made normally
+        assert odm.num_steps == 6
+        assert torch.equal(odm.weights, want.weights) and torch.equal(odm.rewards, want.rewards)
+    moved.update(torch.ones(3, 5, device="meta"))
+    for odm in (built, loaded, copied, unpickled, moved):
+        assert _inference_tensors(odm) == []
+    # and made and stepped inside inference mode, then stepped outside
+    with torch.inference_mode():
+        inside = ODM(5, warmup_steps=2)
+        for loss, dom in batches[:3]:
+            inside.step(loss, dom)
+    for loss, dom in batches[3:]:
+        inside.step(loss, dom)
+    assert torch.equal(inside.weights, want.weights) and torch.equal(inside.rewards, want.rewards)
 
 
 def test_a_rejected_batch_leaves_the_state_where_it_is():

@@ -62,6 +62,30 @@ def state_device(device: Any) -> torch.device:
     return dev
 
 
+def normal_tensors() -> torch.inference_mode:
+    """A context in which the tensors made are normal tensors, also inside
+    ``torch.inference_mode()``.
+
+    A mixer's state is updated in place at every step, which an inference tensor refuses outside
+    inference mode ("Inplace update to inference tensor outside InferenceMode is not allowed"):
+    a mixer built, moved or restored in an evaluation block failed at its first training step.
+    (torch.compile traces the context.)
+    """
+    return torch.inference_mode(False)
+
+
+def normal_state(attributes: dict[str, Any]) -> dict[str, Any]:
+    """``attributes`` with every inference tensor among the values replaced by a normal copy
+    (same values): unpickling (``torch.load``) inside ``torch.inference_mode()`` rebuilds a
+    mixer's state as inference tensors before ``__setstate__`` sees it."""
+    out = dict(attributes)
+    with normal_tensors():
+        for key, value in out.items():
+            if isinstance(value, Tensor) and value.is_inference():
+                out[key] = value.clone()
+    return out
+
+
 def _native(value: Any) -> Any:
     """``value``, or a copy in this machine's byte order when it is a byte-swapped NumPy array
     (a '>f8' array saved on another machine): torch refuses those, and its message became

@@ -23,6 +23,8 @@ from fastmix.mixers._common import (
     MAX_COUNT,
     check_float,
     initial_weights,
+    normal_state,
+    normal_tensors,
     state_device,
     state_int,
     state_vector,
@@ -101,10 +103,11 @@ class DoReMi:
         self.debug = _checks.flag(debug, "debug")
         self._device_fixed = device is not None
         dev = state_device(device)
-        alpha = initial_weights(init_weights, num_domains)
-        self._state = torch.stack([alpha, torch.zeros_like(alpha), alpha]).to(dev)
-        self._counters = torch.zeros(3, dtype=torch.int64, device=dev)
-        self._pending = torch.zeros(3, num_domains, dtype=torch.float32, device=dev)
+        with normal_tensors():  # also when built inside torch.inference_mode()
+            alpha = initial_weights(init_weights, num_domains)
+            self._state = torch.stack([alpha, torch.zeros_like(alpha), alpha]).to(dev)
+            self._counters = torch.zeros(3, dtype=torch.int64, device=dev)
+            self._pending = torch.zeros(3, num_domains, dtype=torch.float32, device=dev)
         # Whether micro-batches were accumulated since the last update (host-side).  A flag, not
         # a count: torch.compile specialises on a host int that every accumulate() changed (a
         # recompile per micro-batch; with fullgraph=True an error from the 9th).
@@ -153,9 +156,10 @@ class DoReMi:
     def to(self, device: torch.device | str) -> DoReMi:
         """Move the state to ``device`` (returns self)."""
         dev = state_device(device)
-        self._state = self._state.to(dev)
-        self._counters = self._counters.to(dev)
-        self._pending = self._pending.to(dev)
+        with normal_tensors():
+            self._state = self._state.to(dev)
+            self._counters = self._counters.to(dev)
+            self._pending = self._pending.to(dev)
         self._workspace = None
         self._workspace_key = None
         self._device_fixed = True
@@ -180,7 +184,7 @@ class DoReMi:
         key = (backend, self._state.device)
         if self._workspace is None or self._workspace_key != key:
             if backend == "torch":
-                self._workspace = torch.empty(0, dtype=torch.int32, device=self._state.device)
+                module = None
             else:
                 import importlib
 
@@ -188,7 +192,12 @@ class DoReMi:
                 # (importlib is a graph break)
                 name = f"fastmix.ops.{backend}"
                 module = sys.modules.get(name) or importlib.import_module(name)
-                self._workspace = module.fused_workspace(self.num_domains, self._state.device)
+            with normal_tensors():  # a first step inside torch.inference_mode() allocates it
+                self._workspace = (
+                    torch.empty(0, dtype=torch.int32, device=self._state.device)
+                    if module is None
+                    else module.fused_workspace(self.num_domains, self._state.device)
+                )
             self._workspace_key = key
         return self._workspace
 
@@ -337,10 +346,12 @@ class DoReMi:
         state = dict(state)
         if "_has_pending" not in state:
             state["_has_pending"] = bool(state.pop("_num_pending", 0))
-        self.__dict__.update(state)
+        # unpickled inside torch.inference_mode(), the tensors are inference tensors
+        self.__dict__.update(normal_state(state))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return distributed.deepcopy_sharing_group(self, memo)
+        with normal_tensors():  # a copy made inside torch.inference_mode() must step outside it
+            return distributed.deepcopy_sharing_group(self, memo)
 
     def state_dict(self) -> dict[str, Any]:
         """The full state (tensors cloned, on the state's device) and hyperparameters."""

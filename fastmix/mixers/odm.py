@@ -33,6 +33,8 @@ from fastmix.mixers._common import (
     MAX_COUNT,
     check_float,
     initial_weights,
+    normal_state,
+    normal_tensors,
     state_device,
     state_int,
     state_vector,
@@ -92,14 +94,16 @@ class ODM:
         self.deterministic = _checks.flag(deterministic, "deterministic")  # bool("no") is True
         self._device_fixed = device is not None
         dev = state_device(device)
-        self._init = initial_weights(init_weights, num_domains).to(dev)
-        self._weights = self._init.clone()
-        self._rewards = torch.zeros(self.num_domains, dtype=torch.float32, device=dev)
-        self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
-        # t on the device: a Python int changed by every step was a constant to torch.compile
-        # (a recompile per step, then eager or, with fullgraph=True, an error after 8) and to a
-        # CUDA graph (each replay reused the captured step's ε_t and warm-up).
-        self._steps = torch.zeros((), dtype=torch.int64, device=dev)
+        with normal_tensors():  # also when built inside torch.inference_mode()
+            self._init = initial_weights(init_weights, num_domains).to(dev)
+            self._weights = self._init.clone()
+            self._rewards = torch.zeros(self.num_domains, dtype=torch.float32, device=dev)
+            self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
+            # t on the device: a Python int changed by every step was a constant to
+            # torch.compile (a recompile per step, then eager or, with fullgraph=True, an error
+            # after 8) and to a CUDA graph (each replay reused the captured step's ε_t and
+            # warm-up).
+            self._steps = torch.zeros((), dtype=torch.int64, device=dev)
         # Not num_steps == 0: a state loaded into a new ODM should still follow the first batch.
         self._stepped = False
 
@@ -144,11 +148,12 @@ class ODM:
     def to(self, device: torch.device | str) -> ODM:
         """Move the state to ``device`` (returns self)."""
         dev = state_device(device)
-        self._init = self._init.to(dev)
-        self._weights = self._weights.to(dev)
-        self._rewards = self._rewards.to(dev)
-        self._skipped = self._skipped.to(dev)
-        self._steps = self._steps.to(dev)
+        with normal_tensors():
+            self._init = self._init.to(dev)
+            self._weights = self._weights.to(dev)
+            self._rewards = self._rewards.to(dev)
+            self._skipped = self._skipped.to(dev)
+            self._steps = self._steps.to(dev)
         self._device_fixed = True
         return self
 
@@ -269,10 +274,12 @@ class ODM:
             steps = state.pop("num_steps", 0)
             state["_steps"] = torch.tensor(steps, dtype=torch.int64,
                                            device=state["_weights"].device)
-        self.__dict__.update(state)
+        # unpickled inside torch.inference_mode(), the tensors are inference tensors
+        self.__dict__.update(normal_state(state))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return distributed.deepcopy_sharing_group(self, memo)
+        with normal_tensors():  # a copy made inside torch.inference_mode() must step outside it
+            return distributed.deepcopy_sharing_group(self, memo)
 
     def state_dict(self) -> dict[str, Any]:
         """The full state (tensors cloned, on the state's device) and hyperparameters."""
