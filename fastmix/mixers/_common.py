@@ -5,14 +5,16 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fastmix._checks import plain_values
+from fastmix._checks import allocatable, plain_values
+
+_T = TypeVar("_T")
 
 # Float32 weights renormalised by a float32 softmax / division can each be off by about one ulp,
 # so their sum drifts from 1 by up to ~K·eps (measured: 7e-7 for K = 1024 after 20k updates).
@@ -72,6 +74,36 @@ def normal_tensors() -> torch.inference_mode:
     (torch.compile traces the context.)
     """
     return torch.inference_mode(False)
+
+
+def allocate_state(
+    make: Callable[[], _T], owner: str, num_domains: int, rows: int, device: torch.device
+) -> _T:
+    """``make()``, which allocates (or moves) a mixer's state on ``device``, under
+    :func:`normal_tensors`; a ``num_domains`` whose state cannot be allocated there is a
+    ValueError naming it.
+
+    ``rows`` is the number of float32 values per domain the state holds.  Up to K = 2**31 - 1
+    that is tens of GiB, and the allocation ended in torch's out-of-memory error, or the process
+    was killed for memory while the first rows were filled.  On the host the size is probed
+    before anything is allocated (an mmap that touches no page, :func:`_checks.allocatable`); on
+    another device torch's OutOfMemoryError becomes the ValueError.
+    """
+    if torch.compiler.is_compiling():  # a traced to(): the state follows a batch's device
+        with normal_tensors():
+            return make()
+    nbytes = 4 * rows * num_domains
+    message = (
+        f"num_domains={num_domains}: the {owner} state ({rows} x {num_domains:,} float32 "
+        f"values, {nbytes / 2**30:,.1f} GiB) is more than can be allocated on {device}"
+    )
+    if device.type == "cpu" and not allocatable((rows, num_domains), np.float32):
+        raise ValueError(message)
+    try:
+        with normal_tensors():
+            return make()
+    except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError from torch 2.5
+        raise ValueError(message) from exc
 
 
 def normal_state(attributes: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from torch import Tensor
 from fastmix import _checks, distributed
 from fastmix.mixers._common import (
     MAX_COUNT,
+    allocate_state,
     check_float,
     initial_weights,
     normal_state,
@@ -45,13 +46,16 @@ __all__ = ["DoReMi"]
 _STATE_VERSION = 1
 # The most the sum of a loaded average_weights may differ from 1 (see load_state_dict).
 _MAX_AVERAGE_DRIFT = 0.1
+# float32 values per domain in the state: α, λ, the average α, and the pending statistics.
+_STATE_ROWS = 6
 
 
 class DoReMi:
     """Online DoReMi mixture weights, held on the device.
 
     Args:
-        num_domains: K, at most 2**31 - 1.
+        num_domains: K, at most 2**31 - 1 (and a K whose state cannot be allocated on the
+            device is a ValueError).
         step_size: η, the exponentiated-gradient step (>= 0).
         smoothing: c in [0, 1]; α ← (1 − c)·softmax(log α + η λ) + c / K.
         init_weights: the initial α (K positive values, normalised to sum 1); uniform by default.
@@ -103,11 +107,20 @@ class DoReMi:
         self.debug = _checks.flag(debug, "debug")
         self._device_fixed = device is not None
         dev = state_device(device)
-        with normal_tensors():  # also when built inside torch.inference_mode()
-            alpha = initial_weights(init_weights, num_domains)
-            self._state = torch.stack([alpha, torch.zeros_like(alpha), alpha]).to(dev)
-            self._counters = torch.zeros(3, dtype=torch.int64, device=dev)
-            self._pending = torch.zeros(3, num_domains, dtype=torch.float32, device=dev)
+
+        def make() -> tuple[Tensor, Tensor, Tensor]:
+            alpha = initial_weights(init_weights, num_domains).to(dev)
+            return (
+                torch.stack([alpha, torch.zeros_like(alpha), alpha]),
+                torch.zeros(3, dtype=torch.int64, device=dev),
+                torch.zeros(3, num_domains, dtype=torch.float32, device=dev),
+            )
+
+        # normal tensors also when built inside torch.inference_mode(); a K whose state cannot
+        # be allocated is a ValueError naming num_domains, found before anything is allocated
+        self._state, self._counters, self._pending = allocate_state(
+            make, "DoReMi", num_domains, _STATE_ROWS, dev
+        )
         # Whether micro-batches were accumulated since the last update (host-side).  A flag, not
         # a count: torch.compile specialises on a host int that every accumulate() changed (a
         # recompile per micro-batch; with fullgraph=True an error from the 9th).
@@ -156,10 +169,11 @@ class DoReMi:
     def to(self, device: torch.device | str) -> DoReMi:
         """Move the state to ``device`` (returns self)."""
         dev = state_device(device)
-        with normal_tensors():
-            self._state = self._state.to(dev)
-            self._counters = self._counters.to(dev)
-            self._pending = self._pending.to(dev)
+        if dev != self._state.device:  # (the same device: nothing to copy)
+            self._state, self._counters, self._pending = allocate_state(
+                lambda: (self._state.to(dev), self._counters.to(dev), self._pending.to(dev)),
+                "DoReMi", self.num_domains, _STATE_ROWS, dev,
+            )  # fmt: skip
         self._workspace = None
         self._workspace_key = None
         self._device_fixed = True

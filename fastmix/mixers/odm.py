@@ -31,6 +31,7 @@ from torch import Tensor
 from fastmix import _checks, distributed
 from fastmix.mixers._common import (
     MAX_COUNT,
+    allocate_state,
     check_float,
     initial_weights,
     normal_state,
@@ -49,13 +50,16 @@ _STATE_VERSION = 1
 # saturates instead of turning R̂ into inf (π divides by the largest R̂ before summing, so the sum
 # stays finite for any K: K·exp(80) itself overflows float32 from K ≈ 6142).
 _MAX_LOSS = 80.0
+# float32 values per domain in the state: the initial weights, π and R̂.
+_STATE_ROWS = 3
 
 
 class ODM:
     """Online Data Mixing sampling weights π, held on the device.
 
     Args:
-        num_domains: K, at most 2**31 - 1.
+        num_domains: K, at most 2**31 - 1 (and a K whose state cannot be allocated on the
+            device is a ValueError).
         smoothing: β in [0, 1), the weight of the old reward (the released code used 0.9).
         warmup_steps: steps (from the first) during which π stays at ``init_weights``.
         init_weights: the initial π (K positive values, normalised); uniform by default.
@@ -94,16 +98,25 @@ class ODM:
         self.deterministic = _checks.flag(deterministic, "deterministic")  # bool("no") is True
         self._device_fixed = device is not None
         dev = state_device(device)
-        with normal_tensors():  # also when built inside torch.inference_mode()
-            self._init = initial_weights(init_weights, num_domains).to(dev)
-            self._weights = self._init.clone()
-            self._rewards = torch.zeros(self.num_domains, dtype=torch.float32, device=dev)
-            self._skipped = torch.zeros((), dtype=torch.int64, device=dev)
-            # t on the device: a Python int changed by every step was a constant to
-            # torch.compile (a recompile per step, then eager or, with fullgraph=True, an error
-            # after 8) and to a CUDA graph (each replay reused the captured step's ε_t and
-            # warm-up).
-            self._steps = torch.zeros((), dtype=torch.int64, device=dev)
+
+        def make() -> tuple[Tensor, ...]:
+            init = initial_weights(init_weights, num_domains).to(dev)
+            return (
+                init,
+                init.clone(),
+                torch.zeros(num_domains, dtype=torch.float32, device=dev),
+                torch.zeros((), dtype=torch.int64, device=dev),
+                torch.zeros((), dtype=torch.int64, device=dev),
+            )
+
+        # normal tensors also when built inside torch.inference_mode(); a K whose state cannot
+        # be allocated is a ValueError naming num_domains, found before anything is allocated.
+        # t (_steps) is on the device: a Python int changed by every step was a constant to
+        # torch.compile (a recompile per step, then eager or, with fullgraph=True, an error after
+        # 8) and to a CUDA graph (each replay reused the captured step's ε_t and warm-up).
+        self._init, self._weights, self._rewards, self._skipped, self._steps = allocate_state(
+            make, "ODM", num_domains, _STATE_ROWS, dev
+        )
         # Not num_steps == 0: a state loaded into a new ODM should still follow the first batch.
         self._stepped = False
 
@@ -148,12 +161,12 @@ class ODM:
     def to(self, device: torch.device | str) -> ODM:
         """Move the state to ``device`` (returns self)."""
         dev = state_device(device)
-        with normal_tensors():
-            self._init = self._init.to(dev)
-            self._weights = self._weights.to(dev)
-            self._rewards = self._rewards.to(dev)
-            self._skipped = self._skipped.to(dev)
-            self._steps = self._steps.to(dev)
+        if dev != self.device:  # (the same device: nothing to copy)
+            self._init, self._weights, self._rewards, self._skipped, self._steps = allocate_state(
+                lambda: (self._init.to(dev), self._weights.to(dev), self._rewards.to(dev),
+                         self._skipped.to(dev), self._steps.to(dev)),
+                "ODM", self.num_domains, _STATE_ROWS, dev,
+            )  # fmt: skip
         self._device_fixed = True
         return self
 
