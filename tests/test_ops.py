@@ -387,6 +387,31 @@ def test_direct_op_calls_check_what_the_kernels_would_index():
     assert int(counters.sum()) == 0 and torch.equal(good, torch.full((3, 3), 1 / 3))
 
 
+def test_direct_op_call_checks_the_workspace_device():
+    # DoReMi allocates its workspace on the state's device; a direct torch.ops.fastmix call with
+    # one elsewhere was not checked (the kernels write through its pointer).  "meta" stands in
+    # for another device: with a meta tensor among the arguments the dispatcher would pick the
+    # fake kernel, so the call is sent to the op's CPU kernel, as a GPU's would be to its CUDA one.
+    op = torch.ops.fastmix.doremi_step_.default
+    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    loss, ids = torch.rand(64), torch.zeros(64, dtype=torch.int64)
+    state, counters = torch.full((3, 3), 1 / 3), torch.zeros(3, dtype=torch.int64)
+
+    def step(workspace, counters=counters):
+        return op.redispatch(cpu, loss, ids, None, loss, state, counters, workspace, 1.0, 0.0,
+                             "dro", "torch", False)  # fmt: skip
+
+    with pytest.raises(ValueError, match="counters are on meta, the state on cpu"):
+        step(torch.empty(0), counters.to("meta"))  # as the other arguments are checked
+    with pytest.raises(ValueError, match="workspace is on meta, the state on cpu"):
+        step(torch.empty(0, device="meta"))
+    with pytest.raises(TypeError, match="workspace must be a dense .*sparse_coo"):
+        step(torch.zeros(4).to_sparse())
+    assert int(counters.sum()) == 0 and torch.equal(state, torch.full((3, 3), 1 / 3))
+    step(torch.empty(0))  # on the state's device: the step runs
+    assert int(counters[0]) == 1
+
+
 def test_compiled_matches_eager():
     loss, domain, ref, mask = make_batch(4, (6, 31), 7, per_sequence=True)
 

@@ -389,6 +389,10 @@ def _doremi_step_checked(
                     check_values=False)  # fmt: skip
     if state.device != loss.device:
         raise ValueError(f"loss is on {loss.device} but the state is on {state.device}")
+    # DoReMi allocates it on the state's device; the kernels write through its pointer
+    _check_dense(workspace, "workspace")
+    if workspace.device != state.device:
+        raise ValueError(f"workspace is on {workspace.device}, the state on {state.device}")
     return _doremi_step_impl(
         loss, domain, mask, ref_loss, state, counters, workspace, step_size, smoothing, proxy,
         backend, deterministic,
