@@ -138,13 +138,20 @@ def planning_time_per_batch(corpus: TokenCorpus, weights: np.ndarray, steps: int
     return {"plan_s": statistics.median(plan_t), "read_s": statistics.median(read_t)}
 
 
-def checkpoint_replay(corpus: TokenCorpus, weights: np.ndarray, steps: int) -> dict:
+def checkpoint_replay(
+    corpus: TokenCorpus, weights: np.ndarray, steps: int, change_every_step: bool = False
+) -> dict:
     """``state_dict(step=)`` as a loop over a plain DataLoader calls it: the main process replays
-    the draws, from the resume point the first time, then from the previous call's replay."""
+    the draws, from the resume point the first time, then from the previous call's replay.
+    ``change_every_step``: online weights (DoReMi, ODM) given to ``set_weights(step=)`` at every
+    step, which the replay applies one by one."""
     ds = MixtureDataset(corpus, SEQ_LEN, weights, batch_size=BATCH, seed=1)
     it = iter(ds)
-    for _ in range(steps):  # the steps a loader would have claimed
+    others = np.random.default_rng(2).dirichlet(np.ones(len(weights)), size=16)
+    for s in range(steps):  # the steps a loader would have claimed
         next(it)
+        if change_every_step:
+            ds.set_weights(others[s % len(others)], step=s + 1)
     fresh = []
     for _ in range(5):
         ds._replay = None
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
         replay_steps = 200 if args.quick else 2000
         replay = checkpoint_replay(corpus, weights, replay_steps)
+        replay_changes = checkpoint_replay(corpus, weights, replay_steps, change_every_step=True)
 
         state = fast_ds.state_dict()
         state_bytes = len(pickle.dumps(state))
@@ -278,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         "process replays the draws, no tokens read): "
         f"{replay['fresh_per_step_s'] * 1e6:.1f} us per step replayed from the resume point "
         f"(median of 5 replays of {replay_steps} steps); a call {replay_steps // 2} steps after "
-        f"the previous one goes on from its replay: {replay['onward_s'] * 1e3:.2f} ms.",
+        f"the previous one goes on from its replay: {replay['onward_s'] * 1e3:.2f} ms.  With a "
+        "weight change at every step (`set_weights(w, step=s + 1)`, as online DoReMi/ODM weights "
+        f"would be): {replay_changes['fresh_per_step_s'] * 1e6:.1f} us per step replayed and "
+        f"{replay_changes['onward_s'] * 1e3:.2f} ms for the call {replay_steps // 2} steps on.",
         "",
         f"Load average while it ran: {load:.1f} on {cores[1]} cores.  Sampling + mapping is a "
         "fixed cost per batch, so its share grows on a machine whose loader is faster.",
