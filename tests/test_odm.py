@@ -114,6 +114,19 @@ def test_update_from_stats_and_non_finite_loss_is_skipped():
     assert float(odm.rewards[2]) == 0.0
 
 
+def test_a_count_that_is_not_a_number_is_skipped_like_a_non_finite_loss():
+    # An infinite count read as a mean loss of 0 (a reward of exp(0) = 1) and a NaN count was
+    # dropped without being counted in num_skipped.
+    odm = ODM(4, smoothing=0.5)
+    stats = torch.tensor([[float("inf"), float("nan"), 2.0, -float("inf")],
+                          [3.0, 3.0, 4.0, 1.0]])  # fmt: skip
+    w = odm.update(stats)
+    assert torch.isfinite(w).all()
+    assert int(odm.num_skipped) == 2  # inf and nan; a count below 0 saw no token
+    assert odm.rewards[[0, 1, 3]].tolist() == [0.0, 0.0, 0.0]
+    assert float(odm.rewards[2]) == pytest.approx(0.5 * math.exp(2.0), rel=1e-6)
+
+
 def test_no_domain_seen_gives_uniform():
     odm = ODM(4)
     w = odm.update(torch.zeros(3, 4))

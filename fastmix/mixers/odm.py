@@ -71,7 +71,7 @@ class ODM:
 
     Attributes: ``weights`` (π, ``[K]`` float32), ``rewards`` (R̂), ``num_steps`` (t, read as an
     int from the device: a synchronisation),
-    ``num_skipped`` (device int64: domain-steps whose mean loss was not finite, ignored).
+    ``num_skipped`` (device int64: domain-steps whose count or mean loss was not finite, ignored).
     """
 
     def __init__(
@@ -213,9 +213,11 @@ class ODM:
         totals = distributed.all_reduce_sum_(stats[:2].to(torch.float32).clone(), group)
         count, loss_sum = totals[0], totals[1]
         mean = loss_sum / count.clamp_min(1.0)
-        finite = torch.isfinite(mean)
+        # An infinite count made the mean 0 (a reward of 1, as for a loss of 0) and a NaN count
+        # vanished unreported: neither is a count, so the domain is skipped like a NaN loss.
+        finite = torch.isfinite(mean) & torch.isfinite(count)
         seen = (count > 0) & finite
-        self._skipped.add_(((count > 0) & ~finite).sum())
+        self._skipped.add_((((count > 0) | torch.isnan(count)) & ~finite).sum())
         reward = torch.exp(torch.where(finite, mean, 0.0).clamp(max=_MAX_LOSS))
         beta = self.smoothing
         self._rewards.copy_(torch.where(seen, beta * self._rewards + (1.0 - beta) * reward,
