@@ -216,6 +216,14 @@ def read_documents(
     plain-text file a document, and changes nothing for JSONL, whose records are always one
     document each.
     """
+    yield from _read_documents(path, text_field, lines)
+
+
+def _read_documents(
+    path: str | os.PathLike, text_field: str, lines: bool, on_read: Any = None
+) -> Iterator[str]:
+    """``read_documents``; ``on_read(n)`` after each document gets the bytes of the file read so
+    far (of the compressed file for .gz: the decompressed text is several times its size)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"input {str(path)!r}: no such file")
@@ -223,7 +231,7 @@ def read_documents(
     is_gz = name.endswith(".gz")
     is_jsonl = name.removesuffix(".gz").endswith((".jsonl", ".json", ".ndjson"))
     try:
-        raw = gzip.open(path, "rb") if is_gz else open(path, "rb")
+        file = open(path, "rb")
     except OSError as e:
         raise ValueError(f"input {str(path)!r}: cannot be read ({e.strerror or e})") from None
     # utf-8-sig: a BOM is not part of the first document (nor the start of JSON);
@@ -231,10 +239,15 @@ def read_documents(
     newline = "" if not (is_jsonl or lines) else None
     replaced = _REPLACED.count
     try:
-        with raw, io.TextIOWrapper(
-            raw, encoding="utf-8-sig", errors=_REPLACE, newline=newline
-        ) as f:
-            yield from _parse_documents(f, path, text_field, is_jsonl, lines)
+        with file:  # (a GzipFile does not close the file it reads)
+            raw = gzip.GzipFile(fileobj=file, mode="rb") if is_gz else file
+            with io.TextIOWrapper(
+                raw, encoding="utf-8-sig", errors=_REPLACE, newline=newline
+            ) as f:
+                for doc in _parse_documents(f, path, text_field, is_jsonl, lines):
+                    yield doc
+                    if on_read is not None:
+                        on_read(file.tell())
     except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz, a failing disk
         raise ValueError(f"input {str(path)!r}: cannot be read ({e})") from None
     if _REPLACED.count > replaced:
@@ -242,7 +255,7 @@ def read_documents(
             f"input {str(path)!r}: {_REPLACED.count - replaced} byte sequence(s) that are not "
             "UTF-8 were replaced with U+FFFD",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
 
 
@@ -536,8 +549,8 @@ def prepare_corpus(
         for name, paths in domains.items():
             if bar is not None:
                 bar.set_description(name)
-            docs = _documents(paths, text_field, lines, bar)
-            prepare_domain(name, docs, out_dir, tok, sources=[str(p) for p in paths], progress=bar)
+            docs = _documents(paths, text_field, lines, bar)  # (it moves the bar)
+            prepare_domain(name, docs, out_dir, tok, sources=[str(p) for p in paths])
     finally:
         if bar is not None:
             bar.close()
@@ -574,13 +587,21 @@ def _input_paths(name: str, spec: Any) -> list[str]:
 
 
 def _documents(paths: Sequence[Any], text_field: str, lines: bool, bar: Any) -> Iterator[str]:
-    """Documents of several files; the bar is set to the exact bytes read after each file."""
+    """Documents of several files; the bar follows the bytes of each file read, and is set to
+    the file's exact size after it.  (It counted the characters of the documents: for a .gz
+    input several times the file's size, so the bar ran past its total and then fell back.)"""
     for p in paths:
-        start = bar.n if bar is not None else 0
-        yield from read_documents(p, text_field=text_field, lines=lines)
-        if bar is not None:
-            bar.n = start + Path(p).stat().st_size
-            bar.refresh()
+        if bar is None:
+            yield from _read_documents(p, text_field, lines)
+            continue
+        start, size = bar.n, Path(p).stat().st_size
+
+        def on_read(read: int, start: int = start, size: int = size) -> None:
+            bar.update(start + min(read, size) - bar.n)
+
+        yield from _read_documents(p, text_field, lines, on_read)
+        bar.n = start + size
+        bar.refresh()
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -588,7 +609,7 @@ def _progress(total: int, enabled: bool) -> Any:
         return None
     from tqdm.auto import tqdm
 
-    # Characters stand in for bytes: exact for ASCII, close enough for a progress bar.
+    # bytes of the input files read (of the compressed file for .gz)
     return tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
 
 

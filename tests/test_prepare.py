@@ -622,3 +622,42 @@ def test_lines_splits_plain_text_and_leaves_jsonl_records_whole(tmp_path, capsys
         cli.main(["prepare", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "a JSONL record is always one document, whatever --lines" in help_text
+
+
+def test_the_progress_bar_follows_the_bytes_read_and_never_passes_its_total(tmp_path, monkeypatch):
+    # It counted the documents' characters: for a .gz input, several times the file's size, so
+    # the bar ran to ~20x its total and fell back at the end of the file.
+    import fastmix.prepare as prepare
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.n, self.seen = total, 0, []
+
+        def update(self, k):
+            self.n += k
+            self.seen.append(self.n)
+
+        def refresh(self):
+            self.seen.append(self.n)
+
+        def set_description(self, name):
+            pass
+
+        def close(self):
+            pass
+
+    bars = []
+    monkeypatch.setattr(prepare, "_progress", lambda total, enabled: bars.append(Bar(total))
+                        or bars[-1])  # fmt: skip
+    # random hex: ~0.5 MB compressed, read in several 128 KiB chunks
+    rng = np.random.default_rng(0)
+    records = "".join(json.dumps({"text": rng.bytes(100).hex()}) + "\n" for i in range(5000))
+    (tmp_path / "big.jsonl.gz").write_bytes(gzip.compress(records.encode()))
+    (tmp_path / "small.txt").write_text("hello\n" * 50)
+    prepare_corpus({"web": [tmp_path / "big.jsonl.gz"], "txt": tmp_path / "small.txt"},
+                   tmp_path / "out")  # fmt: skip
+    (bar,) = bars
+    assert bar.total == sum(p.stat().st_size for p in tmp_path.glob("*.*") if p.is_file())
+    assert max(bar.seen) == bar.total == bar.n
+    assert bar.seen == sorted(bar.seen)  # only forward
+    assert len(set(bar.seen)) > 3  # moved within the .gz file, not only at its end
