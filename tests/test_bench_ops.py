@@ -17,6 +17,26 @@ def _bench_ops(monkeypatch):
     return importlib.import_module("bench_ops")
 
 
+# One row per op on "cuda" (see _on_a_fake_gpu)
+_ONE_ROW = argparse.Namespace(device="cuda", sequences=[1], domains=[2], dtype="float32",
+                              repeats=1, warmup=0, out=None, threads=None)  # fmt: skip
+
+
+def _on_a_fake_gpu(monkeypatch, cuda: bool):
+    """bench_ops as on a GPU machine, with every call timed as 1 µs on CPU tensors; the cuda
+    backend available or not, no triton, torch.compile a no-op."""
+    bench_ops = _bench_ops(monkeypatch)
+    make_batch = bench_ops.make_batch
+    monkeypatch.setattr(bench_ops, "roofline", lambda device, measure: (1e3, 1.0, 1.0))
+    monkeypatch.setattr(bench_ops, "make_batch", lambda n, k, device, dtype: make_batch(
+        n, k, "cpu", dtype))  # fmt: skip
+    monkeypatch.setattr(bench_ops, "timer", lambda device, repeats, warmup: lambda fn: 1.0)
+    monkeypatch.setattr(bench_ops, "backends", lambda: {
+        "triton": {"available": False}, "cuda": {"available": cuda}})  # fmt: skip
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    return bench_ops
+
+
 def test_a_failing_backend_is_tried_once_per_op_and_reported_on_one_line(monkeypatch, tmp_path):
     bench_ops = _bench_ops(monkeypatch)
     calls = []
@@ -51,19 +71,9 @@ def test_a_failing_backend_is_tried_once_per_op_and_reported_on_one_line(monkeyp
 def test_without_the_cuda_backend_the_graph_column_reads_na_not_error(monkeypatch):
     # On a GPU whose fastmix._cuda did not build (gpu_check.sh still runs the benchmarks), the
     # "cuda in a CUDA graph" cells are not errors: no cuda column was measured at all.
-    bench_ops = _bench_ops(monkeypatch)
-    make_batch = bench_ops.make_batch
-    monkeypatch.setattr(bench_ops, "roofline", lambda device, measure: (1e3, 1.0, 1.0))
-    monkeypatch.setattr(bench_ops, "make_batch", lambda n, k, device, dtype: make_batch(
-        n, k, "cpu", dtype))  # fmt: skip
-    monkeypatch.setattr(bench_ops, "timer", lambda device, repeats, warmup: lambda fn: 1.0)
-    monkeypatch.setattr(bench_ops, "backends", lambda: {
-        "triton": {"available": False}, "cuda": {"available": False}})  # fmt: skip
+    bench_ops = _on_a_fake_gpu(monkeypatch, cuda=False)
     monkeypatch.setattr(bench_ops, "fresh_state", lambda k, device: (None, None))
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
-    args = argparse.Namespace(device="cuda", sequences=[1], domains=[2], dtype="float32",
-                              repeats=1, warmup=0, out=None, threads=None)  # fmt: skip
-    text = bench_ops.bench(args)
+    text = bench_ops.bench(_ONE_ROW)
     rows = [line for line in text.splitlines() if line.startswith(("| stats", "| step"))]
     assert len(rows) == 2, text
     for row in rows:
@@ -76,24 +86,14 @@ def test_a_failed_cuda_graph_capture_is_listed_under_the_table(monkeypatch):
     # The cuda backend runs but its capture in a CUDA graph fails: that cell reads error and the
     # reason is listed with the other errors (it went to stderr only, under a table whose
     # "error" cells had no explanation in the report).
-    bench_ops = _bench_ops(monkeypatch)
-    make_batch = bench_ops.make_batch
-    monkeypatch.setattr(bench_ops, "roofline", lambda device, measure: (1e3, 1.0, 1.0))
-    monkeypatch.setattr(bench_ops, "make_batch", lambda n, k, device, dtype: make_batch(
-        n, k, "cpu", dtype))  # fmt: skip
-    monkeypatch.setattr(bench_ops, "timer", lambda device, repeats, warmup: lambda fn: 1.0)
-    monkeypatch.setattr(bench_ops, "backends", lambda: {
-        "triton": {"available": False}, "cuda": {"available": True}})  # fmt: skip
+    bench_ops = _on_a_fake_gpu(monkeypatch, cuda=True)
     monkeypatch.setattr(bench_ops, "runner", lambda *args: lambda: None)
 
     def capture_fails(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
     monkeypatch.setattr(torch.cuda, "Stream", capture_fails)  # the capture's first step
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
-    args = argparse.Namespace(device="cuda", sequences=[1], domains=[2], dtype="float32",
-                              repeats=1, warmup=0, out=None, threads=None)  # fmt: skip
-    text = bench_ops.bench(args)
+    text = bench_ops.bench(_ONE_ROW)
     rows = [line for line in text.splitlines() if line.startswith(("| stats", "| step"))]
     assert len(rows) == 2, text
     for row in rows:

@@ -235,16 +235,23 @@ def test_with_a_gpu_every_stage_reports_and_dir_gets_the_same_report(tmp_path):
     assert not leftovers
 
 
-def test_a_build_by_the_direct_fallback_counts_as_built(tmp_path):
-    # setup.py fails (old setuptools, say), bench/_build_direct.sh builds, everything else
-    # passes: the check passes (exit 0), as when the -allow-unsupported-compiler retry builds.
+def _tree_with_a_fake_gpu(tmp_path, interpreter: str):
+    """A copy of gpu_check.sh in tmp_path/tree (whose bench/_build_direct.sh always builds) and
+    the fake interpreter script ``interpreter`` to run it with."""
     tree = tmp_path / "tree"
     (tree / "bench").mkdir(parents=True)
     shutil.copy(ROOT / "bench" / "gpu_check.sh", tree / "bench")
     (tree / "bench" / "_build_direct.sh").write_text("echo built directly\n")
     python = tmp_path / "fakepython"
-    python.write_text(FAKE_PYTHON)
+    python.write_text(interpreter)
     python.chmod(0o755)
+    return tree, python
+
+
+def test_a_build_by_the_direct_fallback_counts_as_built(tmp_path):
+    # setup.py fails (old setuptools, say), bench/_build_direct.sh builds, everything else
+    # passes: the check passes (exit 0), as when the -allow-unsupported-compiler retry builds.
+    tree, python = _tree_with_a_fake_gpu(tmp_path, FAKE_PYTHON)
     env = {**__import__("os").environ, "PYTHON": str(python), "GPU_CHECK_BUDGET": "120"}
     run = subprocess.run(["bash", str(tree / "bench" / "gpu_check.sh")], capture_output=True,
                          text=True, timeout=300, cwd=tmp_path, env={**env, "FAKE_OK": "1"})
@@ -260,15 +267,9 @@ def test_a_build_by_the_direct_fallback_counts_as_built(tmp_path):
 def test_a_build_that_ignores_sigterm_is_killed_at_its_limit(tmp_path):
     # nvcc, or a compiler it runs, that ignores SIGTERM must not hold the check past its budget:
     # the build stage is killed after a grace and reported as timed out, not as failed.
-    tree = tmp_path / "tree"
-    (tree / "bench").mkdir(parents=True)
-    shutil.copy(ROOT / "bench" / "gpu_check.sh", tree / "bench")
-    (tree / "bench" / "_build_direct.sh").write_text("echo built directly\n")
-    python = tmp_path / "fakepython"
     # an ignored signal stays ignored across exec: sleep ignores SIGTERM too
-    python.write_text(FAKE_PYTHON.replace(
+    tree, python = _tree_with_a_fake_gpu(tmp_path, FAKE_PYTHON.replace(
         '  *) exit 1;;', "  *setup.py*) trap '' TERM; sleep 600;;\n  *) exit 1;;"))  # fmt: skip
-    python.chmod(0o755)
     # a budget of 30 s leaves the build 5 s (the least any stage gets)
     env = {**__import__("os").environ, "PYTHON": str(python), "GPU_CHECK_BUDGET": "30"}
     proc = subprocess.Popen(["bash", str(tree / "bench" / "gpu_check.sh")], stdout=subprocess.PIPE,

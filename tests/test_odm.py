@@ -487,46 +487,6 @@ def test_an_odm_made_in_inference_mode_steps_outside_it():
     assert torch.equal(inside.weights, want.weights) and torch.equal(inside.rewards, want.rewards)
 
 
-def test_a_state_too_large_to_allocate_is_an_error_naming_num_domains(monkeypatch):
-    # K is at most 2**31 - 1, a state of 24 GiB: ODM(2**31 - 1) ended in torch's out-of-memory
-    # error, or the process was killed for memory.  The size is probed before anything is
-    # allocated (here the probe answers no: on a large machine it would not).
-    from fastmix.mixers import _common, odm
-
-    probed = []
-
-    def probe(shape, dtype):
-        probed.append((shape, dtype))
-        return False
-
-    def not_called(*args):
-        raise AssertionError("allocated before the size check")
-
-    monkeypatch.setattr(_common, "allocatable", probe)
-    monkeypatch.setattr(odm, "initial_weights", not_called)
-    with pytest.raises(ValueError, match=r"num_domains=2147483647: the ODM state \(3 x "
-                       r"2,147,483,647 float32 values, 24\.0 GiB\) is more than can be allocated "
-                       r"on cpu"):  # fmt: skip
-        ODM(2**31 - 1)
-    assert probed == [((3, 2**31 - 1), np.float32)]
-    monkeypatch.undo()
-    # moving the state probes too (from "meta", which stands in for a GPU: nothing is copied)
-    moved = ODM(3).to("meta")
-    monkeypatch.setattr(_common, "allocatable", probe)
-    with pytest.raises(ValueError, match="num_domains=3: the ODM state .* on cpu"):
-        moved.to("cpu")
-    assert moved.device.type == "meta"
-    monkeypatch.undo()
-    # on a GPU, torch's out-of-memory error becomes the same error
-    def out_of_memory(*args):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-
-    monkeypatch.setattr(odm, "initial_weights", out_of_memory)
-    with pytest.raises(ValueError, match="num_domains=5: the ODM state") as info:
-        ODM(5)
-    assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
-
-
 def test_a_rejected_batch_leaves_the_state_where_it_is():
     # ("meta" stands in for a GPU.)  The state followed the loss's device before the batch was
     # checked: a rejected first batch moved it, and every later (good) batch was refused.
