@@ -825,20 +825,20 @@ class _Control:
         with self.lock:
             return self._earliest_step(floor)
 
-    def _earliest_step(self, floor: int) -> int:
-        live = self._live_started()
-        return max(floor, int(live.max()) + 1) if live.size else floor
+    def _earliest_step(self, floor: int, live: np.ndarray | None = None) -> int:
+        started = self.v["started"][self._live_slots() if live is None else live]
+        return max(floor, int(started.max()) + 1) if started.size else floor
 
-    def _live_started(self, workers_only: bool = False) -> np.ndarray:
-        """The steps started by the iterators that hold a slot in a process still running (a
-        DataLoader whose workers have exited leaves their slots behind)."""
+    def _live_slots(self) -> np.ndarray:
+        """The slots held by iterators in a process still running (a DataLoader whose workers
+        have exited leaves their slots behind).  Each probe reads /proc/<pid>/stat (~25 us):
+        publish() looks once and uses the answer twice."""
         v = self.v
-        started = v["started"][:_WORKER_SLOTS] if workers_only else v["started"]
-        held = np.flatnonzero(started != _NO_ITERATOR)
+        held = np.flatnonzero(v["started"] != _NO_ITERATOR)
         me = os.getpid()
         owner, start = v["owner_pid"], v["owner_start"]
         live = [i for i in held if int(owner[i]) == me or _alive(int(owner[i]), int(start[i]))]
-        return v["started"][live]
+        return np.array(live, dtype=np.int64)
 
     def publish(
         self,
@@ -856,7 +856,8 @@ class _Control:
         v = self.v
         low = floor if least is None else min(floor, least)
         with self.lock:
-            earliest = self._earliest_step(floor if step is None else low)
+            live = self._live_slots()
+            earliest = self._earliest_step(floor if step is None else low, live)
             if step is None:
                 step = earliest
             elif step < earliest:
@@ -873,9 +874,9 @@ class _Control:
                 # an idle in-process iterator (a peek) must not hold the ring, and one that
                 # resumes after missing changes says so (collect); a new pass replays what the
                 # ring still holds.
-                live = self._live_started(workers_only=True)
+                workers = v["started"][live[live < _WORKER_SLOTS]]
                 consumed_through = (
-                    int(live.min()) if live.size else max(low - 1, int(v["high_water"][0]))
+                    int(workers.min()) if workers.size else max(low - 1, int(v["high_water"][0]))
                 )
                 if v["event_step"][slot] > consumed_through:
                     raise RuntimeError(
