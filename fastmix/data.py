@@ -56,6 +56,7 @@ import threading
 import time
 import unicodedata
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -216,6 +217,21 @@ def _check_weight_values(w: np.ndarray, names: Sequence[str] | None) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+# A fork copies a lock as it is: a DataLoader worker forked while another thread of the parent
+# was mapping a file (holding _maps_lock) waited for that lock forever at its first read.  The
+# maps the lock guards are consistent between bytecodes, so the child takes a fresh lock.
+_CORPORA: weakref.WeakSet[TokenCorpus] = weakref.WeakSet()
+
+
+def _fresh_map_locks() -> None:
+    for corpus in list(_CORPORA):
+        corpus._maps_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_map_locks)
+
+
 class TokenCorpus:
     """Flat token files per domain, memory-mapped on first read and never read whole.
 
@@ -301,6 +317,7 @@ class TokenCorpus:
         self._any_signed = any(dt.kind == "i" for dt in self._flat_dtypes)
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._maps_lock = threading.Lock()
+        _CORPORA.add(self)
         self._evicts = False  # (set at each new map: more files than max_open_maps)
         del self._manifests, self._manifest_files
 
@@ -435,6 +452,7 @@ class TokenCorpus:
         state.setdefault("_evicts", False)
         self.__dict__.update(state)
         self._maps_lock = threading.Lock()
+        _CORPORA.add(self)
 
     # -- sizes ----------------------------------------------------------------------------------
 

@@ -530,3 +530,29 @@ def test_from_dir_names_two_domains_whose_files_are_one_file(tmp_path):
     write_bin(tmp_path / "Code.bin", [97, 98, 99, 256])
     write_bin(tmp_path / "code.bin", [120, 256])
     assert TokenCorpus.from_dir(tmp_path).tokens == {"Code": 4, "code": 2}
+
+
+def _read_first_tokens(corpus, queue):
+    queue.put(corpus.read(0, 0, 3).tolist())
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="needs fork")
+def test_a_process_forked_while_another_thread_maps_a_file_can_read(tmp_path):
+    # A DataLoader worker forked while another thread of the parent held the corpus's map lock
+    # (mapping a file) got the lock held, and waited for it forever at its first read.
+    import multiprocessing
+
+    corpus = TokenCorpus({"a": write_bin(tmp_path / "a.bin", np.arange(7, 20))}, dtype="uint16")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    with corpus._maps_lock:  # held, as by the other thread, at the moment of the fork
+        child = ctx.Process(target=_read_first_tokens, args=(corpus, queue))
+        child.start()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the forked process waited for a lock held by a thread it does not have")
+    assert child.exitcode == 0
+    assert queue.get(timeout=10) == [7, 8, 9]
+    assert corpus.read(0, 1, 2).tolist() == [8, 9]  # the parent's own lock still works
