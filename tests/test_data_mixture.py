@@ -368,6 +368,35 @@ def test_a_full_ring_is_guarded_with_several_workers(corpus):
     assert [d for _, d in flatten(got)] == [1, 1, 2, 2, 1, 1]
 
 
+def test_a_replay_going_on_takes_a_change_recorded_after_later_ones(corpus):
+    # state_dict(step=) goes on from the previous call's replay with the changes recorded since;
+    # a CUDA change is recorded when its copy lands, after a change made later.
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], batch_size=2, seed=1)
+    it = iter(ds)
+    take(it, 2)
+    ds.state_dict(step=2)
+    replay = ds._replay
+    event = FakeEvent()
+    ds._submit_async(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), event, 4)
+    assert ds.set_weights([0, 0, 1], step=6) == 6  # recorded first
+    event.done.set()
+    ds.flush_weights()
+    assert ds.weight_schedule == [(4, [1.0, 0.0, 0.0]), (6, [0.0, 0.0, 1.0])]
+    got = [d for _, d in flatten(take(it, 6))]
+    assert set(got[4:8]) == {0} and set(got[8:]) == {2}
+    live = ds.state_dict()
+    assert ds.state_dict(step=8) == live
+    assert ds._replay is replay  # went on
+    ds._replay = None
+    assert ds.state_dict(step=8) == live
+    # A dataset pickled before the replay kept its list of recorded changes replays too.
+    state = ds.__getstate__()
+    del state["_recorded"]
+    old = MixtureDataset.__new__(MixtureDataset)
+    old.__setstate__(state)
+    assert old.state_dict(step=8) == live
+
+
 def test_checkpoint_waits_for_a_weight_copy_in_flight(corpus):
     # set_weights(cuda_tensor, step=ds.next_step) and a checkpoint right after it, before the
     # device-to-host copy has landed: the change must be in the checkpoint.
