@@ -982,10 +982,21 @@ class _Control:
                 v["owner_token"][slot] = -1
 
     def collect(
-        self, slot: int, token: int, position: int, claim: int, generation: int, seen: int
+        self,
+        slot: int,
+        token: int,
+        position: int,
+        claim: int,
+        generation: int,
+        seen: int,
+        taken: np.ndarray,
     ) -> tuple[list[tuple[int, int, np.ndarray]], int]:
         """Mark ``claim`` started; return the changes (made, step, weights) with step >=
-        position, and the count of changes published so far (pass it back as ``seen``).
+        position that are not in ``taken``, and the count of changes published so far (pass it
+        back as ``seen``).  ``taken`` (the iterator's own: the event id last returned from each
+        slot of the ring) records what is returned, so each change is returned once (every
+        step copied and merged again every change still ahead: with 1,000 changes scheduled
+        ahead, a step in-process took 0.95-1.21 ms instead of 58-100 us).
 
         Waits while a change due at or before ``claim`` still waits for its CUDA copy.  Raises
         _StaleIterator for an iterator of an earlier generation (a state was loaded since),
@@ -1008,7 +1019,10 @@ class _Control:
                 if not waiting.any():
                     v["started"][slot] = claim
                     v["high_water"][0] = max(int(v["high_water"][0]), claim)
-                    ready = np.flatnonzero(live & (v["event_flag"] == _READY))
+                    ready = np.flatnonzero(
+                        live & (v["event_flag"] == _READY) & (v["event_id"] != taken)
+                    )
+                    taken[ready] = v["event_id"][ready]
                     changes = [
                         (
                             int(v["event_made"][i]),
@@ -1397,6 +1411,8 @@ class _MixtureIterator:
         self.lock = threading.Lock()
         self.producing: int | None = None  # the thread inside next()
         self.seen = ds._control.count()
+        # The event id last collected from each slot of the ring (merged into the stream).
+        self.taken = np.full(_EVENT_CAPACITY, -1, np.int64)
         ds._active = self
         self.in_worker = torch.utils.data.get_worker_info() is not None
 
@@ -1426,7 +1442,13 @@ class _MixtureIterator:
             raise StopIteration
         try:
             changes, self.seen = ds._control.collect(
-                self.slot, self.token, stream.step, self.next_step, self.generation, self.seen
+                self.slot,
+                self.token,
+                stream.step,
+                self.next_step,
+                self.generation,
+                self.seen,
+                self.taken,
             )
         except _MissedChanges:
             raise RuntimeError(

@@ -189,6 +189,20 @@ def test_live_weights_apply_from_the_returned_step(corpus):
         ds.set_weights([1, 1, 1], step=5)
 
 
+def test_changes_scheduled_ahead_apply_at_their_steps_and_the_last_made_wins(corpus):
+    # The iterator takes each change from the shared ring once, when it first sees it; a change
+    # made later for a step it holds one for already wins there.
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 0, 0], seed=1, batch_size=2)
+    for step, w in ((4, [0, 1, 0]), (6, [1, 0, 0]), (8, [1, 0, 0])):
+        ds.set_weights(w, step=step)
+    it = iter(ds)
+    first = [d for _, d in flatten(take(it, 5))]
+    assert ds.set_weights([0, 0, 1], step=6) == 6
+    rest = [d for _, d in flatten(take(it, 5))]
+    assert first + rest == [0] * 8 + [1] * 4 + [2] * 4 + [0] * 4
+    assert ds.state_dict(step=10) == ds.state_dict()
+
+
 class FakeEvent:
     """Stands in for torch.cuda.Event: synchronize() blocks until the test releases it."""
 
