@@ -2022,8 +2022,11 @@ class MixtureDataset(IterableDataset):
         self._resume = state
         self._active = None
         self._weights = np.array(state["user_weights"], np.float64)
+        # (a dict: names.index per domain made loading quadratic in K when many domains are
+        # exhausted, 1.3-1.6 s at K = 10,000 with all of them)
+        index = {name: d for d, name in enumerate(self.corpus.names)}
         for name, sample in dict(state.get("exhausted", {})).items():
-            self._control.mark_exhausted(self.corpus.names.index(name), int(sample))
+            self._control.mark_exhausted(index[name], int(sample))
         if not in_worker:
             # Restore the changes still to come.
             self._floor = int(state["step"])
@@ -2208,8 +2211,9 @@ def _check_state_body(state: Mapping[str, Any], ds: MixtureDataset) -> None:
                 raise bad(key, f"has a step that is not an int in [0, 2**62): {entry[0]!r}")
             weight_vector(key, entry[1])
     exhausted = state.get("exhausted", {})
+    known = set(names)
     if not isinstance(exhausted, Mapping) or any(
-        name not in names or not is_int(v, 2**63) for name, v in exhausted.items()
+        name not in known or not is_int(v, 2**63) for name, v in exhausted.items()
     ):
         raise bad("exhausted", "must map the corpus's domain names to sample indices >= 0")
     # The sampler: the dataset's own rule and seed (another would be another stream), and a
