@@ -13,6 +13,7 @@ import csv
 import io
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,7 +353,7 @@ def _value_columns(cols: Mapping[str, Sequence[Any]], wanted: Sequence[str] | No
         elif not isinstance(wanted, Iterable):
             raise TypeError(f"{arg} must be a list of column names, got {type(wanted).__name__}")
         wanted = [str(w) for w in wanted]
-        repeated = sorted({w for w in wanted if wanted.count(w) > 1})
+        repeated = sorted(w for w, n in Counter(wanted).items() if n > 1)
         if repeated:
             raise ValueError(f"{arg}: columns {_preview(repeated)} are listed more than once")
         unknown = [w for w in wanted if w not in cols]
@@ -476,12 +477,12 @@ def _id_str(v: Any) -> str:
 
 def _duplicates(items: Sequence[str]) -> list[str]:
     seen: set[str] = set()
-    dup: list[str] = []
+    dup: dict[str, None] = {}  # (a dict, in order: a list scan per repeat was quadratic)
     for x in items:
-        if x in seen and x not in dup:
-            dup.append(x)
+        if x in seen:
+            dup[x] = None
         seen.add(x)
-    return dup
+    return list(dup)
 
 
 def _row_name(run_ids: list[str] | None, row: int) -> str:
