@@ -1500,6 +1500,11 @@ class _MixtureIterator:
             pending[step] = weights
         state["pending"] = [[s, pending[s]] for s in sorted(pending)]
         state.update(next_step=self.next_step, worker=self.worker_id, stride=self.stride)
+        # The floor a loaded state left (how far the workers that saved it had run): without it
+        # a dataset loading a worker's own state placed a change without step= before it, not
+        # where the run that saved the state would (the main process's state writes its own
+        # next_step over this).
+        state["floor"] = self.ds._floor
         return state
 
 

@@ -252,6 +252,40 @@ def test_a_change_between_a_loaded_state_and_its_floor_is_saved_again(corpus):
     assert again.weight_schedule == reference.weight_schedule
 
 
+def test_a_worker_state_after_resuming_keeps_the_old_workers_lead(tmp_path):
+    # The source run's worker had prefetched steps 0-2 when state_dict(step=1) was taken: a
+    # change without step= made after resuming from it goes to step 3, where it would have gone
+    # without the interruption.  The resumed run's worker, which has produced step 1 only, saves
+    # its own state at step 2 (as StatefulDataLoader takes it): a dataset loading that state
+    # placed such a change at step 2 (next_step 2), not at 3 as the run that saved it would.
+    small = make_corpus(tmp_path, {"a": [5], "b": [5]})
+
+    def mk():
+        return MixtureDataset(small, SEQ_LEN, [0, 1], seed=0, batch_size=1)
+
+    src = mk()
+    worker = src._iter_worker(0, 1)
+    source = flatten(take(worker, 3))  # steps 0-2: consumed 0, prefetched 2 ahead
+    resumed = mk()
+    resumed.load_state_dict(src.state_dict(step=1))
+    assert resumed.next_step == src.next_step == 3
+    worker = resumed._iter_worker(0, 1)
+    assert flatten(take(worker, 1)) == source[1:2]  # step 1
+    state = {**resumed._header(), **worker.state_dict(), "events": [], "exhausted": {}}
+    assert state["step"] == 2 and resumed.next_step == 3
+    fresh = mk()
+    fresh.load_state_dict(state)
+    assert fresh.next_step == 3
+    assert fresh.set_weights([1, 0]) == 3  # as resumed.set_weights would have
+    resumed.load_state_dict(state)  # rolled back into the dataset that saved it
+    assert resumed.next_step == 3
+    reference = mk()
+    reference.set_weights([1, 0], step=3)
+    expected = flatten(take(iter(reference), 5))
+    assert expected[:3] == source
+    assert flatten(take(iter(fresh), 3)) == expected[2:]
+
+
 def test_state_dict_at_a_step_after_the_workers_have_gone(corpus):
     # A last checkpoint after the loop: the DataLoader's workers have exited, so no live
     # iterator holds the position any more; the steps they claimed still bound the step.
