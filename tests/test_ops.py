@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import re
 import weakref
 
 import numpy as np
@@ -405,8 +406,12 @@ def test_direct_op_call_checks_the_workspace_device():
         step(torch.empty(0), counters.to("meta"))  # as the other arguments are checked
     with pytest.raises(ValueError, match="workspace is on meta, the state on cpu"):
         step(torch.empty(0, device="meta"))
-    with pytest.raises(TypeError, match="workspace must be a dense .*sparse_coo"):
+    with pytest.raises((TypeError, NotImplementedError)) as info:
         step(torch.zeros(4).to_sparse())
+    if info.type is TypeError:
+        assert re.search("workspace must be a dense .*sparse_coo", str(info.value))
+    else:  # torch 2.4's custom-op wrapper reads each tensor's storage before any kernel runs
+        assert "Cannot access storage of SparseTensorImpl" in str(info.value)
     assert int(counters.sum()) == 0 and torch.equal(state, torch.full((3, 3), 1 / 3))
     step(torch.empty(0))  # on the state's device: the step runs
     assert int(counters[0]) == 1
