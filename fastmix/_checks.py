@@ -34,6 +34,15 @@ def flag(value: Any, what: str) -> bool:
     return bool(value)
 
 
+def not_a_set(value: Any, what: str) -> None:
+    """TypeError ``"<what>, got a set ..."`` when ``value`` is a set, where an order matters: a
+    set of str iterates in an order that changes with PYTHONHASHSEED, from one process to the
+    next, so the same seed gave other results."""
+    if isinstance(value, (set, frozenset)):
+        raise TypeError(f"{what}, got a set (its order differs between runs; pass sorted(...) or "
+                        "a list)")
+
+
 def plain_values(values: Any, what: str) -> Any:
     """``values`` as ``np.asarray`` should see them, for weights: a masked array's entries (one
     with masked entries refused: asarray would use the hidden values), and no bool in a list

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._checks import flag, plain_values, real_number
+from fastmix._checks import flag, not_a_set, plain_values, real_number
 
 __all__ = ["Constraints", "SearchResult", "project", "sample_mixtures", "search"]
 
@@ -152,10 +152,7 @@ class Constraints:
         # A string is iterable too: 'web' became the domains ['w', 'e', 'b'].
         if isinstance(self.domains, (str, bytes)) or not isinstance(self.domains, Iterable):
             raise TypeError(f"domains must be a list of names, got {self.domains!r}")
-        # A set's order changes with PYTHONHASHSEED: the same seed searched other weights.
-        if isinstance(self.domains, (set, frozenset)):
-            raise TypeError("domains must be a list of names, got a set (its order differs "
-                            "between runs; pass sorted(...) or a list)")
+        not_a_set(self.domains, "domains must be a list of names")
         self.domains = [str(d) for d in self.domains]
         K = len(self.domains)
         if K < 1:

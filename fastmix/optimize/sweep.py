@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._checks import real_number
+from fastmix._checks import not_a_set, real_number
 
 from .search import _rng_seed
 
@@ -347,10 +347,8 @@ def _value_columns(cols: Mapping[str, Sequence[Any]], wanted: Sequence[str] | No
     if wanted is not None:
         if isinstance(wanted, str):  # one column, not one per character ('loss' was l, o, s, s)
             wanted = [wanted]
-        elif isinstance(wanted, (set, frozenset)):  # its order changes with PYTHONHASHSEED
-            raise TypeError(f"{arg} must be a list of column names, got a set (its order "
-                            "differs between runs; pass sorted(...) or a list)")
-        elif not isinstance(wanted, Iterable):
+        not_a_set(wanted, f"{arg} must be a list of column names")
+        if not isinstance(wanted, Iterable):
             raise TypeError(f"{arg} must be a list of column names, got {type(wanted).__name__}")
         wanted = [str(w) for w in wanted]
         repeated = sorted(w for w, n in Counter(wanted).items() if n > 1)
