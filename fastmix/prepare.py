@@ -359,7 +359,7 @@ def prepare_domain(
         raise TypeError(_UNORDERED.format(what="texts", items="documents"))
     out = make_dir(out_dir, "out_dir")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer)
-    _check_name_clashes([name], _load_or_new_manifest(out, tok))
+    _check_manifest_clashes([name], _load_or_new_manifest(out, tok))
     target = out / f"{name}.bin"
     # The rename and the manifest update happen under one lock, after the manifest is read
     # again: renamed before it, the file of a run that then met another tokenizer's manifest (or
@@ -372,7 +372,7 @@ def prepare_domain(
             os.fsync(f.fileno())  # the slow part, before taking the lock
             locked.enter_context(_manifest_lock(out))  # another run may be adding domains here
             manifest = _load_or_new_manifest(out, tok)  # re-read: it may have added some since
-            _check_name_clashes([name], manifest)
+            _check_manifest_clashes([name], manifest)
         # renamed into place: still under the lock
         entry = {
             "files": [target.name],
@@ -542,7 +542,7 @@ def prepare_corpus(
                 raise ValueError(f"domain {name!r}: input {str(p)!r} is not a file")
     # Against the domains already there, before the first domain is written (prepare_domain
     # checks again, under the lock, for domains another run adds meanwhile).
-    _check_name_clashes(list(domains), _load_or_new_manifest(out, tok))
+    _check_manifest_clashes(list(domains), _load_or_new_manifest(out, tok))
     total = sum(Path(p).stat().st_size for ps in domains.values() for p in ps)
     bar = _progress(total, show_progress)
     try:
@@ -631,24 +631,25 @@ def _check_domain_name(name: Any) -> None:
         raise ValueError(f"domain name must be at most 200 bytes, got {name[:40]!r}...")
 
 
-def _check_name_clashes(names: Sequence[str], manifest: Mapping[str, Any] | None = None) -> None:
-    """Refuse a domain whose token file would be another domain's on some file systems.
+def _check_name_clashes(names: Sequence[str]) -> None:
+    """Refuse two of ``names`` whose token files would be one file on some file systems.
 
     The token files of two names that differ only in letter case or Unicode normalisation
     (``Code.bin`` and ``code.bin``; ``café`` composed and decomposed) are one file where file
     names are compared without them (the default on macOS and Windows): the domain prepared last
-    would overwrite the other's tokens, silently.  ``names`` are checked against each other and
-    against the domains of ``manifest`` (a corpus.json read); the same name again is the same
-    domain, prepared again.  A domain of the manifest listing a file of that name (a hand-written
-    corpus.json) is refused too.
+    would overwrite the other's tokens, silently.
     """
     seen: dict[str, str] = {}
     for name in names:
         other = seen.setdefault(_file_name_key(name), name)
         if other != name:
             raise ValueError(_name_clash(name, other, ""))
-    if manifest is None:
-        return
+
+
+def _check_manifest_clashes(names: Sequence[str], manifest: Mapping[str, Any]) -> None:
+    """:func:`_check_name_clashes` of ``names`` against the domains of ``manifest`` (a
+    corpus.json read); the same name again is the same domain, prepared again.  A domain of the
+    manifest listing a file of that name (a hand-written corpus.json) is refused too."""
     listed_names: dict[str, list[str]] = {}
     listed_files: dict[str, list[tuple[str, str]]] = {}
     for other, info in manifest["domains"].items():
