@@ -169,14 +169,14 @@ class DemoOptions:
 
         main_layers = "--main-layers" if self.main_layers else "--layers"
         main_width = "--main-d-model" if self.main_d_model else "--d-model"
+        proxy, main = self.proxy_config(), self.main_config()
         needs = (
-            (self.proxy_config().num_parameters * 4,
-             f"the reference and proxy models' {self.proxy_config().num_parameters:,} "
-             f"parameters (--d-model {self.d_model}, --layers {self.n_layers})"),
-            (self.main_config().num_parameters * 4,
-             f"the main models' {self.main_config().num_parameters:,} parameters ("
-             f"{main_width} {self.main_config().d_model}, {main_layers} "
-             f"{self.main_config().n_layers})"),
+            (proxy.num_parameters * 4,
+             f"the reference and proxy models' {proxy.num_parameters:,} parameters (--d-model "
+             f"{self.d_model}, --layers {self.n_layers})"),
+            (main.num_parameters * 4,
+             f"the main models' {main.num_parameters:,} parameters ({main_width} "
+             f"{main.d_model}, {main_layers} {main.n_layers})"),
             (self.steps * (1 + 2 * N_DOMAINS) * 4,
              f"the records of {self.steps:,} proxy steps (--steps)"),
             (self.total_main_steps * 4,
