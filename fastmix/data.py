@@ -1903,6 +1903,9 @@ class MixtureDataset(IterableDataset):
             state.update(next_step=None, worker=None, stride=None)
             if self._resume is not None and self._resume.get("next_step") is not None:
                 state.update({k: self._resume[k] for k in ("next_step", "worker", "stride")})
+            # (a worker's state keeps the floor it loaded, as its iterator's does; the main
+            # process writes its own below)
+            state["floor"] = self._floor
         # Changes still to come; a worker's own state needs only its "pending" ones.  Those before
         # the state's step are history load_state_dict skips (a ring of up to 1024 weight
         # vectors: 93 MB and 8.7 s at K = 10,000 when the weights change every step).

@@ -286,6 +286,35 @@ def test_a_worker_state_after_resuming_keeps_the_old_workers_lead(tmp_path):
     assert flatten(take(iter(fresh), 3)) == expected[2:]
 
 
+def test_a_worker_state_before_iterating_keeps_the_old_workers_lead(tmp_path, monkeypatch):
+    # As above, but the resumed run's worker saves its state before producing anything (as
+    # StatefulDataLoader takes a worker's first state): that state lost the loaded floor, and
+    # a dataset loading it placed a change without step= at step 1, not at 3.
+    small = make_corpus(tmp_path, {"a": [5], "b": [5]})
+
+    def mk():
+        return MixtureDataset(small, SEQ_LEN, [0, 1], seed=0, batch_size=1)
+
+    src = mk()
+    source = flatten(take(src._iter_worker(0, 1), 3))  # steps 0-2: consumed 0, prefetched 2
+    resumed = mk()
+    resumed.load_state_dict(src.state_dict(step=1))
+    assert resumed.next_step == 3
+    with monkeypatch.context() as m:  # inside a DataLoader worker
+        m.setattr(torch.utils.data, "get_worker_info", lambda: object())
+        state = resumed.state_dict()
+    assert state["step"] == 1 and state["floor"] == 3
+    fresh = mk()
+    fresh.load_state_dict(state)
+    assert fresh.next_step == 3
+    assert fresh.set_weights([1, 0]) == 3
+    reference = mk()
+    reference.set_weights([1, 0], step=3)
+    expected = flatten(take(iter(reference), 5))
+    assert expected[:3] == source
+    assert flatten(take(iter(fresh), 4)) == expected[1:]
+
+
 def test_state_dict_at_a_step_after_the_workers_have_gone(corpus):
     # A last checkpoint after the loop: the DataLoader's workers have exited, so no live
     # iterator holds the position any more; the steps they claimed still bound the step.
