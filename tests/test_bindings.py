@@ -194,3 +194,25 @@ def test_copy_and_pickle_are_refused(name, clone):
     for obj in (cls.__new__(cls), cls(*_args(GOOD_ARGS[name]))):
         with pytest.raises(TypeError, match="pickle"):
             clone(obj)
+
+
+@pytest.mark.parametrize("n,k", [(5, 3), (40, 1000), (100_000, 22), (64, 4)])
+def test_accumulate_counts_adds_a_histogram(n, k):
+    # Both of its ways: a batch short against K is counted straight into `counts`, a long one
+    # through four partial histograms.
+    ids = np.random.default_rng(n).integers(0, k, n).astype(np.int32)
+    counts = np.arange(k, dtype=np.int64)
+    _C.accumulate_counts(ids, counts)
+    assert np.array_equal(counts, np.arange(k) + np.bincount(ids, minlength=k))
+
+
+@pytest.mark.parametrize("n", [5, 100_000])
+@pytest.mark.parametrize("bad", [-1, 22, 2**31 - 1])
+def test_accumulate_counts_refuses_an_id_out_of_range_before_writing(n, bad):
+    ids = np.zeros(n, np.int32)
+    ids[n // 2] = bad
+    counts = np.full(22, 9, np.int64)
+    with pytest.raises(ValueError, match="outside"):
+        _C.accumulate_counts(ids, counts)
+    assert np.array_equal(counts, np.full(22, 9))
+

@@ -228,6 +228,44 @@ def test_map_windows_matches_a_python_oracle(files, seed, data):
         assert offset[i] == (w - (ends[f - 1] if f else 0)) * 8
 
 
+
+def test_map_windows_matches_the_oracle_over_many_domains():
+    # Hundreds of domains, each drawn a few times in one batch (the table keeps state per drawn
+    # domain, found by hashing its id: colliding ids must keep their own cursors and epochs).
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(1, 4, 700).tolist()
+    n_windows, fb, fwe = table(sizes, [[d] for d in range(700)])
+    domains = rng.integers(0, 700, 900)
+    domains[::7] = 512  # one domain through several epochs
+    start = rng.integers(0, 5, 700)
+    cursors = start.copy()
+    caps = np.full(700, 2**62, np.int64)
+    done, (file, offset, epoch, window) = run_map(
+        domains, cursors, n_windows, caps, fb, fwe, begin=100, end=850, seed=3
+    )
+    assert done == 900
+    assert np.array_equal(cursors - start, np.bincount(domains, minlength=700))
+    position = start.tolist()
+    for i, d in enumerate(domains.tolist()):
+        n, c = int(n_windows[d]), position[d]
+        position[d] += 1
+        if not 100 <= i < 850:
+            continue
+        w = int(_C.permute_windows(n, 3, d, c // n, np.array([c % n], np.int64))[0])
+        j = i - 100
+        assert (file[j], offset[j], epoch[j], window[j]) == (d, w * 8, c // n, w)
+
+
+def test_map_windows_refuses_a_negative_cursor_or_cap_of_a_drawn_domain():
+    n_windows, fb, fwe = table([4, 4, 4], [[0], [1], [2]])
+    for which in ("cursors", "caps"):
+        cursors, caps = np.zeros(3, np.int64), np.full(3, 100, np.int64)
+        {"cursors": cursors, "caps": caps}[which][2] = -1
+        with pytest.raises(ValueError, match=rf"{which}\[2\] is negative"):
+            run_map([0, 1, 2, 0], cursors, n_windows, caps, fb, fwe)
+        assert cursors.tolist() == ([0, 0, -1] if which == "cursors" else [0, 0, 0])  # untouched
+
+
 def _ranges(files):
     out, k = [], 0
     for fs in files:

@@ -40,6 +40,29 @@ void check_writeable(const py::array& a, const char* name) {
   if (!a.writeable()) throw std::invalid_argument(std::string(name) + " must be writeable");
 }
 
+// domain id -> slot (-1 until assigned) for the domains one batch of `batch` draws: open
+// addressing, at most half full, so a short batch costs O(batch) whatever the number of domains.
+class SlotIndex {
+ public:
+  explicit SlotIndex(py::ssize_t batch) {
+    size_t size = 16;
+    while (size < 2 * static_cast<size_t>(batch)) size *= 2;
+    mask_ = size - 1;
+    keys_.assign(size, -1);
+    values_.assign(size, -1);
+  }
+  int32_t& find(int32_t d) {
+    size_t h = (static_cast<uint32_t>(d) * 0x9E3779B1u) & mask_;
+    while (keys_[h] != d && keys_[h] != -1) h = (h + 1) & mask_;
+    keys_[h] = d;
+    return values_[h];
+  }
+
+ private:
+  size_t mask_ = 0;
+  std::vector<int32_t> keys_, values_;
+};
+
 // The file table of a corpus at one seq_len, validated and copied once: domain d owns files
 // [fb[d], fb[d+1]); fwe[f] is the cumulative window count of the domain up to and including file f,
 // so it ends at n_windows[d].  map_windows used to copy and check it on every call, O(files) per
@@ -128,25 +151,18 @@ class WindowTable {
                                       " share memory");
       }
     }
-    // Copies of the inputs (small: one batch of ids, one entry per domain), so nothing another
-    // thread does to the arrays while the GIL is released can move the loop out of bounds.
+    // A copy of the batch's ids, so nothing another thread does to the array while the GIL is
+    // released can move the loop out of bounds.
     const std::vector<int32_t> dom(domains.data(), domains.data() + G);
-    const std::vector<int64_t> cap(caps.data(), caps.data() + K);
-    std::vector<int64_t> cur(cursors.data(), cursors.data() + K);
-    for (py::ssize_t d = 0; d < K; ++d) {
-      if (cap[d] < 0) throw std::invalid_argument("caps[" + std::to_string(d) + "] is negative");
-      if (cur[d] < 0) throw std::invalid_argument("cursors[" + std::to_string(d) + "] is negative");
-    }
     for (py::ssize_t i = 0; i < G; ++i) {
       if (dom[i] < 0 || dom[i] >= K)
         throw std::invalid_argument("domains[" + std::to_string(i) + "] = " +
                                     std::to_string(dom[i]) + " is outside [0, " +
                                     std::to_string(K) + ")");
     }
-    const std::vector<int64_t>& nw = nw_;
-    const std::vector<int64_t>& fb = fb_;
-    const std::vector<int64_t>& fwe = fwe_;
     const int64_t seq_len = seq_len_;
+    const int64_t* caps_in = caps.data();
+    int64_t* cursors_io = cursors.mutable_data();
     int64_t* o_file = out_file.mutable_data();
     int64_t* o_off = out_offset.mutable_data();
     int64_t* o_epoch = out_epoch.mutable_data();
@@ -154,46 +170,110 @@ class WindowTable {
 
     int64_t done = G;
     std::string error;
+    // Per-domain state of the call (cursor, cap, the epoch and permutation last used), in slots:
+    // slot d for domain d when K is not much larger than the batch; otherwise one slot per
+    // domain the batch draws (at most G), found by hashing.  K-sized copies, epochs and
+    // permutations were ~35 us per call at K = 10,000 for a batch of 32; a hash lookup per draw
+    // costs more than an index, so long batches index.  Each field is an array of its own:
+    // samples outside [begin, end) touch only the cursor and cap.
+    const bool direct = K <= 2 * G;
+    const size_t n_slots = static_cast<size_t>(direct ? K : std::min(G, K));
+    std::vector<int32_t> slot_domain;
+    std::vector<int64_t> slot_cursor(n_slots), slot_cap(n_slots), slot_epoch(n_slots, -1);
+    std::vector<KeyedPermutation> slot_perm(n_slots);
+    size_t used = 0;       // slots in use when hashing
+    bool refused = false;  // a negative cursor or cap: nothing is written back
     {
       py::gil_scoped_release release;
-      // One permutation per domain, rebuilt only when that domain's epoch changes.
-      std::vector<int64_t> cached_epoch(static_cast<size_t>(K), -1);
-      std::vector<KeyedPermutation> perm(static_cast<size_t>(K));
-      for (py::ssize_t i = 0; i < G; ++i) {
-        const int32_t d = dom[i];
-        if (cur[d] >= cap[d]) {
-          done = i;
-          break;
+      int64_t* cursor = slot_cursor.data();
+      int64_t* cap = slot_cap.data();
+      int64_t* last_epoch = slot_epoch.data();
+      KeyedPermutation* perm = slot_perm.data();
+      const int64_t* nw = nw_.data();
+      const int64_t* fb = fb_.data();
+      const int64_t* fwe = fwe_.data();
+      // The loop over the batch, given slot_of(d): the domain's slot, or -1 after an error.
+      auto map_batch = [&](auto&& slot_of) {
+        for (py::ssize_t i = 0; i < G; ++i) {
+          const int32_t d = dom[i];
+          const int32_t s = slot_of(d);
+          if (s < 0) break;
+          if (cursor[s] >= cap[s]) {
+            done = i;
+            break;
+          }
+          const int64_t n = nw[d];
+          if (n == 0) {
+            error = "domain " + std::to_string(d) + " was drawn but has no windows";
+            break;
+          }
+          const int64_t c = cursor[s]++;
+          if (i < begin || i >= end) continue;
+          // One permutation per domain, rebuilt only when that domain's epoch changes.
+          const int64_t epoch = c / n;
+          if (last_epoch[s] != epoch) {
+            perm[s] = KeyedPermutation(
+                static_cast<uint64_t>(n),
+                window_key(seed, static_cast<uint64_t>(d), static_cast<uint64_t>(epoch)));
+            last_epoch[s] = epoch;
+          }
+          const int64_t w = static_cast<int64_t>(perm[s](static_cast<uint64_t>(c % n)));
+          // The file holding window w: the first of the domain's files whose cumulative end
+          // exceeds w.
+          const int64_t* first = fwe + fb[d];
+          const int64_t* last = fwe + fb[d + 1];
+          const int64_t* hit = std::upper_bound(first, last, w);
+          const int64_t f = hit - fwe;
+          const int64_t file_first_window = (hit == first) ? 0 : *(hit - 1);
+          const py::ssize_t j = i - begin;
+          o_file[j] = f;
+          o_off[j] = (w - file_first_window) * seq_len;
+          o_epoch[j] = epoch;
+          o_win[j] = w;
         }
-        if (nw[d] == 0) {
-          error = "domain " + std::to_string(d) + " was drawn but has no windows";
-          break;
+      };
+      // The cursors and caps are copied once and checked; only the copies are used, so nothing
+      // another thread writes to the arrays meanwhile can move the loop out of bounds.
+      auto negative = [&](int64_t cursor_d, int64_t cap_d, int32_t d) {
+        refused = true;
+        error = std::string(cursor_d < 0 ? "cursors" : "caps") + "[" + std::to_string(d) +
+                "] is negative";
+      };
+      if (direct) {
+        std::copy(cursors_io, cursors_io + K, cursor);
+        std::copy(caps_in, caps_in + K, cap);
+        for (int32_t d = 0; d < K && error.empty(); ++d) {
+          if (cursor[d] < 0 || cap[d] < 0) negative(cursor[d], cap[d], d);
         }
-        const int64_t c = cur[d]++;
-        if (i < begin || i >= end) continue;
-        const int64_t epoch = c / nw[d];
-        if (cached_epoch[d] != epoch) {
-          perm[d] = KeyedPermutation(
-              static_cast<uint64_t>(nw[d]),
-              window_key(seed, static_cast<uint64_t>(d), static_cast<uint64_t>(epoch)));
-          cached_epoch[d] = epoch;
-        }
-        const int64_t w = static_cast<int64_t>(perm[d](static_cast<uint64_t>(c % nw[d])));
-        // The file holding window w: the first of the domain's files whose cumulative end
-        // exceeds w.
-        const int64_t* first = fwe.data() + fb[d];
-        const int64_t* last = fwe.data() + fb[d + 1];
-        const int64_t* hit = std::upper_bound(first, last, w);
-        const int64_t f = hit - fwe.data();
-        const int64_t file_first_window = (hit == first) ? 0 : *(hit - 1);
-        const py::ssize_t j = i - begin;
-        o_file[j] = f;
-        o_off[j] = (w - file_first_window) * seq_len;
-        o_epoch[j] = epoch;
-        o_win[j] = w;
+        if (error.empty()) map_batch([](int32_t d) { return d; });
+      } else {
+        slot_domain.resize(n_slots);
+        SlotIndex index(G);
+        map_batch([&](int32_t d) -> int32_t {
+          int32_t& s = index.find(d);
+          if (s >= 0) return s;
+          // Only the drawn domains' cursors and caps are read (a pass over all K was ~4 us per
+          // call at K = 10,000).
+          const int64_t cursor_d = cursors_io[d], cap_d = caps_in[d];
+          if (cursor_d < 0 || cap_d < 0) {
+            negative(cursor_d, cap_d, d);
+            return -1;
+          }
+          s = static_cast<int32_t>(used++);
+          slot_domain[s] = d;
+          cursor[s] = cursor_d;
+          cap[s] = cap_d;
+          return s;
+        });
       }
     }
-    std::copy(cur.begin(), cur.end(), cursors.mutable_data());  // the advanced cursors
+    if (refused) throw std::invalid_argument(error);
+    // The advanced cursors.
+    if (direct) {
+      std::copy(slot_cursor.begin(), slot_cursor.end(), cursors_io);
+    } else {
+      for (size_t s = 0; s < used; ++s) cursors_io[slot_domain[s]] = slot_cursor[s];
+    }
     if (!error.empty()) throw std::invalid_argument(error);
     return done;
   }
