@@ -359,6 +359,17 @@ def test_out_is_checked_before_fitting(tmp_path, capsys, monkeypatch):
     assert "--out" in err and "cannot create" in err
 
 
+def test_an_empty_out_is_an_error_not_the_current_folder(tmp_path, capsys, monkeypatch):
+    # `--out "$OUT"` with OUT unset: Path("") is ".", and the results went to the cwd.
+    files = _sweep(tmp_path, n=30)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert _fast(files, "", "--target", "val/loss") == 2
+    assert "--out: empty path" in capsys.readouterr().err
+    assert list(cwd.iterdir()) == []
+
+
 def test_prior_errors_name_the_flag_and_the_sweep(tmp_path, capsys):
     files = _sweep(tmp_path, n=30)
     prior = tmp_path / "prior.json"

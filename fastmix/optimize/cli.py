@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._io import atomic_write_bytes, atomic_write_text, writable_dir
+from fastmix._io import atomic_write_bytes, atomic_write_text, path_arg, writable_dir
 
 from .choose import Choice, choose_weights
 from .predictors import PREDICTORS, _exponent
@@ -122,8 +122,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fastmix optimize``; returns the exit status (2 on bad input, 1 if writing fails)."""
-    out = Path(args.out)
     try:
+        # path_arg before Path(): Path("") is ".", and `--out "$OUT"` with OUT unset wrote into
+        # the cwd (the check in writable_dir saw ".")
+        out = path_arg(args.out, "--out")
         _check_settings(args)
         _check_outputs(args, out)  # before any work, not after it
         sweep, targets = _load(args)
