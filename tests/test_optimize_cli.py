@@ -138,6 +138,13 @@ def test_single_csv_with_prefix_and_token_budget(tmp_path):
          "metric once"),
         (["--target", "val/loss", "--target", "val/code", "--target", "val/loss"],
          "--target: metric 'val/loss' is given twice ('val/loss' and 'val/loss')"),
+        (["--target", "val/loss", "--min-weight", "web=0.1", "--min-weight", "web=0.2"],
+         "--min-weight: domain 'web' is given twice ('web=0.1' and 'web=0.2'); give it once"),
+        (["--target", "val/loss", "--max-weight", "0.9,code=0.5", "--max-weight", "0.8"],
+         "--max-weight: the value for every domain is given twice ('0.9' and '0.8')"),
+        (["--target", "val/loss", "--token-counts", "web=5,code=1,books=1,math=1,web=1",
+          "--total-tokens", "1"],
+         "--token-counts: domain 'web' is given twice ('web=5' and 'web=1'); give it once"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, message):

@@ -331,6 +331,8 @@ def _pairs(specs: Sequence[str], what: str, domains: Sequence[str]) -> Any:
         return None
     default = None
     named: dict[str, float] = {}
+    # A second value for a domain (or for every domain) replaced the first without a word.
+    given: dict[str | None, str] = {}  # domain (None: every domain) -> the part that set it
     for spec in specs:
         for part in spec.split(","):
             part = part.strip()
@@ -341,11 +343,15 @@ def _pairs(specs: Sequence[str], what: str, domains: Sequence[str]) -> Any:
                 v = parse_float(value)  # float() reads the typo 0_1 as 1.0
             except ValueError:
                 raise ValueError(f"{what}: {part!r} is not NAME=NUMBER or NUMBER") from None
+            if sep and name not in domains:
+                raise ValueError(f"{what}: unknown domain {name!r}{domain_hint([name], domains)}")
+            key = name if sep else None
+            if key in given:
+                which = f"domain {name!r}" if sep else "the value for every domain"
+                raise ValueError(f"{what}: {which} is given twice ({given[key]!r} and "
+                                 f"{part!r}); give it once")
+            given[key] = part
             if sep:
-                if name not in domains:
-                    raise ValueError(
-                        f"{what}: unknown domain {name!r}{domain_hint([name], domains)}"
-                    )
                 named[name] = v
             else:
                 default = v
@@ -374,6 +380,7 @@ def _token_counts(spec: str) -> dict[str, float]:
         where = f"{p}: "
     else:
         items = []
+        named: dict[str, str] = {}  # domain -> the part that gave its count
         for part in spec.split(","):
             part = part.strip()
             if not part:
@@ -383,7 +390,12 @@ def _token_counts(spec: str) -> dict[str, float]:
                 raise ValueError(f"--token-counts: {part!r} is not NAME=COUNT; give "
                                  "comma-separated NAME=COUNT pairs or a JSON file "
                                  "{domain: count}")
-            items.append((name.strip(), value.strip()))
+            name = name.strip()
+            if name in named:  # (a second count of a domain replaced the first without a word)
+                raise ValueError(f"--token-counts: domain {name!r} is given twice ({named[name]!r} "
+                                 f"and {part!r}); give it once")
+            named[name] = part
+            items.append((name, value.strip()))
         where = ""
     counts: dict[str, float] = {}
     for name, value in items:
