@@ -43,6 +43,18 @@ def not_a_set(value: Any, what: str) -> None:
                         "a list)")
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json.load`` of a file a person may have edited: a key given
+    twice in one object is a ValueError (json keeps the last silently: a weights file listing
+    a domain twice took its second weight without a word)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice in one JSON object")
+        out[key] = value
+    return out
+
+
 def plain_values(values: Any, what: str) -> Any:
     """``values`` as ``np.asarray`` should see them, for weights: a masked array's entries (one
     with masked entries refused: asarray would use the hidden values), and no bool in a list

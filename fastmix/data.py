@@ -67,7 +67,14 @@ import torch
 from torch.utils.data import IterableDataset
 
 from fastmix import _C
-from fastmix._checks import allocatable, integer, plain_values, real_number, state_version
+from fastmix._checks import (
+    allocatable,
+    integer,
+    plain_values,
+    real_number,
+    state_version,
+    unique_keys,
+)
 
 __all__ = [
     "CorpusError",
@@ -128,7 +135,7 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
             raise ValueError(f"weights: {str(path)!r} is not a regular file")
         try:
             with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+                data = json.load(f, object_pairs_hook=unique_keys)
         except FileNotFoundError:
             raise ValueError(f"weights: file {str(path)!r} does not exist") from None
         except UnicodeDecodeError:

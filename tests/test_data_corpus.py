@@ -268,6 +268,11 @@ def test_load_weights_bad_input(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read"):
         load_weights(tmp_path / "bad.json", names)
+    # A domain listed twice in a file: json kept the second weight without a word.
+    for text in ('{"a": 1, "b": 2, "a": 3}', '{"weights": {"a": 1, "a": 3}}'):
+        (tmp_path / "twice.json").write_text(text)
+        with pytest.raises(ValueError, match="cannot read .*the key 'a' appears twice"):
+            load_weights(tmp_path / "twice.json", names)
     with pytest.raises(TypeError, match="must be a number"):
         load_weights({"a": "x"}, names)
     # Strings and booleans convert to floats, but they are not weights.

@@ -215,6 +215,9 @@ def test_load_weights_accepts_and_rejects(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read"):
         report.load_weights(path, domains)
+    path.write_text('{"weights": {"a": 1, "b": 1, "a": 2}}')  # the second 'a' won silently
+    with pytest.raises(ValueError, match="--weights .*the key 'a' appears twice"):
+        report.load_weights(path, domains)
 
 
 # --------------------------------------------------------------------------- bad --out

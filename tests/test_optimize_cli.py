@@ -366,6 +366,17 @@ def test_out_is_checked_before_fitting(tmp_path, capsys, monkeypatch):
     assert "--out" in err and "cannot create" in err
 
 
+def test_a_domain_twice_in_a_token_counts_json_is_an_error(tmp_path, capsys):
+    # json kept the last count of a domain listed twice, without a word
+    files = _sweep(tmp_path, n=30)
+    counts = tmp_path / "counts.json"
+    counts.write_text('{"web": 5, "code": 1, "books": 1, "math": 1, "web": 1}')
+    assert _fast(files, tmp_path / "o", "--target", "val/loss", "--token-counts", str(counts),
+                 "--total-tokens", "1") == 2
+    err = capsys.readouterr().err
+    assert "--token-counts: cannot read" in err and "the key 'web' appears twice" in err
+
+
 def test_an_empty_out_is_an_error_not_the_current_folder(tmp_path, capsys, monkeypatch):
     # `--out "$OUT"` with OUT unset: Path("") is ".", and the results went to the cwd.
     files = _sweep(tmp_path, n=30)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fastmix._checks import unique_keys
 from fastmix._io import atomic_write_json
 
 LN2 = math.log(2.0)
@@ -54,8 +55,8 @@ def load_weights(path: str | os.PathLike[str], domains: Sequence[str]) -> dict[s
 
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+    except (OSError, ValueError):  # (a JSONDecodeError, bad UTF-8 or a key given twice)
         data = path  # unreadable: read() says why, naming the file
     if isinstance(data, dict) and "weights" in data:
         data = data["weights"]

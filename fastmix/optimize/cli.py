@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from fastmix._checks import unique_keys
 from fastmix._io import atomic_write_bytes, atomic_write_text, path_arg, writable_dir
 
 from .choose import Choice, choose_weights
@@ -364,14 +365,14 @@ def _token_counts(spec: str) -> dict[str, float]:
     p = Path(spec)
     if p.suffix.lower() == ".json" or p.is_file():
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
         except FileNotFoundError:
             raise ValueError(f"--token-counts: no such file {p}") from None
         except UnicodeDecodeError:
             raise ValueError(f"--token-counts: {p} is not UTF-8 text") from None
         except RecursionError:  # json's decoder recurses once per level of nesting
             raise ValueError(f"--token-counts: cannot read {p}: JSON nested too deeply") from None
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # (a JSONDecodeError or a key given twice)
             raise ValueError(f"--token-counts: cannot read {p}: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"--token-counts: {p} must hold {{domain: count}}, not a "
