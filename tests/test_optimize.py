@@ -964,11 +964,29 @@ def test_choose_weights_checks_settings_before_fitting(monkeypatch):
         choose_weights(s, ["l"], predictor="linear", prior={"a": "x", "b": 1, "c": 1})
     with pytest.raises(TypeError, match="samples must be an integer"):
         choose_weights(s, ["l"], predictor="linear", samples=1e3)
+    with pytest.raises(TypeError, match=r"targets\['l'\] must be a number, got '2'"):
+        choose_weights(s, {"l": "2"}, predictor="linear")  # float("2") was taken
+    with pytest.raises(TypeError, match=r"targets\['l'\] must be a number, got True"):
+        choose_weights(s, {"l": True}, predictor="linear")
+    with pytest.raises(TypeError, match="targets must be a list .*got a set"):
+        choose_weights(s, {"l"}, predictor="linear")
     monkeypatch.setattr(choose_module, "make_predictor", real)
     ch = choose_weights(s, ["l"], predictor="linear", samples=500, top_k=10,
                         prior={"a": 1, "b": 1, "c": 2})
     w = np.array(list(ch.weights.values()))
     assert (w >= 0).all() and abs(w.sum() - 1) < 1e-12
+
+
+def test_choose_weights_takes_one_target_name_as_one_target():
+    # 'loss' was the targets l, o, s (an error naming 'l'; with metrics so named, the wrong
+    # objective), and maximize='loss' the same
+    X = _mixtures(40, 3, 19)
+    s = load_sweep(X, X[:, 0] + 1.0, domains=list("abc"), targets=["loss"])
+    kw = dict(predictor="linear", samples=300, top_k=10)
+    assert choose_weights(s, "loss", **kw).weights == choose_weights(s, ["loss"], **kw).weights
+    up = choose_weights(s, "loss", maximize="loss", **kw)
+    assert up.maximize == {"loss": True}
+    assert up.weights == choose_weights(s, ["loss"], maximize=["loss"], **kw).weights
 
 
 def test_project_and_sample_mixtures_memory_stays_near_the_output_size():

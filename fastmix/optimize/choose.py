@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._checks import real_number
+from fastmix._checks import not_a_set, real_number
 
 from .pareto import ParetoFront, pareto_search
 from .predictors import Predictor, _exponent, evaluate, make_predictor
@@ -84,8 +84,17 @@ def choose_weights(
         pareto_samples: mixtures sampled for the Pareto front (two or more targets).
         seed: seeds the split, the predictors and the search.
     """
+    # One name is one target, not one per character (as load_sweep's targets=): 'loss' was the
+    # targets l, o, s, and maximize='loss' the same.
+    if isinstance(targets, str):
+        targets = [targets]
+    if isinstance(maximize, str):
+        maximize = [maximize]
+    # the objective sums the targets in this order: a set's changes with PYTHONHASHSEED
+    not_a_set(targets, "targets must be a list of names or a dict name -> weight")
     if isinstance(targets, Mapping):
-        obj_w = {str(k): float(v) for k, v in targets.items()}
+        # float() took the string "2" and True as weights
+        obj_w = {str(k): real_number(v, f"targets[{k!r}]") for k, v in targets.items()}
     else:
         obj_w = {str(t): 1.0 for t in targets}
     if not obj_w:
