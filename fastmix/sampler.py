@@ -63,7 +63,7 @@ def _as_weights(weights: Any, name: str = "weights") -> tuple[np.ndarray, tuple[
             if not isinstance(key, str):
                 raise TypeError(f"{name} keys must be str domain names, got {type(key).__name__}")
         values: Any = list(weights.values())
-    elif isinstance(weights, (str, bytes)):
+    elif isinstance(weights, (str, bytes, bytearray)):  # (numpy reads a bytearray as uint8s)
         raise TypeError(
             f"{name} must be a sequence of numbers or a dict name -> weight, "
             f"got {type(weights).__name__}"

@@ -867,6 +867,7 @@ BAD_WEIGHTS = [
     ([[1.0, 2.0]], ValueError, "1-D"),
     ("abc", TypeError, "weights"),
     (b"\x01\x02", TypeError, "got bytes"),
+    (bytearray(b"\x01\x02"), TypeError, "got bytearray"),  # was the weights [1, 2]
     ({1: 0.5}, TypeError, "weights"),
     # np.asarray drops the mask: the masked 9 used to be drawn
     (np.ma.array([1.0, 9.0], mask=[0, 1]), TypeError, "masked entries"),
