@@ -133,7 +133,7 @@ class ODM:
 
     @property
     def num_skipped(self) -> Tensor:
-        """Domain-steps whose mean loss was not finite, ignored (int64 scalar)."""
+        """Domain-steps whose count or mean loss was not finite, ignored (int64 scalar)."""
         return self._skipped
 
     @property
