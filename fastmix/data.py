@@ -1662,7 +1662,8 @@ class MixtureDataset(IterableDataset):
 
     @property
     def weights(self) -> np.ndarray:
-        """The weights most recently set (not renormalised for exhausted domains)."""
+        """The weights most recently set, as given: not normalised (``[2, 2]`` stays so), nor
+        renormalised for exhausted domains."""
         return self._weights.copy()
 
     @property
