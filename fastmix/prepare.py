@@ -739,7 +739,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "inputs",
         nargs="+",
         metavar="DOMAIN=FILE[,FILE...]",
-        help="a domain and its input files; a bare FILE makes a domain named after the file",
+        help="a domain and its input files; a bare FILE makes a domain named after the file, up "
+        "to its first '.' (wiki.en.txt: wiki); a domain given twice reads the files of both",
     )
     parser.add_argument("-o", "--out", required=True, help="output directory")
     parser.add_argument(
