@@ -1807,7 +1807,8 @@ class MixtureDataset(IterableDataset):
         reads a slice of a different stream, so samples repeat or go missing without a sign.
 
         A collective that synchronises with the host: call it on every rank, once, after building
-        the dataset (and after ``load_state_dict``).  It needs torch.distributed initialised.
+        the dataset (and after ``load_state_dict``).  Without torch.distributed initialised it
+        returns at world_size 1 (nothing to compare) and raises ValueError at any other.
         """
         from fastmix import distributed
 
