@@ -412,6 +412,17 @@ def test_search_respects_every_constraint_and_finds_planted_optimum():
     assert np.array_equal(res.weights, again.weights)
 
 
+def test_describe_records_the_epoch_cap_in_effect():
+    # Token counts without max_epochs cap every domain at one pass: the record said null.
+    d = ["a", "b"]
+    c = Constraints(d, token_counts=[60, 100], total_tokens=100)
+    np.testing.assert_allclose(c.hi, [0.6, 1.0])
+    assert c.describe()["max_epochs"] == 1.0
+    assert Constraints(d, token_counts=[60, 100], total_tokens=100,
+                       max_epochs=2).describe()["max_epochs"] == 2.0
+    assert Constraints(d).describe()["max_epochs"] is None
+
+
 def test_infeasible_constraints_say_which():
     d = ["a", "b", "c"]
     with pytest.raises(ValueError, match="min weights sum to 1.2"):

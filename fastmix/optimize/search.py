@@ -229,10 +229,14 @@ class Constraints:
                 & (np.abs(W.sum(1) - 1) <= atol * W.shape[1]))
 
     def describe(self) -> dict[str, Any]:
-        """The bounds per domain and the token budget, as plain values."""
+        """The bounds per domain and the token budget, as plain values (``max_epochs``: the
+        cap in effect, 1 with token counts when none was given; None without token counts)."""
+        epochs = None
+        if self.tokens is not None:  # (None here read as no cap, where one pass was enforced)
+            epochs = 1.0 if self.max_epochs is None else float(self.max_epochs)
         return {"min_weight": dict(zip(self.domains, self.lo.tolist(), strict=True)),
                 "max_weight": dict(zip(self.domains, self.hi.tolist(), strict=True)),
-                "total_tokens": self.total_tokens, "max_epochs": self.max_epochs}
+                "total_tokens": self.total_tokens, "max_epochs": epochs}
 
 
 def project(V: np.ndarray, lo: np.ndarray, hi: np.ndarray, iters: int = 100) -> np.ndarray:
