@@ -457,7 +457,7 @@ def _brute_front(V):
     return np.array(keep)
 
 
-@pytest.mark.parametrize("m,seed", [(2, 0), (3, 1), (4, 2)])
+@pytest.mark.parametrize("m,seed", [(1, 5), (2, 0), (2, 3), (2, 4), (3, 1), (4, 2)])
 def test_pareto_front_matches_brute_force(m, seed):
     rng = np.random.default_rng(seed)
     V = rng.integers(0, 12, (300, m)).astype(float)  # integer values: ties and duplicates

@@ -40,8 +40,9 @@ def pareto_front(values: np.ndarray, maximize: Sequence[bool] | None = None) -> 
     """Indices (ascending) of the non-dominated rows of ``values`` ``(points, objectives)``.
 
     Sorted sweep: after ordering points lexicographically, a point can only be dominated by
-    an earlier one, and only by a point already on the front, so each point is compared with
-    the current front only (``O(n·front)`` vectorised).  ``maximize`` has one flag per
+    an earlier one, and only by a point already on the front.  Two objectives take
+    ``O(n log n)`` (a running minimum of the second along the sort); more compare each point
+    with the current front (``O(n·front)`` vectorised).  ``maximize`` has one flag per
     objective, True where higher is better (default: lower is better for all).
     """
     V = np.asarray(values, dtype=np.float64)
@@ -55,17 +56,29 @@ def pareto_front(values: np.ndarray, maximize: Sequence[bool] | None = None) -> 
             raise ValueError(f"maximize needs {V.shape[1]} flags, got {flip.shape}")
         V = np.where(flip[None, :], -V, V)
     order = np.lexsort(V.T[::-1])
-    front: list[int] = []
-    F = np.empty((0, V.shape[1]))
+    if V.shape[1] == 2:
+        # (10,000 points all on the front: 2.3 s through the general sweep)
+        return np.sort(order[~_dominated_2d(V[order, 0], V[order, 1])])
+    front = np.empty(V.shape[0], dtype=np.int64)
+    F = np.empty_like(V)  # the front so far, in its first `size` rows
+    size = 0
     for i in order:
         v = V[i]
-        if F.shape[0]:
-            dominated = ((F <= v).all(1) & (F < v).any(1)).any()
-            if dominated:
-                continue
-        front.append(int(i))
-        F = np.vstack([F, v])
-    return np.sort(np.asarray(front, dtype=np.int64))
+        if size and ((F[:size] <= v).all(1) & (F[:size] < v).any(1)).any():
+            continue
+        front[size], F[size] = i, v
+        size += 1
+    return np.sort(front[:size])
+
+
+def _dominated_2d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For points sorted by (a, b): whether an earlier point dominates each.  Within a run of
+    equal a only the run's first b can (if smaller); before the run, any b at or below."""
+    n = a.size
+    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+    run_start = starts[np.searchsorted(starts, np.arange(n), side="right") - 1]
+    best_before = np.r_[np.inf, np.minimum.accumulate(b)][run_start]
+    return (best_before <= b) | (b[run_start] < b)
 
 
 @dataclass
