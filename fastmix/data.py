@@ -44,6 +44,7 @@ runs per process: a newer one supersedes the older, which raises on its next ste
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import json
 import multiprocessing as mp
@@ -710,6 +711,7 @@ def _check_manifest_dtype(
         )
 
 
+@functools.lru_cache(maxsize=1 << 16)  # (prepare checks every corpus.json name twice per domain)
 def _file_name_key(name: str) -> str:
     """``name`` as a file system that tells neither letter case nor Unicode normalisation apart
     may take it (the default on macOS and Windows; macOS also normalises file names): its

@@ -43,6 +43,22 @@ def test_round_trip_text_and_jsonl(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["chat.bin", "corpus.json", "prose.bin"]
 
 
+
+def test_corpus_json_is_indented_json_with_one_line_per_domain(tmp_path):
+    # (written by prepare's own formatter, which calls json's C encoder once per domain)
+    prepare_domain("café", ["x"], tmp_path, sources=['a "quoted"\nname'])
+    prepare_domain("二", ["yz"], tmp_path)
+    text = (tmp_path / "corpus.json").read_text()
+    manifest = json.loads(text)
+    rows = [line for line in text.splitlines() if line.startswith("    ")]
+    assert [json.loads("{" + row.rstrip(",") + "}") for row in rows] == [
+        {name: entry} for name, entry in manifest["domains"].items()
+    ]
+    assert text.startswith('{\n  "format": ') and text.endswith("\n  }\n}\n")
+    assert list(manifest["domains"]) == ["café", "二"]
+    assert manifest["domains"]["café"]["sources"] == ['a "quoted"\nname']
+    assert TokenCorpus.from_dir(tmp_path).tokens == {"café": 2, "二": 3}
+
 def test_python_api_adds_domains_and_lines_mode(tmp_path):
     prepare_domain("one", ["x", "yz"], tmp_path)
     prepare_domain("two", iter(["w"]), tmp_path)
