@@ -173,6 +173,11 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
         out = np.array([items.get(n, 0.0) for n in names], dtype=np.float64)
         _check_weight_values(out, names)
         return out
+    if isinstance(source, (bytes, bytearray)):  # numpy reads bytearray(b"\x01\x02") as [1, 2]
+        raise TypeError(
+            f"weights must be a path, a mapping, or a sequence, an array or a tensor of real "
+            f"numbers, got {type(source).__name__}"
+        )
     source = plain_values(source, "weights")  # (also a JSON [true, 1])
     if isinstance(source, torch.Tensor):
         if source.dtype == torch.bool or source.is_complex():

@@ -255,6 +255,9 @@ def test_load_weights_bad_input(tmp_path):
             load_weights([1, 2], bad)
     with pytest.raises(ValueError, match=r"unknown domains \['zzz'\]"):
         load_weights({"a": 1, "zzz": 1}, names)
+    for raw in (b"\x01\x02", bytearray(b"\x01\x02")):  # a bytearray was the weights [1, 2]
+        with pytest.raises(TypeError, match=f"weights must be a path.*got {type(raw).__name__}"):
+            load_weights(raw, names)
     with pytest.raises(ValueError, match="2 domains"):
         load_weights([1, 2, 3], names)
     with pytest.raises(ValueError, match=r">= 0; domain 'b'"):

@@ -378,6 +378,7 @@ def test_counters_near_int64s_end_are_refused(key):
     "init,exc,match",
     [
         ("abc", TypeError, "init_weights must be a sequence"),
+        (bytearray(b"\x01\x02\x03"), TypeError, "got bytearray"),  # was the weights [1, 2, 3]
         ([None, 1, 1], TypeError, "init_weights must hold real numbers, got NoneType"),
         ([1 + 1j, 1, 1], TypeError, "init_weights must hold real numbers, got complex"),
         ([True, 1, 1], TypeError, "init_weights must hold real numbers, got bool"),

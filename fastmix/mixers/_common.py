@@ -144,7 +144,10 @@ def _weights_float64(init_weights: Any) -> Tensor:
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"init_weights must hold real numbers: {exc}") from None
     else:
-        if isinstance(init_weights, (str, bytes)) or not isinstance(init_weights, Sequence):
+        # (a bytearray(b"\x01\x02") read as the weights [1, 2], as the sampler refuses it)
+        if isinstance(init_weights, (str, bytes, bytearray)) or not isinstance(
+            init_weights, Sequence
+        ):
             raise TypeError(
                 "init_weights must be a sequence of real numbers or a tensor, got "
                 f"{type(init_weights).__name__}"
