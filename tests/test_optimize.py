@@ -191,8 +191,12 @@ def test_load_sweep_refuses_to_pair_rows_named_differently(tmp_path):
     mix, met = tmp_path / "mix.csv", tmp_path / "met.csv"
     _write(mix, ["run", "a", "b"], [["r1", 0.5, 0.5], ["r2", 0.2, 0.8]])
     _write(met, ["run_id", "loss"], [["r2", 2.0], ["r1", 1.0]])
-    with pytest.raises(ValueError, match="'run' and metrics by 'run_id'"):
+    with pytest.raises(ValueError, match="'run' and metrics by 'run_id'") as info:
         load_sweep(mix, met)
+    # (it suggested passing id_column, which names one column that both tables must hold)
+    assert "or pass id_column" not in str(info.value)
+    with pytest.raises(ValueError, match="id_column 'run' is not a column of metrics"):
+        load_sweep(mix, met, id_column="run")
     _write(met, ["loss"], [[1.0], [2.0]])  # no ids on one side: by position, as documented
     assert load_sweep(mix, met).run_ids is None
 

@@ -161,7 +161,7 @@ def load_sweep(
                 raise ValueError(
                     f"mixtures identifies runs by column {mix_key!r} and metrics by "
                     f"{met_key!r}: give the id column the same name in both (rows are matched "
-                    "by it), or pass id_column")
+                    "by it; id_column names one column that both tables hold)")
 
     domain_names = _value_columns(mix_cols, domains, "mixtures", "domains", key)
     target_names = _value_columns(met_cols, targets, "metrics", "targets", key)
