@@ -765,6 +765,8 @@ def test_non_numeric_cells_and_colliding_names_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"strip_prefix 'x_' makes domain names collide: "
                                          r"\['x_a', 'a'\] all become 'a'"):
         load_sweep({"x_a": [0.5], "a": [0.5]}, {"loss": [1.0]}, strip_prefix="x_")
+    with pytest.raises(ValueError, match=r"strip_prefix 'x_' leaves domain 'x_' without a name"):
+        load_sweep({"x_": [0.5], "x_a": [0.5]}, {"loss": [1.0]}, strip_prefix="x_")
     with pytest.raises(ValueError, match=r"names must be unique; \['a'\] repeat"):
         Constraints(["a", "b", "a"])
     with pytest.raises(ValueError, match="no numeric columns"):

@@ -237,6 +237,10 @@ def load_sweep(
     if strip_prefix:
         stripped = [d[len(strip_prefix):] if d.startswith(strip_prefix) else d
                     for d in domain_names]
+        empty = [d for d, n in zip(domain_names, stripped, strict=True) if not n]
+        if empty:  # (a nameless domain: weights.json's key "", --min-weight =0.1)
+            raise ValueError(f"strip_prefix {strip_prefix!r} leaves domain {empty[0]!r} "
+                             "without a name")
         dup = _duplicates(stripped)
         if dup:
             sources = [d for d, n in zip(domain_names, stripped, strict=True) if n == dup[0]]
