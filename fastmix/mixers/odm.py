@@ -147,7 +147,8 @@ class ODM:
         return self._weights.device
 
     def exploration(self, t: int | None = None) -> float:
-        """ε_t = min(1/K, √(ln K / (K·t))) for step ``t`` (default: the last step taken).
+        """ε_t = min(1/K, √(ln K / (K·t))) for step ``t`` (default: the last step taken; 1/K
+        before the first, the formula's limit as t → 0).
 
         ``t`` is at most 2**63 - 1, as the step count is in a checkpoint (10**400 overflowed the
         float division).
