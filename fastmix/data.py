@@ -1844,7 +1844,14 @@ class MixtureDataset(IterableDataset):
                              self._file_begin, self._file_window_end),
             "initial weights": self._initial_weights,
             "weights": self._weights,
-            "set_weights changes": self.weight_schedule,
+            # as two arrays, digested as bytes (item by item, each float's repr: ~37 us per
+            # change at K = 22, 0.4 s for a run that changed them at each of 10,000 steps)
+            "set_weights changes": (
+                np.array([step for step, _ in self.weight_schedule], np.int64),
+                np.array([w for _, w in self.weight_schedule], np.float64).reshape(
+                    len(self.weight_schedule), len(self.corpus.names)
+                ),
+            ),
             "resume point": resume,
         }  # fmt: skip
         distributed.check_ranks_agree(

@@ -134,6 +134,12 @@ def check_scenarios(rank: int, out_dir: str) -> dict[str, str]:
         loss, ref, domain, mask = shard(global_batch(0, 2), rank)
         mixer.step(loss, ref, domain % k, mask)
 
+    def changed(first_step: int, first_weights: list[float]) -> MixtureDataset:
+        ds = dataset()
+        ds.set_weights(first_weights, step=first_step)
+        ds.set_weights([0.5, 0.5], step=6)  # the same latest weights on every rank
+        return ds
+
     def resumed(batches: int) -> MixtureDataset:
         source = dataset()
         batch_iter = iter(source)
@@ -158,6 +164,9 @@ def check_scenarios(rank: int, out_dir: str) -> dict[str, str]:
         "dataset corpus": lambda: dataset(short_file=True).check_ranks(),
         "dataset resumed same": lambda: resumed(2).check_ranks(),
         "dataset resumed apart": lambda: resumed(2 + other).check_ranks(),
+        "dataset changes same": lambda: changed(3, [0.25, 0.75]).check_ranks(),
+        "dataset change step apart": lambda: changed(3 + other, [0.25, 0.75]).check_ranks(),
+        "dataset change weights apart": lambda: changed(3, [0.25 + other, 0.75]).check_ranks(),
         "dataset rank": lambda: dataset(rank=0).check_ranks(),
         "dataset world_size": lambda: dataset(world_size=3).check_ranks(),
         # the public helper: another dict order, sets (whose order follows each process's hash
@@ -315,7 +324,7 @@ def test_check_ranks_names_what_differs_on_every_rank(tmp_path):
     assert results[0] == results[1]  # the same verdict and message on both ranks
     got = results[0]
     for name in ("doremi same", "doremi debug same", "odm same", "dataset same",
-                 "dataset resumed same", "fields order", "fields set"):
+                 "dataset resumed same", "dataset changes same", "fields order", "fields set"):
         assert got[name] == "ok", (name, got[name])
     expected = {
         "doremi step_size": "DoReMi is not the same on the 2 ranks of its process group: "
@@ -328,6 +337,8 @@ def test_check_ranks_names_what_differs_on_every_rank(tmp_path):
         "they differ in seed",
         "dataset corpus": "they differ in corpus files",
         "dataset resumed apart": "they differ in resume point",
+        "dataset change step apart": "they differ in set_weights changes",
+        "dataset change weights apart": "they differ in set_weights changes",
         "dataset rank": "rank(s) [1] are taken by no process",
         "dataset world_size": "world_size=3, but the group has 2 ranks",
         "fields bf16": "Thing is not the same on the 2 ranks of its process group: they differ "
