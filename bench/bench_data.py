@@ -138,6 +138,35 @@ def planning_time_per_batch(corpus: TokenCorpus, weights: np.ndarray, steps: int
     return {"plan_s": statistics.median(plan_t), "read_s": statistics.median(read_t)}
 
 
+def planning_time_by_k(root: Path, ks: tuple[int, ...], steps: int) -> dict[int, float]:
+    """A worker's sampling + mapping per batch (as ``planning_time_per_batch``) over corpora of
+    ``k`` small domains (one 4,096-token file each, read as 255 windows of seq_len 16;
+    Dirichlet(1) weights): what the per-step cost does as the number of domains grows, with
+    the batch fixed."""
+    out = {}
+    for k in ks:
+        folder = root / f"k{k}"
+        folder.mkdir()
+        tokens = np.arange(4096, dtype=np.uint16)
+        paths = {}
+        for d in range(k):
+            paths[f"d{d}"] = folder / f"d{d}.bin"
+            tokens.tofile(paths[f"d{d}"])
+        corpus = TokenCorpus(paths, dtype="uint16")
+        weights = np.random.default_rng(k).dirichlet(np.ones(k))
+        ds = MixtureDataset(corpus, 16, weights, batch_size=BATCH, seed=1)
+        stream = ds._iter_worker(0, WORKERS).stream
+        times = []
+        for _ in range(20 + steps):
+            t0 = time.perf_counter()
+            for _ in range(WORKERS - 1):
+                stream.plan(produce=False)
+            stream.plan(produce=True)
+            times.append(time.perf_counter() - t0)
+        out[k] = statistics.median(times[20:])
+    return out
+
+
 def checkpoint_replay(
     corpus: TokenCorpus, weights: np.ndarray, steps: int, change_every_step: bool = False
 ) -> dict:
@@ -221,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         share = prof["plan_s"] / loader_batch_s
         worker_share = prof["plan_s"] / (loader_batch_s * WORKERS)
 
+        by_k = planning_time_by_k(
+            Path(tmp), (22, 1000) if args.quick else (22, 1000, 10_000), max(50, args.batches)
+        )
+
         replay_steps = 200 if args.quick else 2000
         replay = checkpoint_replay(corpus, weights, replay_steps)
         replay_changes = checkpoint_replay(corpus, weights, replay_steps, change_every_step=True)
@@ -270,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         f"(as workers do) | {prof['read_s'] * 1e6:.1f} us | "
         f"{100 * prof['read_s'] / (loader_batch_s * WORKERS):.1f}% |",
         f"| the loader, end to end: one batch every | {loader_batch_s * 1e6:.0f} us | |",
+        "",
+        "Sampling + mapping per batch against the number of domains (small domains of one "
+        "4,096-token file each, read at seq_len 16: 255 windows; same batch and workers): "
+        + ", ".join(f"K = {k:,}: {t * 1e6:.1f} us" for k, t in by_k.items())
+        + ".",
         "",
         f"Each worker produces one batch in {WORKERS}, so it has {WORKERS} x the loader's time "
         "per batch for its own; the sampling share is of that (of the loader's wall time per "
