@@ -4,6 +4,7 @@ A file is written under a temporary name in its destination folder, flushed to d
 permissions a plain ``open()`` would give (an existing file's, else those the umask allows), and
 renamed over the destination (through a symbolic link, onto its target); on any error the
 temporary file is removed.  A crash therefore never leaves a truncated file under the real name.
+``atomic_write_files`` writes several files that belong together, renaming them in a row at the end.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -44,11 +45,7 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     Like a plain ``open(path, "wb")``: a symbolic link is written through (its target is
     replaced), and an existing file keeps its permissions.
     """
-    path = Path(os.path.realpath(path))
-    try:
-        mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_UMASK
-    except OSError:
-        mode = 0o666 & ~_UMASK
+    path, mode = _destination(path)
     fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -59,6 +56,42 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _destination(path: str | os.PathLike[str]) -> tuple[Path, int]:
+    """The file a write to ``path`` replaces (through a symbolic link) and the mode to give it."""
+    path = Path(os.path.realpath(path))
+    try:
+        mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_UMASK
+    except OSError:
+        mode = 0o666 & ~_UMASK
+    return path, mode
+
+
+def atomic_write_files(files: Sequence[tuple[str | os.PathLike[str], bytes]]) -> None:
+    """Write several files as one set: every file is written and flushed to disk under a
+    temporary name first, then all are renamed into place in a row, in the order given (put the
+    file readers look for last).  An error or a crash while writing leaves every old file as it
+    was; only one between the renames (microseconds apart) leaves old and new side by side."""
+    written: list[tuple[str, Path]] = []
+    try:
+        for path, data in files:
+            target, mode = _destination(path)
+            fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(target.name), dir=target.parent)
+            written.append((tmp, target))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)  # mkstemp creates 0600
+        while written:
+            tmp, target = written[0]
+            os.replace(tmp, target)
+            written.pop(0)
+    except BaseException:
+        for tmp, _ in written:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from fastmix._io import atomic_open, atomic_write_json, atomic_write_text
+from fastmix._io import atomic_open, atomic_write_files, atomic_write_json, atomic_write_text
 
 
 def test_write_replaces_and_leaves_no_temporary(tmp_path):
@@ -56,3 +56,41 @@ def test_like_a_plain_open_for_modes_links_and_long_names(tmp_path):
     atomic_write_text(long_name, "long")
     assert long_name.read_text() == "long"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_set_of_files_is_renamed_in_a_row_after_all_are_written(tmp_path, monkeypatch):
+    import fastmix._io as io_module
+
+    names = ["summary.md", "plot.png", "weights.json"]
+    for name in names:
+        (tmp_path / name).write_text("old")
+    # A failure while writing the last file: every old file stays, no temporary is left.
+    real_fsync, calls = os.fsync, []
+
+    def fsync_failing_third(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(io_module.os, "fsync", fsync_failing_third)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_files([(tmp_path / n, b"new " + n.encode()) for n in names])
+    assert [(tmp_path / n).read_text() for n in names] == ["old"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    monkeypatch.undo()
+    # On success every file is new, renamed in the order given (each after all the writes).
+    replaced = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        assert len(list(tmp_path.glob(".*.tmp-*"))) == len(names) - len(replaced)
+        replaced.append(os.path.basename(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io_module.os, "replace", recording_replace)
+    atomic_write_files([(tmp_path / n, b"new " + n.encode()) for n in names])
+    assert replaced == names
+    assert [(tmp_path / n).read_text() for n in names] == [f"new {n}" for n in names]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from fastmix._checks import unique_keys
-from fastmix._io import atomic_write_bytes, atomic_write_text, path_arg, writable_dir
+from fastmix._io import atomic_write_files, path_arg, writable_dir
 
 from .choose import Choice, choose_weights
 from .predictors import PREDICTORS, _exponent
@@ -155,14 +155,14 @@ def run(args: argparse.Namespace) -> int:
         png, plot_error = _render_plot(choice), None
     except Exception as exc:  # noqa: BLE001 - any plotting failure: the weights still count
         png, plot_error = None, exc
+    files = [(out / "summary.md", md.encode()), (out / "summary.csv", _csv(rows).encode())]
+    if png is not None:
+        files.append((out / "plot.png", png))
     try:
-        atomic_write_text(out / "weights.json", meta)
-        atomic_write_text(out / "summary.md", md)
-        atomic_write_text(out / "summary.csv", _csv(rows))
-        if png is not None:
-            atomic_write_bytes(out / "plot.png", png)
-        else:
-            # A plot of an earlier run must not sit beside these results.
+        # As one set, weights.json renamed last: a run that fails while writing leaves the
+        # earlier run's outputs as they were, not new weights beside an old summary.
+        atomic_write_files([*files, (out / "weights.json", meta.encode())])
+        if png is None:  # a plot of an earlier run must not sit beside these results
             (out / "plot.png").unlink(missing_ok=True)
     except OSError as exc:
         return _error(f"cannot write to {out}: {exc.strerror or exc}", 1)
