@@ -453,6 +453,33 @@ def test_resample_hands_alpha_to_the_sampler_and_trains_on_the_mean_loss(monkeyp
     assert "MeanBackward0" not in backpropagated[3:] and len(backpropagated) == 6
 
 
+
+def test_a_run_failing_while_writing_keeps_the_last_runs_outputs(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    # The outputs were written one by one: a full disk at the figure left a new weights.json,
+    # results.json and table.md beside the previous run's figure and report.
+    import shutil
+
+    import fastmix._io as io_module
+
+    out = tmp_path / "again"
+    shutil.copytree(tiny_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"weights.json", "table.md", "doremi.png", "report.md"} <= set(before)
+    real_fsync = os.fsync
+
+    def full_disk_at_the_figure(fd: int) -> None:
+        if ".doremi.png.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(io_module.os, "fsync", full_disk_at_the_figure)
+    assert _demo("--out", str(out), *TINY_FLAGS, "--seed", "5") == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
 def test_diverged_training_stops_before_writing_outputs(
     tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,

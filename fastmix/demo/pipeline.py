@@ -7,6 +7,7 @@ weights are updated by :class:`fastmix.DoReMi`'s fused step.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastmix._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fastmix._io import atomic_write_files
 from fastmix.demo import report
 from fastmix.demo.corpus import DOMAINS, CorpusSpec, build_corpus
 from fastmix.demo.model import GPTConfig
@@ -352,10 +353,7 @@ def _write_outputs(
         timings=shown,
         weights_source=weights_source,
     )
-    # Everything is rendered first (the figure takes ~1 s) and written last, in a row: an
-    # interrupted run leaves the files of one run or the other, not a mix, for all but a moment.
-    report.write_weights(
-        files["weights"],
+    weights_text = report.weights_json(
         doremi_weights,
         method="doremi" if proxy_result is not None else "file",
         source=weights_source,
@@ -374,10 +372,16 @@ def _write_outputs(
         model=cfg.to_dict(),
         fastmix_version=_version(),
     )
-    atomic_write_json(files["results"], results)
-    atomic_write_text(files["table"], table)
-    atomic_write_bytes(files["figure"], png)
-    atomic_write_text(files["report"], markdown)
+    # Everything is rendered first (the figure takes ~1 s) and written as one set: all to disk
+    # under temporary names, then renamed in a row (weights.json last), so a run interrupted
+    # or failing while writing leaves the files of the previous run, not a mix.
+    atomic_write_files([
+        (files["results"], (json.dumps(results, indent=2) + "\n").encode()),
+        (files["table"], table.encode()),
+        (files["figure"], png),
+        (files["report"], markdown.encode()),
+        (files["weights"], weights_text.encode()),
+    ])
     return files
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fastmix._checks import unique_keys
-from fastmix._io import atomic_write_json
+from fastmix._io import atomic_write_text
 
 LN2 = math.log(2.0)
 WEIGHTS_FILE = "weights.json"
@@ -38,9 +38,14 @@ def write_weights(
     path: str | os.PathLike[str], weights: Mapping[str, float], **metadata: Any
 ) -> None:
     """Write ``{"weights": {domain: w}, ...metadata}``; the weights sum to one."""
+    atomic_write_text(path, weights_json(weights, **metadata))
+
+
+def weights_json(weights: Mapping[str, float], **metadata: Any) -> str:
+    """The text of a weights file (see ``write_weights``)."""
     total = math.fsum(weights.values())
     normalised = {name: float(w) / total for name, w in weights.items()}
-    atomic_write_json(path, {"weights": normalised, **metadata})
+    return json.dumps({"weights": normalised, **metadata}, indent=2) + "\n"
 
 
 def load_weights(path: str | os.PathLike[str], domains: Sequence[str]) -> dict[str, float]:
