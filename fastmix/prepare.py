@@ -780,7 +780,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="DOMAIN=FILE[,FILE...]",
         help="a domain and its input files; a bare FILE makes a domain named after the file, up "
-        "to its first '.' (wiki.en.txt: wiki); a domain given twice reads the files of both",
+        "to its first '.' (wiki.en.txt: wiki); a domain given twice reads the files of both; a "
+        "FILE list that names one existing file (a path with a comma) is that file",
     )
     parser.add_argument("-o", "--out", required=True, help="output directory")
     parser.add_argument(
@@ -801,13 +802,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_inputs(specs: Sequence[str]) -> dict[str, list[str]]:
-    """``["web=a.jsonl,b.jsonl", "code.txt"]`` -> ``{"web": [...], "code": ["code.txt"]}``."""
+    """``["web=a.jsonl,b.jsonl", "code.txt"]`` -> ``{"web": [...], "code": ["code.txt"]}``.
+
+    A file list that names one existing file as a whole is that file, commas and all (a path
+    holding a comma could not be given at all)."""
     domains: dict[str, list[str]] = {}
     for spec in specs:
         name, sep, files = spec.partition("=")
         if not sep:
             files, name = spec, Path(spec).name.split(".")[0]
-        paths = [p for p in files.split(",") if p]
+        paths = [files] if "," in files and Path(files).is_file() else [
+            p for p in files.split(",") if p
+        ]
         if not name or not paths:
             raise ValueError(f"input {spec!r}: expected DOMAIN=FILE[,FILE...] or FILE")
         domains.setdefault(name, []).extend(paths)

@@ -174,6 +174,20 @@ def test_bad_input_is_clear(tmp_path, capsys):
     }
 
 
+
+def test_a_path_with_a_comma_is_one_file_when_it_exists(tmp_path):
+    # It was split into "x" and "y.txt" (neither a file): such a path could not be given.
+    odd = tmp_path / "x,y.txt"
+    odd.write_text("hi")
+    other = tmp_path / "z.txt"
+    other.write_text("yo")
+    assert parse_inputs([f"web={odd}", str(odd)]) == {"web": [str(odd)], "x,y": [str(odd)]}
+    # a list of existing files is still split
+    assert parse_inputs([f"web={other},{other}"]) == {"web": [str(other), str(other)]}
+    out = tmp_path / "out"
+    assert cli.main(["prepare", f"web={odd}", "-o", str(out), "--no-progress"]) == 0
+    assert TokenCorpus.from_dir(out).tokens == {"web": 3}
+
 def test_json_nested_too_deeply_is_clear(tmp_path, capsys):
     # json raises RecursionError (not a JSON error) past the recursion limit: still one line.
     deep = "[" * 100_000 + "\n"
