@@ -10,6 +10,7 @@ import os
 import string
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -455,27 +456,18 @@ def test_resample_hands_alpha_to_the_sampler_and_trains_on_the_mean_loss(monkeyp
 
 
 def test_a_run_failing_while_writing_keeps_the_last_runs_outputs(
-    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture,
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    full_disk_at: Callable[[str], None],
 ) -> None:
     # The outputs were written one by one: a full disk at the figure left a new weights.json,
     # results.json and table.md beside the previous run's figure and report.
     import shutil
 
-    import fastmix._io as io_module
-
     out = tmp_path / "again"
     shutil.copytree(tiny_run, out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert {"weights.json", "table.md", "doremi.png", "report.md"} <= set(before)
-    real_fsync = os.fsync
-
-    def full_disk_at_the_figure(fd: int) -> None:
-        if ".doremi.png.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(28, "No space left on device")
-        real_fsync(fd)
-
-    monkeypatch.setattr(io_module.os, "fsync", full_disk_at_the_figure)
+    full_disk_at("doremi.png")
     assert _demo("--out", str(out), *TINY_FLAGS, "--seed", "5") == 1
     assert "No space left on device" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

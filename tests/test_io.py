@@ -58,22 +58,16 @@ def test_like_a_plain_open_for_modes_links_and_long_names(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_a_set_of_files_is_renamed_in_a_row_after_all_are_written(tmp_path, monkeypatch):
+def test_a_set_of_files_is_renamed_in_a_row_after_all_are_written(
+    tmp_path, monkeypatch, full_disk_at
+):
     import fastmix._io as io_module
 
     names = ["summary.md", "plot.png", "weights.json"]
     for name in names:
         (tmp_path / name).write_text("old")
     # A failure while writing the last file: every old file stays, no temporary is left.
-    real_fsync, calls = os.fsync, []
-
-    def fsync_failing_third(fd):
-        calls.append(fd)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        real_fsync(fd)
-
-    monkeypatch.setattr(io_module.os, "fsync", fsync_failing_third)
+    full_disk_at("weights.json")
     with pytest.raises(OSError, match="No space"):
         atomic_write_files([(tmp_path / n, b"new " + n.encode()) for n in names])
     assert [(tmp_path / n).read_text() for n in names] == ["old"] * 3

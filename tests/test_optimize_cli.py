@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 
 import numpy as np
 import pytest
@@ -508,25 +507,17 @@ def test_a_failed_plot_leaves_no_stale_plot(tmp_path, capsys, monkeypatch):
 
 
 
-def test_a_run_that_fails_while_writing_leaves_the_last_runs_outputs(tmp_path, capsys, monkeypatch):
+def test_a_run_that_fails_while_writing_leaves_the_last_runs_outputs(
+    tmp_path, capsys, full_disk_at
+):
     # The outputs were written one by one: a full disk at summary.csv left the new weights.json
     # and summary.md beside the old summary.csv and plot.png.
-    import fastmix._io as io_module
-
     files = _sweep(tmp_path, n=30)
     out = tmp_path / "o"
     assert _fast(files, out, "--target", "val/loss") == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(before) == ["plot.png", "summary.csv", "summary.md", "weights.json"]
-    real_fsync, calls = os.fsync, []
-
-    def full_disk_at_second(fd):
-        calls.append(fd)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        real_fsync(fd)
-
-    monkeypatch.setattr(io_module.os, "fsync", full_disk_at_second)
+    full_disk_at("summary.csv")
     assert _fast(files, out, "--target", "val/code") == 1
     assert "No space left on device" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
