@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 from test_data_helpers import SEQ_LEN, flatten, make_corpus, take, window_index
 
+from fastmix import data
 from fastmix.data import _EVENT_CAPACITY, MixtureDataset
 
 
@@ -643,6 +644,36 @@ def test_a_single_iterators_state_resumes_with_any_number_of_workers(corpus):
         got = [next(workers[i % num_workers]) for i in range(6)]
         assert flatten(got) == expected
 
+
+
+@pytest.mark.parametrize("on_exhausted", ["reshuffle", "stop"])
+@pytest.mark.parametrize("batch_size,max_epochs", [(1, 1), (3, 2), (7, 1), (16, 3)])
+def test_the_cap_check_skipped_while_no_cap_is_near_changes_nothing(
+    tmp_path, monkeypatch, on_exhausted, batch_size, max_epochs
+):
+    # plan() skips the O(K) look for a domain near its cap while the cursors cannot reach one;
+    # the same streams with the look made at every step (a skip that ran past a cap would end
+    # in an AssertionError, or in a sample beyond the cap).
+    corpus = make_corpus(tmp_path, {"a": [41, 23], "b": [50], "c": [30], "d": [9]})
+
+    def run():
+        ds = MixtureDataset(corpus, SEQ_LEN, [1, 3, 2, 0.5], seed=4, batch_size=batch_size,
+                            max_epochs=max_epochs, on_exhausted=on_exhausted)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            samples = stream(ds, 10_000)
+        return samples, ds.exhausted_at
+
+    skipping = run()
+    plan = data._Stream.plan
+
+    def plan_checking_every_step(self, produce):
+        self._cap_check_at = 0
+        return plan(self, produce)
+
+    monkeypatch.setattr(data._Stream, "plan", plan_checking_every_step)
+    assert run() == skipping
+    assert skipping[1]  # some domain reached its cap
 
 def test_huge_caps_and_steps(corpus):
     # windows * max_epochs beyond int64 must not wrap around into a tiny cap.
