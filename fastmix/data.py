@@ -81,6 +81,7 @@ __all__ = [
     "CorpusError",
     "TokenCorpus",
     "MixtureDataset",
+    "WeightSchedule",
     "load_weights",
     "CORPUS_MANIFEST",
 ]
@@ -1532,6 +1533,74 @@ class _MixtureIterator:
         return state
 
 
+class WeightSchedule(Sequence[tuple[int, list[float]]]):
+    """``MixtureDataset.weight_schedule``: the weight changes applied, ``(step, weights)`` pairs
+    (``weights`` a list of floats) in the order they were made; it compares equal to the list of
+    those pairs.  Held as one float64 row per change: a list of Python floats took 32 bytes per
+    domain and change (0.8 GB after 100,000 changes at K = 256), and full garbage collections
+    walked every one of those lists.
+    """
+
+    def __init__(self, num_domains: int):
+        self._k = num_domains
+        # (steps, rows, n) replaced as a whole: a reader holding the previous tuple never sees
+        # a half-made entry (rows are written beyond its n, or into a new array).
+        self._data: tuple[list[int], np.ndarray, int] = ([], np.empty((0, num_domains)), 0)
+
+    def __len__(self) -> int:
+        return self._data[2]
+
+    def __getitem__(self, index: Any) -> Any:
+        steps, rows, n = self._data
+        if isinstance(index, slice):
+            return [(steps[i], rows[i].tolist()) for i in range(*index.indices(n))]
+        i = range(n)[index]  # (IndexError and TypeError as a list gives them)
+        return steps[i], rows[i].tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, list[float]]]:
+        # The entries there were when it started (a change recorded meanwhile, by the thread
+        # that waits for a CUDA copy, may be inserted before the position it has reached).
+        steps, rows, n = self._data
+        for i in range(n):
+            yield steps[i], rows[i].tolist()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (WeightSchedule, list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, like the list it stands for)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+    def _insert(self, i: int, step: int, weights: np.ndarray) -> None:
+        steps, rows, n = self._data
+        if i == n and n < len(rows):
+            rows[n] = weights
+            steps.append(step)
+            self._data = (steps, rows, n + 1)
+            return
+        grown = np.empty((max(16, 2 * len(rows)) if n == len(rows) else len(rows), self._k))
+        grown[:i], grown[i], grown[i + 1 : n + 1] = rows[:i], weights, rows[i:n]
+        self._data = ([*steps[:i], step, *steps[i:n]], grown, n + 1)
+
+    def _entry(self, i: int) -> tuple[int, np.ndarray]:
+        """Entry ``i`` with its weights as a float64 array of its own."""
+        steps, rows, _ = self._data
+        return steps[i], rows[i].copy()
+
+    def _entries(self) -> Iterator[tuple[int, np.ndarray]]:
+        steps, rows, n = self._data
+        for i in range(n):
+            yield steps[i], rows[i].copy()
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(steps int64 [n], weights float64 [n, K])."""
+        steps, rows, n = self._data
+        return np.array(steps[:n], np.int64), rows[:n].copy()
+
+
 # ----------------------------------------------------------------------------------------------
 # MixtureDataset
 # ----------------------------------------------------------------------------------------------
@@ -1646,7 +1715,7 @@ class MixtureDataset(IterableDataset):
         # floor, except after loading a state that resumes with any number of workers.
         self._least = 0
         self._active: _MixtureIterator | None = None
-        self.weight_schedule: list[tuple[int, list[float]]] = []
+        self.weight_schedule = WeightSchedule(corpus.num_domains)
         self._made = 0  # set_weights calls so far: the order changes were made in
         self._schedule_made: list[int] = []  # weight_schedule's entries' numbers, ascending
         # ... in the order they were recorded (a CUDA change lands after changes made later):
@@ -1757,7 +1826,7 @@ class MixtureDataset(IterableDataset):
         made (replaying it with set_weights(w, step=s) gives the same stream)."""
         i = bisect.bisect(self._schedule_made, made)
         self._schedule_made.insert(i, made)
-        self.weight_schedule.insert(i, (step, w.tolist()))
+        self.weight_schedule._insert(i, step, w)
         self._recorded.append(made)  # (last: a change listed here is in weight_schedule)
         if made > self._weights_made:
             self._weights, self._weights_made = w, made
@@ -1856,12 +1925,7 @@ class MixtureDataset(IterableDataset):
             "weights": self._weights,
             # as two arrays, digested as bytes (item by item, each float's repr: ~37 us per
             # change at K = 22, 0.4 s for a run that changed them at each of 10,000 steps)
-            "set_weights changes": (
-                np.array([step for step, _ in self.weight_schedule], np.int64),
-                np.array([w for _, w in self.weight_schedule], np.float64).reshape(
-                    len(self.weight_schedule), len(self.corpus.names)
-                ),
-            ),
+            "set_weights changes": self.weight_schedule._arrays(),
             "resume point": resume,
         }  # fmt: skip
         distributed.check_ranks_agree(
@@ -2000,7 +2064,7 @@ class MixtureDataset(IterableDataset):
             stream.generation = self._generation
             stream.warn = False  # the iterators have warned of the domains dropped
             replay = self._replay = [self._resume, stream, 0]
-            changes = list(zip(self._schedule_made, self.weight_schedule, strict=True))
+            changes = list(zip(self._schedule_made, self.weight_schedule._entries(), strict=True))
         stream = replay[1]
         for made, (s, w) in changes:
             stream.merge(made, s, np.asarray(w, np.float64))
@@ -2010,9 +2074,9 @@ class MixtureDataset(IterableDataset):
         # Produced by one iterator up to here: any number of workers can take over.
         return {**stream.state(), "next_step": stream.step, "worker": 0, "stride": 1}
 
-    def _scheduled(self, made: int) -> tuple[int, list[float]]:
+    def _scheduled(self, made: int) -> tuple[int, np.ndarray]:
         """The entry of ``weight_schedule`` for change number ``made``."""
-        return self.weight_schedule[bisect.bisect_left(self._schedule_made, made)]
+        return self.weight_schedule._entry(bisect.bisect_left(self._schedule_made, made))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()``: the next iteration continues exactly where it was.
@@ -2058,7 +2122,8 @@ class MixtureDataset(IterableDataset):
                 self._async.join()
             self._async_error = None
             self._generation = self._control.clear()
-            self.weight_schedule, self._schedule_made, self._weights_made = [], [], -1
+            self.weight_schedule = WeightSchedule(self.corpus.num_domains)
+            self._schedule_made, self._weights_made = [], -1
             self._recorded = []
         self._resume = state
         self._active = None
@@ -2114,6 +2179,11 @@ class MixtureDataset(IterableDataset):
         where = state.pop("_copy_of", None)
         if "_recorded" not in state:  # pickled before it existed (a replay starts afresh)
             state["_recorded"] = list(state.get("_schedule_made", []))
+        if isinstance(state.get("weight_schedule"), list):  # pickled when it was a list
+            schedule = WeightSchedule(state["corpus"].num_domains)
+            for i, (step, w) in enumerate(state["weight_schedule"]):
+                schedule._insert(i, step, np.asarray(w, np.float64))
+            state["weight_schedule"] = schedule
         self.__dict__.update(state)
         if where is not None:
             self.load_state_dict(where)

@@ -410,6 +410,43 @@ def test_a_replay_going_on_takes_a_change_recorded_after_later_ones(corpus):
     old = MixtureDataset.__new__(MixtureDataset)
     old.__setstate__(state)
     assert old.state_dict(step=8) == live
+    # ... and one pickled when weight_schedule was a list of (step, list) pairs (as a
+    # DataLoader worker gets it, without the copy's own state loaded over it).
+    state = ds.__getstate__()
+    del state["_copy_of"]
+    state["weight_schedule"] = [(s, list(w)) for s, w in ds.weight_schedule]
+    old = MixtureDataset.__new__(MixtureDataset)
+    old.__setstate__(state)
+    assert isinstance(old.weight_schedule, data.WeightSchedule)
+    assert old.weight_schedule == ds.weight_schedule
+    assert [w.tolist() for _, w in old.weight_schedule._entries()] == [[1, 0, 0], [0, 0, 1]]
+
+
+def test_weight_schedule_reads_as_the_list_of_its_changes():
+    schedule = data.WeightSchedule(3)
+    expected = []
+    rng = np.random.default_rng(0)
+    for n in range(40):  # past the first growth of its array, inserting anywhere
+        i = int(rng.integers(0, n + 1))
+        w = rng.random(3)
+        schedule._insert(i, 10 * n, w)
+        expected.insert(i, (10 * n, w.tolist()))
+        if n == 5:
+            early = iter(schedule)  # a reader holding the schedule as it was
+            first = next(early)
+    assert schedule == expected and expected == schedule and schedule == tuple(expected)
+    assert len(schedule) == 40 and list(schedule) == expected and schedule[-1] == expected[-1]
+    assert schedule[3:30:4] == expected[3:30:4] and repr(schedule) == repr(expected)
+    assert [w for _, w in schedule] == [w for _, w in expected]
+    assert len([first, *early]) == 6  # the six entries it began with, whatever came after
+    assert schedule != expected[:-1] and schedule != "x" and (schedule == 5) is False
+    with pytest.raises(IndexError):
+        schedule[40]
+    with pytest.raises(TypeError):
+        hash(schedule)
+    steps, rows = schedule._arrays()
+    assert steps.tolist() == [s for s, _ in expected] and rows.tolist() == [w for _, w in expected]
+    assert pickle.loads(pickle.dumps(schedule)) == expected
 
 
 def test_checkpoint_waits_for_a_weight_copy_in_flight(corpus):
