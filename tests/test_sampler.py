@@ -786,6 +786,23 @@ def test_greedy_fill_takes_unnormalised_weights_on_every_path() -> None:
         np.testing.assert_array_equal(ids["avx2"], ids["scalar"])
 
 
+@pytest.mark.parametrize("k", [8, 40, 100])
+def test_blend_indices_subnormal_unnormalised_weights(k: int) -> None:
+    # Weights taken as given can be subnormal: step / sum(w) overflows, and the speculative
+    # segments' guessed counts were inf (NaN for a zero weight), cast to int64 and fed to the
+    # register kernels, whose argmax then had no maximum (ctz of 0, an index out of range).  The
+    # output was right on x86 (the guesses are verified); UBSan (float-cast-overflow, and ctz)
+    # flagged it.  K = 8: screened lanes, 40: register segments, 100: windowed segments.
+    w = np.full(k, 1e-310)
+    w[0] = 0.0
+    naive = _C._blend_indices_naive(w, 40_000)
+    _assert_blend_equal(_C.blend_indices(w, 40_000), naive)
+    _assert_blend_equal(_C._blend_indices_avx2(w, 40_000), naive)
+    out = np.empty(40_000, dtype=np.int32)
+    _C.greedy_fill(w, 0, np.zeros(k, dtype=np.int64), out)
+    np.testing.assert_array_equal(out, naive[0])
+
+
 def _greedy_fill_in_pieces(
     w: np.ndarray, sizes: tuple[int, ...], isa: str = "best"
 ) -> tuple[np.ndarray, np.ndarray]:

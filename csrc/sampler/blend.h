@@ -877,6 +877,14 @@ class GreedyFast {
     double total_w = 0.0;
     for (int64_t d = 0; d < k; ++d) total_w += w_[d];
     const double scale = static_cast<double>(x) / total_w;
+    if (!std::isfinite(scale)) {
+      // Weights taken as given (greedy_fill, _C.blend_indices) may be subnormal: x / sum(w)
+      // overflows, and inf counts (NaN for a zero weight: 0 * inf) were cast to int64 (undefined)
+      // and reached the register kernels, whose argmax finds no maximum among NaNs (ctz of 0).
+      // The current counts are a safe guess.
+      std::copy(count_f_.begin(), count_f_.end(), out);
+      return;
+    }
     int64_t assigned = 0;
     std::vector<std::pair<double, int64_t>> remainder(static_cast<size_t>(k));
     for (int64_t d = 0; d < k; ++d) {
