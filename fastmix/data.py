@@ -1574,6 +1574,10 @@ class WeightSchedule(Sequence[tuple[int, list[float]]]):
     def __repr__(self) -> str:
         return repr(list(self))
 
+    def __getstate__(self) -> dict[str, Any]:
+        steps, rows, n = self._data  # (not the rows reserved for growth: unset memory)
+        return {"_k": self._k, "_data": (steps[:n], rows[:n].copy(), n)}
+
     def _insert(self, i: int, step: int, weights: np.ndarray) -> None:
         steps, rows, n = self._data
         if i == n and n < len(rows):
@@ -1726,6 +1730,9 @@ class MixtureDataset(IterableDataset):
         self._async: queue.Queue | None = None
         self._async_thread: threading.Thread | None = None
         self._async_error: BaseException | None = None
+        # _record runs in the calling thread (set_weights) and in the thread that waits for
+        # CUDA copies: unguarded, two changes at once lost one or raised IndexError.
+        self._record_lock = threading.Lock()
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -1824,12 +1831,13 @@ class MixtureDataset(IterableDataset):
     def _record(self, step: int, w: np.ndarray, made: int) -> None:
         """Add change ``made`` to weight_schedule, which lists the changes in the order they were
         made (replaying it with set_weights(w, step=s) gives the same stream)."""
-        i = bisect.bisect(self._schedule_made, made)
-        self._schedule_made.insert(i, made)
-        self.weight_schedule._insert(i, step, w)
-        self._recorded.append(made)  # (last: a change listed here is in weight_schedule)
-        if made > self._weights_made:
-            self._weights, self._weights_made = w, made
+        with self._record_lock:
+            i = bisect.bisect(self._schedule_made, made)
+            self._schedule_made.insert(i, made)
+            self.weight_schedule._insert(i, step, w)
+            self._recorded.append(made)  # (last: a change listed here is in weight_schedule)
+            if made > self._weights_made:
+                self._weights, self._weights_made = w, made
 
     def _submit_async(
         self, host: torch.Tensor, event: Any, step: int | None, made: int | None = None
@@ -2047,24 +2055,27 @@ class MixtureDataset(IterableDataset):
         # changes recorded since the previous call: going through every change of the run at
         # each call, a call every 100 steps took 10-12 ms after 20,000 steps with a change at
         # each (1.5-2.0 ms now), and more the longer the run.
-        recorded = len(self._recorded)
-        replay = self._replay
-        if replay is not None and (replay[0] is not self._resume or replay[1].step > step):
-            replay = None
-        if replay is not None:
-            changes = [
-                (made, self._scheduled(made)) for made in self._recorded[replay[2] : recorded]
-            ]
-            if any(s < replay[1].step for _, (s, _) in changes):
+        # (under the lock: a change the CUDA thread records meanwhile is in all or none)
+        with self._record_lock:
+            recorded = len(self._recorded)
+            replay = self._replay
+            if replay is not None and (replay[0] is not self._resume or replay[1].step > step):
                 replay = None
-        if replay is None:
-            stream = _Stream(self, self._resume)
-            # It marks the domains it drops (the sample numbers an iterator producing those
-            # steps marks): right after a load, no iterator of this run may have produced them.
-            stream.generation = self._generation
-            stream.warn = False  # the iterators have warned of the domains dropped
-            replay = self._replay = [self._resume, stream, 0]
-            changes = list(zip(self._schedule_made, self.weight_schedule._entries(), strict=True))
+            if replay is not None:
+                changes = [
+                    (made, self._scheduled(made)) for made in self._recorded[replay[2] : recorded]
+                ]
+                if any(s < replay[1].step for _, (s, _) in changes):
+                    replay = None
+            if replay is None:
+                stream = _Stream(self, self._resume)
+                # It marks the domains it drops (the sample numbers an iterator producing those
+                # steps marks): right after a load, no iterator of this run may have produced them.
+                stream.generation = self._generation
+                stream.warn = False  # the iterators have warned of the domains dropped
+                replay = self._replay = [self._resume, stream, 0]
+                entries = self.weight_schedule._entries()
+                changes = list(zip(self._schedule_made, entries, strict=True))
         stream = replay[1]
         for made, (s, w) in changes:
             stream.merge(made, s, np.asarray(w, np.float64))
@@ -2160,7 +2171,8 @@ class MixtureDataset(IterableDataset):
         from multiprocessing import context
 
         state = self.__dict__.copy()
-        state.update(_async=None, _async_thread=None, _active=None, _async_error=None, _replay=None)
+        state.update(_async=None, _async_thread=None, _active=None, _async_error=None, _replay=None,
+                     _record_lock=None)
         if context.get_spawning_popen() is None:
             # A copy (pickle, deepcopy, torch.save), not a DataLoader worker: it continues from
             # where this dataset is, as a dataset loading state_dict() would (it used to restart
@@ -2179,6 +2191,7 @@ class MixtureDataset(IterableDataset):
         where = state.pop("_copy_of", None)
         if "_recorded" not in state:  # pickled before it existed (a replay starts afresh)
             state["_recorded"] = list(state.get("_schedule_made", []))
+        state["_record_lock"] = threading.Lock()
         if isinstance(state.get("weight_schedule"), list):  # pickled when it was a list
             schedule = WeightSchedule(state["corpus"].num_domains)
             for i, (step, w) in enumerate(state["weight_schedule"]):
