@@ -106,9 +106,15 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON every fastmix output file holds (key order kept: it is
+    meaningful), ending in a newline."""
+    return json.dumps(obj, indent=2) + "\n"
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON (key order kept: it is meaningful) to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Write ``obj`` as :func:`json_text` to ``path`` atomically."""
+    atomic_write_text(path, json_text(obj))
 
 
 def path_arg(path: str | os.PathLike[str], what: str) -> Path:

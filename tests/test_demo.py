@@ -193,7 +193,7 @@ def test_model_returns_per_token_loss() -> None:
 def test_load_weights_accepts_and_rejects(tmp_path: Path) -> None:
     domains = ["a", "b", "c"]
     path = tmp_path / "w.json"
-    report.write_weights(path, {"a": 2.0, "b": 1.0, "c": 1.0}, method="test")
+    path.write_text(report.weights_json({"a": 2.0, "b": 1.0, "c": 1.0}, method="test"))
     assert report.load_weights(path, domains) == {"a": 0.5, "b": 0.25, "c": 0.25}
     path.write_text(json.dumps({"a": 1, "c": 3}))  # bare mapping, a domain left out
     assert report.load_weights(path, domains) == {"a": 0.25, "b": 0.0, "c": 0.75}

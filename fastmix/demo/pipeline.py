@@ -7,7 +7,6 @@ weights are updated by :class:`fastmix.DoReMi`'s fused step.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastmix._io import atomic_write_files
+from fastmix._io import atomic_write_files, json_text
 from fastmix.demo import report
 from fastmix.demo.corpus import DOMAINS, CorpusSpec, build_corpus
 from fastmix.demo.model import GPTConfig
@@ -376,7 +375,7 @@ def _write_outputs(
     # under temporary names, then renamed in a row (weights.json last), so a run interrupted
     # or failing while writing leaves the files of the previous run, not a mix.
     atomic_write_files([
-        (files["results"], (json.dumps(results, indent=2) + "\n").encode()),
+        (files["results"], json_text(results).encode()),
         (files["table"], table.encode()),
         (files["figure"], png),
         (files["report"], markdown.encode()),

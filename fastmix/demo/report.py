@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fastmix._checks import unique_keys
-from fastmix._io import atomic_write_text
+from fastmix._io import json_text
 
 LN2 = math.log(2.0)
 WEIGHTS_FILE = "weights.json"
@@ -34,18 +34,12 @@ def bits(nats: float) -> float:
     return nats / LN2
 
 
-def write_weights(
-    path: str | os.PathLike[str], weights: Mapping[str, float], **metadata: Any
-) -> None:
-    """Write ``{"weights": {domain: w}, ...metadata}``; the weights sum to one."""
-    atomic_write_text(path, weights_json(weights, **metadata))
-
-
 def weights_json(weights: Mapping[str, float], **metadata: Any) -> str:
-    """The text of a weights file (see ``write_weights``)."""
+    """The text of a weights file, ``{"weights": {domain: w}, ...metadata}``; the weights sum
+    to one."""
     total = math.fsum(weights.values())
     normalised = {name: float(w) / total for name, w in weights.items()}
-    return json.dumps({"weights": normalised, **metadata}, indent=2) + "\n"
+    return json_text({"weights": normalised, **metadata})
 
 
 def load_weights(path: str | os.PathLike[str], domains: Sequence[str]) -> dict[str, float]:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from fastmix._checks import unique_keys
-from fastmix._io import atomic_write_files, path_arg, writable_dir
+from fastmix._io import atomic_write_files, json_text, path_arg, writable_dir
 
 from .choose import Choice, choose_weights
 from .predictors import PREDICTORS, _exponent
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:  # the trees extra is missing
         return _error(exc, 2)
     md, rows = _summary(choice, sweep, constraints, prior)
-    meta = json.dumps(_metadata(choice, sweep, constraints, args), indent=2) + "\n"
+    meta = json_text(_metadata(choice, sweep, constraints, args))
     try:
         png, plot_error = _render_plot(choice), None
     except Exception as exc:  # noqa: BLE001 - any plotting failure: the weights still count
