@@ -13,7 +13,6 @@ import csv
 import io
 import math
 import re
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._checks import not_a_set, real_number
+from fastmix._checks import duplicates, not_a_set, real_number
 
 from .search import _rng_seed
 
@@ -173,7 +172,7 @@ def load_sweep(
         mix_ids = [_id_str(v) for v in mix_cols[key]]
         met_ids = [_id_str(v) for v in met_cols[key]]
         for name, ids in (("mixtures", mix_ids), ("metrics", met_ids)):
-            dup = _duplicates(ids)
+            dup = duplicates(ids)
             if dup:
                 raise ValueError(f"{name}: id column {key!r} repeats runs {_preview(dup)}")
         only_mix = sorted(set(mix_ids) - set(met_ids))
@@ -241,7 +240,7 @@ def load_sweep(
         if empty:  # (a nameless domain: weights.json's key "", --min-weight =0.1)
             raise ValueError(f"strip_prefix {strip_prefix!r} leaves domain {empty[0]!r} "
                              "without a name")
-        dup = _duplicates(stripped)
+        dup = duplicates(stripped)
         if dup:
             sources = [d for d, n in zip(domain_names, stripped, strict=True) if n == dup[0]]
             raise ValueError(f"strip_prefix {strip_prefix!r} makes domain names collide: "
@@ -292,7 +291,7 @@ def read_csv_columns(path: str | Path) -> dict[str, list[str]]:
         if len(r) != len(header):
             raise ValueError(f"{path}: line {line} has {len(r)} fields, header has {len(header)}")
     if len(set(header)) != len(header):
-        raise ValueError(f"{path}: repeated column names {_preview(_duplicates(header))}")
+        raise ValueError(f"{path}: repeated column names {_preview(duplicates(header))}")
     return {h: [r[j] for r in body] for j, h in enumerate(header)}
 
 
@@ -355,7 +354,7 @@ def _value_columns(cols: Mapping[str, Sequence[Any]], wanted: Sequence[str] | No
         if not isinstance(wanted, Iterable):
             raise TypeError(f"{arg} must be a list of column names, got {type(wanted).__name__}")
         wanted = [str(w) for w in wanted]
-        repeated = sorted(w for w, n in Counter(wanted).items() if n > 1)
+        repeated = sorted(duplicates(wanted))
         if repeated:
             raise ValueError(f"{arg}: columns {_preview(repeated)} are listed more than once")
         unknown = [w for w in wanted if w not in cols]
@@ -475,16 +474,6 @@ def _id_str(v: Any) -> str:
     except ValueError:
         pass
     return s
-
-
-def _duplicates(items: Sequence[str]) -> list[str]:
-    seen: set[str] = set()
-    dup: dict[str, None] = {}  # (a dict, in order: a list scan per repeat was quadratic)
-    for x in items:
-        if x in seen:
-            dup[x] = None
-        seen.add(x)
-    return list(dup)
 
 
 def _row_name(run_ids: list[str] | None, row: int) -> str:
