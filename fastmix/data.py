@@ -174,11 +174,6 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
         out = np.array([items.get(n, 0.0) for n in names], dtype=np.float64)
         _check_weight_values(out, names)
         return out
-    if isinstance(source, (bytes, bytearray)):  # numpy reads bytearray(b"\x01\x02") as [1, 2]
-        raise TypeError(
-            f"weights must be a path, a mapping, or a sequence, an array or a tensor of real "
-            f"numbers, got {type(source).__name__}"
-        )
     source = plain_values(source, "weights")  # (also a JSON [true, 1])
     if isinstance(source, torch.Tensor):
         if source.dtype == torch.bool or source.is_complex():
@@ -187,7 +182,8 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
             raise ValueError("weights is a meta tensor: it holds no values")
         source = source.detach().to("cpu", torch.float64).numpy()
     try:
-        raw = np.asarray(source)
+        # (refused below: numpy reads bytearray(b"\x01\x02") as the weights [1, 2])
+        raw = None if isinstance(source, (bytes, bytearray)) else np.asarray(source)
     except (TypeError, ValueError):
         raw = None
     if raw is not None and raw.dtype == object and raw.ndim == 1:

@@ -580,7 +580,8 @@ def prepare_corpus(
             docs = _documents(paths, text_field, lines, bar)  # (it moves the bar)
             # (checked against corpus.json above; prepare_domain's own check before tokenising
             # read and compared the whole manifest once more per domain)
-            _prepare_domain(name, docs, out_dir, tok, [str(p) for p in paths], None, False)
+            sources = [str(p) for p in paths]
+            _prepare_domain(name, docs, out_dir, tok, sources, progress=None, check_first=False)
     finally:
         if bar is not None:
             bar.close()
