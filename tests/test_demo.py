@@ -371,6 +371,7 @@ def test_end_to_end_outputs_are_well_formed(tiny_run: Path) -> None:
         assert f"| {name} | 0.200 | {weights[name]:.3f} |" in table
     text = (tiny_run / "report.md").read_text()
     assert "(weights.json)" in text and "(doremi.png)" in text and table in text
+    assert "shows how much a result moves with the seed" in text
     # Everything was renamed into place: no temporary file is left.
     assert not [p.name for p in tiny_run.iterdir() if p.name.startswith(".")]
 
@@ -403,6 +404,31 @@ def test_same_seed_same_results_and_weights_flag(tiny_run: Path, tmp_path: Path)
     assert third["doremi_weights"] == pytest.approx(first["doremi_weights"], rel=1e-12)
     assert third["doremi_model_bpb"] == pytest.approx(first["doremi_model_bpb"], rel=1e-9)
     assert json.loads((reused / "weights.json").read_text())["method"] == "file"
+    # No reference was trained: the report does not describe one.
+    text = (reused / "report.md").read_text()
+    assert "No reference model was trained" in text and "The reference is" not in text
+
+
+def test_report_says_what_the_reference_column_measures() -> None:
+    domains = ["a", "b"]
+    loss = {"a": 1.0, "b": 2.0}
+
+    def text(reference: str | None) -> str:
+        return report.report_markdown(
+            table="| table |\n", domains=domains, doremi_weights={"a": 0.5, "b": 0.5},
+            uniform_loss=loss, doremi_loss=loss, settings={}, timings={},
+            weights_source="test", reference=reference,
+        )  # fmt: skip
+
+    # Only a reference of the main models' shape and length measures the seed's effect.
+    assert "moves with the seed" in text("same")
+    other = text("other")
+    assert "moves with the seed" not in other and "not the seed's effect alone" in other
+    # Weights read from a file: no reference run, so no claim about one.
+    none = text(None)
+    assert "The reference is" not in none and "No reference model was trained" in none
+    with pytest.raises(ValueError, match="reference"):
+        text("yes")
 
 
 def test_resample_mode_runs(tmp_path: Path) -> None:

@@ -351,6 +351,10 @@ def _write_outputs(
         settings=settings,
         timings=shown,
         weights_source=weights_source,
+        reference=(
+            None if reference_loss is None
+            else "same" if (cfg, opts.steps) == (main_cfg, opts.total_main_steps) else "other"
+        ),
     )
     weights_text = report.weights_json(
         doremi_weights,

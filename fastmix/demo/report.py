@@ -175,6 +175,17 @@ def figure_png(
     return buf.getvalue()
 
 
+# What the reference column means, by report_markdown's ``reference``.
+_REFERENCE_NOTE = {
+    "same": "The reference is a uniform model of the same size and length with other\n"
+    "seeds: its gap to the uniform main model shows how much a result moves with the seed.",
+    # (--main-d-model/--main-layers/--main-heads or --main-steps: the gap is not seed noise)
+    "other": "The reference is a uniform model of the proxy's size and length, which differ\n"
+    "from the main models': its gap to the uniform main model is not the seed's effect alone.",
+    None: "No reference model was trained (the weights were read from a file).",
+}
+
+
 def report_markdown(
     *,
     table: str,
@@ -185,8 +196,17 @@ def report_markdown(
     settings: Mapping[str, Any],
     timings: Mapping[str, float],
     weights_source: str,
+    reference: str | None,
 ) -> str:
-    """A short report that points to the table, ``weights.json`` and the figure."""
+    """A short report that points to the table, ``weights.json`` and the figure.
+
+    ``reference`` says what the reference column holds: ``"same"`` (a uniform model of the main
+    models' shape and length: its gap to the uniform main model is the seed's effect),
+    ``"other"`` (the main models have another shape or number of steps) or ``None`` (no
+    reference run: the weights were read from a file).
+    """
+    if reference not in ("same", "other", None):
+        raise ValueError(f"reference must be 'same', 'other' or None, got {reference!r}")
     better = [n for n in domains if doremi_loss[n] < uniform_loss[n]]
     top = max(domains, key=lambda n: doremi_weights[n])
     low = min(domains, key=lambda n: doremi_weights[n])
@@ -196,8 +216,7 @@ def report_markdown(
         f"Weights: {weights_source}. Losses are held-out **bits per byte** (lower is better;",
         "tokens are bytes, and the end-of-document markers are scored but not counted as bytes).",
         "Both main models start from the same initialisation and see the same number of tokens;",
-        "only the mixture differs. The reference is a uniform model of the same size with other",
-        "seeds: its gap to the uniform main model shows how much a result moves with the seed.",
+        "only the mixture differs. " + _REFERENCE_NOTE[reference],
         "",
         table,
         f"DoReMi gives the most weight to **{top}** ({doremi_weights[top]:.3f}) and the least to "
