@@ -104,7 +104,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "comma-separated NAME=COUNT")
     parser.add_argument("--total-tokens", type=_number, help="tokens the target run trains on")
     parser.add_argument("--max-epochs", type=_number,
-                        help="how often a domain may be repeated (default 1 with token counts)")
+                        help="passes allowed over each domain's tokens (default 1 with token "
+                             "counts: no token is seen twice)")
     parser.add_argument("--prior", metavar="JSON",
                         help="centre of the search: a weights JSON (default: the mean sweep "
                              "mixture, or each domain's share of the tokens, count / total of "

@@ -6,7 +6,7 @@ single best prediction).  fastmix adds constraints and a local refinement:
 
 - per-domain minimum and maximum weight;
 - token availability: with a total token budget and each domain's token count, a domain cannot
-  be repeated beyond ``max_epochs`` (``w_i ≤ max_epochs·tokens_i / total_tokens``).
+  be read for more than ``max_epochs`` passes (``w_i ≤ max_epochs·tokens_i / total_tokens``).
 
 Every candidate is projected exactly onto ``{lo ≤ w ≤ hi, Σw = 1}`` (bisection on the shift of
 the Euclidean projection, vectorised over candidates), so all of them are feasible and so is any
@@ -129,8 +129,8 @@ class Constraints:
         max_weight: likewise (default 1).
         token_counts: tokens available per domain (needs ``total_tokens``).
         total_tokens: tokens the run will train on.
-        max_epochs: how many times a domain may be repeated (default 1 when token counts are
-            given).
+        max_epochs: how many passes over a domain's tokens the run may make (default 1 when
+            token counts are given: no token is seen twice).
 
     Raises:
         ValueError: on bounds outside [0, 1], ``min > max``, minimums summing above 1, or a
