@@ -157,6 +157,38 @@ def test_a_manifest_of_another_shape_rebuilds_the_cache(tmp_path: Path) -> None:
     assert corpus_digest(build_corpus(tmp_path, SMALL_SPEC, progress=False)) == digest
 
 
+def test_a_corpus_folder_the_demo_did_not_write_is_kept(tmp_path: Path) -> None:
+    # `fastmix demo --out .` in a project with a corpus/ of its own deleted that folder (the
+    # rebuild replaced out/corpus whatever it held).
+    mine = tmp_path / "corpus"
+    (mine / "train").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    (mine / "train" / "web.bin").write_bytes(b"\x01\x00")
+    for force in (False, True):
+        with pytest.raises(ValueError, match="notes.txt.*--out"):
+            build_corpus(tmp_path, SMALL_SPEC, progress=False, force=force)
+    (mine / "notes.txt").unlink()
+    with pytest.raises(ValueError, match="'train/web.bin'"):
+        build_corpus(tmp_path, SMALL_SPEC, progress=False)
+    assert (mine / "train" / "web.bin").read_bytes() == b"\x01\x00"
+    (mine / "train" / "web.bin").unlink()
+    (mine / "train").rmdir()
+    mine.rmdir()
+    mine.write_text("a file")
+    with pytest.raises(ValueError, match="a file in place of the corpus folder"):
+        build_corpus(tmp_path, SMALL_SPEC, progress=False)
+    assert mine.read_text() == "a file"
+    # The demo's own folder, half written by a crash (a temporary token file left), is rebuilt.
+    mine.unlink()
+    built = build_corpus(tmp_path, SMALL_SPEC, progress=False)
+    (built.train_dir / ".code.bin.tmp-abcd1234").write_bytes(b"")
+    (built.root / ".DS_Store").write_bytes(b"")
+    (built.root / "manifest.json").unlink()
+    again = build_corpus(tmp_path, SMALL_SPEC, progress=False)
+    assert corpus_digest(again) == corpus_digest(built)
+    assert not (again.train_dir / ".code.bin.tmp-abcd1234").exists()
+
+
 def test_corpus_spec_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="seed"):
         CorpusSpec(seed=-1)

@@ -427,7 +427,8 @@ def build_corpus(
     (:meth:`CorpusSpec.cache_key`), every file it lists has its recorded size, both parts load as
     corpora and no token is outside the vocabulary.  A rebuild happens in a temporary folder that
     replaces the old one only when complete, so an interrupted build never leaves a corpus that
-    looks valid.
+    looks valid.  A ValueError, before anything is built, when ``out/corpus`` holds anything else
+    (a folder of the user's own): the rebuild would delete it.
     """
     from tqdm.auto import tqdm
 
@@ -440,6 +441,15 @@ def build_corpus(
         cached = _load_manifest(root, key)
         if cached is not None:
             return cached
+    # A rebuild replaces the whole folder: one the demo did not make (`--out .` in a project with
+    # a corpus/ of its own) was deleted without a word.
+    foreign = _foreign_entry(root)
+    if foreign is not None:
+        raise ValueError(
+            f"{root} holds {foreign}, which the demo did not write; the demo keeps its corpus in "
+            f"{root} and replaces that folder when it builds it: choose another output folder "
+            f"(--out) or move {root} away"
+        )
     out.mkdir(parents=True, exist_ok=True)
     tmp = _fresh_dir(out, ".corpus-")
     try:
@@ -481,6 +491,33 @@ def build_corpus(
     if loaded is None:  # pragma: no cover - only if the folder changes under our feet
         raise RuntimeError(f"corpus at {root} could not be read back after building it")
     return loaded
+
+
+# What macOS's Finder leaves in a folder it has shown: not worth refusing a rebuild over.
+_FINDER = ".DS_Store"
+
+
+def _foreign_entry(root: Path) -> str | None:
+    """Something under ``root`` that :func:`build_corpus` does not write (described), or None
+    when ``root`` is missing or holds only the demo's corpus files (whole, damaged or half
+    written by an interrupted run: those are rebuilt)."""
+    if not root.exists():
+        return None  # (a dangling link too: replacing it loses nothing)
+    if not root.is_dir():
+        return "a file in place of the corpus folder"
+    ours = {f"{name}.bin" for name in DOMAINS} | {"corpus.json", _FINDER}
+    for entry in sorted(root.iterdir()):
+        if entry.name in (MANIFEST, _FINDER) and not entry.is_dir():
+            continue
+        if entry.name in ("train", "heldout") and entry.is_dir():
+            for file in sorted(entry.iterdir()):
+                # prepare's token files and corpus.json, and what a crash left of them
+                temporary = file.name.startswith(".") and ".tmp-" in file.name
+                if not (file.name in ours or temporary) or file.is_dir():
+                    return repr(f"{entry.name}/{file.name}")
+            continue
+        return repr(entry.name)
+    return None
 
 
 def _fresh_dir(parent: Path, prefix: str) -> Path:
