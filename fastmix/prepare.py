@@ -568,6 +568,7 @@ def prepare_corpus(
         for p in paths:
             if not Path(p).is_file():
                 raise ValueError(f"domain {name!r}: input {str(p)!r} is not a file")
+    _check_inputs_not_outputs(domains, out)
     # Against the domains already there, before the first domain is written (prepare_domain
     # checks again, under the lock, for domains another run adds meanwhile).
     _check_manifest_clashes(list(domains), _load_or_new_manifest(out, tok))
@@ -586,6 +587,36 @@ def prepare_corpus(
         if bar is not None:
             bar.close()
     return _load_or_new_manifest(Path(out_dir), tok)
+
+
+def _check_inputs_not_outputs(domains: Mapping[str, Sequence[str]], out: Path) -> None:
+    """Refuse an input file that is a file this run writes: a domain's token file or corpus.json.
+
+    ``web=out/web.bin -o out`` (a text file named like the token file, or the token file of an
+    earlier run) was read while its replacement was written, then replaced by it: the input was
+    gone, silently.
+    """
+    written: dict[tuple[int, int], str] = {}
+    for what, path in [(f"the token file of domain {n!r}", out / f"{n}.bin") for n in domains] + [
+        ("corpus.json", out / CORPUS_MANIFEST)
+    ]:
+        try:
+            st = path.stat()
+        except OSError:  # not there yet: nothing to lose
+            continue
+        written.setdefault((st.st_dev, st.st_ino), what)
+    if not written:
+        return
+    for name, paths in domains.items():
+        for p in paths:
+            st = os.stat(p)
+            what = written.get((st.st_dev, st.st_ino))
+            if what is not None:
+                raise ValueError(
+                    f"domain {name!r}: input {str(p)!r} is {what} in {str(out)!r}, which this "
+                    "run replaces: the input would be lost; move it, or choose another output "
+                    "folder"
+                )
 
 
 # A set of str iterates in an order that changes with PYTHONHASHSEED, i.e. from one process to the

@@ -635,6 +635,32 @@ def test_a_file_another_domain_lists_is_not_overwritten(tmp_path):
     assert TokenCorpus.from_dir(tmp_path).tokens == {"web": 4}
 
 
+def test_an_input_that_is_a_file_the_run_writes_is_refused(tmp_path, capsys):
+    # `web=out/web.bin -o out` read the file while writing its replacement, then replaced it:
+    # a text file named like the token file (or an earlier run's tokens) was lost.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "web.bin").write_text("my text, not tokens")
+    (tmp_path / "a.txt").write_text("abc")
+    (tmp_path / "link.txt").symlink_to(out / "web.bin")
+    for inputs in ([f"web={out / 'web.bin'}"], [f"a={tmp_path / 'a.txt'}", str(out / "web.bin")],
+                   [f"a={tmp_path / 'link.txt'}", f"web={tmp_path / 'a.txt'}"]):
+        rc = cli.main(["prepare", *inputs, "-o", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "is the token file of domain 'web'" in err and "would be lost" in err
+        assert (out / "web.bin").read_text() == "my text, not tokens"
+        assert not (out / "corpus.json").exists() and not (out / "a.bin").exists()
+    # corpus.json as an input (it is rewritten), and after a run its token files.
+    prepare_corpus({"b": str(tmp_path / "a.txt")}, out, show_progress=False)
+    for spec in ({"c": str(out / "corpus.json")}, {"b": str(out / "b.bin")}):
+        with pytest.raises(ValueError, match=r"input .* is (corpus.json|the token file of "
+                                             r"domain 'b') in .*: the input would be lost"):
+            prepare_corpus(spec, out, show_progress=False)
+    assert TokenCorpus.from_dir(out).tokens == {"b": 4}
+    # Another domain's token file, not rewritten by this run, is an input like any other file.
+    prepare_corpus({"d": str(out / "b.bin")}, out, show_progress=False)
+
+
 def test_lines_splits_plain_text_and_leaves_jsonl_records_whole(tmp_path, capsys):
     # A JSONL record is one document whatever --lines, so text and JSONL go in one run; the
     # help says so (it read "plain text: one document per non-empty line", and nothing on JSONL).
