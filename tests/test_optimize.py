@@ -475,6 +475,18 @@ def test_pareto_front_matches_brute_force(m, seed):
     np.testing.assert_array_equal(flipped, front)
 
 
+def test_pareto_front_takes_numbers_only():
+    # asarray(float64) took text and booleans as values and dropped imaginary parts silently;
+    # ragged rows and an int past float64 failed naming nothing.
+    for bad in ([["1", "2"], ["0", "3"]], "ab", [[True, False], [False, True]],
+                np.array([[1 + 1j, 2.0]]), [[10**400, 1]]):
+        with pytest.raises(TypeError, match="values must be numbers"):
+            pareto_front(bad)
+    with pytest.raises(ValueError, match="values must be a rectangular array"):
+        pareto_front([[1.0, 2.0], [3.0]])
+    assert list(pareto_front(np.array([[1, 2], [2, 1], [2, 2]], dtype=np.int32))) == [0, 1]
+
+
 def test_pareto_search_and_trade_offs():
     c = Constraints(["a", "b", "c"])
     f1 = lambda W: W[:, 0]  # noqa: E731 - want more of a

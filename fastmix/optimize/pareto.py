@@ -22,6 +22,7 @@ from .search import (
     _draw_mixtures,
     _evaluate,
     _integer,
+    _numbers,
     _rng_seed,
 )
 
@@ -45,7 +46,9 @@ def pareto_front(values: np.ndarray, maximize: Sequence[bool] | None = None) -> 
     with the current front (``O(n·front)`` vectorised).  ``maximize`` has one flag per
     objective, True where higher is better (default: lower is better for all).
     """
-    V = np.asarray(values, dtype=np.float64)
+    # Numbers only: asarray(float64) read ["1", "2"] and booleans as values, dropped the
+    # imaginary part of complex ones, and named nothing for ragged rows or an int past float64.
+    V = _numbers(values, "values")
     if V.ndim != 2 or V.shape[0] == 0 or V.shape[1] == 0:
         raise ValueError(f"values must be (points, objectives) with both > 0, got {V.shape}")
     if not np.isfinite(V).all():
