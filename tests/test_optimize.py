@@ -669,6 +669,13 @@ def test_choose_weights_end_to_end():
         choose_weights(s.select(np.arange(6)), ["l1"], predictor="law", holdout=0)
     with pytest.raises(ValueError, match="not a metric"):
         choose_weights(s, ["l3"])
+    # Errors about holdout name it (they named Sweep.split's test_fraction).
+    for bad, error in ((1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError),
+                       ("0.2", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="^holdout must"):
+            choose_weights(s, ["l1"], predictor="law", holdout=bad)
+    with pytest.raises(ValueError, match=r"^holdout=0.001 leaves 0 held-out runs"):
+        choose_weights(s, ["l1"], predictor="law", holdout=0.001)
 
 
 # ------------------------------------------------------------------------------ regressions

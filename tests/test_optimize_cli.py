@@ -309,6 +309,8 @@ def test_constant_targets_and_holdout_messages(tmp_path, capsys):
     assert _fast(files, tmp_path / "o", "--target", "val/loss", "--holdout", "0.999") == 2
     err = capsys.readouterr().err
     assert "--holdout=0.999" in err and "test_fraction" not in err
+    assert _fast(files, tmp_path / "o", "--target", "val/loss", "--holdout", "0.05") == 2
+    assert "error: --holdout=0.05 leaves 2 of 30 runs" in capsys.readouterr().err
 
 
 def test_a_metric_name_with_an_equals_sign(tmp_path):

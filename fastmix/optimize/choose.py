@@ -137,13 +137,20 @@ def choose_weights(
     if top_k > samples:
         raise ValueError(f"top_k must lie in [1, samples={samples}], got {top_k}")
     seed = _seed(seed)
+    # Checked here: Sweep.split's messages named its own argument, test_fraction.
+    holdout = real_number(holdout, "holdout")
+    if holdout and not 0 < holdout < 1:
+        raise ValueError(f"holdout must be 0 (no evaluation) or lie in (0, 1), got {holdout}")
 
     for t in names:
         _check_enough(make_predictor(predictor, seed=seed, tune=tune), sweep, t, "the sweep")
     heldout: dict[str, dict[str, float]] = {}
     heldout_pred: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if holdout:
-        train, test = sweep.split(holdout, seed)
+        try:
+            train, test = sweep.split(holdout, seed)
+        except ValueError as exc:  # too few runs to hold any out
+            raise ValueError(str(exc).replace("test_fraction", "holdout")) from None
         if test.num_runs < 3:
             raise ValueError(
                 f"holdout={holdout} leaves {test.num_runs} of {sweep.num_runs} runs to evaluate "

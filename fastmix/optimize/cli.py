@@ -58,7 +58,7 @@ MAX_SEED = 2**32 - 1
 _FLAGS = {"min_weight": "--min-weight", "max_weight": "--max-weight",
           "token_counts": "--token-counts", "total_tokens": "--total-tokens",
           "max_epochs": "--max-epochs", "id_column": "--id-column",
-          "test_fraction": "--holdout"}
+          "test_fraction": "--holdout", "holdout": "--holdout"}
 # The files written into --out.
 _OUTPUTS = ("weights.json", "summary.md", "summary.csv", "plot.png")
 
