@@ -821,6 +821,14 @@ def test_read_csv_columns_reports_the_file_and_line(tmp_path):
     p.write_text('index,a\n1,"x\ny"\n2\n')  # a quoted cell spans lines 2-3
     with pytest.raises(ValueError, match=r"s\.csv: line 4 has 1 fields, header has 2"):
         read_csv_columns(p)
+    # A spreadsheet's trailing rows of empty cells are no runs (they were a run '' with NaN
+    # weights, or an id '' repeated); one inside the table stays a row, as it was.
+    p.write_bytes(b"index,a\r\n1,0.5\r\n,\r\n\r\n , \r\n")
+    assert read_csv_columns(p) == {"index": ["1"], "a": ["0.5"]}
+    p.write_text("index,a\n1,0.5\n,\n2,0.5\n")
+    assert read_csv_columns(p) == {"index": ["1", "", "2"], "a": ["0.5", "", "0.5"]}
+    p.write_text("index,a\n,\n")
+    assert read_csv_columns(p) == {"index": [], "a": []}
 
 
 def test_library_arguments_of_the_wrong_type_are_named():

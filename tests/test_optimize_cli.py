@@ -335,6 +335,16 @@ def test_csv_encodings_and_broken_quotes(tmp_path, capsys):
     assert plain == 0 and _fast(files, tmp_path / "b", "--target", "val/loss") == 0
     a, b = (json.loads((tmp_path / d / "weights.json").read_text()) for d in "ab")
     assert a["weights"] == b["weights"] and a["heldout"] == b["heldout"]
+    # rows of empty cells at the end, as a spreadsheet exports them: no runs
+    met = tmp_path / "met.csv"
+    saved = mix.read_bytes(), met.read_bytes()
+    mix.write_bytes(saved[0] + b",,,,\r\n,,,,\r\n")
+    met.write_bytes(saved[1] + b",,\n")
+    assert _fast(files, tmp_path / "c", "--target", "val/loss") == 0
+    c = json.loads((tmp_path / "c" / "weights.json").read_text())
+    assert c["weights"] == a["weights"] and c["sweep"]["runs"] == a["sweep"]["runs"]
+    mix.write_bytes(saved[0])
+    met.write_bytes(saved[1])
     # not UTF-8: the file and the line
     lines = mix.read_bytes()[3:].split(b"\n")
     lines[4] = lines[4].replace(b"run003", b"r\xe9sum\xe9")

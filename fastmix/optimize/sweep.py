@@ -252,8 +252,9 @@ def load_sweep(
 def read_csv_columns(path: str | Path) -> dict[str, list[str]]:
     """Read a CSV file into ``{column: [cell strings]}`` (header row first).
 
-    The file must be UTF-8; a byte-order mark (Excel's "CSV UTF-8" export) is dropped.  Errors
-    are ValueErrors naming the file and the line.
+    The file must be UTF-8; a byte-order mark (Excel's "CSV UTF-8" export) is dropped, and so
+    are blank lines and rows of empty cells at the end.  Errors are ValueErrors naming the file
+    and the line.
     """
     path = Path(path)
     if not path.is_file():
@@ -283,6 +284,12 @@ def read_csv_columns(path: str | Path) -> dict[str, list[str]]:
     except csv.Error as exc:
         hint = "; is a quote left open?" if "field limit" in str(exc) else ""
         raise ValueError(f"{path}: line {start}: {exc}{hint}") from None
+    # Rows of empty cells at the end (',,,,': what a spreadsheet exports for rows it once
+    # used) are no runs: they read as a run '' with no weights, or as one id '' repeated.  Only
+    # at the end, where dropping them shifts no row that tables matched by position share.
+    while len(rows) > 1 and not any(cell.strip() for cell in rows[-1]):
+        rows.pop()
+        lines.pop()
     if not rows:
         raise ValueError(f"{path}: empty CSV file")
     # Names stripped as cells are: ``run, d0`` must give 'd0', and 'run' to match rows by.
