@@ -14,9 +14,10 @@ file is plain text, one document per file, kept as it is (``\r\n`` stays; ``--li
 non-empty line).  ``--lines`` applies to plain-text files only: a JSONL record is always one
 document, newlines in its text included, so one run can take both kinds of file.  Bytes that are
 not UTF-8 become U+FFFD, with a warning naming the file; so do lone surrogates in a text (a JSON
-``"\\ud800"`` escape makes one), with a warning naming the domain.  A document with no text is
-skipped (and counted in its domain's ``"empty_documents"``), never stored as a lone
-end-of-document.
+``"\\ud800"`` escape makes one), with a warning naming the domain; a file that starts with a
+UTF-16 or UTF-32 byte-order mark is refused (read as UTF-8 it would be ASCII with NUL bytes).
+A document with no text is skipped (and counted in its domain's ``"empty_documents"``), never
+stored as a lone end-of-document.
 
 Domain names: a token file is named after its domain, so two names that differ only in letter case
 or Unicode normalisation (``Code`` and ``code``) are refused, within a run or against a domain
@@ -241,6 +242,7 @@ def _read_documents(
     try:
         with file:  # (a GzipFile does not close the file it reads)
             raw = gzip.GzipFile(fileobj=file, mode="rb") if is_gz else file
+            _refuse_utf16(path, raw.peek(4)[:4])
             with io.TextIOWrapper(
                 raw, encoding="utf-8-sig", errors=_REPLACE, newline=newline
             ) as f:
@@ -257,6 +259,28 @@ def _read_documents(
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+# Byte-order marks of the encodings a text editor may save in instead of UTF-8 (Windows'
+# "Unicode", PowerShell 5's `>`), the UTF-32 ones first: they begin like UTF-16's.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def _refuse_utf16(path: Path, head: bytes) -> None:
+    """A ValueError naming ``path`` when its first bytes are a UTF-16 or UTF-32 byte-order mark.
+
+    Read as UTF-8, such a file is valid almost throughout (ASCII text with a NUL byte after each
+    character): its tokens were that, with a warning about the two bytes of the mark only.
+    """
+    for bom, encoding in _WIDE_BOMS:
+        if head.startswith(bom):
+            raise ValueError(
+                f"input {str(path)!r} is {encoding} text (it starts with a {encoding} byte-order "
+                "mark), not UTF-8: save it as UTF-8"
+            )
 
 
 class _Replacements:

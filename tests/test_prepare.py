@@ -1,5 +1,6 @@
 """fastmix prepare: tokenisation, layout, the command line and crash safety."""
 
+import codecs
 import gzip
 import json
 
@@ -340,6 +341,33 @@ def test_input_formats_are_read_as_written(tmp_path, recwarn):
     assert TokenCorpus.from_dir(tmp_path / "out").tokens_of(3).tolist() == (
         list("caf\ufffd".encode()) + [256]
     )
+
+
+def test_utf16_and_utf32_inputs_are_refused(tmp_path, capsys):
+    # Read as UTF-8, UTF-16 text (Windows' "Unicode", PowerShell 5's `>`) is ASCII with a NUL
+    # after each character: it was tokenised so, with a warning about 2 bytes only.
+    text = "hello\r\nworld\r\n"
+    for name, data, encoding in (
+        ("a.txt", text.encode("utf-16"), "UTF-16"),
+        ("b.txt", codecs.BOM_UTF16_BE + text.encode("utf-16-be"), "UTF-16"),
+        ("c.jsonl", '{"text": "x"}\n'.encode("utf-16"), "UTF-16"),
+        ("d.txt", text.encode("utf-32"), "UTF-32"),
+        ("e.txt.gz", gzip.compress(text.encode("utf-16")), "UTF-16"),
+    ):
+        (tmp_path / name).write_bytes(data)
+        rc = cli.main(["prepare", f"x={tmp_path / name}", "-o", str(tmp_path / "o"),
+                       "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{name}' is {encoding} text" in err and "save it as UTF-8" in err
+        assert not (tmp_path / "o" / "x.bin").exists()
+    # Text that merely starts with those characters in UTF-8 is text, and an empty file is empty.
+    (tmp_path / "f.txt").write_text("\u00ff\u00fe after")
+    (tmp_path / "g.txt").write_bytes(b"")
+    (tmp_path / "h.txt").write_bytes(b"\xff")
+    with pytest.warns(RuntimeWarning, match="h.txt.*1 byte sequence"):
+        manifest = prepare_corpus({"f": tmp_path / "f.txt", "h": [tmp_path / "g.txt",
+                                   tmp_path / "h.txt"]}, tmp_path / "o", show_progress=False)
+    assert manifest["domains"]["f"]["documents"] == 1
 
 
 def test_lone_surrogates_are_replaced_with_a_warning(tmp_path, recwarn):
