@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -387,6 +389,28 @@ def test_a_domain_twice_in_a_token_counts_json_is_an_error(tmp_path, capsys):
                  "--total-tokens", "1") == 2
     err = capsys.readouterr().err
     assert "--token-counts: cannot read" in err and "the key 'web' appears twice" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_named_pipe_as_an_input_is_an_error_not_a_hang(tmp_path, capsys):
+    # --token-counts counts.json named a FIFO: reading it waited for a writer forever.
+    files = _sweep(tmp_path, n=30)
+    fifo = tmp_path / "counts.json"
+    os.mkfifo(fifo)
+    result = []
+    args = ("--target", "val/loss", "--token-counts", str(fifo), "--total-tokens", "1")
+    worker = threading.Thread(target=lambda: result.append(_fast(files, tmp_path / "o", *args)))
+    worker.start()
+    worker.join(30)
+    if worker.is_alive():  # release the reader (it gets an empty file), then fail
+        with open(fifo, "w"):
+            pass
+        worker.join()
+    assert result == [2]
+    assert f"--token-counts: {fifo} is not a regular file" in capsys.readouterr().err
+    # a sweep CSV that is one: named as such (it said 'no such CSV file')
+    assert _fast([str(fifo), files[1]], tmp_path / "o", "--target", "val/loss") == 2
+    assert f"{fifo} is not a regular file" in capsys.readouterr().err
 
 
 def test_an_empty_out_is_an_error_not_the_current_folder(tmp_path, capsys, monkeypatch):

@@ -365,6 +365,8 @@ def _token_counts(spec: str) -> dict[str, float]:
     """``--token-counts``: a JSON file ``{domain: count}`` or ``NAME=COUNT,...``."""
     p = Path(spec)
     if p.suffix.lower() == ".json" or p.is_file():
+        if p.exists() and not p.is_file():  # reading a FIFO waited for a writer forever
+            raise ValueError(f"--token-counts: {p} is not a regular file")
         try:
             data = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
         except FileNotFoundError:

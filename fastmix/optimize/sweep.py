@@ -258,6 +258,8 @@ def read_csv_columns(path: str | Path) -> dict[str, list[str]]:
     """
     path = Path(path)
     if not path.is_file():
+        if path.exists():  # a folder, a FIFO (read, it would wait for a writer)
+            raise ValueError(f"{path} is not a regular file")
         raise ValueError(f"no such CSV file: {path}")
     try:
         data = path.read_bytes()
