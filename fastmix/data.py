@@ -1988,6 +1988,8 @@ class MixtureDataset(IterableDataset):
         their position, so without ``step`` (and without StatefulDataLoader's own state) a
         resumed run would start again from the resume point; with it the stream is replayed
         here, draws only, up to that step, and the state resumes with any number of workers.
+        A step with more than 1024 weight changes still to come (what a resumed run holds) is
+        a ValueError naming the earliest step that has few enough.
         """
         in_worker = torch.utils.data.get_worker_info() is not None
         if not in_worker:
@@ -2078,8 +2080,19 @@ class MixtureDataset(IterableDataset):
         replay[2] = recorded
         while stream.step < step and not stream.finished:
             stream.plan(produce=False)
+        state = stream.state()
+        # A resumed run holds the changes still to come in the ring (load_state_dict refuses a
+        # state listing more): a step far behind a run that changed the weights at every step
+        # gave a state its own load_state_dict called damaged.
+        if len(state["pending"]) > _EVENT_CAPACITY:
+            later = state["pending"][-_EVENT_CAPACITY][0]
+            raise ValueError(
+                f"state_dict: step={step} leaves {len(state['pending'])} weight changes still to "
+                f"come, more than the {_EVENT_CAPACITY} a resumed run can hold; a state at step "
+                f"{later} or later holds few enough"
+            )
         # Produced by one iterator up to here: any number of workers can take over.
-        return {**stream.state(), "next_step": stream.step, "worker": 0, "stride": 1}
+        return {**state, "next_step": stream.step, "worker": 0, "stride": 1}
 
     def _scheduled(self, made: int) -> tuple[int, np.ndarray]:
         """The entry of ``weight_schedule`` for change number ``made``."""

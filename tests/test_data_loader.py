@@ -380,6 +380,22 @@ def test_state_dict_at_a_step_replays_every_change(corpus):
         ds.state_dict(step=1101)
 
 
+def test_a_state_at_a_step_holds_no_more_changes_than_a_resumed_run_can(corpus):
+    # A step far behind a run that changed the weights at every step left more than 1024 changes
+    # to come: state_dict gave a state that load_state_dict refused as damaged.
+    ds = make(corpus, 0, 1, 2)
+    it = iter(ds)
+    batches = []
+    for i in range(1200):
+        batches.append(next(it))
+        ds.set_weights([1 + i % 3, 1, 1 + i % 5], step=i + 1)
+    with pytest.raises(ValueError, match=r"step=176 leaves 1025 weight changes .* step 177 or"):
+        ds.state_dict(step=176)
+    resumed = make(corpus, 0, 1, 2)
+    resumed.load_state_dict(ds.state_dict(step=177))
+    assert flatten(take(iter(resumed), 1023)) == flatten(batches[177:])
+
+
 def test_state_dict_at_a_step_goes_on_from_the_last_replay(corpus):
     # Each call replays from where the previous one stopped, not from the resume point; what it
     # gives is what a replay from scratch and the live iterator give, also when a new pass has
