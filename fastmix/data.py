@@ -2063,7 +2063,10 @@ class MixtureDataset(IterableDataset):
                 changes = [
                     (made, self._scheduled(made)) for made in self._recorded[replay[2] : recorded]
                 ]
-                if any(s < replay[1].step for _, (s, _) in changes):
+                # A replay that ended drew its last step (the one it ended in) too: a change
+                # there would have been applied before the draw (it went on as ended).
+                reached = replay[1].step + replay[1].finished
+                if any(s < reached for _, (s, _) in changes):
                     replay = None
             if replay is None:
                 stream = _Stream(self, self._resume)

@@ -425,6 +425,21 @@ def test_state_dict_at_a_step_goes_on_from_the_last_replay(corpus):
     assert ds.state_dict(step=10) == ds.state_dict(step=10)  # an earlier step: from scratch
 
 
+def test_a_replay_that_ended_takes_a_change_at_the_step_it_ended_in(corpus):
+    # A pass that ran to its end ("stop") frees its slot, so a change for the next pass may name
+    # the step the stream ended in; a replay that had gone on to the end kept it ended there, while
+    # a replay from scratch applied the change before that step's draw and went on.
+    kwargs = dict(seed=0, weights=[1, 1, 1], max_epochs=1, on_exhausted="stop")
+    ds = make(corpus, 0, 1, None, **kwargs)
+    end = len(list(iter(ds)))
+    assert ds.state_dict(step=end + 1)["finished"]
+    ds.set_weights([0, 1, 0], step=end)
+    went_on = ds.state_dict(step=end + 1)
+    ds._replay = None
+    assert went_on == ds.state_dict(step=end + 1)
+    assert not went_on["finished"] and went_on["step"] == end + 1
+
+
 def test_state_dict_at_a_step_silences_only_its_own_replay(corpus, monkeypatch):
     # The replay does not warn again of the domains the iterators dropped, and does not do it
     # by a process-wide warnings filter, which hid the RuntimeWarnings of every other thread
