@@ -992,6 +992,13 @@ class _Control:
                 v["started"][slot] = _NO_ITERATOR
                 v["owner_token"][slot] = -1
 
+    def unclaim(self, slot: int, token: int, started: int) -> None:
+        """The step an iterator claimed was not produced: it has started only ``started``."""
+        v = self.v
+        with self.lock:
+            if int(v["owner_token"][slot]) == token:
+                v["started"][slot] = started
+
     def collect(
         self,
         slot: int,
@@ -1488,11 +1495,18 @@ class _MixtureIterator:
             ) from None
         for made, step, weights in changes:
             stream.merge(made, step, weights)
-        while stream.step < self.next_step:
-            stream.plan(produce=False)
-            if stream.finished:
-                raise StopIteration
-        planned = stream.plan(produce=True)
+        try:
+            while stream.step < self.next_step:
+                stream.plan(produce=False)
+                if stream.finished:
+                    raise StopIteration
+            planned = stream.plan(produce=True)
+        except RuntimeError:
+            # on_exhausted="error": the stream is back at the start of the step it failed in,
+            # which is not produced, so a change may still reach it (ds.next_step said the step
+            # after it and step= refused it: a retry failed there again whatever was changed).
+            ds._control.unclaim(self.slot, self.token, self.next_step - self.stride)
+            raise
         if planned is None:
             raise StopIteration
         self.next_step += self.stride

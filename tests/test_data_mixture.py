@@ -147,6 +147,25 @@ def test_error_policy_leaves_the_stream_at_the_failed_step(corpus):
     assert stream(resumed, 5) == stream(fresh, step + 5)[3 * step :]
 
 
+def test_after_an_error_policy_error_a_change_reaches_the_failed_step(corpus):
+    # The failed step was counted as started: next_step named the step after it, step= refused
+    # it as "already produced", and a retry failed there again whatever was changed.
+    kwargs = dict(seed=4, batch_size=3, on_exhausted="error", max_epochs=2)
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], **kwargs)
+    it = iter(ds)
+    produced = []
+    with pytest.raises(RuntimeError, match="'c' is exhausted"):
+        for _ in range(1000):
+            produced.append(next(it))
+    step = len(produced)
+    assert ds.next_step == step and ds.state_dict()["floor"] == step
+    assert ds.set_weights([1, 1, 0], step=ds.next_step) == step
+    produced += take(it, 3)
+    fresh = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], **kwargs)
+    fresh.set_weights([1, 1, 0], step=step)
+    assert flatten(produced) == stream(fresh, step + 3)
+
+
 def test_resume_mid_epoch_and_after_weight_changes(corpus):
     def run(resume_at=None, state=None, total=30):
         ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=5, batch_size=3, max_epochs=3)
