@@ -1988,6 +1988,9 @@ class MixtureDataset(IterableDataset):
             "seq_len": self.seq_len,
             "global_batch": self._global_batch,
             "domains": list(self.corpus.names),
+            # Each domain's windows of seq_len + 1 tokens: a corpus prepared again with more or
+            # fewer tokens maps every cursor to other windows, which a resumed run read silently.
+            "windows": self._n_windows.tolist(),
         }
 
     def state_dict(self, step: int | None = None) -> dict[str, Any]:
@@ -2121,7 +2124,9 @@ class MixtureDataset(IterableDataset):
         Also on a dataset that has already run (rolling back to an earlier checkpoint): the
         changes, exhaustion marks and ``weight_schedule`` of the abandoned run are dropped, and
         the stream is the one a fresh process loading ``state`` would produce.  Afterwards
-        ``weight_schedule`` lists the restored changes still to come.
+        ``weight_schedule`` lists the restored changes still to come.  A state saved with
+        another seed, method, seq_len, global batch, list of domains or count of windows in a
+        domain (a corpus prepared again) is a ValueError naming what differs.
         """
         if not isinstance(state, Mapping):  # (as the sampler and the mixers say it)
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
@@ -2135,6 +2140,7 @@ class MixtureDataset(IterableDataset):
                     f"state was saved with {key}={state.get(key)!r}, this dataset has "
                     f"{key}={header[key]!r}"
                 )
+        _check_windows(state.get("windows"), header["windows"], self.corpus.names)
         _check_state_body(state, self)
         state = dict(state)
         in_worker = torch.utils.data.get_worker_info() is not None
@@ -2256,6 +2262,23 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _check_windows(saved: Any, now: list[int], names: Sequence[str]) -> None:
+    """The corpus a state was saved on held as many windows per domain as this one (a state
+    without ``"windows"`` predates the check and is taken as it is)."""
+    if saved is None:
+        return
+    saved = _plain(saved)
+    if not isinstance(saved, list) or len(saved) != len(now):
+        raise ValueError(f"state['windows'] must list one count per domain, got {saved!r}")
+    for name, was, is_ in zip(names, saved, now, strict=True):
+        if not _same(was, is_):
+            raise ValueError(
+                f"state was saved on a corpus whose domain {name!r} held {was!r} windows of "
+                f"seq_len + 1 tokens; this corpus's holds {is_}: the corpus has changed since, "
+                "and the saved positions would read other windows"
+            )
 
 
 def _check_state_body(state: Mapping[str, Any], ds: MixtureDataset) -> None:

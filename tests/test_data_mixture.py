@@ -197,6 +197,37 @@ def test_resume_mid_epoch_and_after_weight_changes(corpus):
     assert len(saved) < 20_000  # O(K) numbers, no per-sample index
 
 
+def test_a_state_is_refused_on_a_corpus_that_has_changed(tmp_path):
+    # Domain b prepared again with more tokens: every saved cursor would map to other windows.
+    for sub in ("old", "grown", "copy"):
+        (tmp_path / sub).mkdir()
+    old = make_corpus(tmp_path / "old")
+    ds = MixtureDataset(old, SEQ_LEN, [1, 1, 1], seed=5, batch_size=3)
+    take(iter(ds), 4)
+    state = ds.state_dict()
+    assert state["windows"] == [15, 12, 7]
+    grown = make_corpus(tmp_path / "grown", {"a": [41, 23], "b": [90], "c": [30]})
+    with pytest.raises(ValueError, match="domain 'b' held 12 windows .* holds 22"):
+        MixtureDataset(grown, SEQ_LEN, [1, 1, 1], seed=5, batch_size=3).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"state\['windows'\] must list one count per domain"):
+        MixtureDataset(old, SEQ_LEN, [1, 1, 1], seed=5, batch_size=3).load_state_dict(
+            {**state, "windows": [15, 12]}
+        )
+    # The same corpus elsewhere (the files copied) continues; so does a state from before the
+    # check, which has no "windows".
+    for saved in (state, {k: v for k, v in state.items() if k != "windows"}):
+        again = MixtureDataset(make_corpus(tmp_path / "copy"), SEQ_LEN, [1, 1, 1], seed=5,
+                               batch_size=3)
+        again.load_state_dict(saved)
+        assert stream(again, 3) == stream(_resumed(old, state), 3)
+
+
+def _resumed(corpus, state):
+    ds = MixtureDataset(corpus, SEQ_LEN, [1, 1, 1], seed=5, batch_size=3)
+    ds.load_state_dict(state)
+    return ds
+
+
 def test_live_weights_apply_from_the_returned_step(corpus):
     ds = MixtureDataset(corpus, SEQ_LEN, [1, 0, 0], seed=1, batch_size=2)
     it = iter(ds)
