@@ -2277,7 +2277,8 @@ def _check_windows(saved: Any, now: list[int], names: Sequence[str]) -> None:
             raise ValueError(
                 f"state was saved on a corpus whose domain {name!r} held {was!r} windows of "
                 f"seq_len + 1 tokens; this corpus's holds {is_}: the corpus has changed since, "
-                "and the saved positions would read other windows"
+                "and the saved positions would read other windows (to go on anyway, with other "
+                "windows than the saved run's, delete the state's 'windows' entry)"
             )
 
 
