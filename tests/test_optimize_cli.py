@@ -391,6 +391,31 @@ def test_a_domain_twice_in_a_token_counts_json_is_an_error(tmp_path, capsys):
     assert "--token-counts: cannot read" in err and "the key 'web' appears twice" in err
 
 
+def test_a_token_counts_file_may_count_domains_the_sweep_lacks(tmp_path, capsys):
+    # A corpus-wide count file (more sources than the sweep's domains) was refused outright.
+    files = _sweep(tmp_path, n=30)
+    counts = {"web": 50, "code": 40, "books": 10, "math": 20}
+    wide, narrow = tmp_path / "wide.json", tmp_path / "narrow.json"
+    wide.write_text(json.dumps({**counts, "papers": 7, "forum": 3}))
+    narrow.write_text(json.dumps(counts))
+    args = ("--target", "val/loss", "--total-tokens", "100", "--max-epochs", "1")
+    assert _fast(files, tmp_path / "w", *args, "--token-counts", str(wide)) == 0
+    assert "ignoring 2 domain(s) the sweep does not have ('papers', 'forum')" in (
+        capsys.readouterr().err)
+    assert _fast(files, tmp_path / "n", *args, "--token-counts", str(narrow)) == 0
+    assert (json.loads((tmp_path / "w" / "weights.json").read_text())["weights"]
+            == json.loads((tmp_path / "n" / "weights.json").read_text())["weights"])
+    # A sweep domain the file names otherwise still has no count; so on the command line,
+    # extra names stay an error (typed by hand, they are more likely typos).
+    del counts["math"]
+    wide.write_text(json.dumps({**counts, "mathematics": 20}))
+    assert _fast(files, tmp_path / "x", *args, "--token-counts", str(wide)) == 2
+    assert "--token-counts: no count for domains ['math']" in capsys.readouterr().err
+    assert _fast(files, tmp_path / "y", *args, "--token-counts",
+                 "web=1,code=1,books=1,math=1,papers=1") == 2
+    assert "unknown domains ['papers']" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_a_named_pipe_as_an_input_is_an_error_not_a_hang(tmp_path, capsys):
     # --token-counts counts.json named a FIFO: reading it waited for a writer forever.

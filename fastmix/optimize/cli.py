@@ -100,7 +100,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-weight", action="append", default=[], metavar="[NAME=]W",
                         help="upper bound for every domain, or for NAME (repeatable)")
     parser.add_argument("--token-counts", metavar="JSON|NAME=N,...",
-                        help="tokens available per domain: a JSON file {domain: count} or "
+                        help="tokens available per domain: a JSON file {domain: count} "
+                             "(domains the sweep lacks are ignored, with a note) or "
                              "comma-separated NAME=COUNT")
     parser.add_argument("--total-tokens", type=_number, help="tokens the target run trains on")
     parser.add_argument("--max-epochs", type=_number,
@@ -361,10 +362,16 @@ def _pairs(specs: Sequence[str], what: str, domains: Sequence[str]) -> Any:
     return np.array([named.get(d, base if default is None else default) for d in domains])
 
 
+def _is_counts_file(spec: str) -> bool:
+    """Whether ``--token-counts`` names a JSON file (else it is ``NAME=COUNT,...``)."""
+    p = Path(spec)
+    return p.suffix.lower() == ".json" or p.is_file()
+
+
 def _token_counts(spec: str) -> dict[str, float]:
     """``--token-counts``: a JSON file ``{domain: count}`` or ``NAME=COUNT,...``."""
     p = Path(spec)
-    if p.suffix.lower() == ".json" or p.is_file():
+    if _is_counts_file(spec):
         if p.exists() and not p.is_file():  # reading a FIFO waited for a writer forever
             raise ValueError(f"--token-counts: {p} is not a regular file")
         try:
@@ -447,6 +454,16 @@ def _constraints(args: argparse.Namespace, sweep: Sweep) -> Constraints:
                     f"so it is kept there, but --min-weight/--max-weight exclude {v:g}")
             lo[j] = hi[j] = v
     tokens = _token_counts(args.token_counts) if args.token_counts else None
+    if tokens is not None and _is_counts_file(args.token_counts):
+        # A file of counts is often the whole corpus's (olmix's lists 116 sources beside a
+        # 64-domain sweep): the domains the sweep lacks are no weight to choose.  A name the
+        # sweep has and the file misspells is still an error (that domain has no count).
+        extra = [name for name in tokens if name not in set(sweep.domains)]
+        if extra:
+            tokens = {name: n for name, n in tokens.items() if name not in extra}
+            shown = ", ".join(map(repr, extra[:5])) + (", ..." if len(extra) > 5 else "")
+            print(f"fastmix optimize: --token-counts: {args.token_counts}: ignoring "
+                  f"{len(extra)} domain(s) the sweep does not have ({shown})", file=sys.stderr)
     try:
         return Constraints(sweep.domains, min_weight=lo, max_weight=hi, token_counts=tokens,
                            total_tokens=args.total_tokens, max_epochs=args.max_epochs)
