@@ -310,6 +310,10 @@ def test_bad_flags_are_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert "steps" in capsys.readouterr().err
     assert _demo("--out", out, *TINY_FLAGS, "--weights", str(tmp_path / "missing.json")) == 2
     assert "--weights" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"weights": {"code": 1, "poetry": 1}}')  # was read once the corpus was built
+    assert _demo("--out", out, *TINY_FLAGS, "--weights", str(bad)) == 2
+    assert "--weights" in (err := capsys.readouterr().err) and "'poetry'" in err
     for device in ("meta", "mps", "xpu"):  # checked before the corpus is built
         assert _demo("--out", out, *TINY_FLAGS, "--device", device) == 2
         assert "the demo runs on 'cpu' or 'cuda'" in capsys.readouterr().err

@@ -88,6 +88,8 @@ def _run(opts: DemoOptions, device: torch.device, log: Callable[[str], None]) ->
     def mark(stage: str, t0: float) -> None:
         timings[stage] = time.perf_counter() - t0
 
+    if opts.weights is not None:  # read again below in the corpus's order; checked here
+        report.load_weights(opts.weights, DOMAINS)  # before minutes of corpus building
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
 
