@@ -443,6 +443,12 @@ def test_same_seed_same_results_and_weights_flag(tiny_run: Path, tmp_path: Path)
     # No reference was trained: the report does not describe one.
     text = (reused / "report.md").read_text()
     assert "No reference model was trained" in text and "The reference is" not in text
+    # Nor does it call weights from a file DoReMi's, or give them DoReMi's settings.
+    assert "DoReMi" not in text and "proxy" not in text.replace("no reference or proxy run", "")
+    assert "| given weight |" in (reused / "table.md").read_text()
+    saved = json.loads((reused / "weights.json").read_text())
+    assert saved["model"] is None and saved["step_size"] is None and saved["resample"] is None
+    assert "| DoReMi weight |" in (tiny_run / "table.md").read_text()
 
 
 def test_report_says_what_the_reference_column_measures() -> None:

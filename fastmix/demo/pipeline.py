@@ -182,7 +182,8 @@ def _run(opts: DemoOptions, device: torch.device, log: Callable[[str], None]) ->
 
     # 3. Two main models from the same initialisation, same number of tokens, different mixtures.
     losses: dict[str, dict[str, float]] = {}
-    for label, weights in (("uniform", uniform), ("DoReMi", doremi_weights)):
+    weighted = "DoReMi" if proxy_result is not None else "given"  # (--weights: from a file)
+    for label, weights in (("uniform", uniform), (weighted, doremi_weights)):
         t0 = time.perf_counter()
         model = new_model(main_cfg, opts.seed + 2, device)
         main_losses = train_lm(
@@ -210,7 +211,7 @@ def _run(opts: DemoOptions, device: torch.device, log: Callable[[str], None]) ->
         uniform,
         doremi_weights,
         losses["uniform"],
-        losses["DoReMi"],
+        losses[weighted],
         reference_loss,
         proxy_result,
         timings,
@@ -226,7 +227,7 @@ def _run(opts: DemoOptions, device: torch.device, log: Callable[[str], None]) ->
         uniform_weights=uniform,
         doremi_weights=doremi_weights,
         uniform_loss=losses["uniform"],
-        doremi_loss=losses["DoReMi"],
+        doremi_loss=losses[weighted],
         reference_loss=reference_loss,
         proxy=proxy_result,
         timings=timings,
@@ -308,6 +309,10 @@ def _write_outputs(
         "sampler": opts.sampler,
         "preset": "--quick" if opts.quick else "default",
     }
+    if proxy_result is None:  # --weights: no reference or proxy ran, so none of their settings
+        for key in ("proxy/reference model", "steps (reference, proxy)",
+                    "DoReMi step size / smoothing", "proxy objective"):
+            del settings[key]
     files = {name: out / fname for name, fname in (
         ("weights", report.WEIGHTS_FILE),
         ("results", report.RESULTS_FILE),
@@ -315,8 +320,10 @@ def _write_outputs(
         ("figure", report.FIGURE_FILE),
         ("report", report.REPORT_FILE),
     )}
+    # Weights read with --weights are no DoReMi result: the outputs call them "given".
+    label = "DoReMi" if proxy_result is not None else "given"
     table = report.results_table(
-        domains, uniform, doremi_weights, uniform_loss, doremi_loss, reference_loss
+        domains, uniform, doremi_weights, uniform_loss, doremi_loss, reference_loss, label=label
     )
     results = {
         "unit": "held-out loss in bits per byte (nats per byte / ln 2)",
@@ -333,14 +340,19 @@ def _write_outputs(
         "settings": settings,
         "timings_s": dict(timings),
     }
+    # The title names the proxy run; without one (--weights), the main models.
+    shown_cfg, shown_steps = (
+        (cfg, opts.steps) if proxy_result is not None else (main_cfg, opts.total_main_steps)
+    )
     png = report.figure_png(
         domains,
         trajectory,
         uniform_loss,
         doremi_loss,
         reference_loss,
-        title=f"fastmix demo: {_shape(cfg)}, {opts.steps} steps of {opts.batch_size}x"
+        title=f"fastmix demo: {_shape(shown_cfg)}, {shown_steps} steps of {opts.batch_size}x"
         f"{opts.seq_len} bytes, seed {opts.seed}",
+        label=label,
     )
     shown = dict(timings)
     shown["total (before report)"] = time.perf_counter() - started
@@ -353,6 +365,7 @@ def _write_outputs(
         settings=settings,
         timings=shown,
         weights_source=weights_source,
+        label=label,
         reference=(
             None if reference_loss is None
             else "same" if (cfg, opts.steps) == (main_cfg, opts.total_main_steps) else "other"
@@ -368,13 +381,16 @@ def _write_outputs(
             else None
         ),
         reference_weights=uniform,
-        step_size=opts.step_size,
-        smoothing=opts.smoothing,
-        proxy_loss=opts.proxy_loss,
-        resample=opts.resample,
+        # DoReMi's settings and the proxy's shape, or null where the weights were read (no run)
+        **{k: v if proxy_result is not None else None for k, v in (
+            ("step_size", opts.step_size),
+            ("smoothing", opts.smoothing),
+            ("proxy_loss", opts.proxy_loss),
+            ("resample", opts.resample),
+        )},
         proxy_steps=opts.steps if proxy_result is not None else 0,
         seed=opts.seed,
-        model=cfg.to_dict(),
+        model=cfg.to_dict() if proxy_result is not None else None,
         fastmix_version=_version(),
     )
     # Everything is rendered first (the figure takes ~1 s) and written as one set: all to disk

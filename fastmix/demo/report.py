@@ -82,10 +82,14 @@ def results_table(
     uniform_loss: Mapping[str, float],
     doremi_loss: Mapping[str, float],
     reference_loss: Mapping[str, float] | None,
+    *,
+    label: str = "DoReMi",
 ) -> str:
-    """The results as a Markdown table; losses in bits per byte (inputs in nats per byte)."""
+    """The results as a Markdown table; losses in bits per byte (inputs in nats per byte).
+
+    ``label`` names where the non-uniform weights came from ("given" for ``--weights``)."""
     header = (
-        "| domain | uniform weight | DoReMi weight | uniform model (bpb) | DoReMi model (bpb) "
+        f"| domain | uniform weight | {label} weight | uniform model (bpb) | {label} model (bpb) "
         "| change | reference (bpb) |\n|---|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
@@ -117,6 +121,7 @@ def figure_png(
     reference_loss: Mapping[str, float] | None,
     *,
     title: str = "",
+    label: str = "DoReMi",
 ) -> bytes:
     """The figure as PNG bytes: α over the proxy's steps, and per-domain held-out losses.
 
@@ -146,7 +151,7 @@ def figure_png(
         ax_w.set_axis_off()
     x = np.arange(len(domains))
     width = 0.27
-    bars = [("uniform model", uniform_loss, "0.6"), ("DoReMi model", doremi_loss, "C3")]
+    bars = [("uniform model", uniform_loss, "0.6"), (f"{label} model", doremi_loss, "C3")]
     if reference_loss:
         bars.append(("reference", reference_loss, "0.85"))
     for j, (label, losses, color) in enumerate(bars):
@@ -155,14 +160,14 @@ def figure_png(
             x + offset, [bits(losses[n]) for n in domains], width, label=label, color=color
         )
     for i, name in enumerate(domains):
-        # The DoReMi model's change against the uniform one, over each group of bars.
+        # The weighted model's change against the uniform one, over each group of bars.
         change = bits(doremi_loss[name]) - bits(uniform_loss[name])
         top_i = max(bits(losses[name]) for _, losses, _ in bars)
         ax_l.text(i, top_i + 0.1, f"{change:+.2f}", ha="center", va="bottom", fontsize=8,
                   color="C3" if change < 0 else "0.3")
     ax_l.set_xticks(x, list(domains))
     ax_l.set_ylabel("held-out loss (bits per byte)")
-    ax_l.set_title("Held-out loss of the main models (label: DoReMi − uniform)")
+    ax_l.set_title(f"Held-out loss of the main models (label: {label} − uniform)")
     # Headroom above the tallest bar keeps the legend off the bars.
     top = max(bits(losses[n]) for _, losses, _ in bars for n in domains)
     ax_l.set_ylim(0, top * 1.2)
@@ -197,13 +202,15 @@ def report_markdown(
     timings: Mapping[str, float],
     weights_source: str,
     reference: str | None,
+    label: str = "DoReMi",
 ) -> str:
     """A short report that points to the table, ``weights.json`` and the figure.
 
     ``reference`` says what the reference column holds: ``"same"`` (a uniform model of the main
     models' shape and length: its gap to the uniform main model is the seed's effect),
     ``"other"`` (the main models have another shape or number of steps) or ``None`` (no
-    reference run: the weights were read from a file).
+    reference run: the weights were read from a file).  ``label`` names where the non-uniform
+    weights came from ("given" for ``--weights``).
     """
     if reference not in ("same", "other", None):
         raise ValueError(f"reference must be 'same', 'other' or None, got {reference!r}")
@@ -211,7 +218,8 @@ def report_markdown(
     top = max(domains, key=lambda n: doremi_weights[n])
     low = min(domains, key=lambda n: doremi_weights[n])
     lines = [
-        "# fastmix demo: DoReMi on a five-domain byte-level corpus",
+        f"# fastmix demo: {label} weights on a five-domain byte-level corpus"
+        if label != "DoReMi" else "# fastmix demo: DoReMi on a five-domain byte-level corpus",
         "",
         f"Weights: {weights_source}. Losses are held-out **bits per byte** (lower is better;",
         "tokens are bytes, and the end-of-document markers are scored but not counted as bytes).",
@@ -219,8 +227,9 @@ def report_markdown(
         "only the mixture differs. " + _REFERENCE_NOTE[reference],
         "",
         table,
-        f"DoReMi gives the most weight to **{top}** ({doremi_weights[top]:.3f}) and the least to "
-        f"**{low}** ({doremi_weights[low]:.3f}). The DoReMi model is better than the uniform one "
+        (f"{label} gives" if label == "DoReMi" else f"The {label} weights give")
+        + f" the most weight to **{top}** ({doremi_weights[top]:.3f}) and the least to "
+        f"**{low}** ({doremi_weights[low]:.3f}). The {label} model is better than the uniform one "
         f"on {len(better)} of {len(domains)} domains"
         + (f" ({', '.join(better)})." if better else "."),
         "",
@@ -229,7 +238,7 @@ def report_markdown(
         f"- figure: [`{FIGURE_FILE}`]({FIGURE_FILE})",
         f"- all numbers: [`{RESULTS_FILE}`]({RESULTS_FILE})",
         "",
-        f"![DoReMi weights and held-out losses]({FIGURE_FILE})",
+        f"![{label} weights and held-out losses]({FIGURE_FILE})",
         "",
         "## Settings",
         "",
