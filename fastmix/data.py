@@ -450,6 +450,11 @@ class TokenCorpus:
             raise manifest
         return manifest
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "max_open_maps" and value is not None:  # an error here, not at a later read
+            _max_open_maps(value)
+        super().__setattr__(name, value)
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_maps"] = OrderedDict()  # each process maps the files itself
@@ -613,7 +618,9 @@ def _max_open_maps(setting: int | None) -> int:
     """``TokenCorpus.max_open_maps`` in effect: the setting, else half the soft limit on open
     files (at least 16, at most 32768)."""
     if setting is not None:
-        return max(1, int(setting))
+        # (checked when a file is mapped too: the class attribute may be set directly; it was
+        # max(1, int(setting)), so 0 meant 1, 2.7 meant 2 and "abc" a bare ValueError)
+        return integer(setting, "TokenCorpus.max_open_maps", 1)
     try:
         import resource
     except ImportError:  # (Windows)

@@ -390,6 +390,15 @@ def test_open_maps_are_bounded_and_reads_stay_right(tmp_path):
     from fastmix.data import _max_open_maps
 
     assert 16 <= _max_open_maps(None) <= 32768 and _max_open_maps(7) == 7
+    # A setting that is no count of files is an error naming it (0 meant 1, 2.7 meant 2), set on
+    # the corpus or on the class.
+    for bad, error in ((0, ValueError), (2.7, TypeError), ("64", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="TokenCorpus.max_open_maps"):
+            corpus.max_open_maps = bad
+        with pytest.raises(error, match="TokenCorpus.max_open_maps"):
+            _max_open_maps(bad)
+    corpus.max_open_maps = None  # back to the default
+    assert corpus.read(5, 0, 1).tolist() == [50]
 
 
 def _replace(path, tokens):
