@@ -587,11 +587,11 @@ def prepare_corpus(
     _check_name_clashes(list(domains))
     domains = {name: _input_paths(name, spec) for name, spec in domains.items()}
     tok = get_tokenizer(tokenizer)
-    out = writable_dir(out_dir, "out_dir")  # before any tokenising: a bad out_dir fails at once
-    for name, paths in domains.items():
+    for name, paths in domains.items():  # before out_dir is made: a typo left an empty folder
         for p in paths:
             if not Path(p).is_file():
                 raise ValueError(f"domain {name!r}: input {str(p)!r} is not a file")
+    out = writable_dir(out_dir, "out_dir")  # before any tokenising: a bad out_dir fails at once
     _check_inputs_not_outputs(domains, out)
     # Against the domains already there, before the first domain is written (prepare_domain
     # checks again, under the lock, for domains another run adds meanwhile).

@@ -144,8 +144,9 @@ def test_bad_input_is_clear(tmp_path, capsys):
     )
     assert rc == 2
     assert "bad.jsonl" in capsys.readouterr().err and not (tmp_path / "o" / "d.bin").exists()
-    rc = cli.main(["prepare", f"d={tmp_path / 'missing.txt'}", "-o", str(tmp_path / "o")])
+    rc = cli.main(["prepare", f"d={tmp_path / 'missing.txt'}", "-o", str(tmp_path / "new")])
     assert rc == 2 and "missing.txt" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # (it was made before the inputs were looked at)
     with pytest.raises(ValueError, match="expected DOMAIN=FILE"):
         parse_inputs(["d="])
     with pytest.raises(TypeError, match="texts must be an iterable of documents"):
