@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import reprlib
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -79,6 +80,22 @@ def plain_values(values: Any, what: str) -> Any:
     if isinstance(values, (list, tuple)) and any(_is_bool(v) for v in values):
         raise TypeError(f"{what} must hold real numbers, got a bool among them")
     return values
+
+
+def tensor_values(values: Any, what: str) -> Any:
+    """A torch tensor of weights as a float64 NumPy array (anything else as it is): any real
+    dtype (bfloat16 too, which NumPy has not), sparse or strided, on any device; a bool or
+    complex tensor is a TypeError and a meta tensor a ValueError, naming ``what``."""
+    torch = sys.modules.get("torch")  # (no tensor without torch imported: never import it here)
+    if torch is None or not isinstance(values, torch.Tensor):
+        return values
+    if values.dtype == torch.bool or values.is_complex():
+        raise TypeError(f"{what} must be real numbers, got a {values.dtype} tensor")
+    if values.is_meta:
+        raise ValueError(f"{what} is a meta tensor: it holds no values")
+    if values.layout != torch.strided:  # sparse: numpy() refuses it, naming no argument
+        values = values.to_dense()
+    return values.detach().to("cpu", torch.float64).numpy()
 
 
 def _is_bool(value: Any) -> bool:

@@ -74,6 +74,7 @@ from fastmix._checks import (
     plain_values,
     real_number,
     state_version,
+    tensor_values,
     unique_keys,
 )
 
@@ -175,12 +176,7 @@ def load_weights(source: Any, names: Sequence[str] | None = None) -> np.ndarray 
         _check_weight_values(out, names)
         return out
     source = plain_values(source, "weights")  # (also a JSON [true, 1])
-    if isinstance(source, torch.Tensor):
-        if source.dtype == torch.bool or source.is_complex():
-            raise TypeError(f"weights must be real numbers, got a {source.dtype} tensor")
-        if source.is_meta:
-            raise ValueError("weights is a meta tensor: it holds no values")
-        source = source.detach().to("cpu", torch.float64).numpy()
+    source = tensor_values(source, "weights")
     try:
         # (refused below: numpy reads bytearray(b"\x01\x02") as the weights [1, 2])
         raw = None if isinstance(source, (bytes, bytearray)) else np.asarray(source)

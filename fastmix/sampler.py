@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fastmix import _C
-from fastmix._checks import integer, plain_values, state_version
+from fastmix._checks import integer, plain_values, state_version, tensor_values
 
 __all__ = ["MixtureSampler", "sample_domains", "blend_indices", "METHODS", "DEFAULT_BLOCK"]
 
@@ -70,7 +70,7 @@ def _as_weights(weights: Any, name: str = "weights") -> tuple[np.ndarray, tuple[
         )
     else:
         values = weights
-    values = plain_values(values, name)
+    values = plain_values(tensor_values(values, name), name)
     try:
         array = np.asarray(values)
     except Exception as exc:  # ragged lists and the like

@@ -893,7 +893,31 @@ BAD_WEIGHTS = [
     # 0-d bool arrays and tensors beside numbers: np.asarray made them 1.0 and 0.0
     ([np.array(True), 0.5], TypeError, "bool among them"),
     ({"a": torch.tensor(True), "b": torch.tensor(0.5)}, TypeError, "bool among them"),
+    (torch.tensor([True, False]), TypeError, "torch.bool tensor"),
+    (torch.tensor([1 + 1j, 2]), TypeError, "complex64 tensor"),
+    (torch.empty(2, device="meta"), ValueError, "meta tensor"),
 ]
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.tensor([3.0, 1.0, 0.5, 2.0], dtype=torch.bfloat16),  # numpy has no bfloat16
+        torch.tensor([3.0, 1.0, 0.5, 2.0]).to_sparse(),  # numpy() refuses a sparse tensor
+        torch.tensor([3.0, 1.0, 0.5, 2.0], dtype=torch.float16),
+    ],
+)
+def test_tensor_weights_of_any_real_dtype_and_layout(tensor) -> None:
+    # Both were TypeErrors quoting torch ("unsupported ScalarType BFloat16", "Use
+    # Tensor.to_dense() first"), though MixtureDataset took a bfloat16 tensor.
+    plain = [3.0, 1.0, 0.5, 2.0]
+    assert np.array_equal(MixtureSampler(tensor, seed=3).sample(500),
+                          MixtureSampler(plain, seed=3).sample(500))
+    assert np.array_equal(sample_domains(tensor, 100, seed=1), sample_domains(plain, 100, seed=1))
+    assert np.array_equal(blend_indices(tensor, 100)[0], blend_indices(plain, 100)[0])
+    sampler = MixtureSampler([1.0] * 4)
+    sampler.set_weights(tensor)
+    assert np.array_equal(sampler.weights, np.array(plain) / sum(plain))
 
 
 @pytest.mark.parametrize("weights,error,message", BAD_WEIGHTS)
