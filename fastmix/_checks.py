@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import numbers
+import re
 import reprlib
 import sys
 from collections.abc import Iterable
@@ -171,3 +173,43 @@ def num_domains(value: Any, what: str = "num_domains") -> int:
             f"got {_shown(k)}"
         )
     return k
+
+
+# A number as written in CSV files and flags.  float() also takes Python's digit-grouping
+# underscores ('0_1' is 1.0) and non-ASCII digits: typos here, not numbers.
+_NUMBER = re.compile(r"\s*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                     r"|inf(?:inity)?|nan)\s*", re.IGNORECASE)
+
+
+def parse_float(v: Any) -> float:
+    """``float(v)``, but text must be a plain decimal number (no ``_``, ASCII digits only).
+
+    Raises ValueError (TypeError for what float() rejects by type) like float() does, and
+    TypeError for a bool (float(True) is 1.0).
+    """
+    if isinstance(v, (bool, np.bool_)):  # float(True) is 1.0: a flag column read as weights
+        raise TypeError(f"a bool ({v}) is not a number")
+    if isinstance(v, (bytes, bytearray)):
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, str) and not _NUMBER.fullmatch(v):
+        raise ValueError(f"could not convert string to float: {v!r}")
+    return float(v)
+
+
+_INT_TEXT = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
+def int_flag(text: str) -> int:
+    """argparse type of the integer flags: a plain decimal integer (``int()`` also reads
+    ``1_000`` and digits of other scripts)."""
+    if not _INT_TEXT.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}")
+    return int(text)
+
+
+def float_flag(text: str) -> float:
+    """argparse type of the float flags: strict, so ``1_0`` is not 10 (see parse_float)."""
+    try:
+        return parse_float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None

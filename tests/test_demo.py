@@ -304,6 +304,12 @@ def test_read_only_out_is_an_error(
 
 def test_bad_flags_are_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = str(tmp_path / "o")
+    # Plain decimal numbers only, as fastmix optimize takes them (int() read 1_000 as 1000).
+    for flag, text, what in (("--steps", "1_000", "integer"), ("--seed", "\u0661", "integer"),
+                             ("--lr", "1_0e-3", "number")):
+        with pytest.raises(SystemExit):
+            _demo("--out", out, flag, text)
+        assert f"argument {flag}: invalid {what}: {text!r}" in capsys.readouterr().err
     assert _demo("--out", out, *TINY_FLAGS, "--d-model", "30", "--heads", "4") == 2
     assert "multiple of n_heads" in capsys.readouterr().err
     assert _demo("--out", out, *TINY_FLAGS, "--steps", "0") == 2

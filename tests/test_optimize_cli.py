@@ -194,6 +194,17 @@ def test_float_flags_refuse_digit_grouping(tmp_path, capsys, flag):
     assert f"argument {flag}: invalid number: '0_1'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--samples", "--top-k", "--seed"])
+@pytest.mark.parametrize("text", ["1_000", "\u0661\u0662", "12.0"])
+def test_integer_flags_take_plain_decimal_integers(tmp_path, capsys, flag, text):
+    # int() read '1_000' as 1000 and Arabic-Indic digits as 12, which the float flags refuse.
+    files = _sweep(tmp_path, n=30)
+    with pytest.raises(SystemExit) as exc:
+        main(["optimize", *files, "--target", "val/loss", flag, text])
+    assert exc.value.code == 2
+    assert f"argument {flag}: invalid integer: {text!r}" in capsys.readouterr().err
+
+
 def test_too_few_runs_and_misaligned(tmp_path, capsys):
     files = _sweep(tmp_path, n=8)
     rc = main(["optimize", *files, "--target", "val/loss", "--predictor", "law+trees",

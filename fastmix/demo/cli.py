@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fastmix._checks import float_flag, int_flag
 from fastmix._io import path_arg, writable_dir
 
 # Flag destination -> DemoOptions field, for the flags that override a preset.
@@ -44,10 +45,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    "(default ./fastmix-demo)")
     g.add_argument("--quick", action="store_true",
                    help="a smaller, shorter run (about a minute on two CPU cores)")
-    g.add_argument("--seed", type=int, default=None, help=f"seed of everything {_default('seed')}")
+    g.add_argument("--seed", type=int_flag, default=None,
+                   help=f"seed of everything {_default('seed')}")
     g.add_argument("--device", default=None,
                    help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=int_flag, default=None,
                    help="CPU threads for torch, at most the cores this process may use "
                    "(default: all of them)")
     g.add_argument("--weights", type=Path, default=None,
@@ -57,32 +59,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars")
     m = parser.add_argument_group("model and training")
-    m.add_argument("--steps", type=int, default=None,
+    m.add_argument("--steps", type=int_flag, default=None,
                    help=f"steps of the reference and proxy runs {_default('steps')}")
-    m.add_argument("--main-steps", type=int, default=None,
+    m.add_argument("--main-steps", type=int_flag, default=None,
                    help="steps of each main model (default: --steps)")
-    m.add_argument("--d-model", dest="d_model", type=int, default=None,
+    m.add_argument("--d-model", dest="d_model", type=int_flag, default=None,
                    help=f"model width {_default('d_model')}")
-    m.add_argument("--layers", dest="n_layers", type=int, default=None,
+    m.add_argument("--layers", dest="n_layers", type=int_flag, default=None,
                    help=f"transformer layers {_default('n_layers')}")
-    m.add_argument("--heads", dest="n_heads", type=int, default=None,
+    m.add_argument("--heads", dest="n_heads", type=int_flag, default=None,
                    help=f"attention heads {_default('n_heads')}")
-    m.add_argument("--main-d-model", type=int, default=None,
+    m.add_argument("--main-d-model", type=int_flag, default=None,
                    help="main models' width (default: --d-model)")
-    m.add_argument("--main-layers", type=int, default=None,
+    m.add_argument("--main-layers", type=int_flag, default=None,
                    help="main models' layers (default: --layers)")
-    m.add_argument("--main-heads", type=int, default=None,
+    m.add_argument("--main-heads", type=int_flag, default=None,
                    help="main models' heads (default: --heads)")
-    m.add_argument("--seq-len", type=int, default=None,
+    m.add_argument("--seq-len", type=int_flag, default=None,
                    help=f"bytes per training window {_default('seq_len')}")
-    m.add_argument("--batch-size", type=int, default=None,
+    m.add_argument("--batch-size", type=int_flag, default=None,
                    help=f"windows per step {_default('batch_size')}")
-    m.add_argument("--lr", type=float, default=None,
+    m.add_argument("--lr", type=float_flag, default=None,
                    help=f"peak AdamW learning rate {_default('lr')}")
     d = parser.add_argument_group("DoReMi and data")
-    d.add_argument("--step-size", type=float, default=None,
+    d.add_argument("--step-size", type=float_flag, default=None,
                    help=f"DoReMi step size η {_default('step_size')}")
-    d.add_argument("--smoothing", type=float, default=None,
+    d.add_argument("--smoothing", type=float_flag, default=None,
                    help=f"DoReMi smoothing c {_default('smoothing')}")
     d.add_argument("--proxy-loss", choices=("dro", "reweighted"), default=None,
                    help="proxy objective: the paper's (dro) or the released code's (reweighted) "
@@ -91,11 +93,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="feed α to the sampler as it changes instead of reweighting the loss")
     d.add_argument("--sampler", choices=("alias", "stratified", "greedy"), default=None,
                    help=f"how MixtureDataset draws domains {_default('sampler')}")
-    d.add_argument("--train-bytes", type=int, default=None,
+    d.add_argument("--train-bytes", type=int_flag, default=None,
                    help=f"cap on each domain's train part {_default('train_bytes', ' bytes')}")
-    d.add_argument("--heldout-bytes", type=int, default=None,
+    d.add_argument("--heldout-bytes", type=int_flag, default=None,
                    help=f"each domain's held-out part {_default('heldout_bytes', ' bytes')}")
-    d.add_argument("--eval-windows", type=int, default=None,
+    d.add_argument("--eval-windows", type=int_flag, default=None,
                    help=f"held-out windows evaluated per domain {_default('eval_windows')}")
 
 

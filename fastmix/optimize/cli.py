@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._checks import unique_keys
+from fastmix._checks import float_flag, int_flag, parse_float, unique_keys
 from fastmix._io import atomic_write_files, json_text, path_arg, writable_dir
 
 from .choose import Choice, choose_weights
@@ -41,7 +41,6 @@ from .sweep import (
     Sweep,
     data_columns,
     load_sweep,
-    parse_float,
     read_csv_columns,
     shared_id_column,
     value_columns,
@@ -61,14 +60,6 @@ _FLAGS = {"min_weight": "--min-weight", "max_weight": "--max-weight",
           "test_fraction": "--holdout", "holdout": "--holdout"}
 # The files written into --out.
 _OUTPUTS = ("weights.json", "summary.md", "summary.csv", "plot.png")
-
-
-def _number(text: str) -> float:
-    """argparse type of the float flags: strict, so ``--total-tokens 1_0`` is not 10."""
-    try:
-        return parse_float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -103,22 +94,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="tokens available per domain: a JSON file {domain: count} "
                              "(domains the sweep lacks are ignored, with a note) or "
                              "comma-separated NAME=COUNT")
-    parser.add_argument("--total-tokens", type=_number, help="tokens the target run trains on")
-    parser.add_argument("--max-epochs", type=_number,
+    parser.add_argument("--total-tokens", type=float_flag, help="tokens the target run trains on")
+    parser.add_argument("--max-epochs", type=float_flag,
                         help="passes allowed over each domain's tokens (default 1 with token "
                              "counts: no token is seen twice)")
     parser.add_argument("--prior", metavar="JSON",
                         help="centre of the search: a weights JSON (default: the mean sweep "
                              "mixture, or each domain's share of the tokens, count / total of "
                              "--token-counts, when token counts are given)")
-    parser.add_argument("--holdout", type=_number, default=0.2,
+    parser.add_argument("--holdout", type=float_flag, default=0.2,
                         help="fraction of runs held out to score the predictor "
                              "(default 0.2; 0 to skip)")
-    parser.add_argument("--samples", type=int, default=50_000,
+    parser.add_argument("--samples", type=int_flag, default=50_000,
                         help=f"mixtures sampled (default 50,000; at most {MAX_SAMPLES:,})")
-    parser.add_argument("--top-k", type=int, default=100,
+    parser.add_argument("--top-k", type=int_flag, default=100,
                         help="best samples averaged (default 100)")
-    parser.add_argument("--seed", type=int, default=0, help="0 to 2**32 - 1 (default 0)")
+    parser.add_argument("--seed", type=int_flag, default=0, help="0 to 2**32 - 1 (default 0)")
     parser.add_argument("--out", default="fastmix-optimize",
                         help="output directory (default fastmix-optimize)")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fastmix._checks import duplicates, not_a_set, real_number
+from fastmix._checks import duplicates, not_a_set, parse_float, real_number
 
 from .search import _rng_seed
 
@@ -30,10 +30,6 @@ ID_COLUMNS = ("run", "run_id", "id", "index")
 _IGNORED = ("", "Unnamed: 0", "name")
 # Cell texts meaning "no value" (NaN metrics: dropped with missing="drop", else an error).
 _MISSING = ("", "nan", "na", "null", "none")
-# A number as written in CSV files and flags.  float() also takes Python's digit-grouping
-# underscores ('0_1' is 1.0) and non-ASCII digits: typos here, not numbers.
-_NUMBER = re.compile(r"\s*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-                     r"|inf(?:inity)?|nan)\s*", re.IGNORECASE)
 
 
 @dataclass
@@ -423,21 +419,6 @@ def value_columns(cols: Mapping[str, Sequence[Any]], what: str = "table",
             raise ValueError(f"{what}: column {c!r} holds numbers, but {row} is "
                              f"{values[i]!r}, not a number ({len(bad)} such cells)")
     return out
-
-
-def parse_float(v: Any) -> float:
-    """``float(v)``, but text must be a plain decimal number (no ``_``, ASCII digits only).
-
-    Raises ValueError (TypeError for what float() rejects by type) like float() does, and
-    TypeError for a bool (float(True) is 1.0).
-    """
-    if isinstance(v, (bool, np.bool_)):  # float(True) is 1.0: a flag column read as weights
-        raise TypeError(f"a bool ({v}) is not a number")
-    if isinstance(v, (bytes, bytearray)):
-        v = v.decode("utf-8", "replace")
-    if isinstance(v, str) and not _NUMBER.fullmatch(v):
-        raise ValueError(f"could not convert string to float: {v!r}")
-    return float(v)
 
 
 def _is_missing(v: Any) -> bool:
