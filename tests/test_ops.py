@@ -473,6 +473,17 @@ def test_ordered_bin_sums_match_index_add_with_special_values():
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[1, 3:]).all()
 
 
+def test_ordered_bin_sums_keep_each_bin_apart_from_a_huge_one():
+    # A running sum across bins lost every bin after one holding 1e30 (they came out 0) and a
+    # bin after +1e20 and -1e20 to cancellation; index_add_ keeps them.
+    values = torch.tensor([[1e30, 1.5, 2.5, 3.0, 1e20, -1e20, 0.25, 7.0]])
+    bins = torch.tensor([0, 1, 1, 2, 3, 3, 4, 5])
+    got = reference.ordered_bin_sums(bins, values, 5)
+    want = torch.zeros(1, 6).index_add_(1, bins, values)[:, :5]
+    assert torch.equal(got, want), got
+    assert reference.ordered_bin_sums(bins[:0], values[:, :0], 3).tolist() == [[0.0] * 3]
+
+
 def test_op_schemas_are_what_torch_infers():
     # The ops declare their schemas as strings (older torch cannot infer them from this module's
     # string annotations); they must stay what the signatures say.

@@ -73,31 +73,33 @@ def domain_stats(
 
 def ordered_bin_sums(bins: Tensor, values: Tensor, k: int) -> Tensor:
     """Per-bin sums of ``values`` ``[R, N]`` for bins 0..k-1 (bin k dropped), bitwise
-    reproducible on any device and sync-free: a stable sort by bin, a float64 prefix sum, and
-    differences at the bin boundaries.
+    reproducible on any device and sync-free: a stable sort by bin, then a segmented scan in
+    float64 (a fixed tree of elementwise adds, no atomics) whose last entry in each bin is the
+    bin's sum.
 
-    Non-finite values are kept out of the prefix sum (a NaN would spill into later bins) and
-    counted per bin instead; counts of 1.0 add exactly in any order, so atomics are fine there.
+    Each bin is summed on its own: a running sum across bins (a prefix sum differenced at the bin
+    boundaries) lost every later bin to cancellation after one large value (a loss of 1e30 in
+    domain 0 left 0 for the others).  For the same reason a NaN or inf stays in its bin.
     """
-    rows = values.shape[0]
+    rows, n = values.shape
     dev = values.device
+    if n == 0:
+        return torch.zeros((rows, k), dtype=torch.float32, device=dev)
     order = torch.argsort(bins, stable=True)
     sorted_bins = bins[order]
-    ordered = values[:, order]
-    finite = torch.isfinite(ordered)
-    prefix = torch.zeros((rows, ordered.shape[1] + 1), dtype=torch.float64, device=dev)
-    prefix[:, 1:] = torch.where(finite, ordered, 0.0).double().cumsum(1)
-    starts = torch.searchsorted(sorted_bins, torch.arange(k + 1, device=dev, dtype=bins.dtype))
-    sums = (prefix[:, starts[1:]] - prefix[:, starts[:-1]]).float()
-    for flag, special in (
-        (torch.isnan(values), float("nan")),
-        (values == float("inf"), float("inf")),
-        (values == float("-inf"), float("-inf")),
-    ):
-        hits = torch.zeros((rows, k + 1), dtype=torch.float32, device=dev)
-        hits.index_add_(1, bins, flag.float())
-        sums = sums + torch.where(hits[:, :k] > 0, special, 0.0)  # inf + -inf = NaN, as IEEE
-    return sums
+    acc = values[:, order].double()
+    # Hillis-Steele: after the round with shift d, entry i holds the sum of its bin's entries in
+    # (i - 2d, i]; the bins are sorted, so equal ids d apart mean one bin in between.
+    shift = 1
+    while shift < n:
+        same = sorted_bins[shift:] == sorted_bins[:-shift]
+        acc[:, shift:] += torch.where(same, acc[:, :-shift], 0.0)
+        shift *= 2
+    wanted = torch.arange(k, device=dev, dtype=bins.dtype)
+    starts = torch.searchsorted(sorted_bins, wanted)
+    ends = torch.searchsorted(sorted_bins, wanted, right=True)
+    last = acc[:, (ends - 1).clamp(min=0)]
+    return torch.where(ends > starts, last, 0.0).float()
 
 
 def check_state_layout(state: Tensor, counters: Tensor, stats: Tensor | None = None) -> None:
