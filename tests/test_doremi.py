@@ -300,6 +300,7 @@ NAN3 = torch.tensor([float("nan"), 0.5, 0.5])
         ("num_domains", 3.0, TypeError, "'num_domains'.*int"),
         ("step_size", 10**400, ValueError, "state\\['step_size'\\] must be finite"),
         ("step_size", -1.0, ValueError, "'step_size'"),
+        ("step_size", 1e39, ValueError, "state\\['step_size'\\] must be at most 3.403e\\+38"),
         ("smoothing", 2.0, ValueError, "'smoothing'"),
         ("proxy_loss", ["dro"], ValueError, "'proxy_loss'"),
         # torch's "Boolean value of Tensor ... is ambiguous", naming no key
@@ -488,6 +489,9 @@ def test_one_domain_takes_a_scalar_init_weight():
         (dict(step_size="1"), TypeError, "step_size"),
         (dict(smoothing=1.5), ValueError, "smoothing"),
         (dict(step_size=10**400), ValueError, "step_size must be finite"),
+        # inf in the float32 update: every update was skipped and α never moved
+        (dict(step_size=1e39), ValueError,
+         r"step_size must be at most 3.403e\+38 \(the update runs in float32"),
         (dict(smoothing=10**400), ValueError, "smoothing must be finite"),
         (dict(proxy_loss="mean"), ValueError, "proxy_loss"),
         (dict(init_weights=[1.0, 2.0]), ValueError, "init_weights must have 3"),

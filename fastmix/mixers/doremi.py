@@ -48,6 +48,19 @@ _STATE_VERSION = 1
 _MAX_AVERAGE_DRIFT = 0.1
 # float32 values per domain in the state: α, λ, the average α, and the pending statistics.
 _STATE_ROWS = 6
+# The update takes η as a float32: a larger one is inf there, and inf·λ (NaN where λ = 0) made
+# every update non-finite, so each was skipped and α never moved.
+_MAX_STEP_SIZE = float(torch.finfo(torch.float32).max)
+
+
+def _check_step_size(name: str, value: Any) -> float:
+    value = check_float(name, value, 0.0)
+    if value > _MAX_STEP_SIZE:
+        raise ValueError(
+            f"{name} must be at most {_MAX_STEP_SIZE:.4g} (the update runs in float32, where "
+            f"it would be inf and every update skipped), got {value!r}"
+        )
+    return value
 
 
 class DoReMi:
@@ -56,7 +69,7 @@ class DoReMi:
     Args:
         num_domains: K, at most 2**31 - 1 (and a K whose state cannot be allocated on the
             device is a ValueError).
-        step_size: η, the exponentiated-gradient step (>= 0).
+        step_size: η, the exponentiated-gradient step (>= 0, at most float32's largest value).
         smoothing: c in [0, 1]; α ← (1 − c)·softmax(log α + η λ) + c / K.
         init_weights: the initial α (K positive values, normalised to sum 1); uniform by default.
         proxy_loss: "dro" (Σ_i α_i · mean loss of domain i) or "reweighted"
@@ -97,7 +110,7 @@ class DoReMi:
         if backend is not None and backend not in ("cuda", "triton", "torch"):
             raise ValueError(f"backend must be 'cuda', 'triton', 'torch' or None, got {backend!r}")
         self.num_domains = num_domains
-        self.step_size = check_float("step_size", step_size, 0.0)
+        self.step_size = _check_step_size("step_size", step_size)
         self.smoothing = check_float("smoothing", smoothing, 0.0, 1.0)
         self.proxy_loss = proxy_loss
         self.backend = backend
@@ -429,9 +442,7 @@ class DoReMi:
             state, "average_weights", k, dev,
             sum_tolerance=tol + min(1.2e-7 * counts[0], _MAX_AVERAGE_DRIFT),
         )
-        step_size = check_float(
-            "state['step_size']", state.get("step_size", self.step_size), 0.0
-        )
+        step_size = _check_step_size("state['step_size']", state.get("step_size", self.step_size))
         smoothing = check_float(
             "state['smoothing']", state.get("smoothing", self.smoothing), 0.0, 1.0
         )
