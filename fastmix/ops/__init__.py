@@ -22,6 +22,7 @@ import importlib
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -549,6 +550,28 @@ def proxy_objective(
 # --------------------------------------------------------------------------------------------
 # public op
 # --------------------------------------------------------------------------------------------
+# The torch backend holds the [3, K + 1] sums and the [3, K] result at once.
+_STATS_ROWS = 6
+
+
+def _check_stats_allocatable(num_domains: int, device: torch.device) -> None:
+    """A K whose statistics cannot be allocated on the host is a ValueError naming it.
+
+    K may be up to 2**31 - 1, and its statistics then take tens of GiB: torch's allocator error
+    named no argument, or the process was killed for memory while the sums were zeroed.  Probed
+    as the mixers probe their state (an mmap that touches no page); eager calls on CPU only.
+    """
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    if not _checks.allocatable((_STATS_ROWS, num_domains + 1), np.float32):
+        gib = 4 * _STATS_ROWS * (num_domains + 1) / 2**30
+        raise ValueError(
+            f"num_domains={num_domains}: the per-domain statistics ({_STATS_ROWS} x "
+            f"{num_domains + 1:,} float32 values, {gib:,.1f} GiB) are more than can be "
+            f"allocated on cpu"
+        )
+
+
 def domain_loss_stats(
     loss: Tensor,
     domain: Tensor,
@@ -586,6 +609,7 @@ def domain_loss_stats(
     num_domains = _check_num_domains(num_domains)
     validate_inputs(loss, domain, num_domains, ref_loss, mask)
     name = resolve_backend(backend, loss.device, num_domains, loss.numel())
+    _check_stats_allocatable(num_domains, loss.device)
     # bool("no") is True: any value switched the fixed-order sums on
     deterministic = _checks.flag(deterministic, "deterministic")
     args = (loss, domain, mask, ref_loss, num_domains, name, deterministic)
