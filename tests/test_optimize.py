@@ -821,14 +821,32 @@ def test_read_csv_columns_reports_the_file_and_line(tmp_path):
     p.write_text('index,a\n1,"x\ny"\n2\n')  # a quoted cell spans lines 2-3
     with pytest.raises(ValueError, match=r"s\.csv: line 4 has 1 fields, header has 2"):
         read_csv_columns(p)
-    # A spreadsheet's trailing rows of empty cells are no runs (they were a run '' with NaN
-    # weights, or an id '' repeated); one inside the table stays a row, as it was.
+    # Rows of empty cells are rows here; load_sweep decides which are runs.
     p.write_bytes(b"index,a\r\n1,0.5\r\n,\r\n\r\n , \r\n")
-    assert read_csv_columns(p) == {"index": ["1"], "a": ["0.5"]}
-    p.write_text("index,a\n1,0.5\n,\n2,0.5\n")
-    assert read_csv_columns(p) == {"index": ["1", "", "2"], "a": ["0.5", "", "0.5"]}
-    p.write_text("index,a\n,\n")
-    assert read_csv_columns(p) == {"index": [], "a": []}
+    assert read_csv_columns(p) == {"index": ["1", "", " "], "a": ["0.5", "", " "]}
+
+
+def test_trailing_rows_of_empty_cells_are_no_runs(tmp_path):
+    # A spreadsheet's trailing rows of empty cells were a run '' with NaN weights, or an id ''
+    # repeated; one inside the table stays a row, as it was.
+    mix, met = tmp_path / "mix.csv", tmp_path / "met.csv"
+    mix.write_bytes(b"index,a,b\r\n1,0.5,0.5\r\n2,0.2,0.8\r\n,,\r\n\r\n , ,\r\n")
+    met.write_text("index,loss\n1,1.0\n2,2.0\n,\n")
+    assert load_sweep(mix, met).run_ids == ["1", "2"]
+    met.write_text("index,loss\n1,1.0\n,\n2,2.0\n")
+    with pytest.raises(ValueError, match=r"runs \[''\] \(1\) have metrics but no mixture"):
+        load_sweep(mix, met)
+    # Matched by position, a row of empty metrics where the mixtures have a run is that run,
+    # its metrics missing (dropping it misaligned the tables); past the other table's last
+    # run it is none.
+    mix.write_text("a,b\n0.5,0.5\n0.2,0.8\n0.4,0.6\n,\n")
+    met.write_text("loss,acc\n1.0,0.1\n2.0,0.2\n,\n,\n,\n")
+    assert load_sweep(mix, met, missing="drop").num_runs == 2
+    with pytest.raises(ValueError, match="'loss' is NaN/inf in run row 2"):
+        load_sweep(mix, met)
+    met.write_text("loss,acc\n1.0,0.1\n2.0,0.2\n")
+    with pytest.raises(ValueError, match="mixtures has 3 runs but metrics has 2"):
+        load_sweep(mix, met, missing="drop")
 
 
 def test_library_arguments_of_the_wrong_type_are_named():

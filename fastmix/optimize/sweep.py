@@ -158,6 +158,16 @@ def load_sweep(
                     f"{met_key!r}: give the id column the same name in both (rows are matched "
                     "by it; id_column names one column that both tables hold)")
 
+    # Rows of empty cells at the end (',,,,': what a spreadsheet exports for rows it once used)
+    # are no runs: they read as a run '' with no weights, or as one id '' repeated.  Matched by
+    # position, such a row is a run where the other table has one there (its metrics missing,
+    # say): dropping it would leave the tables misaligned.
+    filled = {name: _filled_rows(cols) for name, cols in (("mixtures", mix_cols),
+                                                           ("metrics", met_cols))}
+    if key is None:
+        filled = dict.fromkeys(filled, max(filled.values()))
+    mix_cols = _first_rows(mix_cols, filled["mixtures"])
+    met_cols = _first_rows(met_cols, filled["metrics"])
     domain_names = _value_columns(mix_cols, domains, "mixtures", "domains", key)
     target_names = _value_columns(met_cols, targets, "metrics", "targets", key)
     X = _numeric(mix_cols, domain_names, "mixtures")
@@ -248,9 +258,9 @@ def load_sweep(
 def read_csv_columns(path: str | Path) -> dict[str, list[str]]:
     """Read a CSV file into ``{column: [cell strings]}`` (header row first).
 
-    The file must be UTF-8; a byte-order mark (Excel's "CSV UTF-8" export) is dropped, and so
-    are blank lines and rows of empty cells at the end.  Errors are ValueErrors naming the file
-    and the line.
+    The file must be UTF-8; a byte-order mark (Excel's "CSV UTF-8" export) and blank lines are
+    dropped (rows of empty cells are kept: :func:`load_sweep` drops those at the end that are no
+    runs).  Errors are ValueErrors naming the file and the line.
     """
     path = Path(path)
     if not path.is_file():
@@ -282,12 +292,6 @@ def read_csv_columns(path: str | Path) -> dict[str, list[str]]:
     except csv.Error as exc:
         hint = "; is a quote left open?" if "field limit" in str(exc) else ""
         raise ValueError(f"{path}: line {start}: {exc}{hint}") from None
-    # Rows of empty cells at the end (',,,,': what a spreadsheet exports for rows it once
-    # used) are no runs: they read as a run '' with no weights, or as one id '' repeated.  Only
-    # at the end, where dropping them shifts no row that tables matched by position share.
-    while len(rows) > 1 and not any(cell.strip() for cell in rows[-1]):
-        rows.pop()
-        lines.pop()
     if not rows:
         raise ValueError(f"{path}: empty CSV file")
     # Names stripped as cells are: ``run, d0`` must give 'd0', and 'run' to match rows by.
@@ -298,6 +302,21 @@ def read_csv_columns(path: str | Path) -> dict[str, list[str]]:
     if len(set(header)) != len(header):
         raise ValueError(f"{path}: repeated column names {_preview(duplicates(header))}")
     return {h: [r[j] for r in body] for j, h in enumerate(header)}
+
+
+def _filled_rows(cols: Mapping[str, Sequence[Any]]) -> int:
+    """The rows of ``cols`` up to the last one with a cell that is not empty text."""
+    n = max((len(v) for v in cols.values()), default=0)
+    while n and all(
+        len(v) >= n and isinstance(v[n - 1], str) and not v[n - 1].strip() for v in cols.values()
+    ):
+        n -= 1
+    return n
+
+
+def _first_rows(cols: dict[str, Sequence[Any]], n: int) -> dict[str, Sequence[Any]]:
+    """``cols`` cut to its first ``n`` rows (as it is when it has no more)."""
+    return {c: v[:n] if len(v) > n else v for c, v in cols.items()}
 
 
 def _as_columns(obj: Any, what: str, names: Sequence[str] | None) -> dict[str, Sequence[Any]]:
