@@ -321,9 +321,12 @@ def test_constant_targets_and_holdout_messages(tmp_path, capsys):
     assert _fast(files, tmp_path / "o", "--target", "val/loss", "--target", "flat") == 0
     assert _fast(files, tmp_path / "o", "--target", "val/loss", "--holdout", "0.999") == 2
     err = capsys.readouterr().err
-    assert "--holdout=0.999" in err and "test_fraction" not in err
+    assert "error: --holdout=0.999 leaves" in err and "test_fraction" not in err
     assert _fast(files, tmp_path / "o", "--target", "val/loss", "--holdout", "0.05") == 2
     assert "error: --holdout=0.05 leaves 2 of 30 runs" in capsys.readouterr().err
+    # A message that already names the flag keeps it as it is (it became '----holdout').
+    assert _fast(files, tmp_path / "o", "--target", "val/loss", "--holdout", "1.5") == 2
+    assert "error: --holdout must lie in [0, 1), got 1.5" in capsys.readouterr().err
 
 
 def test_a_metric_name_with_an_equals_sign(tmp_path):

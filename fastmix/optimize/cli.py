@@ -182,7 +182,8 @@ def _as_flags(exc: Exception, flags: dict[str, str] | None = None) -> ValueError
     keeps its name.
     """
     flags = _FLAGS if flags is None else {**_FLAGS, **flags}
-    pattern = re.compile(r"'[^']*'|\b(" + "|".join(map(re.escape, flags)) + r")\b")
+    # Not after a '-': a flag already in the message ('--holdout must ...') stays as it is.
+    pattern = re.compile(r"'[^']*'|(?<![\w-])(" + "|".join(map(re.escape, flags)) + r")\b")
     text = pattern.sub(lambda m: flags[m.group(1)] if m.group(1) else m.group(0), str(exc))
     return ValueError(text)
 
