@@ -479,11 +479,16 @@ def test_pareto_front_takes_numbers_only():
     # asarray(float64) took text and booleans as values and dropped imaginary parts silently;
     # ragged rows and an int past float64 failed naming nothing.
     for bad in ([["1", "2"], ["0", "3"]], "ab", [[True, False], [False, True]],
-                np.array([[1 + 1j, 2.0]]), [[10**400, 1]]):
+                np.array([[1 + 1j, 2.0]]), [[2**70, True]], [[2**70, "1"]]):
         with pytest.raises(TypeError, match="values must be numbers"):
             pareto_front(bad)
     with pytest.raises(ValueError, match="values must be a rectangular array"):
         pareto_front([[1.0, 2.0], [3.0]])
+    with pytest.raises(ValueError, match="values: a number is too large for float64"):
+        pareto_front([[10**400, 1]])
+    # Ints past int64 are numbers all the same (FLOPs: numpy holds them as objects).
+    flops = [[6 * 7 * 10**9 * 2 * 10**12, 2.1], [12 * 10**21, 2.5], [18 * 10**21, 2.6]]
+    assert list(pareto_front(flops)) == [0, 1]
     assert list(pareto_front(np.array([[1, 2], [2, 1], [2, 2]], dtype=np.int32))) == [0, 1]
 
 

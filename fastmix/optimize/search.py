@@ -312,6 +312,14 @@ def _numbers(value: Any, what: str) -> np.ndarray:
         arr = np.asarray(value)
     except ValueError:  # ragged rows
         raise ValueError(f"{what} must be a rectangular array of numbers") from None
+    if arr.dtype == object and all(
+        isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in arr.flat
+    ):
+        # Python ints past int64 (a count of FLOPs, 8.4e22) are numbers numpy keeps as objects.
+        try:
+            return arr.astype(np.float64)
+        except OverflowError:
+            raise ValueError(f"{what}: a number is too large for float64") from None
     if arr.dtype.kind not in "iuf":
         raise TypeError(f"{what} must be numbers, got {reprlib.repr(value)}")
     return arr.astype(np.float64)
