@@ -175,7 +175,7 @@ def test_a_corpus_folder_the_demo_did_not_write_is_kept(tmp_path: Path) -> None:
     (mine / "train").rmdir()
     mine.rmdir()
     mine.write_text("a file")
-    with pytest.raises(ValueError, match="a file in place of the corpus folder"):
+    with pytest.raises(ValueError, match=r"corpus is a file, not a folder, which the demo did"):
         build_corpus(tmp_path, SMALL_SPEC, progress=False)
     assert mine.read_text() == "a file"
     # The demo's own folder, half written by a crash (a temporary token file left), is rebuilt.

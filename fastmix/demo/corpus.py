@@ -446,8 +446,8 @@ def build_corpus(
     foreign = _foreign_entry(root)
     if foreign is not None:
         raise ValueError(
-            f"{root} holds {foreign}, which the demo did not write; the demo keeps its corpus in "
-            f"{root} and replaces that folder when it builds it: choose another output folder "
+            f"{root} {foreign}, which the demo did not write; the demo keeps its corpus in the "
+            f"folder {root} and replaces {root} when it builds it: choose another output folder "
             f"(--out) or move {root} away"
         )
     out.mkdir(parents=True, exist_ok=True)
@@ -498,13 +498,13 @@ _FINDER = ".DS_Store"
 
 
 def _foreign_entry(root: Path) -> str | None:
-    """Something under ``root`` that :func:`build_corpus` does not write (described), or None
-    when ``root`` is missing or holds only the demo's corpus files (whole, damaged or half
-    written by an interrupted run: those are rebuilt)."""
+    """What ``root`` holds that :func:`build_corpus` does not write (``"holds 'notes.txt'"``,
+    ``"is a file, not a folder"``), or None when ``root`` is missing or holds only the demo's
+    corpus files (whole, damaged or half written by an interrupted run: those are rebuilt)."""
     if not root.exists():
         return None  # (a dangling link too: replacing it loses nothing)
     if not root.is_dir():
-        return "a file in place of the corpus folder"
+        return "is a file, not a folder"
     ours = {f"{name}.bin" for name in DOMAINS} | {"corpus.json", _FINDER}
     for entry in sorted(root.iterdir()):
         if entry.name in (MANIFEST, _FINDER) and not entry.is_dir():
@@ -514,9 +514,9 @@ def _foreign_entry(root: Path) -> str | None:
                 # prepare's token files and corpus.json, and what a crash left of them
                 temporary = file.name.startswith(".") and ".tmp-" in file.name
                 if not (file.name in ours or temporary) or file.is_dir():
-                    return repr(f"{entry.name}/{file.name}")
+                    return "holds " + repr(f"{entry.name}/{file.name}")
             continue
-        return repr(entry.name)
+        return f"holds {entry.name!r}"
     return None
 
 
