@@ -681,6 +681,10 @@ def test_choose_weights_end_to_end():
             choose_weights(s, ["l1"], predictor="law", holdout=bad)
     with pytest.raises(ValueError, match=r"^holdout=0.001 leaves 0 held-out runs"):
         choose_weights(s, ["l1"], predictor="law", holdout=0.001)
+    # None skips the evaluation as 0 does (it did before holdout was checked here).
+    none = choose_weights(s, ["l1"], predictor="law", holdout=None, samples=500, top_k=5)
+    zero = choose_weights(s, ["l1"], predictor="law", holdout=0, samples=500, top_k=5)
+    assert none.heldout == {} and np.array_equal(none.weights, zero.weights)
 
 
 # ------------------------------------------------------------------------------ regressions

@@ -56,7 +56,7 @@ def choose_weights(
     constraints: Constraints | None = None,
     maximize: Sequence[str] = (),
     prior: np.ndarray | Mapping[str, float] | None = None,
-    holdout: float = 0.2,
+    holdout: float | None = 0.2,
     samples: int = 50_000,
     top_k: int = 100,
     pareto_samples: int = 20_000,
@@ -79,7 +79,7 @@ def choose_weights(
         constraints: feasible set (default: the simplex over the sweep's domains).
         maximize: targets where higher is better (accuracies).
         prior: centre of the search's Dirichlet sampling (default: mean sweep mixture).
-        holdout: fraction of runs held out for evaluation (0 to skip).
+        holdout: fraction of runs held out for evaluation (0 or None to skip).
         samples, top_k: search settings (RegMix-style top-k average).
         pareto_samples: mixtures sampled for the Pareto front (two or more targets).
         seed: seeds the split, the predictors and the search.
@@ -138,7 +138,7 @@ def choose_weights(
         raise ValueError(f"top_k must lie in [1, samples={samples}], got {top_k}")
     seed = _seed(seed)
     # Checked here: Sweep.split's messages named its own argument, test_fraction.
-    holdout = real_number(holdout, "holdout")
+    holdout = 0.0 if holdout is None else real_number(holdout, "holdout")  # None: no evaluation
     if holdout and not 0 < holdout < 1:
         raise ValueError(f"holdout must be 0 (no evaluation) or lie in (0, 1), got {holdout}")
 

@@ -101,7 +101,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior", metavar="JSON",
                         help="centre of the search: a weights JSON (default: the mean sweep "
                              "mixture, or each domain's share of the tokens, count / total of "
-                             "--token-counts, when token counts are given)")
+                             "--token-counts over the sweep's domains, when token counts are "
+                             "given)")
     parser.add_argument("--holdout", type=float_flag, default=0.2,
                         help="fraction of runs held out to score the predictor "
                              "(default 0.2; 0 to skip)")
