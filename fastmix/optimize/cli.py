@@ -451,9 +451,10 @@ def _constraints(args: argparse.Namespace, sweep: Sweep) -> Constraints:
         # A file of counts is often the whole corpus's (olmix's lists 116 sources beside a
         # 64-domain sweep): the domains the sweep lacks are no weight to choose.  A name the
         # sweep has and the file misspells is still an error (that domain has no count).
-        extra = [name for name in tokens if name not in set(sweep.domains)]
+        known = set(sweep.domains)
+        extra = [name for name in tokens if name not in known]
         if extra:
-            tokens = {name: n for name, n in tokens.items() if name not in extra}
+            tokens = {name: n for name, n in tokens.items() if name in known}
             shown = ", ".join(map(repr, extra[:5])) + (", ..." if len(extra) > 5 else "")
             print(f"fastmix optimize: --token-counts: {args.token_counts}: ignoring "
                   f"{len(extra)} domain(s) the sweep does not have ({shown})", file=sys.stderr)
