@@ -182,7 +182,7 @@ def _run(opts: DemoOptions, device: torch.device, log: Callable[[str], None]) ->
 
     # 3. Two main models from the same initialisation, same number of tokens, different mixtures.
     losses: dict[str, dict[str, float]] = {}
-    weighted = "DoReMi" if proxy_result is not None else "given"  # (--weights: from a file)
+    weighted = _weights_label(proxy_result)
     for label, weights in (("uniform", uniform), (weighted, doremi_weights)):
         t0 = time.perf_counter()
         model = new_model(main_cfg, opts.seed + 2, device)
@@ -320,8 +320,7 @@ def _write_outputs(
         ("figure", report.FIGURE_FILE),
         ("report", report.REPORT_FILE),
     )}
-    # Weights read with --weights are no DoReMi result: the outputs call them "given".
-    label = "DoReMi" if proxy_result is not None else "given"
+    label = _weights_label(proxy_result)
     table = report.results_table(
         domains, uniform, doremi_weights, uniform_loss, doremi_loss, reference_loss, label=label
     )
@@ -422,6 +421,12 @@ def _version() -> str | None:
         return metadata.version("fastmix")
     except metadata.PackageNotFoundError:
         return None
+
+
+def _weights_label(proxy_result: ProxyResult | None) -> str:
+    """What the non-uniform weights are called in the log and the outputs: weights read with
+    --weights (no proxy run) are no DoReMi result, so they are "given"."""
+    return "DoReMi" if proxy_result is not None else "given"
 
 
 def _shape(cfg: GPTConfig) -> str:
