@@ -1,6 +1,10 @@
-"""Random batches shared by the ops tests (test_ops, test_ops_triton, test_ops_gpu)."""
+"""Random batches shared by the ops tests (test_ops, test_ops_triton, test_ops_gpu), and a
+subprocess with a capped address space for the allocation-probe tests (test_ops, test_mixers)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import torch
 
@@ -19,3 +23,16 @@ def make_batch(seed, shape, k, dtype=torch.float32, per_sequence=False, id_dtype
     mask = torch.rand(shape, generator=g) > 0.3 if with_mask else None
     move = (lambda t: None if t is None else t.to(device))  # noqa: E731
     return move(loss), move(domain), move(ref), move(mask)
+
+
+def run_with_capped_memory(imports: str, body: str) -> subprocess.CompletedProcess:
+    """Run Python ``imports``, then ``body`` in a new process whose address space is capped 1 GiB
+    above what it holds after the imports (Linux: reads /proc/self/statm), so any machine refuses
+    a large allocation in ``body``; the output is captured as text."""
+    code = (
+        imports + "\nimport resource\n"
+        "held = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (held + 2**30, hard))\n"
+    ) + body
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from ops_helpers import run_with_capped_memory
 
 from fastmix import ODM, DoReMi
 from fastmix.mixers import _common, doremi, odm
@@ -63,19 +63,14 @@ def test_a_state_too_large_to_allocate_is_an_error_naming_num_domains(
 def test_the_size_probe_allocates_nothing():
     # With the address space capped a little above what the process holds, the states of
     # K = 2**31 - 1 (48 GiB for DoReMi, 24 GiB for ODM) fail the real probe on any machine.
-    code = (
-        "import resource\n"
-        "from fastmix import DoReMi, ODM\n"
-        "held = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
-        "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (held + 2**30, hard))\n"
+    out = run_with_capped_memory(
+        "from fastmix import DoReMi, ODM",
         "for cls in (DoReMi, ODM):\n"
         "    try:\n"
         "        cls(2**31 - 1)\n"
         "    except ValueError as exc:\n"
-        "        print(exc)\n"
+        "        print(exc)\n",
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == [
         f"num_domains=2147483647: the {cls.__name__} state ({rows} x 2,147,483,647 float32 "
         f"values, {gib} GiB) is more than can be allocated on cpu"

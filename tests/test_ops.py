@@ -5,14 +5,13 @@ from __future__ import annotations
 import gc
 import itertools
 import re
-import subprocess
 import sys
 import weakref
 
 import numpy as np
 import pytest
 import torch
-from ops_helpers import make_batch
+from ops_helpers import make_batch, run_with_capped_memory
 
 import fastmix
 from fastmix.ops import reference
@@ -480,17 +479,13 @@ def test_statistics_too_large_to_allocate_are_an_error_naming_num_domains():
     # K = 2**31 - 1 is valid but its statistics take tens of GiB: torch's allocator error named
     # no argument (or, where the memory was promised, the process was killed while zeroing it).
     # The address space is capped a little above what the process holds, so any machine refuses.
-    code = (
-        "import resource, torch, fastmix\n"
-        "held = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
-        "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (held + 2**30, hard))\n"
+    out = run_with_capped_memory(
+        "import torch, fastmix",
         "try:\n"
         "    fastmix.domain_loss_stats(torch.ones(2), torch.tensor([0, 1]), 2**31 - 1)\n"
         "except ValueError as exc:\n"
-        "    print(exc)\n"
+        "    print(exc)\n",
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == (
         "num_domains=2147483647: the per-domain statistics (6 x 2,147,483,648 float32 values, "
         "48.0 GiB) are more than can be allocated on cpu"
