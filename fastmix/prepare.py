@@ -242,7 +242,7 @@ def _read_documents(
     try:
         with file:  # (a GzipFile does not close the file it reads)
             raw = gzip.GzipFile(fileobj=file, mode="rb") if is_gz else file
-            _refuse_utf16(path, raw.peek(4)[:4])
+            _refuse_wide_text(path, raw.peek(4)[:4])
             with io.TextIOWrapper(
                 raw, encoding="utf-8-sig", errors=_REPLACE, newline=newline
             ) as f:
@@ -269,7 +269,7 @@ _WIDE_BOMS = (
 )
 
 
-def _refuse_utf16(path: Path, head: bytes) -> None:
+def _refuse_wide_text(path: Path, head: bytes) -> None:
     """A ValueError naming ``path`` when its first bytes are a UTF-16 or UTF-32 byte-order mark.
 
     Read as UTF-8, such a file is valid almost throughout (ASCII text with a NUL byte after each
