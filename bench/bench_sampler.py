@@ -62,6 +62,11 @@ def make_cases(k: int, n: int) -> dict[str, Callable[[], object]]:
             w, n, seed=SEED, out=out
         ),
         "alias: MixtureSampler.sample (+counts)": lambda: MixtureSampler(w, seed=SEED).sample(n),
+        # The loop CPUs with AVX2 but no AVX-512 run (the same draws), into a fresh array as
+        # sample_domains writes.
+        "alias: sample_domains, AVX2 loop (CPUs without AVX-512)": lambda: _C.AliasTable(
+            normalised
+        ).fill(SEED, 0, np.empty(n, dtype=np.int32), isa="avx2"),
         "stratified: MixtureSampler.sample": lambda: MixtureSampler(
             w, seed=SEED, method="stratified"
         ).sample(n),

@@ -111,24 +111,169 @@ __attribute__((target("avx512f,avx512dq"))) void fill_avx512_small(const AliasTa
   table.fill_scalar(key, start + static_cast<uint64_t>(j), n - j, out + j);
 }
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-  return has;
+// Eight consecutive draws with AVX2, which has no 64-bit multiply: each one is rebuilt from 32-bit
+// multiplies (same integers as the scalar loop).  Register `even` holds draws j,
+// j + 2, j + 4, j + 6 and `odd` the others, so that one 32-bit blend puts a 32-bit result of each
+// draw in draw order.  Only the column and the top 32 bits of the fraction are formed: with
+// a = hi32(r) * K and b = lo32(r) * K (r * K = a * 2^32 + b), t = a + (b >> 32) < 2^63 holds the
+// column in its high half and the fraction's top 32 bits in its low half.
+struct Avx2Draws {
+  __m256i weyl_even, weyl_odd, golden_step, mul1_lo, mul1_swapped, mul2_lo, mul2_swapped, keyv, kv;
+
+  __attribute__((target("avx2"))) Avx2Draws(uint64_t key, uint64_t start, int64_t k)
+      : golden_step(_mm256_set1_epi64x(static_cast<long long>(kGolden * 8))),
+        mul1_lo(_mm256_set1_epi64x(0x1CE4E5B9LL)),
+        mul1_swapped(_mm256_set1_epi64x(0x1CE4E5B9BF58476DLL)),
+        mul2_lo(_mm256_set1_epi64x(0x133111EBLL)),
+        mul2_swapped(_mm256_set1_epi64x(0x133111EB94D049BBLL)),
+        keyv(_mm256_set1_epi64x(static_cast<long long>(key))),
+        kv(_mm256_set1_epi64x(k)) {
+    long long weyl[8];  // (counter + 1) * kGolden, modulo 2^64 as in random_u64
+    for (int i = 0; i < 8; ++i) {
+      weyl[i] = static_cast<long long>((start + 1 + static_cast<uint64_t>(i)) * kGolden);
+    }
+    weyl_even = _mm256_setr_epi64x(weyl[0], weyl[2], weyl[4], weyl[6]);
+    weyl_odd = _mm256_setr_epi64x(weyl[1], weyl[3], weyl[5], weyl[7]);
+  }
+
+  // z * m modulo 2^64, m = hi * 2^32 + lo and swapped = lo * 2^32 + hi: the low product in 64
+  // bits, and the two cross products, which only matter modulo 2^32, from one 32-bit multiply
+  // (z_lo * hi and z_hi * lo side by side).  On Zen 3, 4-5% fewer ns per draw than three 64-bit
+  // products (1.62-1.64 against 1.70-1.71 at K = 22, alternating in one process).
+  __attribute__((target("avx2"))) static inline __m256i mullo(__m256i z, __m256i lo,
+                                                              __m256i swapped) {
+    const __m256i products = _mm256_mullo_epi32(z, swapped);
+    const __m256i cross = _mm256_add_epi32(products, _mm256_srli_epi64(products, 32));
+    return _mm256_add_epi64(_mm256_mul_epu32(z, lo), _mm256_slli_epi64(cross, 32));
+  }
+
+  __attribute__((target("avx2"))) inline __m256i column_and_top(__m256i weyl) const {
+    __m256i z = _mm256_xor_si256(keyv, weyl);
+    z = mullo(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), mul1_lo, mul1_swapped);
+    z = mullo(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), mul2_lo, mul2_swapped);
+    const __m256i r = _mm256_xor_si256(z, _mm256_srli_epi64(z, 31));
+    const __m256i a = _mm256_mul_epu32(_mm256_srli_epi64(r, 32), kv);
+    const __m256i b = _mm256_mul_epu32(r, kv);
+    return _mm256_add_epi64(a, _mm256_srli_epi64(b, 32));
+  }
+
+  // The next eight draws' columns and fraction tops, as 32-bit lanes in draw order.
+  __attribute__((target("avx2"))) inline void next(__m256i& column, __m256i& top) {
+    const __m256i even = column_and_top(weyl_even);
+    const __m256i odd = column_and_top(weyl_odd);
+    column = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+    top = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+    weyl_even = _mm256_add_epi64(weyl_even, golden_step);
+    weyl_odd = _mm256_add_epi64(weyl_odd, golden_step);
+  }
+};
+
+// The eight domains for packed entries looked up by column (AliasTable::packed): keep the column
+// where the fraction's top bits lie below the threshold's, else take the alias.  Returns false
+// when a draw's top bits equal its threshold's (the scalar loop must decide those eight).
+__attribute__((target("avx2"))) inline bool select_avx2(__m256i entry, __m256i column, __m256i top,
+                                                        __m256i alias_mask, int32_t* out) {
+  const __m256i sign = _mm256_set1_epi32(INT32_MIN);
+  const __m256i threshold_key = _mm256_or_si256(entry, alias_mask);
+  const __m256i draw_key = _mm256_xor_si256(_mm256_or_si256(top, alias_mask), sign);
+  const __m256i keep = _mm256_cmpgt_epi32(threshold_key, draw_key);
+  const __m256i tie = _mm256_cmpeq_epi32(threshold_key, draw_key);
+  const __m256i chosen = _mm256_blendv_epi8(_mm256_and_si256(entry, alias_mask), column, keep);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), chosen);
+  return _mm256_testz_si256(tie, tie) != 0;
+}
+
+// K <= 8 * NV <= 32: the packed table lives in NV registers and lookups are 32-bit permutes, the
+// column's bits 3 and 4 picking the register.
+template <int NV>
+__attribute__((target("avx2"))) void fill_avx2_small(const AliasTable& table, uint64_t key,
+                                                     uint64_t start, int64_t n, int32_t* out) {
+  alignas(32) uint32_t packed[8 * NV] = {0};
+  for (int64_t c = 0; c < table.k; ++c) packed[c] = table.packed[c];
+  __m256i e[NV];
+  for (int i = 0; i < NV; ++i) {
+    e[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(packed + 8 * i));
+  }
+  const __m256i alias_mask = _mm256_set1_epi32((1 << table.packed_bits) - 1);
+  Avx2Draws draws(key, start, table.k);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256i column, top;
+    draws.next(column, top);
+    __m256i entry = _mm256_permutevar8x32_epi32(e[0], column);
+    if constexpr (NV >= 2) {
+      // blendv picks by each 32-bit lane's top bit: the column's bit 3, then bit 4.
+      const __m256i bit3 = _mm256_slli_epi32(column, 28);
+      entry = _mm256_castps_si256(
+          _mm256_blendv_ps(_mm256_castsi256_ps(entry),
+                           _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(e[1], column)),
+                           _mm256_castsi256_ps(bit3)));
+      if constexpr (NV == 4) {
+        const __m256 high = _mm256_blendv_ps(
+            _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(e[2], column)),
+            _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(e[3], column)),
+            _mm256_castsi256_ps(bit3));
+        entry = _mm256_castps_si256(_mm256_blendv_ps(
+            _mm256_castsi256_ps(entry), high, _mm256_castsi256_ps(_mm256_slli_epi32(column, 27))));
+      }
+    }
+    if (!select_avx2(entry, column, top, alias_mask, out + j)) {
+      table.fill_scalar(key, start + static_cast<uint64_t>(j), 8, out + j);
+    }
+  }
+  table.fill_scalar(key, start + static_cast<uint64_t>(j), n - j, out + j);
+}
+
+// 32 < K <= kPackedMax: one 32-bit gather of the packed entries per eight draws.
+__attribute__((target("avx2"))) void fill_avx2_gather(const AliasTable& table, uint64_t key,
+                                                      uint64_t start, int64_t n, int32_t* out) {
+  const int* packed = reinterpret_cast<const int*>(table.packed.data());
+  const __m256i alias_mask = _mm256_set1_epi32((1 << table.packed_bits) - 1);
+  Avx2Draws draws(key, start, table.k);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256i column, top;
+    draws.next(column, top);
+    const __m256i entry = _mm256_i32gather_epi32(packed, column, 4);
+    if (!select_avx2(entry, column, top, alias_mask, out + j)) {
+      table.fill_scalar(key, start + static_cast<uint64_t>(j), 8, out + j);
+    }
+  }
+  table.fill_scalar(key, start + static_cast<uint64_t>(j), n - j, out + j);
 }
 
 }  // namespace
 #endif
 
-void AliasTable::fill(uint64_t key, uint64_t start, int64_t n, int32_t* out) const {
+void AliasTable::fill(uint64_t key, uint64_t start, int64_t n, int32_t* out, Isa isa) const {
 #if defined(FASTMIX_X86_DISPATCH)
-  if (n >= 64 && cpu_has_avx512()) {
-    if (k <= 32) {
-      fill_avx512_small(*this, key, start, n, out);
-    } else {
-      fill_avx512(*this, key, start, n, out);
+  if (n >= 64) {
+    switch (usable_isa(isa)) {
+      case Isa::kAvx512:
+        if (k <= 32) {
+          fill_avx512_small(*this, key, start, n, out);
+        } else {
+          fill_avx512(*this, key, start, n, out);
+        }
+        return;
+      case Isa::kAvx2:
+        if (packed.empty()) break;
+        if (k <= 8) {
+          fill_avx2_small<1>(*this, key, start, n, out);
+        } else if (k <= 16) {
+          fill_avx2_small<2>(*this, key, start, n, out);
+        } else if (k <= 32) {
+          fill_avx2_small<4>(*this, key, start, n, out);
+        } else {
+          fill_avx2_gather(*this, key, start, n, out);
+        }
+        return;
+      case Isa::kScalar:
+        break;
     }
-    return;
   }
+#else
+  (void)isa;
 #endif
   fill_scalar(key, start, n, out);
 }

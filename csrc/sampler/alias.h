@@ -7,13 +7,14 @@
 // Draw i: r = random_u64(key, i); the 128-bit product r * K splits into the column (high 64 bits,
 // uniform in [0, K)) and a 64-bit fraction (low bits) compared against the column's threshold.  One
 // multiply, two table loads and a select per draw: no division, no float, no branch.  alias.cpp
-// adds an AVX-512 loop (8 draws at a time, same integers) picked at run time.
+// adds AVX-512 and AVX2 loops (8 draws at a time, same integers) picked at run time.
 #pragma once
 
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
 
+#include "sampler/isa.h"
 #include "sampler/rng.h"
 #include "sampler/weights.h"
 
@@ -29,6 +30,15 @@ struct AliasTable {
   int64_t k = 0;
   std::vector<uint64_t> thresholds;  // keep the column when the 64-bit fraction is below this
   std::vector<uint64_t> pairs;       // low 32 bits: the column's own domain; high 32: its alias
+  // The AVX2 loops' 32-bit table (K <= kPackedMax, else empty): column j's alias in the low
+  // packed_bits = ceil(log2 K) bits, the top 32 - packed_bits bits of thresholds[j] above them,
+  // the sign bit flipped (AVX2 compares 32-bit lanes as signed).  A draw whose fraction has the
+  // same top bits as its column's threshold is not decided by them (probability
+  // 2^(packed_bits - 32)); the scalar loop redraws its group of eight, so the output is exactly
+  // fill_scalar's.
+  static constexpr int64_t kPackedMax = int64_t{1} << 16;
+  std::vector<uint32_t> packed;
+  int packed_bits = 0;
 
   AliasTable() = default;
 
@@ -62,6 +72,15 @@ struct AliasTable {
     // the same way keeps the table valid even if that invariant were broken.)
     for (int64_t i : large) pairs[i] = pack_pair(i, i);
     for (int64_t i : small) pairs[i] = pack_pair(i, i);
+    if (num_domains <= kPackedMax) {
+      while ((int64_t{1} << packed_bits) < num_domains) ++packed_bits;
+      const uint32_t alias_mask = (uint32_t{1} << packed_bits) - 1;
+      packed.resize(static_cast<size_t>(num_domains));
+      for (int64_t i = 0; i < num_domains; ++i) {
+        const auto top = static_cast<uint32_t>(thresholds[i] >> 32);
+        packed[i] = ((top & ~alias_mask) ^ 0x80000000u) | static_cast<uint32_t>(pairs[i] >> 32);
+      }
+    }
   }
 
   // The domain for one 64-bit random value.
@@ -76,8 +95,8 @@ struct AliasTable {
     return static_cast<int32_t>(static_cast<uint32_t>(pair >> shift));
   }
 
-  // out[j] = domain of draw (start + j) for j in [0, n).
-  void fill(uint64_t key, uint64_t start, int64_t n, int32_t* out) const;
+  // out[j] = domain of draw (start + j) for j in [0, n), with the best loop `isa` allows here.
+  void fill(uint64_t key, uint64_t start, int64_t n, int32_t* out, Isa isa = best_isa()) const;
 
   void fill_scalar(uint64_t key, uint64_t start, int64_t n, int32_t* out) const {
     for (int64_t j = 0; j < n; ++j) out[j] = lookup(random_u64(key, start + static_cast<uint64_t>(j)));

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "sampler/isa.h"
+
 namespace fastmix {
 
 // The compared value, written once so every path evaluates exactly the same expression.  setup.py
@@ -71,12 +73,6 @@ void greedy_naive(const double* w, int64_t k, int64_t s0, int64_t n, int64_t* co
 // (Tried, slower: an outer window of 4 inner ones whose refresh passes scan only the outer
 // candidates, 14.7 ns at K = 256 -- the windows' fixed costs, not the O(K) scan, dominate; three
 // chains with the weights read from memory, 12.1 ns.)
-
-// The instruction sets the kernels below use, best first.  best_isa() is what this CPU runs;
-// GreedyFast can be told to use less (tests check every path on any machine that has it), and a
-// request above what the CPU has falls back to the best it has.
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-Isa best_isa();
 
 // One refresh pass over all K domains at x0 for level L (defined in blend.cpp: scalar, AVX2 and
 // AVX-512 versions, the best that isa allows): returns the maximum computed value, writes the
@@ -179,6 +175,8 @@ void register_argmax_multi(const double* const* cw, double* const* cc, const int
 // kernel, step by step for all 16 lanes (4.5 ns: 32 output streams at once), and computing each
 // sample from the chosen row in a scalar pass (4.2 ns).  The AVX2 kernel (forced on that
 // machine, counting in a scalar pass): 3.8 ns against 8.6 to 9.4 for the AVX2 register kernel.
+// On Zen 3 (AVX2 only) the AVX2 screen_write (8 steps per register, lookups by 32-bit permutes)
+// replaced that scalar pass: K = 22 7.4 to 8.3 ns per step against 8.4 to 8.9 (see blend.cpp).
 constexpr int kScreenLanes = 16;
 constexpr int64_t kScreenMax = 32;
 constexpr int kScreenFraction = 24;
@@ -206,7 +204,8 @@ struct ScreenLaneOut {
 };
 // After screen_steps: the certain lanes' (bit j of lanes) choices written to out[j] from offset
 // at, and their counts[16 d + j] advanced to the window's end, from the rows at its start (rows0)
-// and end (rows) and the tops alone.  Returns false where not available (then write_lane does it).
+// and end (rows) and the tops alone (AVX-512 and AVX2).  Returns false where not available (then
+// write_lane does it).
 bool screen_write(Isa isa, int64_t k, const int32_t* step_add, const int32_t* rows0,
                   const int32_t* rows, const int32_t* tops, int64_t* counts, uint32_t lanes,
                   const ScreenLaneOut* out, int64_t at);

@@ -68,6 +68,16 @@ void check_range(uint64_t offset, int64_t n, const char* what) {
   }
 }
 
+// "best" (what this CPU runs), or a lower instruction set for tests: "avx512", "avx2", "scalar".
+Isa parse_isa(const std::string& name) {
+  if (name == "best") return best_isa();
+  if (name == "avx512") return Isa::kAvx512;
+  if (name == "avx2") return Isa::kAvx2;
+  if (name == "scalar") return Isa::kScalar;
+  throw std::invalid_argument("isa must be 'best', 'avx512', 'avx2' or 'scalar', got '" + name +
+                              "'");
+}
+
 class PyAliasTable {
  public:
   explicit PyAliasTable(const py::handle& weights) {
@@ -76,14 +86,16 @@ class PyAliasTable {
   }
   int64_t num_domains() const { return table_.k; }
 
-  void fill(uint64_t seed, uint64_t offset, const py::handle& out_obj) const {
+  void fill(uint64_t seed, uint64_t offset, const py::handle& out_obj,
+            const std::string& isa_name) const {
+    const Isa isa = parse_isa(isa_name);
     auto out = expect_array<int32_t>(out_obj, "out", true);
     const int64_t n = static_cast<int64_t>(out.size());
     check_range(offset, n, "n");
     int32_t* dst = out.mutable_data();
     const uint64_t key = derive_key(seed, kStreamAlias);
     py::gil_scoped_release release;
-    table_.fill(key, offset, n, dst);
+    table_.fill(key, offset, n, dst, isa);
   }
 
  private:
@@ -128,16 +140,6 @@ py::array_t<double> expect_blend_weights(const py::handle& obj) {
   auto w = expect_array<double>(obj, "weights", false);
   check_weights(w.data(), static_cast<int64_t>(w.size()));
   return w;
-}
-
-// "best" (what this CPU runs), or a lower instruction set for tests: "avx512", "avx2", "scalar".
-Isa parse_isa(const std::string& name) {
-  if (name == "best") return best_isa();
-  if (name == "avx512") return Isa::kAvx512;
-  if (name == "avx2") return Isa::kAvx2;
-  if (name == "scalar") return Isa::kScalar;
-  throw std::invalid_argument("isa must be 'best', 'avx512', 'avx2' or 'scalar', got '" + name +
-                              "'");
 }
 
 void greedy_fill(const py::handle& weights, int64_t start_step, const py::handle& counts_obj,
@@ -319,9 +321,11 @@ normalised internally; a zero weight is never drawn.
       .def(py::init<const py::handle&>(), py::arg("weights"))
       .def_property_readonly("num_domains", checked<&PyAliasTable::num_domains>)
       .def("fill", checked<&PyAliasTable::fill>, py::arg("seed"), py::arg("offset"),
-           py::arg("out"), R"doc(
+           py::arg("out"), py::arg("isa") = "best", R"doc(
 Write draws [offset, offset + len(out)) of the alias stream for `seed` into `out`
 (int32, 1-D, C-contiguous, writable).  Draw i depends only on (seed, i, table).  Releases the GIL.
+`isa` ("best", or "avx512", "avx2", "scalar" to use at most that loop; for tests) never changes
+the output, only the speed.
 )doc");
 
   py::class_<PyStratifiedTable>(m, "StratifiedTable", R"doc(
