@@ -14,6 +14,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
+
+#include "sampler/simd.h"
 #endif
 
 namespace fastmix {
@@ -183,8 +185,8 @@ __attribute__((target("avx2"))) inline bool select_avx2(__m256i entry, __m256i c
   return _mm256_testz_si256(tie, tie) != 0;
 }
 
-// K <= 8 * NV <= 32: the packed table lives in NV registers and lookups are 32-bit permutes, the
-// column's bits 3 and 4 picking the register.
+// K <= 8 * NV <= 32: the packed table lives in NV registers and lookups are 32-bit permutes
+// (lookup_avx2).
 template <int NV>
 __attribute__((target("avx2"))) void fill_avx2_small(const AliasTable& table, uint64_t key,
                                                      uint64_t start, int64_t n, int32_t* out) {
@@ -200,23 +202,8 @@ __attribute__((target("avx2"))) void fill_avx2_small(const AliasTable& table, ui
   for (; j + 8 <= n; j += 8) {
     __m256i column, top;
     draws.next(column, top);
-    __m256i entry = _mm256_permutevar8x32_epi32(e[0], column);
-    if constexpr (NV >= 2) {
-      // blendv picks by each 32-bit lane's top bit: the column's bit 3, then bit 4.
-      const __m256i bit3 = _mm256_slli_epi32(column, 28);
-      entry = _mm256_castps_si256(
-          _mm256_blendv_ps(_mm256_castsi256_ps(entry),
-                           _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(e[1], column)),
-                           _mm256_castsi256_ps(bit3)));
-      if constexpr (NV == 4) {
-        const __m256 high = _mm256_blendv_ps(
-            _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(e[2], column)),
-            _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(e[3], column)),
-            _mm256_castsi256_ps(bit3));
-        entry = _mm256_castps_si256(_mm256_blendv_ps(
-            _mm256_castsi256_ps(entry), high, _mm256_castsi256_ps(_mm256_slli_epi32(column, 27))));
-      }
-    }
+    const __m256i entry = lookup_avx2<NV>(e, column, _mm256_slli_epi32(column, 28),
+                                          _mm256_slli_epi32(column, 27));
     if (!select_avx2(entry, column, top, alias_mask, out + j)) {
       table.fill_scalar(key, start + static_cast<uint64_t>(j), 8, out + j);
     }
@@ -258,14 +245,12 @@ void AliasTable::fill(uint64_t key, uint64_t start, int64_t n, int32_t* out, Isa
         return;
       case Isa::kAvx2:
         if (packed.empty()) break;
-        if (k <= 8) {
-          fill_avx2_small<1>(*this, key, start, n, out);
-        } else if (k <= 16) {
-          fill_avx2_small<2>(*this, key, start, n, out);
-        } else if (k <= 32) {
-          fill_avx2_small<4>(*this, key, start, n, out);
-        } else {
-          fill_avx2_gather(*this, key, start, n, out);
+        switch ((k + 7) / 8) {
+          case 1: fill_avx2_small<1>(*this, key, start, n, out); break;
+          case 2: fill_avx2_small<2>(*this, key, start, n, out); break;
+          case 3: fill_avx2_small<3>(*this, key, start, n, out); break;
+          case 4: fill_avx2_small<4>(*this, key, start, n, out); break;
+          default: fill_avx2_gather(*this, key, start, n, out);
         }
         return;
       case Isa::kScalar:

@@ -13,6 +13,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
+
+#include "sampler/simd.h"
 #endif
 
 namespace fastmix {
@@ -902,29 +904,6 @@ __attribute__((target("avx2"))) inline void transpose8_epi32(__m256i* r) {
     r[q] = _mm256_permute2x128_si256(u[q], u[q + 4], 0x20);
     r[q + 4] = _mm256_permute2x128_si256(u[q], u[q + 4], 0x31);
   }
-}
-
-__attribute__((target("avx2"))) inline __m256i pick_avx2(__m256i a, __m256i b, __m256i mask) {
-  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b),
-                                              _mm256_castsi256_ps(mask)));
-}
-
-// Entry d of a table held in NV registers (d < 8 NV <= 32), for eight d at once: a permute picks
-// within each register (d's low three bits), blends on d's bits 3 and 4 (pre-shifted to the sign
-// bits in bit3 and bit4) pick the register.  Permutes are the cost here (two micro-ops each on
-// Zen 3), so a table takes only the registers its K needs.
-template <int NV>
-__attribute__((target("avx2"))) inline __m256i lookup_avx2(const __m256i* table, __m256i d,
-                                                            __m256i bit3, __m256i bit4) {
-  static_assert(NV >= 1 && NV <= 4, "up to 32 entries");
-  const __m256i first = _mm256_permutevar8x32_epi32(table[0], d);
-  if constexpr (NV == 1) return first;
-  const __m256i low = pick_avx2(first, _mm256_permutevar8x32_epi32(table[1], d), bit3);
-  if constexpr (NV == 2) return low;
-  const __m256i third = _mm256_permutevar8x32_epi32(table[2], d);
-  const __m256i high =
-      NV == 4 ? pick_avx2(third, _mm256_permutevar8x32_epi32(table[NV - 1], d), bit3) : third;
-  return pick_avx2(low, high, bit4);
 }
 
 // screen_write_avx512's computation with AVX2 (same integers, same output), for K <= 8 NV: the
