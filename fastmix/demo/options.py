@@ -70,7 +70,7 @@ class DemoOptions:
 
     out: Path = Path("fastmix-demo")
     seed: int = 0
-    steps: int = 1000
+    steps: int = 800
     main_steps: int | None = None
     d_model: int = 128
     n_layers: int = 2
@@ -210,7 +210,7 @@ class DemoOptions:
 # --quick: smaller models, shorter windows, fewer steps (same corpus, so the cache is shared);
 # explicit flags override it.
 QUICK: dict[str, Any] = {
-    "steps": 300,
+    "steps": 225,
     "d_model": 96,
     "n_layers": 2,
     "n_heads": 4,
