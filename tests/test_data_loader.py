@@ -606,6 +606,55 @@ def test_an_exited_process_not_yet_joined_is_not_alive():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+@pytest.mark.parametrize("pidfds", [True, False])
+def test_running_tells_live_exited_and_reused_pids_apart(monkeypatch, pidfds):
+    # _running answers set_weights' question (which slot owners still run) for all of them in
+    # one poll over pidfds kept open; without pidfds (not Linux, old kernels) _alive answers.
+    # Both must agree, and the open pidfds must not outlive their processes.
+    import subprocess
+    import sys
+
+    from fastmix import data
+    from fastmix.data import _PIDFDS, _running, _start_time
+
+    if not pidfds:
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    elif not hasattr(os, "pidfd_open"):
+        pytest.skip("no pidfds here")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = _start_time(child.pid)
+        owners = [(child.pid, start), (child.pid, start + 1), (child.pid, 0)]
+        assert _running(owners) == {owners[0]: True, owners[1]: False, owners[2]: True}
+        assert _running(owners[:1]) == {owners[0]: True}  # asked again: from the open pidfd
+        if pidfds:
+            assert set(_PIDFDS) >= {owners[0], owners[2]} and owners[1] not in _PIDFDS
+    finally:
+        child.kill()
+        child.wait()
+    assert _running(owners) == dict.fromkeys(owners, False)
+    assert not any(pid == child.pid for pid, _ in data._PIDFDS)  # closed with their process
+
+
+def test_loader_passes_leave_no_pidfds_behind(corpus):
+    # Each pass of a DataLoader starts new workers; the pidfds opened for the old ones must be
+    # closed once those have exited, not pile up until the process runs out of descriptors.
+    from fastmix import data
+
+    ds = make(corpus, 0, 1, 2, weights=[1, 1, 1])
+    loader = DataLoader(ds, batch_size=None, num_workers=2, prefetch_factor=2)
+    for p in range(3):
+        it = iter(loader)
+        take(it, 3)
+        ds.set_weights([1, 1, p + 1])
+        workers = {w.pid for w in it._workers}
+        assert {pid for pid, _ in data._PIDFDS} <= workers | {os.getpid()}
+        del it
+    ds.set_weights([1, 1, 1])  # the last pass's workers have exited
+    assert not data._PIDFDS
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
 def test_a_slot_whose_pid_went_to_another_process_is_free(corpus):
     # A slot was known by its pid alone: once the worker had exited and the OS gave its pid to
     # another process, the slot held back where changes go for as long as that process ran.

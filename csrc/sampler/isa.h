@@ -5,9 +5,9 @@
 
 namespace fastmix {
 
-// Best first is the highest.  best_isa() is what this CPU runs; kernels can be told to use less
-// (tests check every path on any machine that has it), and a request above what the CPU has falls
-// back to the best it has.
+// Ordered: each level includes the ones below it.  best_isa() is what this CPU runs; kernels can
+// be told to use less (tests check every path on any machine that has it), and a request above
+// what the CPU has falls back to the best it has.
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 Isa best_isa();
 
