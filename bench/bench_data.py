@@ -197,6 +197,29 @@ def checkpoint_replay(
     return {"fresh_per_step_s": statistics.median(fresh), "onward_s": statistics.median(onward)}
 
 
+def set_weights_cost(corpus: TokenCorpus, weights: np.ndarray, workers: int, calls: int) -> float:
+    """Median seconds of ``ds.set_weights(w)`` on the training thread, one call after each batch
+    of a DataLoader with ``workers`` workers running (online DoReMi/ODM weights change at every
+    step): checking the weights, finding the first step no worker has started (which asks which
+    workers still run), publishing the change to them."""
+    ds = MixtureDataset(corpus, SEQ_LEN, weights, batch_size=BATCH, seed=1)
+    loader = DataLoader(
+        ds, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None
+    )
+    others = np.random.default_rng(3).dirichlet(np.ones(len(weights)), size=16)
+    it = iter(loader)
+    for _ in range(10):
+        next(it)
+    times = []
+    for s in range(calls):
+        next(it)
+        t0 = time.perf_counter()
+        ds.set_weights(others[s % len(others)])
+        times.append(time.perf_counter() - t0)
+    del it
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small corpus, few batches")
@@ -257,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         replay_steps = 200 if args.quick else 2000
         replay = checkpoint_replay(corpus, weights, replay_steps)
         replay_changes = checkpoint_replay(corpus, weights, replay_steps, change_every_step=True)
+
+        set_weights_s = {
+            w: set_weights_cost(corpus, weights, w, max(50, args.batches)) for w in (0, WORKERS)
+        }
 
         state = fast_ds.state_dict()
         state_bytes = len(pickle.dumps(state))
@@ -328,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         "weight change at every step (`set_weights(w, step=s + 1)`, as online DoReMi/ODM weights "
         f"would be): {replay_changes['fresh_per_step_s'] * 1e6:.1f} us per step replayed and "
         f"{replay_changes['onward_s'] * 1e3:.2f} ms for the call {replay_steps // 2} steps on.",
+        "",
+        "`set_weights(w)` on the training thread, one call after each batch (median of "
+        f"{max(50, args.batches)}): "
+        + ", ".join(f"{t * 1e6:.0f} us with {w} DataLoader workers"
+                    for w, t in set_weights_s.items())
+        + " running.",
         "",
         f"Load average while it ran: {load:.1f} on {cores[1]} cores.  Sampling + mapping is a "
         "fixed cost per batch, so its share grows on a machine whose loader is faster.",
