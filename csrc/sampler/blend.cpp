@@ -1120,11 +1120,13 @@ double refresh_pass(Isa isa, const double* w, const double* cf, int64_t k, doubl
                     double growth, double delta, int64_t* above, int32_t* cand, int64_t* num,
                     double* cw, double* cc) {
 #if defined(FASTMIX_X86_DISPATCH)
-  if (isa == Isa::kAvx512 && cpu_has_avx512()) {
-    return refresh_avx512(w, cf, k, x0, level, growth, delta, above, cand, num, cw, cc);
-  }
-  if (isa >= Isa::kAvx2 && cpu_has_avx2()) {
-    return refresh_avx2(w, cf, k, x0, level, growth, delta, above, cand, num, cw, cc);
+  switch (usable_isa(isa)) {
+    case Isa::kAvx512:
+      return refresh_avx512(w, cf, k, x0, level, growth, delta, above, cand, num, cw, cc);
+    case Isa::kAvx2:
+      return refresh_avx2(w, cf, k, x0, level, growth, delta, above, cand, num, cw, cc);
+    case Isa::kScalar:
+      break;
   }
 #endif
   (void)isa;
@@ -1134,8 +1136,11 @@ double refresh_pass(Isa isa, const double* w, const double* cf, int64_t k, doubl
 bool register_argmax_available(Isa isa, int64_t n) {
 #if defined(FASTMIX_X86_DISPATCH)
   if (n < 1) return false;
-  if (isa == Isa::kAvx512 && cpu_has_avx512()) return n <= kRegisterArgmaxMax;
-  if (isa >= Isa::kAvx2 && cpu_has_avx2()) return n <= kAvx2RegisterMax;
+  switch (usable_isa(isa)) {
+    case Isa::kAvx512: return n <= kRegisterArgmaxMax;
+    case Isa::kAvx2: return n <= kAvx2RegisterMax;
+    case Isa::kScalar: break;
+  }
 #endif
   (void)isa, (void)n;
   return false;
@@ -1148,7 +1153,7 @@ void register_argmax_steps(Isa isa, const double* cw, double* cc, int64_t n, int
 
 int64_t register_multi_max(Isa isa, int chains) {
 #if defined(FASTMIX_X86_DISPATCH)
-  if (isa != Isa::kAvx512 || !cpu_has_avx512()) return 0;
+  if (usable_isa(isa) != Isa::kAvx512) return 0;
   return chains == 2 ? 64 : 0;
 #else
   (void)isa, (void)chains;
@@ -1293,7 +1298,7 @@ void register_argmax_chains(Isa isa, const double* cw, int64_t n, int segments, 
 bool screen_available(Isa isa, int64_t k) {
 #if defined(FASTMIX_X86_DISPATCH)
   if (k < 2 || k > kScreenMax) return false;
-  return (isa == Isa::kAvx512 && cpu_has_avx512()) || (isa >= Isa::kAvx2 && cpu_has_avx2());
+  return usable_isa(isa) != Isa::kScalar;
 #else
   (void)isa, (void)k;
   return false;
@@ -1305,7 +1310,7 @@ bool screen_write(Isa isa, int64_t k, const int32_t* step_add, const int32_t* ro
                   const ScreenLaneOut* out, int64_t at) {
 #if defined(FASTMIX_X86_DISPATCH)
   if (screen_available(isa, k)) {
-    if (isa == Isa::kAvx512 && cpu_has_avx512()) {
+    if (usable_isa(isa) == Isa::kAvx512) {
       screen_write_avx512(k, step_add, rows0, rows, tops, counts, lanes, out, at);
     } else {
       switch ((screen_rows(k) + 7) / 8) {
@@ -1327,7 +1332,7 @@ uint32_t screen_anchor(Isa isa, const double* w, int64_t k, const int64_t* count
                        const int64_t* step, int32_t* rows, double* x_max) {
 #if defined(FASTMIX_X86_DISPATCH)
   if (screen_available(isa, k)) {
-    if (isa == Isa::kAvx512 && cpu_has_avx512()) {
+    if (usable_isa(isa) == Isa::kAvx512) {
       return screen_anchor_avx512(w, k, screen_rows(k), counts, step, rows, x_max);
     }
     return screen_anchor_avx2(w, k, screen_rows(k), counts, step, rows, x_max);
@@ -1341,7 +1346,7 @@ uint32_t screen_steps(Isa isa, const int32_t* step_add, int64_t k, int32_t* rows
                       int32_t margin, int32_t* tops) {
 #if defined(FASTMIX_X86_DISPATCH)
   if (screen_available(isa, k)) {
-    const bool wide = isa == Isa::kAvx512 && cpu_has_avx512();
+    const bool wide = usable_isa(isa) == Isa::kAvx512;
 #define FASTMIX_SCREEN(R)                                                     \
   case R:                                                                     \
     return wide ? screen_steps_avx512<R>(step_add, rows, m, margin, tops)     \
