@@ -185,48 +185,57 @@ __attribute__((target("avx2"))) inline bool select_avx2(__m256i entry, __m256i c
   return _mm256_testz_si256(tie, tie) != 0;
 }
 
-// K <= 8 * NV <= 32: the packed table lives in NV registers and lookups are 32-bit permutes
-// (lookup_avx2).
-template <int NV>
-__attribute__((target("avx2"))) void fill_avx2_small(const AliasTable& table, uint64_t key,
-                                                     uint64_t start, int64_t n, int32_t* out) {
-  alignas(32) uint32_t packed[8 * NV] = {0};
-  for (int64_t c = 0; c < table.k; ++c) packed[c] = table.packed[c];
-  __m256i e[NV];
-  for (int i = 0; i < NV; ++i) {
-    e[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(packed + 8 * i));
-  }
+// The AVX2 draw loop over the packed table; lookup(column) gives the eight columns' entries.
+template <class Lookup>
+__attribute__((target("avx2"))) void fill_avx2(const AliasTable& table, const Lookup& lookup,
+                                               uint64_t key, uint64_t start, int64_t n,
+                                               int32_t* out) {
   const __m256i alias_mask = _mm256_set1_epi32((1 << table.packed_bits) - 1);
   Avx2Draws draws(key, start, table.k);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     __m256i column, top;
     draws.next(column, top);
-    const __m256i entry = lookup_avx2<NV>(e, column, _mm256_slli_epi32(column, 28),
-                                          _mm256_slli_epi32(column, 27));
-    if (!select_avx2(entry, column, top, alias_mask, out + j)) {
+    if (!select_avx2(lookup(column), column, top, alias_mask, out + j)) {
       table.fill_scalar(key, start + static_cast<uint64_t>(j), 8, out + j);
     }
   }
   table.fill_scalar(key, start + static_cast<uint64_t>(j), n - j, out + j);
 }
 
-// 32 < K <= kPackedMax: one 32-bit gather of the packed entries per eight draws.
-__attribute__((target("avx2"))) void fill_avx2_gather(const AliasTable& table, uint64_t key,
-                                                      uint64_t start, int64_t n, int32_t* out) {
-  const int* packed = reinterpret_cast<const int*>(table.packed.data());
-  const __m256i alias_mask = _mm256_set1_epi32((1 << table.packed_bits) - 1);
-  Avx2Draws draws(key, start, table.k);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256i column, top;
-    draws.next(column, top);
-    const __m256i entry = _mm256_i32gather_epi32(packed, column, 4);
-    if (!select_avx2(entry, column, top, alias_mask, out + j)) {
-      table.fill_scalar(key, start + static_cast<uint64_t>(j), 8, out + j);
+// K <= 8 * NV <= 32: the packed table lives in NV registers and lookups are 32-bit permutes
+// (lookup_avx2).
+template <int NV>
+struct RegisterLookup {
+  __m256i e[NV];
+
+  __attribute__((target("avx2"))) explicit RegisterLookup(const AliasTable& table) {
+    alignas(32) uint32_t packed[8 * NV] = {0};
+    for (int64_t c = 0; c < table.k; ++c) packed[c] = table.packed[c];
+    for (int i = 0; i < NV; ++i) {
+      e[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(packed + 8 * i));
     }
   }
-  table.fill_scalar(key, start + static_cast<uint64_t>(j), n - j, out + j);
+
+  __attribute__((target("avx2"))) inline __m256i operator()(__m256i column) const {
+    return lookup_avx2<NV>(e, column, _mm256_slli_epi32(column, 28),
+                           _mm256_slli_epi32(column, 27));
+  }
+};
+
+// 32 < K <= kPackedMax: one 32-bit gather of the packed entries per eight draws.
+struct GatherLookup {
+  const int* packed;
+
+  __attribute__((target("avx2"))) inline __m256i operator()(__m256i column) const {
+    return _mm256_i32gather_epi32(packed, column, 4);
+  }
+};
+
+template <int NV>
+__attribute__((target("avx2"))) void fill_avx2_small(const AliasTable& table, uint64_t key,
+                                                     uint64_t start, int64_t n, int32_t* out) {
+  fill_avx2(table, RegisterLookup<NV>(table), key, start, n, out);
 }
 
 }  // namespace
@@ -250,7 +259,9 @@ void AliasTable::fill(uint64_t key, uint64_t start, int64_t n, int32_t* out, Isa
           case 2: fill_avx2_small<2>(*this, key, start, n, out); break;
           case 3: fill_avx2_small<3>(*this, key, start, n, out); break;
           case 4: fill_avx2_small<4>(*this, key, start, n, out); break;
-          default: fill_avx2_gather(*this, key, start, n, out);
+          default:
+            fill_avx2(*this, GatherLookup{reinterpret_cast<const int*>(packed.data())}, key,
+                      start, n, out);
         }
         return;
       case Isa::kScalar:
