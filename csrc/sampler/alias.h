@@ -34,7 +34,7 @@ struct AliasTable {
   // packed_bits = ceil(log2 K) bits, the top 32 - packed_bits bits of thresholds[j] above them,
   // the sign bit flipped (AVX2 compares 32-bit lanes as signed).  A draw whose fraction has the
   // same top bits as its column's threshold is not decided by them (probability
-  // 2^(packed_bits - 32)); the scalar loop redraws its group of eight, so the output is exactly
+  // 2^(packed_bits - 32)); the scalar loop redraws that pass of the loop, so the output is exactly
   // fill_scalar's.
   static constexpr int64_t kPackedMax = int64_t{1} << 16;
   std::vector<uint32_t> packed;

@@ -13,9 +13,9 @@ __attribute__((target("avx2"))) inline __m256i pick_avx2(__m256i a, __m256i b, _
 }
 
 // Entry d of a table held in NV registers (d < 8 NV <= 32), for eight d at once: a permute picks
-// within each register (d's low three bits), blends on d's bits 3 and 4 (pre-shifted to the sign
-// bits in bit3 and bit4) pick the register.  The permutes are most of the cost, so a table takes
-// only the registers its K needs.
+// within each register (d's low three bits), blends on the sign bits of bit3 (set where d's bit 3
+// is; for NV <= 3, d >= 8 will do) and bit4 (set where d >= 16) pick the register.  The permutes
+// are most of the cost, so a table takes only the registers its K needs.
 template <int NV>
 __attribute__((target("avx2"))) inline __m256i lookup_avx2(const __m256i* table, __m256i d,
                                                             __m256i bit3, __m256i bit4) {
