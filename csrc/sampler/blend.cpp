@@ -843,27 +843,34 @@ __attribute__((target("avx2"))) uint32_t screen_steps_avx2(const int32_t* step_a
     top[h] = a;
   }
   for (int64_t t = 0; t < m; ++t) {
+    __m256i floor[2], acc[2][4];
     for (int h = 0; h < 2; ++h) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(tops + 16 * t + 8 * h), top[h]);
       high[h] = _mm256_max_epi32(high[h], top[h]);
       low[h] = _mm256_min_epi32(low[h], top[h]);
-      const __m256i floor = _mm256_sub_epi32(top[h], marginv);
-      __m256i a = _mm256_set1_epi32(INT32_MIN), b = a;
+      floor[h] = _mm256_sub_epi32(top[h], marginv);
+      for (int q = 0; q < 4; ++q) acc[h][q] = _mm256_set1_epi32(INT32_MIN);
+    }
+    // Both halves of a row side by side, and four running maxima per half: the two halves' chains
+    // (load, compare, update, store, max) interleave in program order, where one half's 22 rows
+    // and then the other's left the scheduler little to overlap.  Zen 3, K = 22, blend_indices
+    // 4.21-4.25 against 4.84-4.91 ns per step (builds alternated, three runs each).
 #pragma GCC unroll 32
-      for (int d = 0; d < R; ++d) {
+    for (int d = 0; d < R; ++d) {
+      const __m256i add = _mm256_set1_epi32(step_add[d]);
+      for (int h = 0; h < 2; ++h) {
         __m256i* p = reinterpret_cast<__m256i*>(rows + 16 * d + 8 * h);
         __m256i row = _mm256_loadu_si256(p);
-        const __m256i chosen = _mm256_cmpgt_epi32(row, floor);  // all ones where chosen
-        row = _mm256_add_epi32(row, _mm256_set1_epi32(step_add[d]));
+        const __m256i chosen = _mm256_cmpgt_epi32(row, floor[h]);  // all ones where chosen
+        row = _mm256_add_epi32(row, add);
         row = _mm256_sub_epi32(row, _mm256_and_si256(chosen, one));
         _mm256_storeu_si256(p, row);
-        if (d % 2 == 0) {
-          a = _mm256_max_epi32(a, row);
-        } else {
-          b = _mm256_max_epi32(b, row);
-        }
+        acc[h][d % 4] = _mm256_max_epi32(acc[h][d % 4], row);
       }
-      top[h] = _mm256_max_epi32(a, b);  // the next step's
+    }
+    for (int h = 0; h < 2; ++h) {  // the next step's
+      top[h] = _mm256_max_epi32(_mm256_max_epi32(acc[h][0], acc[h][1]),
+                                _mm256_max_epi32(acc[h][2], acc[h][3]));
     }
   }
   // More than one row dropped at some step: see screen_steps_avx512.
