@@ -974,13 +974,18 @@ __attribute__((target("avx2"))) void screen_write_avx2(int64_t k, const int32_t*
         }
       }
     }
+    uint64_t largest = 0;
     for (int d = 0; d < D; ++d) {  // entries past K are never looked up; zero, not indeterminate
       for (int j = 0; j < S; ++j) {
         const auto c = d < k ? static_cast<uint64_t>(counts[S * d + j]) : uint64_t{0};
         c_lo[j][d] = static_cast<uint32_t>(c);
         c_hi[j][d] = static_cast<uint32_t>(c >> 32);
+        largest = c > largest ? c : largest;
       }
     }
+    // Every count + n (n <= W) fits in 32 bits: the samples are 32-bit sums, zero-extended, and
+    // the counts' high halves need no lookup (a quarter of the permutes).
+    const bool narrow = largest + W < (uint64_t{1} << 32);
     __m256i om_v[NV];
     for (int q = 0; q < NV; ++q) {
       om_v[q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(om + 8 * q));
@@ -1022,8 +1027,16 @@ __attribute__((target("avx2"))) void screen_write_avx2(int64_t k, const int32_t*
         const __m256i d16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(d, d), 0x08);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(o.index + at + 8 * b),
                          _mm256_castsi256_si128(d16));
-        // sample = count + n: the count's halves joined into 64 bits, then a 64-bit add.
         const __m256i lo = lookup_avx2<NV>(lo_v, d, bit3, bit4);
+        if (narrow) {
+          const __m256i sample = _mm256_add_epi32(lo, n);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sample + at + 8 * b),
+                              _mm256_cvtepu32_epi64(_mm256_castsi256_si128(sample)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sample + at + 8 * b + 4),
+                              _mm256_cvtepu32_epi64(_mm256_extracti128_si256(sample, 1)));
+          continue;
+        }
+        // sample = count + n: the count's halves joined into 64 bits, then a 64-bit add.
         const __m256i hi = lookup_avx2<NV>(hi_v, d, bit3, bit4);
         const __m256i c01 = _mm256_unpacklo_epi32(lo, hi);  // counts 0 1 | 4 5
         const __m256i c23 = _mm256_unpackhi_epi32(lo, hi);  // counts 2 3 | 6 7
