@@ -17,7 +17,9 @@ random numbers are SplitMix64 outputs of (key, counter), the tables are built in
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,6 +53,36 @@ _STATE_KEYS = frozenset(
     ("version", "method", "seed", "block", "names", "weights", "position", "segment_start",
      "counts", "segment_counts")
 )  # fmt: skip
+
+
+# A fork copies each lock as it is.  A sampler's state changes in several steps under its lock
+# (draws, counts, position), so a child forked while another thread was inside a call would start
+# with that lock held by no thread of its own (its first call waits forever) and a half-updated
+# state.  So every live sampler's lock is taken before a fork (a call in progress finishes first)
+# and released after it, in the parent and in the child.
+_SAMPLERS: weakref.WeakSet[MixtureSampler] = weakref.WeakSet()
+_HELD_ACROSS_FORK: list[threading.Lock] = []
+
+
+def _lock_samplers_before_fork() -> None:
+    locks = [sampler._lock for sampler in list(_SAMPLERS)]
+    for lock in locks:
+        lock.acquire()
+    _HELD_ACROSS_FORK[:] = locks
+
+
+def _release_samplers_after_fork() -> None:
+    for lock in reversed(_HELD_ACROSS_FORK):
+        lock.release()
+    _HELD_ACROSS_FORK.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_lock_samplers_before_fork,
+        after_in_parent=_release_samplers_after_fork,
+        after_in_child=_release_samplers_after_fork,
+    )
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -212,7 +244,9 @@ class MixtureSampler:
     :meth:`state_dict` holds plain Python values (JSON-friendly); a sampler restored with
     :meth:`load_state_dict` continues bit-identically, also after weight changes.  A sampler
     pickles (and deep-copies) as its state.  One sampler may be shared by threads: each call is
-    atomic (the draws release the GIL, so unserialised calls would read the same position twice).
+    atomic (the draws release the GIL, so unserialised calls would read the same position twice),
+    and a process forked meanwhile (a DataLoader starting its workers) waits for a call in
+    progress, so the child's copy starts from a finished call.
     """
 
     def __init__(
@@ -235,6 +269,7 @@ class MixtureSampler:
         raw, names = _as_weights(weights)
         self._names = names
         self._lock = threading.Lock()
+        _SAMPLERS.add(self)
         self._install(raw, self._build(raw, method, self._block))
         self._position = 0
         self._segment_start = 0
@@ -414,6 +449,7 @@ class MixtureSampler:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._lock = threading.Lock()
+        _SAMPLERS.add(self)
         self.load_state_dict(state["sampler"])
         self.__dict__.update(state["extra"])
 

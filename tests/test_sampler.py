@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import pickle
 import platform
+import signal
 import subprocess
 import sys
 import textwrap
@@ -330,6 +332,43 @@ def test_pickle_and_deepcopy_continue_the_stream(method: str) -> None:
         assert copy_.names == ("web", "code", "math")
         np.testing.assert_array_equal(copy_.sample(3000), sampler.peek(3000))
         assert copy_.position == sampler.position + 3000  # independent of the original
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
+def test_a_fork_during_a_call_waits_for_it_and_the_child_can_draw() -> None:
+    # A thread inside a call (holding the sampler's lock) while another thread forks: without the
+    # fork hooks the child inherits the held lock and its first call waits forever (here: until
+    # the alarm ends it, exit code -14).
+    sampler = MixtureSampler([1, 2, 3], seed=5)
+    sampler.sample(10)
+    inside, leave = threading.Event(), threading.Event()
+
+    def call_in_progress() -> None:
+        with sampler._lock:
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=call_in_progress)
+    thread.start()
+    assert inside.wait(10)
+    timer = threading.Timer(0.2, leave.set)  # the call ends while the fork waits for it
+    timer.start()
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 if it draws the stream's next four
+        try:
+            signal.alarm(10)
+            ok = np.array_equal(sampler.sample(4), sample_domains([1, 2, 3], 4, seed=5, offset=10))
+            os._exit(0 if ok and sampler.position == 14 else 1)
+        except BaseException:
+            os._exit(2)
+    thread.join()
+    timer.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    np.testing.assert_array_equal(  # the parent's locks are free again too
+        sampler.sample(4), sample_domains([1, 2, 3], 4, seed=5, offset=10)
+    )
 
 
 @pytest.mark.parametrize("method", ["alias", "stratified", "greedy"])
