@@ -326,10 +326,10 @@ class MixtureSampler:
             out, segment_counts = self._draw(n)
             # In place (the arrays are the sampler's own; `counts` hands out copies): a K-sized
             # delta and two sums per call were most of a data step's 32 draws at K = 10,000.
-            _C.accumulate_counts(out, self._counts)
             if segment_counts is None:
-                _C.accumulate_counts(out, self._segment_counts)
+                _C.accumulate_counts(out, self._counts, self._segment_counts)
             else:
+                _C.accumulate_counts(out, self._counts)
                 self._segment_counts = segment_counts
             self._position += out.size
             return out

@@ -204,6 +204,21 @@ def test_accumulate_counts_adds_a_histogram(n, k):
     counts = np.arange(k, dtype=np.int64)
     _C.accumulate_counts(ids, counts)
     assert np.array_equal(counts, np.arange(k) + np.bincount(ids, minlength=k))
+    # With `also`, the same histogram goes into both arrays (one pass over the ids).
+    also = np.full(k, 7, dtype=np.int64)
+    _C.accumulate_counts(ids, counts, also)
+    assert np.array_equal(counts, np.arange(k) + 2 * np.bincount(ids, minlength=k))
+    assert np.array_equal(also, 7 + np.bincount(ids, minlength=k))
+
+
+def test_accumulate_counts_refuses_a_second_array_of_another_length_or_kind():
+    ids = np.zeros(5, np.int32)
+    counts = np.zeros(3, np.int64)
+    with pytest.raises(ValueError, match="also must have the length of counts"):
+        _C.accumulate_counts(ids, counts, np.zeros(4, np.int64))
+    with pytest.raises(TypeError, match="also"):
+        _C.accumulate_counts(ids, counts, np.zeros(3, np.int32))
+    assert not counts.any()
 
 
 @pytest.mark.parametrize("n", [5, 100_000])
@@ -212,7 +227,9 @@ def test_accumulate_counts_refuses_an_id_out_of_range_before_writing(n, bad):
     ids = np.zeros(n, np.int32)
     ids[n // 2] = bad
     counts = np.full(22, 9, np.int64)
+    also = np.full(22, 4, np.int64)
     with pytest.raises(ValueError, match="outside"):
-        _C.accumulate_counts(ids, counts)
+        _C.accumulate_counts(ids, counts, also)
     assert np.array_equal(counts, np.full(22, 9))
+    assert np.array_equal(also, np.full(22, 4))
 

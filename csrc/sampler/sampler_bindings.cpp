@@ -255,13 +255,25 @@ py::tuple blend_screened(const py::handle& weights, int64_t size, bool misguess,
   return py::make_tuple(arrays.first, arrays.second, info);
 }
 
-void accumulate_counts(const py::handle& ids_obj, const py::handle& counts_obj) {
+void accumulate_counts(const py::handle& ids_obj, const py::handle& counts_obj,
+                       const py::handle& also_obj) {
   auto ids = expect_array<int32_t>(ids_obj, "ids", false);
   auto counts = expect_array<int64_t>(counts_obj, "counts", true);
   const int32_t* src = ids.data();
   int64_t* dst = counts.mutable_data();
   const int64_t n = static_cast<int64_t>(ids.size());
   const int64_t k = static_cast<int64_t>(counts.size());
+  // A second counts array to add the same histogram to (MixtureSampler's total and segment
+  // counts): one pass over the ids instead of two (~0.45 ns per id at 10M ids, K = 22).
+  int64_t* dst2 = nullptr;
+  py::array_t<int64_t> also;
+  if (!also_obj.is_none()) {
+    also = expect_array<int64_t>(also_obj, "also", true);
+    if (static_cast<int64_t>(also.size()) != k) {
+      throw py::value_error("also must have the length of counts");
+    }
+    dst2 = also.mutable_data();
+  }
   bool in_range = true;
   if (n < 16 * k) {
     // A batch short against K (a data step's 32 draws at K = 10,000): four K-sized histograms
@@ -272,6 +284,9 @@ void accumulate_counts(const py::handle& ids_obj, const py::handle& counts_obj) 
     for (const uint32_t a : local) in_range &= static_cast<int64_t>(a) < k;
     if (in_range) {
       for (const uint32_t a : local) dst[a] += 1;
+      if (dst2 != nullptr) {
+        for (const uint32_t a : local) dst2[a] += 1;
+      }
     }
   } else {
     py::gil_scoped_release release;
@@ -300,7 +315,9 @@ void accumulate_counts(const py::handle& ids_obj, const py::handle& counts_obj) 
     in_range = bad == 0;
     if (in_range) {
       for (int64_t d = 0; d < k; ++d) {
-        dst[d] += partial[d] + partial[k + d] + partial[2 * k + d] + partial[3 * k + d];
+        const int64_t sum = partial[d] + partial[k + d] + partial[2 * k + d] + partial[3 * k + d];
+        dst[d] += sum;
+        if (dst2 != nullptr) dst2[d] += sum;
       }
     }
   }
@@ -384,7 +401,10 @@ to the plain rule.
   }, "The instruction set blend_indices uses on this CPU: 'avx512', 'avx2' or 'scalar'.");
 
   m.def("accumulate_counts", &accumulate_counts, py::arg("ids"), py::arg("counts"),
-        "counts[ids[i]] += 1 for every i (ids int32 in [0, len(counts)), counts int64).");
+        py::arg("also") = py::none(),
+        "counts[ids[i]] += 1 for every i (ids int32 in [0, len(counts)), counts int64), and the\n"
+        "same for `also` (int64, the length of counts) when given.  Nothing is written if an id\n"
+        "is out of range.");
 }
 
 }  // namespace fastmix
