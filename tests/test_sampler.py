@@ -755,6 +755,17 @@ def test_blend_indices_screened_lanes_run_and_match(k: int, isa: str) -> None:
     assert info["misguessed"] <= lanes // 20
 
 
+@pytest.mark.parametrize("k", [5, 17, 22, 32])
+def test_blend_indices_screened_lanes_write_samples_in_64_bits_too(k: int) -> None:
+    # The AVX2 output pass adds counts in 32 bits while every count fits there (always, below
+    # 2^32 - 64 steps); wide_samples forces its 64-bit path, which larger outputs take.
+    w = np.random.default_rng(1600 + k).dirichlet(np.ones(k))
+    w = w / np.sum(w)
+    index, sample, info = _C._blend_indices_screened(w, 300_000, isa="avx2", wide_samples=True)
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, len(index)), f"k={k}")
+    assert info["steps"] >= 250_000 or not _SCREENS
+
+
 @pytest.mark.parametrize(
     "weights",
     [np.ones(12), np.array([0.5, 0.3, 0.2]), np.round(np.linspace(0.01, 0.2, 22), 2)],

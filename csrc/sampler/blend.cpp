@@ -927,7 +927,7 @@ __attribute__((target("avx2"))) void screen_write_avx2(int64_t k, const int32_t*
                                                        const int32_t* rows0, const int32_t* rows,
                                                        const int32_t* tops, int64_t* counts,
                                                        uint32_t lanes, const ScreenLaneOut* out,
-                                                       int64_t at) {
+                                                       int64_t at, bool wide_samples) {
   constexpr int S = kScreenLanes;
   constexpr int W = static_cast<int>(kScreenWindow);
   constexpr int D = 8 * NV;  // table entries
@@ -985,7 +985,7 @@ __attribute__((target("avx2"))) void screen_write_avx2(int64_t k, const int32_t*
     }
     // Every count + n (n <= W) fits in 32 bits: the samples are 32-bit sums, zero-extended, and
     // the counts' high halves need no lookup (a quarter of the permutes).
-    const bool narrow = largest + W < (uint64_t{1} << 32);
+    const bool narrow = largest + W < (uint64_t{1} << 32) && !wide_samples;
     __m256i om_v[NV];
     for (int q = 0; q < NV; ++q) {
       om_v[q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(om + 8 * q));
@@ -1327,24 +1327,28 @@ bool screen_available(Isa isa, int64_t k) {
 
 bool screen_write(Isa isa, int64_t k, const int32_t* step_add, const int32_t* rows0,
                   const int32_t* rows, const int32_t* tops, int64_t* counts, uint32_t lanes,
-                  const ScreenLaneOut* out, int64_t at) {
+                  const ScreenLaneOut* out, int64_t at, bool wide_samples) {
 #if defined(FASTMIX_X86_DISPATCH)
   if (screen_available(isa, k)) {
     if (usable_isa(isa) == Isa::kAvx512) {
       screen_write_avx512(k, step_add, rows0, rows, tops, counts, lanes, out, at);
     } else {
       switch ((screen_rows(k) + 7) / 8) {
-        case 1: screen_write_avx2<1>(k, step_add, rows0, rows, tops, counts, lanes, out, at); break;
-        case 2: screen_write_avx2<2>(k, step_add, rows0, rows, tops, counts, lanes, out, at); break;
-        case 3: screen_write_avx2<3>(k, step_add, rows0, rows, tops, counts, lanes, out, at); break;
-        default: screen_write_avx2<4>(k, step_add, rows0, rows, tops, counts, lanes, out, at);
+        case 1: screen_write_avx2<1>(k, step_add, rows0, rows, tops, counts, lanes, out, at,
+                                    wide_samples); break;
+        case 2: screen_write_avx2<2>(k, step_add, rows0, rows, tops, counts, lanes, out, at,
+                                    wide_samples); break;
+        case 3: screen_write_avx2<3>(k, step_add, rows0, rows, tops, counts, lanes, out, at,
+                                    wide_samples); break;
+        default: screen_write_avx2<4>(k, step_add, rows0, rows, tops, counts, lanes, out, at,
+                                    wide_samples);
       }
     }
     return true;
   }
 #endif
   (void)isa, (void)k, (void)step_add, (void)rows0, (void)rows, (void)tops, (void)counts;
-  (void)lanes, (void)out, (void)at;
+  (void)lanes, (void)out, (void)at, (void)wide_samples;
   return false;
 }
 

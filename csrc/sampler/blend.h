@@ -205,10 +205,11 @@ struct ScreenLaneOut {
 // After screen_steps: the certain lanes' (bit j of lanes) choices written to out[j] from offset
 // at, and their counts[16 d + j] advanced to the window's end, from the rows at its start (rows0)
 // and end (rows) and the tops alone (AVX-512 and AVX2).  Returns false where not available (then
-// write_lane does it).
+// write_lane does it).  wide_samples = true makes the AVX2 version add counts in 64 bits even
+// where they fit in 32 (tests: that path otherwise needs counts near 2^32).
 bool screen_write(Isa isa, int64_t k, const int32_t* step_add, const int32_t* rows0,
                   const int32_t* rows, const int32_t* tops, int64_t* counts, uint32_t lanes,
-                  const ScreenLaneOut* out, int64_t at);
+                  const ScreenLaneOut* out, int64_t at, bool wide_samples = false);
 
 // What the screened path did in a GreedyFast's runs (tests check that it runs, and recovers).
 struct ScreenStats {
@@ -225,14 +226,17 @@ class GreedyFast {
   // isa: the best instruction set to use (Isa::kScalar is the portable code that runs on any
   // CPU; tests force each level to check its path on any machine).  misguess = true makes every
   // speculative segment start from a wrong state (tests of the recovery; the output must not
-  // change).
-  GreedyFast(const double* w, int64_t k, Isa isa = best_isa(), bool misguess = false)
+  // change); wide_samples = true writes the screened lanes' samples through their 64-bit path
+  // (see screen_write; tests).
+  GreedyFast(const double* w, int64_t k, Isa isa = best_isa(), bool misguess = false,
+             bool wide_samples = false)
       : w_(w, w + k),
         k_(k),
         candidates_(static_cast<size_t>(k) + 8),
         isa_(std::min(isa, best_isa())),
         vector_(isa_ != Isa::kScalar),
-        misguess_(misguess) {
+        misguess_(misguess),
+        wide_samples_(wide_samples) {
     // Window length ~ 0.75 sqrt(K): balances the O(K) refresh against the O(window) candidates per
     // step.  Thread CPU time on the dev machine, register kernel, ns per step at 0.5 / 0.75 / 1 /
     // 1.5 sqrt(K): K = 256: 17.9 / 15.9 / 15.5 / 22.6; K = 1000: 25.9 / 27.3 / 45.8 / 63.2 (above
@@ -578,7 +582,7 @@ class GreedyFast {
         const LaneOut* to = p >= 0 ? out : kWarmup;
         const bool written = screen_write(isa_, k, step_add_.data(), lane_rows0_.data(),
                                           lane_rows_.data(), tops_.data(), lane_counts_.data(),
-                                          ~unsure & 0xFFFFu, to, p);
+                                          ~unsure & 0xFFFFu, to, p, wide_samples_);
         for (int j = 0; j < S; ++j) {
           if ((unsure >> j) & 1u) {
             exact_lane(j, step[j], kScreenWindow, to[j], p);
@@ -972,6 +976,7 @@ class GreedyFast {
   Isa isa_;
   bool vector_ = true;
   bool misguess_ = false;
+  bool wide_samples_ = false;
   int64_t max_window_ = 3;
   double gap_ = 0.0;
 };

@@ -184,6 +184,7 @@ struct BlendHow {
   bool naive;
   Isa isa;
   bool misguess;
+  bool wide_samples = false;  // the screened lanes' 64-bit sample path (see screen_write)
 };
 
 enum class BlendPath { kFast, kNaive, kPortable, kMisguessed, kAvx2, kAvx2Misguessed };
@@ -225,7 +226,7 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend_run(const py::handle
     if (how.naive) {
       greedy_naive(wp, k, 0, size, counts.data(), emit);
     } else {
-      GreedyFast fast(wp, k, how.isa, how.misguess);
+      GreedyFast fast(wp, k, how.isa, how.misguess, how.wide_samples);
       fast.run_into(0, size, counts.data(), di, si);
       if (stats != nullptr) *stats = fast.screen_stats();
     }
@@ -240,10 +241,10 @@ std::pair<py::array_t<int16_t>, py::array_t<int64_t>> blend(const py::handle& we
 
 // blend_indices (or its misguessed variant) and what the screened lanes did (tests).
 py::tuple blend_screened(const py::handle& weights, int64_t size, bool misguess,
-                         const std::string& isa) {
+                         const std::string& isa, bool wide_samples) {
   if (isa != "best" && isa != "avx2") throw std::invalid_argument("isa must be 'best' or 'avx2'");
   ScreenStats stats;
-  const BlendHow how{false, isa == "avx2" ? Isa::kAvx2 : best_isa(), misguess};
+  const BlendHow how{false, isa == "avx2" ? Isa::kAvx2 : best_isa(), misguess, wide_samples};
   auto arrays = blend_run(weights, size, how, &stats);
   py::dict info;
   info["steps"] = stats.steps;
@@ -389,9 +390,10 @@ to the plain rule.
   m.def("_blend_indices_avx2_misguessed", &blend<BlendPath::kAvx2Misguessed>, py::arg("weights"),
         py::arg("size"), "_blend_indices_avx2 with every speculative segment misguessed (tests).");
   m.def("_blend_indices_screened", &blend_screened, py::arg("weights"), py::arg("size"),
-        py::arg("misguess") = false, py::arg("isa") = "best",
+        py::arg("misguess") = false, py::arg("isa") = "best", py::arg("wide_samples") = false,
         "(dataset_index, sample_index, what the screened lanes did: a dict) of blend_indices, or "
-        "of its misguessed variant, with the CPU's best kernels or ('avx2') at most AVX2 (tests).");
+        "of its misguessed variant, with the CPU's best kernels or ('avx2') at most AVX2, the "
+        "samples through the 64-bit path where wide_samples (tests).");
   m.def("_best_isa", []() {
     switch (best_isa()) {
       case Isa::kAvx512: return "avx512";
