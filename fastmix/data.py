@@ -1139,6 +1139,12 @@ def _started_at(fields: list[bytes] | None) -> int | None:
         return None
 
 
+def _same_start(start: int, at: int | None) -> bool:
+    """Whether a process that started at ``at`` (None: unknown) can be the one recorded as
+    starting at ``start`` (0: not recorded)."""
+    return start == 0 or at is None or at == start
+
+
 def _start_time(pid: int) -> int:
     """When process ``pid`` started, in clock ticks since boot (0 where /proc cannot say)."""
     at = _started_at(_proc_stat(pid))
@@ -1161,8 +1167,7 @@ def _alive(pid: int, start: int = 0) -> bool:
         return True
     if fields[0] == b"Z":  # an exited worker its parent has not joined yet holds back nothing
         return False
-    at = _started_at(fields)
-    return start == 0 or at is None or at == start
+    return _same_start(start, _started_at(fields))
 
 
 # Open pidfds of the processes _running has been asked about, by (pid, start time).  A pidfd
@@ -1200,8 +1205,7 @@ def _running(owners: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bool]:
                 answer[(pid, start)] = _alive(pid, start)
                 continue
             # The pid may belong to a later process already: the start time says (once).
-            at = _started_at(_proc_stat(pid))
-            if start != 0 and at is not None and at != start:
+            if not _same_start(start, _started_at(_proc_stat(pid))):
                 os.close(fd)
                 answer[(pid, start)] = False
             else:
