@@ -134,6 +134,37 @@ def check_scenarios(rank: int, out_dir: str) -> dict[str, str]:
         loss, ref, domain, mask = shard(global_batch(0, 2), rank)
         mixer.step(loss, ref, domain % k, mask)
 
+    def doremi_bad_id(accumulate: bool) -> None:
+        # rank 1 alone has a domain id out of range: both ranks must raise, then both step on
+        mixer = DoReMi(K)
+        loss, ref, domain, mask = shard(global_batch(0, 2), rank)
+        bad = domain.clone()
+        if other:
+            bad[0] = K
+        try:
+            if accumulate:
+                mixer.accumulate(loss, ref, domain, mask)
+                mixer.accumulate(loss, ref, bad, mask)
+                mixer.update()
+            else:
+                mixer.step(loss, ref, bad, mask)
+            first = "no error"
+        except ValueError as exc:
+            first = str(exc)
+        mixer.step(loss, ref, domain, mask)
+        raise ValueError(f"{first} | then {int(mixer.num_updates)} update(s), "
+                         f"{int(mixer.num_out_of_range)} dropped")  # fmt: skip
+
+    def doremi_bad_id_compiled() -> None:
+        # where bad ids are dropped and counted (GPU, torch.compile), the count is summed over
+        # the ranks: debug mode raises on both at the same update
+        mixer = DoReMi(K, debug=True)
+        loss, ref, domain, mask = shard(global_batch(0, 2), rank)
+        bad = domain.clone()
+        if other:
+            bad[0] = K
+        torch.compile(mixer.step, backend="eager")(loss, ref, bad, mask)
+
     def changed(first_step: int, first_weights: list[float]) -> MixtureDataset:
         ds = dataset()
         ds.set_weights(first_weights, step=first_step)
@@ -157,6 +188,9 @@ def check_scenarios(rank: int, out_dir: str) -> dict[str, str]:
         ).check_ranks(),
         "doremi debug K": lambda: doremi_step(K + other),
         "doremi debug same": lambda: doremi_step(K),
+        "doremi bad id step": lambda: doremi_bad_id(False),
+        "doremi bad id accumulate": lambda: doremi_bad_id(True),
+        "doremi bad id compiled": doremi_bad_id_compiled,
         "odm same": lambda: ODM(K).check_ranks(),
         "odm smoothing": lambda: ODM(K, smoothing=0.9 - 0.1 * other).check_ranks(),
         "dataset same": lambda: dataset().check_ranks(),
@@ -323,6 +357,7 @@ def test_check_ranks_names_what_differs_on_every_rank(tmp_path):
     results = [json.loads((tmp_path / f"checks{r}.json").read_text()) for r in range(2)]
     assert results[0] == results[1]  # the same verdict and message on both ranks
     got = results[0]
+    bad_tokens = int(shard(global_batch(0, 2), 1)[3][0].sum())
     for name in ("doremi same", "doremi debug same", "odm same", "dataset same",
                  "dataset resumed same", "dataset changes same", "fields order", "fields set"):
         assert got[name] == "ok", (name, got[name])
@@ -343,6 +378,15 @@ def test_check_ranks_names_what_differs_on_every_rank(tmp_path):
         "dataset world_size": "world_size=3, but the group has 2 ranks",
         "fields bf16": "Thing is not the same on the 2 ranks of its process group: they differ "
         "in w",
+        # raised on both ranks (rank 0's ids were all valid), nothing updated, and both ranks
+        # then took the next step together; the count is rank 1's unmasked tokens of row 0
+        "doremi bad id step": f"domain ids must be in [0, num_domains={K}) on unmasked tokens; "
+        f"found {bad_tokens} outside across the 2 ranks; nothing was updated | then 1 update(s), "
+        "0 dropped",
+        "doremi bad id accumulate": f"found {bad_tokens} outside across the 2 ranks; the pending "
+        "micro-batches were discarded | then 1 update(s), 0 dropped",
+        "doremi bad id compiled": f"{bad_tokens} token(s) had a domain id outside [0, "
+        f"num_domains={K}); they were dropped from the statistics",
     }
     for name, text in expected.items():
         assert text in got[name], (name, got[name])

@@ -631,6 +631,21 @@ def test_a_doremi_pickled_with_a_pending_count_unpickles():
     mixer.update()
     assert int(mixer.num_updates) == 1
 
+def test_a_doremi_pickled_with_a_3_by_k_pending_buffer_unpickles():
+    # Before the pending buffer carried the ranks' dropped-token count in a last slot it was
+    # [3, K]: such a pickle still applies its pending statistics.
+    fresh = DoReMi(3, step_size=0.7)
+    fresh.accumulate(*batch(0, k=3))
+    old = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in fresh.__dict__.items()}
+    old["_pending"] = fresh._pending[:-1].view(3, 3).clone()
+    mixer = DoReMi.__new__(DoReMi)
+    mixer.__setstate__(old)
+    mixer.update()
+    fresh.update()
+    assert torch.equal(mixer.weights, fresh.weights) and int(mixer.num_updates) == 1
+    assert float((mixer.weights - 1 / 3).abs().max()) > 1e-4  # the statistics moved α
+
+
 def test_inductor_step_with_a_transposed_loss(monkeypatch):
     # A sequence-first model's [T, B] loss seen as [B, T]: inductor checks the gradient op's real
     # output strides against its fake ones (they differed: a crash in backward).

@@ -86,6 +86,13 @@ class DoReMi:
     ``average_weights`` (the mean of α over the updates; the initial α until the first update),
     ``num_updates``, ``num_skipped`` (non-finite updates skipped), ``num_out_of_range`` (tokens
     whose domain id was outside [0, K), dropped).
+
+    Bad domain ids raise ValueError in eager mode on CPU.  With several ranks that error is
+    raised on every rank at once, after the update's all-reduce (which carries each rank's count
+    of such tokens with the statistics), with nothing updated: raised on its rank alone, it left
+    the others waiting in the next collective until the group's timeout.  Elsewhere the tokens
+    are dropped and counted in ``num_out_of_range``, summed over the ranks (the same on every
+    rank), so ``debug=True`` raises on all of them at the same update.
     """
 
     def __init__(
@@ -126,7 +133,7 @@ class DoReMi:
             return (
                 torch.stack([alpha, torch.zeros_like(alpha), alpha]),
                 torch.zeros(3, dtype=torch.int64, device=dev),
-                torch.zeros(3, num_domains, dtype=torch.float32, device=dev),
+                torch.zeros(3 * num_domains + 1, dtype=torch.float32, device=dev),
             )
 
         # normal tensors also when built inside torch.inference_mode(); a K whose state cannot
@@ -171,7 +178,7 @@ class DoReMi:
 
     @property
     def num_out_of_range(self) -> Tensor:
-        """Unmasked tokens dropped for a domain id outside [0, K) (int64 scalar)."""
+        """Unmasked tokens dropped for a domain id outside [0, K), over all ranks (int64)."""
         return self._counters[2]
 
     @property
@@ -193,8 +200,16 @@ class DoReMi:
         return self
 
     # ---------------------------------------------------------------- internals
-    def _prepare(self, loss: Tensor, ref_loss: Any, domain: Tensor, mask: Tensor | None) -> str:
-        validate_inputs(loss, domain, self.num_domains, ref_loss, mask, ref_required=True)
+    def _prepare(
+        self, loss: Tensor, ref_loss: Any, domain: Tensor, mask: Tensor | None, ranks: int
+    ) -> str:
+        # With several ranks a bad id is not raised here, on its rank alone (the others would
+        # wait in the next all-reduce until the group's timeout): it is counted, the count
+        # travels with the statistics, and every rank raises after the reduction (_dropped).
+        validate_inputs(
+            loss, domain, self.num_domains, ref_loss, mask, ref_required=True,
+            check_values=ranks == 1,
+        )  # fmt: skip
         # before the state follows the batch: a backend that cannot run there leaves it in place
         backend = resolve_backend(self.backend, loss.device, self.num_domains, loss.numel())
         if loss.device != self._state.device:
@@ -267,9 +282,10 @@ class DoReMi:
             raise RuntimeError(
                 "accumulate() was called since the last update(); call update() before step()"
             )
-        backend = self._prepare(loss, ref_loss, domain, mask)
+        ranks = self._ranks()
+        backend = self._prepare(loss, ref_loss, domain, mask, ranks)
         group = self._group()
-        if distributed.world_size(group) == 1:
+        if ranks == 1:
             objective, aux = doremi_step_(
                 loss.detach(), domain, mask, ref_loss.detach(), self._state, self._counters,
                 self._get_workspace(backend), self.step_size, self.smoothing, self.proxy_loss,
@@ -280,8 +296,13 @@ class DoReMi:
                 loss.detach(), domain, mask, ref_loss.detach(), self.num_domains, backend,
                 self.deterministic,
             )  # fmt: skip
-            self._counters[2:].add_(out_of_range)
-            total = distributed.all_reduce_sum_(stats.clone(), group)
+            # one collective for the statistics and the dropped-token count (float32: exact up
+            # to 2**24 tokens per update, and nonzero exactly when some rank dropped one)
+            reduced = distributed.all_reduce_sum_(
+                torch.cat([stats.reshape(-1), out_of_range.reshape(1).to(stats.dtype)]), group
+            )
+            total = reduced[:-1].view_as(stats)
+            self._counters[2:].add_(self._dropped(reduced[-1:], ranks, "nothing was updated"))
             doremi_update_(
                 total, self._state, self._counters, self.step_size, self.smoothing,
                 self.proxy_loss, backend,
@@ -299,13 +320,17 @@ class DoReMi:
         Returns this micro-batch's proxy objective weighted by the current α (the update comes
         after all micro-batches), with the same autograd as :meth:`step`.
         """
-        backend = self._prepare(loss, ref_loss, domain, mask)
+        ranks = self._ranks()
+        backend = self._prepare(loss, ref_loss, domain, mask, ranks)
         stats, out_of_range = domain_stats_detached(
             loss.detach(), domain, mask, ref_loss.detach(), self.num_domains, backend,
             self.deterministic,
         )  # fmt: skip
-        self._pending.add_(stats)
-        self._counters[2:].add_(out_of_range)
+        self._pending[:-1].view_as(stats).add_(stats)
+        if ranks == 1:
+            self._counters[2:].add_(out_of_range)
+        else:  # summed over the ranks with the statistics at update()
+            self._pending[-1:].add_(out_of_range.reshape(1))
         self._has_pending = True
         aux = torch.cat([stats, self._state[0:1]])
         objective = reference.objective_from(aux, self.proxy_loss)
@@ -318,13 +343,42 @@ class DoReMi:
         backend = resolve_backend(self.backend, self._state.device, self.num_domains)
         group = self._group()
         distributed.all_reduce_sum_(self._pending, group)
+        ranks = distributed.world_size(group)
+        if ranks > 1:
+            try:
+                dropped = self._dropped(
+                    self._pending[-1:], ranks, "the pending micro-batches were discarded"
+                )
+            except ValueError:
+                self._pending.zero_()
+                self._has_pending = False
+                raise
+            self._counters[2:].add_(dropped)
         doremi_update_(
-            self._pending, self._state, self._counters, self.step_size, self.smoothing,
-            self.proxy_loss, backend,
+            self._pending[:-1].view(3, self.num_domains), self._state, self._counters,
+            self.step_size, self.smoothing, self.proxy_loss, backend,
         )  # fmt: skip
         self._pending.zero_()
         self._has_pending = False
         self._after_update()
+
+    def _ranks(self) -> int:
+        """How many ranks the statistics are summed over (the group is checked as _group does,
+        without debug mode's collective)."""
+        return distributed.world_size(distributed.resolve_group(self.process_group))
+
+    def _dropped(self, reduced: Tensor, ranks: int, outcome: str) -> Tensor:
+        """The summed count of tokens dropped for a bad domain id (float32 ``[1]``) as int64.
+        Where one rank alone would have raised (eager on CPU, no device sync), every rank raises
+        the same ValueError here, after the collective: none is left waiting in it."""
+        if reduced.device.type == "cpu" and not torch.compiler.is_compiling():
+            bad = int(reduced[0])
+            if bad:
+                raise ValueError(
+                    f"domain ids must be in [0, num_domains={self.num_domains}) on unmasked "
+                    f"tokens; found {bad} outside across the {ranks} ranks; {outcome}"
+                )
+        return reduced.to(torch.int64)
 
     def check(self) -> None:
         """Raise if any unmasked token had a domain id outside [0, K) (synchronises)."""
@@ -373,6 +427,9 @@ class DoReMi:
         state = dict(state)
         if "_has_pending" not in state:
             state["_has_pending"] = bool(state.pop("_num_pending", 0))
+        pending = state.get("_pending")
+        if isinstance(pending, Tensor) and pending.dim() == 2:  # before the dropped-token slot
+            state["_pending"] = torch.cat([pending.reshape(-1), pending.new_zeros(1)])
         # unpickled inside torch.inference_mode(), the tensors are inference tensors
         self.__dict__.update(normal_state(state))
 
