@@ -301,8 +301,11 @@ class DoReMi:
             reduced = distributed.all_reduce_sum_(
                 torch.cat([stats.reshape(-1), out_of_range.reshape(1).to(stats.dtype)]), group
             )
-            total = reduced[:-1].view_as(stats)
-            self._counters[2:].add_(self._dropped(reduced[-1:], ranks, "nothing was updated"))
+            total, dropped = reduced[:-1].view_as(stats), reduced[-1:]
+            bad = self._eager_count(dropped)
+            if bad:
+                raise self._bad_ids(bad, ranks, "nothing was updated")
+            self._counters[2:].add_(dropped.to(torch.int64))
             doremi_update_(
                 total, self._state, self._counters, self.step_size, self.smoothing,
                 self.proxy_loss, backend,
@@ -345,15 +348,13 @@ class DoReMi:
         distributed.all_reduce_sum_(self._pending, group)
         ranks = distributed.world_size(group)
         if ranks > 1:
-            try:
-                dropped = self._dropped(
-                    self._pending[-1:], ranks, "the pending micro-batches were discarded"
-                )
-            except ValueError:
+            dropped = self._pending[-1:]
+            bad = self._eager_count(dropped)
+            if bad:
                 self._pending.zero_()
                 self._has_pending = False
-                raise
-            self._counters[2:].add_(dropped)
+                raise self._bad_ids(bad, ranks, "the pending micro-batches were discarded")
+            self._counters[2:].add_(dropped.to(torch.int64))
         doremi_update_(
             self._pending[:-1].view(3, self.num_domains), self._state, self._counters,
             self.step_size, self.smoothing, self.proxy_loss, backend,
@@ -367,18 +368,21 @@ class DoReMi:
         without debug mode's collective)."""
         return distributed.world_size(distributed.resolve_group(self.process_group))
 
-    def _dropped(self, reduced: Tensor, ranks: int, outcome: str) -> Tensor:
-        """The summed count of tokens dropped for a bad domain id (float32 ``[1]``) as int64.
-        Where one rank alone would have raised (eager on CPU, no device sync), every rank raises
-        the same ValueError here, after the collective: none is left waiting in it."""
-        if reduced.device.type == "cpu" and not torch.compiler.is_compiling():
-            bad = int(reduced[0])
-            if bad:
-                raise ValueError(
-                    f"domain ids must be in [0, num_domains={self.num_domains}) on unmasked "
-                    f"tokens; found {bad} outside across the {ranks} ranks; {outcome}"
-                )
-        return reduced.to(torch.int64)
+    @staticmethod
+    def _eager_count(dropped: Tensor) -> int:
+        """The ranks' summed count of tokens with a bad domain id (float32 ``[1]``, after the
+        all-reduce) where one rank alone would have raised on them (eager on CPU: no device
+        sync), else 0.  Every rank then raises the same error after the collective, so none is
+        left waiting in it."""
+        if dropped.device.type != "cpu" or torch.compiler.is_compiling():
+            return 0
+        return int(dropped[0])
+
+    def _bad_ids(self, bad: int, ranks: int, outcome: str) -> ValueError:
+        return ValueError(
+            f"domain ids must be in [0, num_domains={self.num_domains}) on unmasked tokens; "
+            f"found {bad} outside across the {ranks} ranks; {outcome}"
+        )
 
     def check(self) -> None:
         """Raise if any unmasked token had a domain id outside [0, K) (synchronises)."""
