@@ -155,6 +155,20 @@ def check_scenarios(rank: int, out_dir: str) -> dict[str, str]:
         raise ValueError(f"{first} | then {int(mixer.num_updates)} update(s), "
                          f"{int(mixer.num_out_of_range)} dropped")  # fmt: skip
 
+    def odm_bad_id() -> None:
+        mixer = ODM(K)
+        loss, _, domain, mask = shard(global_batch(0, 2), rank)
+        bad = domain.clone()
+        if other:
+            bad[0] = K
+        try:
+            mixer.step(loss, bad, mask)
+            first = "no error"
+        except ValueError as exc:
+            first = str(exc)
+        mixer.step(loss, domain, mask)
+        raise ValueError(f"{first} | then {mixer.num_steps} step(s)")
+
     def doremi_bad_id_compiled() -> None:
         # where bad ids are dropped and counted (GPU, torch.compile), the count is summed over
         # the ranks: debug mode raises on both at the same update
@@ -191,6 +205,7 @@ def check_scenarios(rank: int, out_dir: str) -> dict[str, str]:
         "doremi bad id step": lambda: doremi_bad_id(False),
         "doremi bad id accumulate": lambda: doremi_bad_id(True),
         "doremi bad id compiled": doremi_bad_id_compiled,
+        "odm bad id": odm_bad_id,
         "odm same": lambda: ODM(K).check_ranks(),
         "odm smoothing": lambda: ODM(K, smoothing=0.9 - 0.1 * other).check_ranks(),
         "dataset same": lambda: dataset().check_ranks(),
@@ -387,6 +402,8 @@ def test_check_ranks_names_what_differs_on_every_rank(tmp_path):
         "micro-batches were discarded | then 1 update(s), 0 dropped",
         "doremi bad id compiled": f"{bad_tokens} token(s) had a domain id outside [0, "
         f"num_domains={K}); they were dropped from the statistics",
+        "odm bad id": f"found {bad_tokens} outside across the 2 ranks; nothing was updated | "
+        "then 1 step(s)",
     }
     for name, text in expected.items():
         assert text in got[name], (name, got[name])

@@ -295,3 +295,23 @@ def state_vector(
                 f"got sum {total!r}"
             )
     return out
+
+
+def eager_dropped(dropped: Tensor) -> int:
+    """After a mixer's all-reduce over several ranks, ``dropped`` (float32 ``[1]``) is the ranks'
+    summed count of unmasked tokens with a domain id outside [0, K).  Where one rank alone would
+    have raised on them, in eager mode on CPU (no device sync), that count, else 0: every rank
+    then raises :func:`dropped_error` after the collective, where the error raised on its rank
+    before it left the others waiting in it until the group's timeout.  Elsewhere (GPU,
+    torch.compile) the tokens stay dropped."""
+    if dropped.device.type != "cpu" or torch.compiler.is_compiling():
+        return 0
+    return int(dropped[0])
+
+
+def dropped_error(num_domains: int, bad: int, ranks: int, outcome: str) -> ValueError:
+    """The error every rank raises for :func:`eager_dropped`'s count."""
+    return ValueError(
+        f"domain ids must be in [0, num_domains={num_domains}) on unmasked tokens; found {bad} "
+        f"outside across the {ranks} ranks; {outcome}"
+    )

@@ -23,6 +23,8 @@ from fastmix.mixers._common import (
     MAX_COUNT,
     allocate_state,
     check_float,
+    dropped_error,
+    eager_dropped,
     initial_weights,
     normal_state,
     normal_tensors,
@@ -205,7 +207,8 @@ class DoReMi:
     ) -> str:
         # With several ranks a bad id is not raised here, on its rank alone (the others would
         # wait in the next all-reduce until the group's timeout): it is counted, the count
-        # travels with the statistics, and every rank raises after the reduction (_dropped).
+        # travels with the statistics, and every rank raises after the reduction
+        # (eager_dropped).
         validate_inputs(
             loss, domain, self.num_domains, ref_loss, mask, ref_required=True,
             check_values=ranks == 1,
@@ -302,9 +305,9 @@ class DoReMi:
                 torch.cat([stats.reshape(-1), out_of_range.reshape(1).to(stats.dtype)]), group
             )
             total, dropped = reduced[:-1].view_as(stats), reduced[-1:]
-            bad = self._eager_count(dropped)
+            bad = eager_dropped(dropped)
             if bad:
-                raise self._bad_ids(bad, ranks, "nothing was updated")
+                raise dropped_error(self.num_domains, bad, ranks, "nothing was updated")
             self._counters[2:].add_(dropped.to(torch.int64))
             doremi_update_(
                 total, self._state, self._counters, self.step_size, self.smoothing,
@@ -349,11 +352,13 @@ class DoReMi:
         ranks = distributed.world_size(group)
         if ranks > 1:
             dropped = self._pending[-1:]
-            bad = self._eager_count(dropped)
+            bad = eager_dropped(dropped)
             if bad:
                 self._pending.zero_()
                 self._has_pending = False
-                raise self._bad_ids(bad, ranks, "the pending micro-batches were discarded")
+                raise dropped_error(
+                    self.num_domains, bad, ranks, "the pending micro-batches were discarded"
+                )
             self._counters[2:].add_(dropped.to(torch.int64))
         doremi_update_(
             self._pending[:-1].view(3, self.num_domains), self._state, self._counters,
@@ -368,21 +373,6 @@ class DoReMi:
         without debug mode's collective)."""
         return distributed.world_size(distributed.resolve_group(self.process_group))
 
-    @staticmethod
-    def _eager_count(dropped: Tensor) -> int:
-        """The ranks' summed count of tokens with a bad domain id (float32 ``[1]``, after the
-        all-reduce) where one rank alone would have raised on them (eager on CPU: no device
-        sync), else 0.  Every rank then raises the same error after the collective, so none is
-        left waiting in it."""
-        if dropped.device.type != "cpu" or torch.compiler.is_compiling():
-            return 0
-        return int(dropped[0])
-
-    def _bad_ids(self, bad: int, ranks: int, outcome: str) -> ValueError:
-        return ValueError(
-            f"domain ids must be in [0, num_domains={self.num_domains}) on unmasked tokens; "
-            f"found {bad} outside across the {ranks} ranks; {outcome}"
-        )
 
     def check(self) -> None:
         """Raise if any unmasked token had a domain id outside [0, K) (synchronises)."""

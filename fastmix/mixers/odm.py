@@ -33,6 +33,8 @@ from fastmix.mixers._common import (
     MAX_COUNT,
     allocate_state,
     check_float,
+    dropped_error,
+    eager_dropped,
     initial_weights,
     normal_state,
     normal_tensors,
@@ -41,7 +43,7 @@ from fastmix.mixers._common import (
     state_vector,
     weights_tolerance,
 )
-from fastmix.ops import domain_loss_stats
+from fastmix.ops import loss_stats_and_dropped
 
 __all__ = ["ODM"]
 
@@ -72,6 +74,11 @@ class ODM:
     Attributes: ``weights`` (π, ``[K]`` float32), ``rewards`` (R̂), ``num_steps`` (t, read as an
     int from the device: a synchronisation),
     ``num_skipped`` (device int64: domain-steps whose count or mean loss was not finite, ignored).
+
+    :meth:`step` treats a domain id outside [0, K) as :func:`fastmix.domain_loss_stats` does
+    (ValueError in eager mode on CPU, the token dropped elsewhere); with several ranks the
+    error is raised on every rank after the step's all-reduce, nothing updated, instead of on
+    the rank that saw the id alone while the others waited in the collective.
     """
 
     def __init__(
@@ -185,10 +192,16 @@ class ODM:
         """
         if not isinstance(loss, Tensor):
             raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
+        # With several ranks a bad domain id is counted, not raised on its rank alone (the others
+        # would wait in the all-reduce until the group's timeout); the count travels with the
+        # statistics and every rank raises after the reduction (eager_dropped).
+        ranks = distributed.world_size(distributed.resolve_group(self.process_group))
         # update() moves the state to the statistics' device: only a batch the checks took
-        stats = domain_loss_stats(loss.detach(), domain, self.num_domains, mask=mask,
-                                  backend=self.backend, deterministic=self.deterministic)
-        return self.update(stats)
+        stats, dropped = loss_stats_and_dropped(
+            loss.detach(), domain, self.num_domains, None, mask, self.backend,
+            self.deterministic, check_values=ranks == 1,
+        )  # fmt: skip
+        return self._update(stats, dropped if ranks > 1 else None)
 
     def update(self, stats: Tensor) -> Tensor:
         """Update π from per-domain statistics ``[3, K]`` (or ``[2, K]``: count, loss sum).
@@ -196,6 +209,11 @@ class ODM:
         Use this when the statistics are already computed (e.g. shared with DoReMi).  They are
         summed over the process group first, so pass this rank's statistics only.
         """
+        return self._update(stats, None)
+
+    def _update(self, stats: Tensor, dropped: Tensor | None) -> Tensor:
+        """update(), and with ``dropped`` (step() with several ranks: this rank's count of tokens
+        with a bad domain id) that count summed in the same all-reduce."""
         if not isinstance(stats, Tensor):
             raise TypeError(f"stats must be a torch.Tensor, got {type(stats).__name__}")
         # Statistics of a loss that requires grad would give the rewards and π a grad_fn, and
@@ -211,7 +229,18 @@ class ODM:
             raise TypeError(f"stats must be a dense (strided) tensor, got layout {stats.layout}")
         self._follow(stats.device)
         group = distributed.resolve_group(self.process_group)
-        totals = distributed.all_reduce_sum_(stats[:2].to(torch.float32).clone(), group)
+        if dropped is None:
+            totals = distributed.all_reduce_sum_(stats[:2].to(torch.float32).clone(), group)
+        else:
+            reduced = distributed.all_reduce_sum_(
+                torch.cat([stats[:2].to(torch.float32).reshape(-1),
+                           dropped.reshape(1).to(torch.float32)]), group,
+            )  # fmt: skip
+            bad = eager_dropped(reduced[-1:])
+            if bad:
+                raise dropped_error(self.num_domains, bad, distributed.world_size(group),
+                                    "nothing was updated")  # fmt: skip
+            totals = reduced[:-1].view(2, self.num_domains)
         count, loss_sum = totals[0], totals[1]
         mean = loss_sum / count.clamp_min(1.0)
         # An infinite count made the mean 0 (a reward of 1, as for a loss of 0) and a NaN count

@@ -605,9 +605,20 @@ def domain_loss_stats(
     use :class:`fastmix.DoReMi`, which counts them in ``num_out_of_range`` (``debug=True`` or
     ``check()`` raises).  Gradients flow to ``loss`` and ``ref_loss``.
     """
+    return loss_stats_and_dropped(loss, domain, num_domains, ref_loss, mask, backend,
+                                  deterministic)[0]  # fmt: skip
+
+
+def loss_stats_and_dropped(
+    loss: Tensor, domain: Tensor, num_domains: int, ref_loss: Tensor | None, mask: Tensor | None,
+    backend: str | None, deterministic: bool, check_values: bool = True,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """:func:`domain_loss_stats` and the number of unmasked tokens it dropped for an id outside
+    [0, K); ``check_values=False`` drops and counts them in eager mode on CPU too, instead of
+    raising (mixers with several ranks: see ``fastmix.mixers._common.eager_dropped``)."""
     # a NumPy int becomes the Python int the op schema's SymInt takes
     num_domains = _check_num_domains(num_domains)
-    validate_inputs(loss, domain, num_domains, ref_loss, mask)
+    validate_inputs(loss, domain, num_domains, ref_loss, mask, check_values=check_values)
     name = resolve_backend(backend, loss.device, num_domains, loss.numel())
     _check_stats_allocatable(num_domains, loss.device)
     # bool("no") is True: any value switched the fixed-order sums on
@@ -617,5 +628,5 @@ def domain_loss_stats(
         loss.requires_grad or (ref_loss is not None and ref_loss.requires_grad)
     )
     if needs_grad:
-        return torch.ops.fastmix.domain_stats(*args)[0]
-    return domain_stats_detached(*args)[0]
+        return torch.ops.fastmix.domain_stats(*args)
+    return domain_stats_detached(*args)
