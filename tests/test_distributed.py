@@ -134,49 +134,57 @@ def check_scenarios(rank: int, out_dir: str) -> dict[str, str]:
         loss, ref, domain, mask = shard(global_batch(0, 2), rank)
         mixer.step(loss, ref, domain % k, mask)
 
-    def doremi_bad_id(accumulate: bool) -> None:
-        # rank 1 alone has a domain id out of range: both ranks must raise, then both step on
-        mixer = DoReMi(K)
+    def with_bad_id() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """This rank's batch (loss, ref, domain, mask) and its ids with rank 1's first row out
+        of range (rank 0's all valid)."""
         loss, ref, domain, mask = shard(global_batch(0, 2), rank)
         bad = domain.clone()
         if other:
             bad[0] = K
+        return loss, ref, domain, mask, bad
+
+    def then_good_step(run, good_step) -> str:
+        """run()'s error (both ranks must raise), then a valid step that both ranks take."""
         try:
+            run()
+            first = "no error"
+        except ValueError as exc:
+            first = str(exc)
+        return f"{first} | then {good_step()}"
+
+    def doremi_bad_id(accumulate: bool) -> None:
+        mixer = DoReMi(K)
+        loss, ref, domain, mask, bad = with_bad_id()
+
+        def run() -> None:
             if accumulate:
                 mixer.accumulate(loss, ref, domain, mask)
                 mixer.accumulate(loss, ref, bad, mask)
                 mixer.update()
             else:
                 mixer.step(loss, ref, bad, mask)
-            first = "no error"
-        except ValueError as exc:
-            first = str(exc)
-        mixer.step(loss, ref, domain, mask)
-        raise ValueError(f"{first} | then {int(mixer.num_updates)} update(s), "
-                         f"{int(mixer.num_out_of_range)} dropped")  # fmt: skip
+
+        def good_step() -> str:
+            mixer.step(loss, ref, domain, mask)
+            return f"{int(mixer.num_updates)} update(s), {int(mixer.num_out_of_range)} dropped"
+
+        raise ValueError(then_good_step(run, good_step))
 
     def odm_bad_id() -> None:
         mixer = ODM(K)
-        loss, _, domain, mask = shard(global_batch(0, 2), rank)
-        bad = domain.clone()
-        if other:
-            bad[0] = K
-        try:
-            mixer.step(loss, bad, mask)
-            first = "no error"
-        except ValueError as exc:
-            first = str(exc)
-        mixer.step(loss, domain, mask)
-        raise ValueError(f"{first} | then {mixer.num_steps} step(s)")
+        loss, _, domain, mask, bad = with_bad_id()
+
+        def good_step() -> str:
+            mixer.step(loss, domain, mask)
+            return f"{mixer.num_steps} step(s)"
+
+        raise ValueError(then_good_step(lambda: mixer.step(loss, bad, mask), good_step))
 
     def doremi_bad_id_compiled() -> None:
         # where bad ids are dropped and counted (GPU, torch.compile), the count is summed over
         # the ranks: debug mode raises on both at the same update
         mixer = DoReMi(K, debug=True)
-        loss, ref, domain, mask = shard(global_batch(0, 2), rank)
-        bad = domain.clone()
-        if other:
-            bad[0] = K
+        loss, ref, _, mask, bad = with_bad_id()
         torch.compile(mixer.step, backend="eager")(loss, ref, bad, mask)
 
     def changed(first_step: int, first_weights: list[float]) -> MixtureDataset:
