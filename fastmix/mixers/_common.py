@@ -298,12 +298,12 @@ def state_vector(
 
 
 def eager_dropped(dropped: Tensor) -> int:
-    """After a mixer's all-reduce over several ranks, ``dropped`` (float32 ``[1]``) is the ranks'
-    summed count of unmasked tokens with a domain id outside [0, K).  Where one rank alone would
-    have raised on them, in eager mode on CPU (no device sync), that count, else 0: every rank
-    then raises :func:`dropped_error` after the collective, where the error raised on its rank
-    before it left the others waiting in it until the group's timeout.  Elsewhere (GPU,
-    torch.compile) the tokens stay dropped."""
+    """``dropped``, the ranks' summed count of unmasked tokens with a domain id outside [0, K)
+    (float32 ``[1]``, after a mixer's all-reduce), where a single process raises on such tokens:
+    in eager mode on CPU (reading it costs no device sync); else 0 (GPU, torch.compile: the
+    tokens stay dropped).  Every rank raises :func:`dropped_error` for it after the collective;
+    an error on one rank before the collective left the others waiting in it until the group's
+    timeout."""
     if dropped.device.type != "cpu" or torch.compiler.is_compiling():
         return 0
     return int(dropped[0])

@@ -373,7 +373,6 @@ class DoReMi:
         without debug mode's collective)."""
         return distributed.world_size(distributed.resolve_group(self.process_group))
 
-
     def check(self) -> None:
         """Raise if any unmasked token had a domain id outside [0, K) (synchronises)."""
         bad = int(self._counters[2])
