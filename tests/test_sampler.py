@@ -801,6 +801,55 @@ def test_blend_indices_screened_lanes_catch_near_ties(isa: str) -> None:
         assert info["uncertain"] > info["windows"] // 50
 
 
+@pytest.mark.parametrize("k", [33, 40, 48, 49, 57, 64])
+def test_blend_indices_fixed_point_chain_runs_and_matches(k: int) -> None:
+    # 33 <= K <= 64 with AVX2 (the best this CPU has, or forced by "avx2"): one chain of the rule
+    # in 32-bit fixed point, windows of 32 steps, each proved exact (no other row within the
+    # rounding margin of the largest at any step) or recomputed by the plain rule.  Generic weights
+    # keep nearly every window and still meet a few close calls.
+    w = np.random.default_rng(1800 + k).dirichlet(np.ones(k))
+    w = w / np.sum(w)
+    index, sample, info = _C._blend_indices_screened(w, 500_000, isa="avx2")
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, len(index)), f"k={k}")
+    if not _SCREENS:
+        assert info["chain_windows"] == 0
+        return
+    assert not info["chain_gave_up"]
+    assert info["chain_windows"] == -(-(len(index) - 1) // 32)  # every step after step 0
+    assert 0 < info["chain_uncertain"] < info["chain_windows"] // 20
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [np.ones(40), np.round(np.linspace(0.01, 0.2, 50), 2)],
+    ids=["uniform", "hundredths"],
+)
+def test_blend_indices_fixed_point_chain_gives_up_on_ties(weights: np.ndarray) -> None:
+    # Exact ties in doubles leave the chain's windows unproved; after 64 windows with more than
+    # one in eight recomputed it gives up, and the other paths run the rest.
+    w = weights / np.sum(weights)
+    index, sample, info = _C._blend_indices_screened(w, 100_000, isa="avx2")
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, len(index)))
+    if _SCREENS:
+        assert info["chain_gave_up"]
+        assert info["chain_windows"] == 64 and info["chain_uncertain"] > 8
+
+
+def test_blend_indices_fixed_point_chain_catches_near_ties() -> None:
+    # Two domains whose weights differ by 2e-13 (relative) come within the margin of each other
+    # whenever both are near the top: both rows drop at such a step, the window's total change
+    # shows it, and the window is recomputed.
+    w = np.random.default_rng(1900).dirichlet(np.ones(40))
+    w[[4, 9]] = 0.001
+    w[9] *= 1 + 2e-13
+    w = w / np.sum(w)
+    index, sample, info = _C._blend_indices_screened(w, 1_000_000, isa="avx2")
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, len(index)))
+    if _SCREENS:
+        assert not info["chain_gave_up"]
+        assert info["chain_uncertain"] > info["chain_windows"] // 50
+
+
 def test_blend_indices_screened_rejects_an_unknown_isa() -> None:
     with pytest.raises(ValueError, match="isa must be"):
         _C._blend_indices_screened(np.ones(3) / 3, 10, isa="avx512")
@@ -819,11 +868,12 @@ def test_blend_indices_screened_lanes_recover_from_wrong_guesses(k: int, isa: st
         assert info["misguessed"] == 15 and info["redone"] > 0
 
 
-def test_greedy_fill_screened_lanes_from_far_states() -> None:
+@pytest.mark.parametrize("k", [22, 40])
+def test_greedy_fill_screened_lanes_from_far_states(k: int) -> None:
     # Streaming from states far from the weights (deficits of thousands, outside the 32-bit
-    # range: those lanes' windows are recomputed until the rule has caught up), and at steps near
-    # 2^40, where the doubles' rounding widens the margin; checked against the scalar path.
-    k = 22
+    # range: those windows are recomputed until the rule has caught up), and at steps near 2^40,
+    # where the doubles' rounding widens the margin; checked against the scalar path.  K = 22:
+    # the screened lanes; K = 40: the fixed-point chain.
     w = np.random.default_rng(1700).dirichlet(np.ones(k))
     w = w / np.sum(w)
     starts = []
@@ -850,7 +900,9 @@ def test_greedy_fill_screened_lanes_from_far_states() -> None:
 def test_greedy_fill_takes_unnormalised_weights_on_every_path() -> None:
     # greedy_fill uses the weights as given; weights above 1 are outside the screened lanes'
     # 32-bit range (they must not be screened), weights summing below 1 drift out of it.
-    for w in (np.array([300.0, 100.0, 50.0]), np.array([0.2, 0.1, 0.05, 0.05])):
+    # K = 40: the same for the fixed-point chain.
+    for w in (np.array([300.0, 100.0, 50.0]), np.array([0.2, 0.1, 0.05, 0.05]),
+              np.arange(1.0, 41.0), np.full(40, 0.01)):  # fmt: skip
         ids = {}
         for isa in ("best", "avx2", "scalar"):
             out = np.empty(40_000, dtype=np.int32)

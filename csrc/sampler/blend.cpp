@@ -1132,6 +1132,105 @@ __attribute__((target("avx2"))) uint32_t screen_anchor_avx2(const double* w, int
   return ~in & 0xFFFFu;
 }
 
+// ---- Fixed-point chain (blend.h), AVX2 ----
+
+// rows[d] = round(v * 2^F) * 64 + d for v = deficit(w[d], x, cf[d]) (v clamped into
+// [-kScreenRange, 2]; false if some v lay outside), padding rows up to a multiple of 8 far below.
+__attribute__((target("avx2"))) bool chain_anchor_avx2(const double* w, const double* cf,
+                                                      int64_t k, double x, int32_t* rows) {
+  const __m256d xv = _mm256_set1_pd(x);
+  const __m256d scale = _mm256_set1_pd(std::ldexp(1.0, kChainFraction));
+  const __m256d lo = _mm256_set1_pd(-kScreenRange), hi = _mm256_set1_pd(2.0);
+  const __m128i four = _mm_set1_epi32(4);
+  __m128i index = _mm_setr_epi32(0, 1, 2, 3);
+  bool inside = true;
+  int64_t d = 0;
+  for (; d + 4 <= k; d += 4) {
+    __m256d v = _mm256_sub_pd(_mm256_mul_pd(_mm256_loadu_pd(w + d), xv),
+                              _mm256_loadu_pd(cf + d));  // deficit(): mul, then sub
+    const __m256d in = _mm256_and_pd(_mm256_cmp_pd(v, lo, _CMP_GE_OQ),
+                                     _mm256_cmp_pd(v, hi, _CMP_LE_OQ));
+    inside &= _mm256_movemask_pd(in) == 0xF;
+    v = _mm256_min_pd(_mm256_max_pd(v, lo), hi);
+    const __m128i fixed = _mm256_cvttpd_epi32(
+        _mm256_round_pd(_mm256_mul_pd(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(rows + d),
+                     _mm_or_si128(_mm_slli_epi32(fixed, kChainIndexBits), index));
+    index = _mm_add_epi32(index, four);
+  }
+  for (; d < k; ++d) {  // the last k % 4 (the same roundings, one at a time)
+    double v = deficit(w[d], x, cf[d]);
+    inside &= v >= -kScreenRange && v <= 2.0;
+    v = std::min(std::max(v, -kScreenRange), 2.0);
+    const auto fixed = static_cast<int32_t>(std::nearbyint(v * std::ldexp(1.0, kChainFraction)));
+    rows[d] = static_cast<int32_t>(static_cast<uint32_t>(fixed) << kChainIndexBits) |
+              static_cast<int32_t>(d);
+  }
+  for (; d < chain_rows(k); ++d) rows[d] = INT32_MIN;
+  return inside;
+}
+
+// m steps of the chain, rows in NV registers of 8: tops[t] = the largest row at step t (its low
+// bits name the domain).  Each step drops by kChainOne every row within the margin of the
+// largest (at least the largest) and adds step_add to all; true when every step dropped exactly
+// one (the rows' total change, in 64 bits) and the largest stayed where no row can overflow.
+template <int NV>
+__attribute__((target("avx2"))) bool chain_steps_avx2(const int32_t* step_add, int32_t* rows,
+                                                     int64_t m, int32_t margin, int32_t* tops) {
+  __m256i r[NV];
+  int64_t before = 0, add_sum = 0;
+  int32_t add_max = 0;
+  for (int i = 0; i < 8 * NV; ++i) {
+    before += rows[i];
+    add_sum += step_add[i];
+    add_max = std::max(add_max, step_add[i]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 8 * i));
+  const __m256i one = _mm256_set1_epi32(kChainOne);
+  const __m256i marginv = _mm256_set1_epi32(margin + 1);  // r >= top - margin <=> r > top - margin - 1
+  __m256i high = _mm256_set1_epi32(INT32_MIN), low = _mm256_set1_epi32(INT32_MAX);
+  for (int64_t t = 0; t < m; ++t) {
+    __m256i a = r[0];
+    if constexpr (NV > 1) {
+      __m256i b = r[1];
+#pragma GCC unroll 8
+      for (int i = 2; i < NV; i += 2) {
+        a = _mm256_max_epi32(a, r[i]);
+        if (i + 1 < NV) b = _mm256_max_epi32(b, r[i + 1]);
+      }
+      a = _mm256_max_epi32(a, b);
+    }
+    a = _mm256_max_epi32(a, _mm256_permute2x128_si256(a, a, 1));
+    a = _mm256_max_epi32(a, _mm256_shuffle_epi32(a, 0x4E));
+    const __m256i top = _mm256_max_epi32(a, _mm256_shuffle_epi32(a, 0xB1));  // in every lane
+    tops[t] = _mm256_cvtsi256_si32(top);
+    high = _mm256_max_epi32(high, top);
+    low = _mm256_min_epi32(low, top);
+    const __m256i floor = _mm256_sub_epi32(top, marginv);
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) {
+      const __m256i chosen = _mm256_cmpgt_epi32(r[i], floor);  // all ones where chosen
+      const __m256i add = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step_add + 8 * i));
+      r[i] = _mm256_sub_epi32(_mm256_add_epi32(r[i], add), _mm256_and_si256(chosen, one));
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NV; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows + 8 * i), r[i]);
+  int64_t after = 0;
+  for (int i = 0; i < 8 * NV; ++i) after += rows[i];
+  // As screen_range: below `high` every row can take one more step; from `low` up the rows
+  // within the margin can drop by one.  (Where the largest left that range, the window's rows
+  // may have wrapped, and the total change below could match by accident.)  And the largest
+  // within [-4, 4] (2^30 = 4 in these units), where the bound on the doubles' rounding holds.
+  const int32_t top_high = _mm256_cvtsi256_si32(high), top_low = _mm256_cvtsi256_si32(low);
+  constexpr int32_t kFour = int32_t{1} << 30;
+  const bool in_range =
+      m == 0 || (top_high <= std::min(INT32_MAX - add_max - 64, kFour) &&
+                 top_low >= std::max(INT32_MIN + kChainOne + margin + 64, -kFour));
+  return in_range && after - before == m * (add_sum - kChainOne);
+}
+
 #endif
 
 }  // namespace
@@ -1350,6 +1449,42 @@ bool screen_write(Isa isa, int64_t k, const int32_t* step_add, const int32_t* ro
   (void)isa, (void)k, (void)step_add, (void)rows0, (void)rows, (void)tops, (void)counts;
   (void)lanes, (void)out, (void)at, (void)wide_samples;
   return false;
+}
+
+bool chain_available(Isa isa, int64_t k) {
+#if defined(FASTMIX_X86_DISPATCH)
+  // AVX2 only: with AVX-512 the register kernels with speculative segments take these K.
+  return k >= kChainMin && k <= kChainMax && usable_isa(isa) == Isa::kAvx2;
+#else
+  (void)isa, (void)k;
+  return false;
+#endif
+}
+
+bool chain_anchor(Isa isa, const double* w, const double* cf, int64_t k, double x,
+                  int32_t* rows) {
+#if defined(FASTMIX_X86_DISPATCH)
+  if (chain_available(isa, k)) return chain_anchor_avx2(w, cf, k, x, rows);
+#endif
+  (void)isa, (void)w, (void)cf, (void)k, (void)x, (void)rows;
+  throw std::logic_error("chain_anchor: not available for this CPU or domain count");
+}
+
+bool chain_steps(Isa isa, const int32_t* step_add, int64_t k, int32_t* rows, int64_t m,
+                 int32_t margin, int32_t* tops) {
+#if defined(FASTMIX_X86_DISPATCH)
+  if (chain_available(isa, k)) {
+    switch (chain_rows(k) / 8) {
+      case 5: return chain_steps_avx2<5>(step_add, rows, m, margin, tops);
+      case 6: return chain_steps_avx2<6>(step_add, rows, m, margin, tops);
+      case 7: return chain_steps_avx2<7>(step_add, rows, m, margin, tops);
+      case 8: return chain_steps_avx2<8>(step_add, rows, m, margin, tops);
+      default: break;
+    }
+  }
+#endif
+  (void)isa, (void)step_add, (void)k, (void)rows, (void)m, (void)margin, (void)tops;
+  throw std::logic_error("chain_steps: not available for this CPU or domain count");
 }
 
 uint32_t screen_anchor(Isa isa, const double* w, int64_t k, const int64_t* counts,

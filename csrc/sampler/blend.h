@@ -6,8 +6,9 @@
 // windowed pruning leaves, held in AVX-512 registers with one exact vector argmax per step; AVX2
 // registers for up to 48 on CPUs without AVX-512; scalar pruning on the rest; up to 32 domains,
 // first 16 segments at once in fixed point, each step proved exact or recomputed: screened
-// lanes, below).  Both can start from any state (step s0, counts), which is how MixtureSampler
-// streams the rule.
+// lanes, below; 33 to 64 domains with AVX2 but no AVX-512, one chain in fixed point: the
+// fixed-point chain, below).  Both can start from any state (step s0, counts), which is how
+// MixtureSampler streams the rule.
 #pragma once
 
 #include <algorithm>
@@ -216,6 +217,37 @@ bool screen_write(Isa isa, int64_t k, const int32_t* step_add, const int32_t* ro
                   const int32_t* rows, const int32_t* tops, int64_t* counts, uint32_t lanes,
                   const ScreenLaneOut* out, int64_t at, bool wide_samples = false);
 
+// Fixed-point chain (kChainMin <= K <= kChainMax, CPUs with AVX2 but no AVX-512).  Above 32
+// domains the screened lanes' rows outgrow their 5 index bits and AVX2's register kernel holds at
+// most 48 doubles, so K = 33 to 64 ran the double kernel alone or the pruning windows: Zen 3,
+// Dirichlet(1), ns per step, K = 33 / 40 / 48 / 49 / 64: 14.9-15.7 / 19.7-20.9 / 21.2-22.1 /
+// 30-39 / 28.5-30.8, against 37 to 82 for the plain loop; with the chain 10.6-11.1 / 10.6-11.1 /
+// 11.3-11.9 / 11.5-12.5 / 12.2-14.3 (builds alternated four times, 4M steps, medians of 5).  ~70%
+// of it is the kernel, whose step is one latency chain: integer max tree, in-register horizontal
+// max, compare, drop.  Here one chain of the rule runs in 32-bit fixed point over every
+// domain, windows of kChainWindow steps anchored on the exact doubles (row d = round(v[d] * 2^F)
+// * 64 + d, F = kChainFraction), one integer max per step in eight-lane registers, and every step
+// proved exact by the screened lanes' argument (blend.h above, with F = 22 and 6 index bits):
+// the rows within the margin of the largest all drop, the rows' total change over the window says
+// whether that was ever more than one, and the largest row must stay where nothing overflows.
+// A window not proved is recomputed by the plain rule; weights that tie exactly (small common
+// denominators) make most windows so, and the chain then gives up for the rest of the run.
+constexpr int64_t kChainMin = kScreenMax + 1;
+constexpr int64_t kChainMax = 64;
+constexpr int kChainFraction = 22;
+constexpr int kChainIndexBits = 6;
+constexpr int32_t kChainOne = int32_t{1} << (kChainFraction + kChainIndexBits);
+constexpr int64_t kChainWindow = 32;
+inline int64_t chain_rows(int64_t k) { return (k + 7) / 8 * 8; }
+bool chain_available(Isa isa, int64_t k);
+// rows[0..chain_rows(k)) packed from the rule's doubles at step x >= 1 with counts cf (padding rows
+// far below); false if some deficit lies outside [-kScreenRange, 2] (the window is not proved).
+bool chain_anchor(Isa isa, const double* w, const double* cf, int64_t k, double x, int32_t* rows);
+// m steps: tops[t] = the largest row at step t (its low 6 bits: the domain); step_add[d] =
+// round(w[d] * 2^F) * 64 (0 for padding).  True when every step is proved (see above).
+bool chain_steps(Isa isa, const int32_t* step_add, int64_t k, int32_t* rows, int64_t m,
+                 int32_t margin, int32_t* tops);
+
 // What the screened path did in a GreedyFast's runs (tests check that it runs, and recovers).
 struct ScreenStats {
   int64_t steps = 0;       // steps run by screened lanes, verified or not
@@ -224,6 +256,9 @@ struct ScreenStats {
   int64_t misguessed = 0;  // lanes whose guessed start state was wrong
   int64_t redone = 0;      // steps recomputed for them
   bool gave_up = false;    // too many uncertain windows: the register kernel ran the rest
+  int64_t chain_windows = 0;    // windows of the fixed-point chain (33 <= K <= 64, AVX2)
+  int64_t chain_uncertain = 0;  // of those, recomputed by the plain rule
+  bool chain_gave_up = false;   // too many uncertain: the other paths ran the rest
 };
 
 class GreedyFast {
@@ -278,6 +313,31 @@ class GreedyFast {
 
   template <class Emit>
   void run(int64_t s0, int64_t n, int64_t* counts, Emit&& emit) {
+    if (k_ > 1 && chain_available(isa_, k_) && !screen_.chain_gave_up) {
+      const int64_t done = run_chain(s0, n, counts, emit);
+      if (done == n) return;
+      // The rest by the other paths (the chain gave up on ties, or x passed 2^43), whose fused
+      // writers count from their own first step.
+      auto rest = [&emit, done](int64_t j, int64_t d, int64_t before) {
+        emit(done + j, d, before);
+      };
+      int16_t* const index = index_;
+      int64_t* const sample = sample_;
+      if (index_ != nullptr) {
+        index_ += done;
+        sample_ += done;
+      }
+      run_paths(s0 + done, n - done, counts, rest);
+      index_ = index;
+      sample_ = sample;
+      return;
+    }
+    run_paths(s0, n, counts, emit);
+  }
+
+ private:
+  template <class Emit>
+  void run_paths(int64_t s0, int64_t n, int64_t* counts, Emit& emit) {
     count_f_.resize(static_cast<size_t>(k_));
     for (int64_t d = 0; d < k_; ++d) count_f_[d] = static_cast<double>(counts[d]);  // exact < 2^53
     if (k_ == 1) {  // nothing to choose
@@ -365,7 +425,71 @@ class GreedyFast {
     }
   }
 
- private:
+  // ---- The fixed-point chain (chain_steps above): windows of kChainWindow steps over every
+  // domain, each proved exact or recomputed by the plain rule.  Returns the steps done: all of
+  // them, unless it gave up on ties or x reached 2^43 (where the doubles' rounding would swamp
+  // the margin).  counts are the true counts on return.
+  template <class Emit>
+  int64_t run_chain(int64_t s0, int64_t n, int64_t* counts, Emit& emit) {
+    const int64_t k = k_;
+    // A weight above 1 (greedy_fill takes weights as given) would overflow a row's step; the
+    // bounds assume w <= 1, as for the screened lanes.
+    if (*std::max_element(w_.begin(), w_.end()) > 1.0) return 0;
+    int64_t done = 0;
+    if (s0 == 0 && n > 0) {  // step 0: x = 1 as at step 1, so not a chain step
+      greedy_naive(w_.data(), k, 0, 1, counts, emit);
+      done = 1;
+    }
+    const int64_t rows = chain_rows(k);
+    chain_add_.assign(static_cast<size_t>(rows), 0);
+    for (int64_t d = 0; d < k; ++d) {
+      const double om = std::nearbyint(std::ldexp(w_[d], kChainFraction));  // <= 2^F
+      chain_add_[d] = static_cast<int32_t>(om) * (int32_t{1} << kChainIndexBits);
+    }
+    chain_packed_.resize(static_cast<size_t>(rows));
+    chain_tops_.resize(static_cast<size_t>(kChainWindow));
+    count_f_.resize(static_cast<size_t>(k));
+    for (int64_t d = 0; d < k; ++d) count_f_[d] = static_cast<double>(counts[d]);
+    constexpr int32_t kIndexMask = (int32_t{1} << kChainIndexBits) - 1;
+    while (done < n) {
+      const int64_t s = s0 + done;
+      const int64_t m = std::min<int64_t>(kChainWindow, n - done);
+      if (s + m > (int64_t{1} << 43)) break;
+      // margin = 2 + W + 4 e 2^F units, e = 2^-52 (x + 8) at the window's last x; packed.
+      const double units = std::ceil(2.0 + kChainWindow +
+                                     std::ldexp(static_cast<double>(s + m) + 8.0,
+                                                kChainFraction - 50));
+      const int32_t margin = static_cast<int32_t>(units) * (kIndexMask + 1) + kIndexMask;
+      const bool proved =
+          chain_anchor(isa_, w_.data(), count_f_.data(), k, static_cast<double>(s),
+                       chain_packed_.data()) &&
+          chain_steps(isa_, chain_add_.data(), k, chain_packed_.data(), m, margin,
+                      chain_tops_.data());
+      ++screen_.chain_windows;
+      if (proved) {
+        for (int64_t t = 0; t < m; ++t) {
+          const int32_t d = chain_tops_[t] & kIndexMask;
+          emit(done + t, d, counts[d]);
+          counts[d] += 1;
+          count_f_[d] += 1.0;
+        }
+      } else {
+        ++screen_.chain_uncertain;
+        auto window = [&emit, done](int64_t j, int64_t d, int64_t before) {
+          emit(done + j, d, before);
+        };
+        greedy_naive(w_.data(), k, s, m, counts, window);
+        for (int64_t d = 0; d < k; ++d) count_f_[d] = static_cast<double>(counts[d]);
+      }
+      done += m;
+      if (screen_.chain_windows >= 64 && 8 * screen_.chain_uncertain > screen_.chain_windows) {
+        screen_.chain_gave_up = true;  // mostly ties: the other paths do better
+        break;
+      }
+    }
+    return done;
+  }
+
   // Below this many domains the portable path (no vector kernel) runs the plain loop, not the
   // pruning windows: Zen 4, ns per step, windows / plain loop, three alternating runs of 2M
   // steps: K = 8: 32.0 / 17.3, 12: 32.6 / 23.3, 16: 35.3 / 29.7, 19: 36.6 / 34.9.  From about
@@ -975,6 +1099,7 @@ class GreedyFast {
   std::vector<int64_t> lane_counts_, lane_snaps_, lane_guess_, lane_final_;
   std::vector<int32_t> lane_rows_, lane_rows0_, step_add_, tops_, lane_pos_;
   std::vector<double> lane_cf_;
+  std::vector<int32_t> chain_add_, chain_packed_, chain_tops_;
   ScreenStats screen_;
   int16_t* index_ = nullptr;  // run_into's arrays while it runs
   int64_t* sample_ = nullptr;

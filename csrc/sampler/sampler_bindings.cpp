@@ -253,6 +253,9 @@ py::tuple blend_screened(const py::handle& weights, int64_t size, bool misguess,
   info["misguessed"] = stats.misguessed;
   info["redone"] = stats.redone;
   info["gave_up"] = stats.gave_up;
+  info["chain_windows"] = stats.chain_windows;
+  info["chain_uncertain"] = stats.chain_uncertain;
+  info["chain_gave_up"] = stats.chain_gave_up;
   return py::make_tuple(arrays.first, arrays.second, info);
 }
 
@@ -373,9 +376,9 @@ that instruction set; tests) does not change the output.  Releases the GIL.
   m.def("blend_indices", &blend<BlendPath::kFast>, py::arg("weights"), py::arg("size"), R"doc(
 Megatron-LM's build_blending_indices: (dataset_index int16[size], dataset_sample_index int64[size])
 for float64 `weights` used as given.  Candidates in AVX-512 registers (windowed pruning above 64
-domains; AVX2 registers up to 48 domains on CPUs without AVX-512), and up to 32 domains 16
-segments at once in 32-bit fixed point with every step proved exact or recomputed; bit-identical
-to the plain rule.
+domains; AVX2 registers up to 48 domains on CPUs without AVX-512), up to 32 domains 16 segments
+at once in 32-bit fixed point, and 33 to 64 domains on AVX2 one chain in 32-bit fixed point, with
+every step proved exact or recomputed; bit-identical to the plain rule.
 )doc");
   m.def("_blend_indices_naive", &blend<BlendPath::kNaive>, py::arg("weights"), py::arg("size"),
         "The plain O(K)-per-sample loop of the same rule (benchmark baseline and test oracle).");
@@ -391,7 +394,8 @@ to the plain rule.
         py::arg("size"), "_blend_indices_avx2 with every speculative segment misguessed (tests).");
   m.def("_blend_indices_screened", &blend_screened, py::arg("weights"), py::arg("size"),
         py::arg("misguess") = false, py::arg("isa") = "best", py::arg("wide_samples") = false,
-        "(dataset_index, sample_index, what the screened lanes did: a dict) of blend_indices, or "
+        "(dataset_index, sample_index, what the screened lanes and the fixed-point chain did: a "
+        "dict) of blend_indices, or "
         "of its misguessed variant, with the CPU's best kernels or ('avx2') at most AVX2, the "
         "samples through the 64-bit path where wide_samples (tests).");
   m.def("_best_isa", []() {
