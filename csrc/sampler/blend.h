@@ -217,21 +217,22 @@ bool screen_write(Isa isa, int64_t k, const int32_t* step_add, const int32_t* ro
                   const int32_t* rows, const int32_t* tops, int64_t* counts, uint32_t lanes,
                   const ScreenLaneOut* out, int64_t at, bool wide_samples = false);
 
-// Fixed-point chain (kChainMin <= K <= kChainMax, CPUs with AVX2 but no AVX-512).  Above 32
-// domains the screened lanes' rows outgrow their 5 index bits and AVX2's register kernel holds at
-// most 48 doubles, so K = 33 to 64 ran the double kernel alone or the pruning windows: Zen 3,
-// Dirichlet(1), ns per step, K = 33 / 40 / 48 / 49 / 64: 14.9-15.7 / 19.7-20.9 / 21.2-22.1 /
-// 30-39 / 28.5-30.8, against 37 to 82 for the plain loop; with the chain 10.6-11.1 / 10.6-11.1 /
-// 11.3-11.9 / 11.5-12.5 / 12.2-14.3 (builds alternated four times, 4M steps, medians of 5).  ~70%
-// of it is the kernel, whose step is one latency chain: integer max tree, in-register horizontal
-// max, compare, drop.  Here one chain of the rule runs in 32-bit fixed point over every
-// domain, windows of kChainWindow steps anchored on the exact doubles (row d = round(v[d] * 2^F)
-// * 64 + d, F = kChainFraction), one integer max per step in eight-lane registers, and every step
-// proved exact by the screened lanes' argument (blend.h above, with F = 22 and 6 index bits):
-// the rows within the margin of the largest all drop, the rows' total change over the window says
-// whether that was ever more than one, and the largest row must stay where nothing overflows.
-// A window not proved is recomputed by the plain rule; weights that tie exactly (small common
-// denominators) make most windows so, and the chain then gives up for the rest of the run.
+// Fixed-point chain (kChainMin <= K <= kChainMax, CPUs with AVX2 but no AVX-512).  One chain of
+// the rule in 32-bit fixed point over every domain: windows of kChainWindow steps anchored on the
+// exact doubles (row d = round(v[d] * 2^F) * 64 + d, F = kChainFraction), one integer max per
+// step in eight-lane registers, and every step proved exact by the screened lanes' argument
+// (above, with F = 22 and 6 index bits): the rows within the margin of the largest all drop, the
+// rows' total change over the window says whether that was ever more than one, and the largest
+// row must stay where nothing overflows and the doubles' rounding bound holds (|v| <= 4).  A
+// window not proved is recomputed by the plain rule; weights that tie exactly (small common
+// denominators) leave most windows unproved, and the chain then gives up for the rest of the run.
+// Why: above 32 domains the screened lanes' rows outgrow their 5 index bits and AVX2's register
+// kernel holds at most 48 doubles, so K = 33 to 64 ran that kernel alone or the pruning windows.
+// Zen 3, Dirichlet(1), ns per step, K = 33 / 40 / 48 / 49 / 64: before 14.9-15.7 / 19.7-20.9 /
+// 21.2-22.1 / 30-39 / 28.5-30.8, with the chain 10.6-11.1 / 10.6-11.1 / 11.3-11.9 / 11.5-12.5 /
+// 12.2-14.3 (builds alternated four times, 4M steps, medians of 5; the plain loop 37 to 82).
+// ~70% of it is the kernel, whose step is one latency chain: integer max tree, in-register
+// horizontal max, compare, drop.
 constexpr int64_t kChainMin = kScreenMax + 1;
 constexpr int64_t kChainMax = 64;
 constexpr int kChainFraction = 22;
