@@ -224,7 +224,7 @@ bool screen_write(Isa isa, int64_t k, const int32_t* step_add, const int32_t* ro
 // (above, with F = 22 and 6 index bits): the rows within the margin of the largest all drop, the
 // rows' total change over the window says whether that was ever more than one, and the largest
 // row must stay where nothing overflows and the doubles' rounding bound holds (|v| <= 4).  A
-// window not proved is recomputed by the plain rule; weights that tie exactly (small common
+// window not proved is recomputed by the other paths; weights that tie exactly (small common
 // denominators) leave most windows unproved, and the chain then gives up for the rest of the run.
 // Why: above 32 domains the screened lanes' rows outgrow their 5 index bits and AVX2's register
 // kernel holds at most 48 doubles, so K = 33 to 64 ran that kernel alone or the pruning windows.
@@ -258,7 +258,7 @@ struct ScreenStats {
   int64_t redone = 0;      // steps recomputed for them
   bool gave_up = false;    // too many uncertain windows: the register kernel ran the rest
   int64_t chain_windows = 0;    // windows of the fixed-point chain (33 <= K <= 64, AVX2)
-  int64_t chain_uncertain = 0;  // of those, recomputed by the plain rule
+  int64_t chain_uncertain = 0;  // of those, recomputed by the other paths
   bool chain_gave_up = false;   // too many uncertain: the other paths ran the rest
 };
 
@@ -427,7 +427,7 @@ class GreedyFast {
   }
 
   // ---- The fixed-point chain (chain_steps above): windows of kChainWindow steps over every
-  // domain, each proved exact or recomputed by the plain rule.  Returns the steps done: all of
+  // domain, each proved exact or recomputed by the other paths.  Returns the steps done: all of
   // them, unless it gave up on ties or x reached 2^43 (where the doubles' rounding would swamp
   // the margin).  counts are the true counts on return.
   template <class Emit>
@@ -474,16 +474,17 @@ class GreedyFast {
           counts[d] += 1;
           count_f_[d] += 1.0;
         }
-      } else {
+      } else {  // the window by the other paths (none of which writes index_ / sample_ here)
         ++screen_.chain_uncertain;
         auto window = [&emit, done](int64_t j, int64_t d, int64_t before) {
           emit(done + j, d, before);
         };
-        greedy_naive(w_.data(), k, s, m, counts, window);
+        run_paths(s, m, counts, window);
         for (int64_t d = 0; d < k; ++d) count_f_[d] = static_cast<double>(counts[d]);
       }
       done += m;
-      if (screen_.chain_windows >= 64 && 8 * screen_.chain_uncertain > screen_.chain_windows) {
+      // Generic weights leave ~1% of windows unproved (K = 33 to 64); ties, most of them.
+      if (screen_.chain_windows >= 16 && 4 * screen_.chain_uncertain > screen_.chain_windows) {
         screen_.chain_gave_up = true;  // mostly ties: the other paths do better
         break;
       }
