@@ -1186,9 +1186,12 @@ __attribute__((target("avx2"))) bool chain_steps_avx2(const int32_t* step_add, i
     add_max = std::max(add_max, step_add[i]);
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < NV; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 8 * i));
+  for (int i = 0; i < NV; ++i) {
+    r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 8 * i));
+  }
   const __m256i one = _mm256_set1_epi32(kChainOne);
-  const __m256i marginv = _mm256_set1_epi32(margin + 1);  // r >= top - margin <=> r > top - margin - 1
+  // r >= top - margin <=> r > top - margin - 1
+  const __m256i marginv = _mm256_set1_epi32(margin + 1);
   __m256i high = _mm256_set1_epi32(INT32_MIN), low = _mm256_set1_epi32(INT32_MAX);
   for (int64_t t = 0; t < m; ++t) {
     __m256i a = r[0];
