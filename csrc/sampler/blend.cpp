@@ -525,25 +525,26 @@ __attribute__((target("avx2"))) void argmax_steps_avx2(
 
 // The range a lane's largest row must stay in through a window so that no row overflows (see
 // blend.h): up to `high` every row can take one more step (rows grow by at most the largest
-// step_add), and from `low` up the chosen rows (within `margin` of the largest) can drop by one.
+// step_add), and from `low` up the chosen rows (within `margin` of the largest) can drop by one
+// (`one`: kScreenOne for the screened lanes, kChainOne for the fixed-point chain).
 struct ScreenRange {
   int32_t high, low;
 };
-template <int R>
+template <int R, int32_t kOne = kScreenOne>
 ScreenRange screen_range(const int32_t* step_add, int32_t margin) {
   int32_t add_max = 0;
   for (int d = 0; d < R; ++d) add_max = std::max(add_max, step_add[d]);
-  return {INT32_MAX - add_max - 64, INT32_MIN + kScreenOne + margin + 64};
+  return {INT32_MAX - add_max - 64, INT32_MIN + kOne + margin + 64};
 }
 
-// The rows' total change over m steps in which every step dropped exactly one row by kScreenOne
+// The rows' total change over m steps in which every step dropped exactly one row by kOne
 // (each step drops at least its top; more than one is a near tie).  Compared in 64 bits, where
 // nothing wraps while the range above holds.
-template <int R>
+template <int R, int32_t kOne = kScreenOne>
 int64_t screen_change(const int32_t* step_add, int64_t m) {
   int64_t sum = 0;
   for (int d = 0; d < R; ++d) sum += step_add[d];
-  return m * (sum - kScreenOne);
+  return m * (sum - kOne);
 }
 
 // Rows of 16 lanes, row d of lane j at rows[16 * d + j]; R rows in registers (K rounded up to
@@ -1086,6 +1087,19 @@ __attribute__((target("avx2"))) inline __m256d small_int64_to_double(__m256i v) 
   return _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(v, _mm256_castpd_si256(magic))), magic);
 }
 
+// Four deficits as fixed point: round(v * scale) after clamping v into [-kScreenRange, 2];
+// *inside = the lanes (bits 0-3) whose v lay in that range.  (The screened lanes' and the
+// fixed-point chain's anchors.)
+__attribute__((target("avx2"))) inline __m128i fixed_deficits_avx2(__m256d v, __m256d scale,
+                                                                   int* inside) {
+  const __m256d lo = _mm256_set1_pd(-kScreenRange), hi = _mm256_set1_pd(2.0);
+  *inside = _mm256_movemask_pd(
+      _mm256_and_pd(_mm256_cmp_pd(v, lo, _CMP_GE_OQ), _mm256_cmp_pd(v, hi, _CMP_LE_OQ)));
+  v = _mm256_min_pd(_mm256_max_pd(v, lo), hi);
+  return _mm256_cvttpd_epi32(
+      _mm256_round_pd(_mm256_mul_pd(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 __attribute__((target("avx2"))) uint32_t screen_anchor_avx2(const double* w, int64_t k, int64_t r,
                                                            const int64_t* counts,
                                                            const int64_t* step, int32_t* rows,
@@ -1100,7 +1114,6 @@ __attribute__((target("avx2"))) uint32_t screen_anchor_avx2(const double* w, int
   _mm256_store_pd(xs, xm);
   *x_max = std::max(std::max(xs[0], xs[1]), std::max(xs[2], xs[3]));
   const __m256d scale = _mm256_set1_pd(std::ldexp(1.0, kScreenFraction));
-  const __m256d lo = _mm256_set1_pd(-kScreenRange), hi = _mm256_set1_pd(2.0);
   uint32_t in = 0xFFFFu;
   for (int64_t d = 0; d < k; ++d) {
     const __m256d wv = _mm256_set1_pd(w[d]);
@@ -1108,13 +1121,10 @@ __attribute__((target("avx2"))) uint32_t screen_anchor_avx2(const double* w, int
     for (int q = 0; q < 4; ++q) {
       const __m256d c = small_int64_to_double(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(counts + 16 * d + 4 * q)));
-      __m256d v = _mm256_sub_pd(_mm256_mul_pd(wv, x[q]), c);  // deficit(): mul, then sub
-      const __m256d inside =
-          _mm256_and_pd(_mm256_cmp_pd(v, lo, _CMP_GE_OQ), _mm256_cmp_pd(v, hi, _CMP_LE_OQ));
-      in &= ~(0xFu << (4 * q)) | (static_cast<uint32_t>(_mm256_movemask_pd(inside)) << (4 * q));
-      v = _mm256_min_pd(_mm256_max_pd(v, lo), hi);
-      fixed[q] = _mm256_cvttpd_epi32(_mm256_round_pd(
-          _mm256_mul_pd(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256d v = _mm256_sub_pd(_mm256_mul_pd(wv, x[q]), c);  // deficit(): mul, then sub
+      int inside = 0;
+      fixed[q] = fixed_deficits_avx2(v, scale, &inside);
+      in &= ~(0xFu << (4 * q)) | (static_cast<uint32_t>(inside) << (4 * q));
     }
     const __m256i index = _mm256_set1_epi32(static_cast<int32_t>(d));
     for (int h = 0; h < 2; ++h) {
@@ -1140,20 +1150,16 @@ __attribute__((target("avx2"))) bool chain_anchor_avx2(const double* w, const do
                                                       int64_t k, double x, int32_t* rows) {
   const __m256d xv = _mm256_set1_pd(x);
   const __m256d scale = _mm256_set1_pd(std::ldexp(1.0, kChainFraction));
-  const __m256d lo = _mm256_set1_pd(-kScreenRange), hi = _mm256_set1_pd(2.0);
   const __m128i four = _mm_set1_epi32(4);
   __m128i index = _mm_setr_epi32(0, 1, 2, 3);
   bool inside = true;
   int64_t d = 0;
   for (; d + 4 <= k; d += 4) {
-    __m256d v = _mm256_sub_pd(_mm256_mul_pd(_mm256_loadu_pd(w + d), xv),
-                              _mm256_loadu_pd(cf + d));  // deficit(): mul, then sub
-    const __m256d in = _mm256_and_pd(_mm256_cmp_pd(v, lo, _CMP_GE_OQ),
-                                     _mm256_cmp_pd(v, hi, _CMP_LE_OQ));
-    inside &= _mm256_movemask_pd(in) == 0xF;
-    v = _mm256_min_pd(_mm256_max_pd(v, lo), hi);
-    const __m128i fixed = _mm256_cvttpd_epi32(
-        _mm256_round_pd(_mm256_mul_pd(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256d v = _mm256_sub_pd(_mm256_mul_pd(_mm256_loadu_pd(w + d), xv),
+                                    _mm256_loadu_pd(cf + d));  // deficit(): mul, then sub
+    int in = 0;
+    const __m128i fixed = fixed_deficits_avx2(v, scale, &in);
+    inside &= in == 0xF;
     _mm_storeu_si128(reinterpret_cast<__m128i*>(rows + d),
                      _mm_or_si128(_mm_slli_epi32(fixed, kChainIndexBits), index));
     index = _mm_add_epi32(index, four);
@@ -1178,13 +1184,8 @@ template <int NV>
 __attribute__((target("avx2"))) bool chain_steps_avx2(const int32_t* step_add, int32_t* rows,
                                                      int64_t m, int32_t margin, int32_t* tops) {
   __m256i r[NV];
-  int64_t before = 0, add_sum = 0;
-  int32_t add_max = 0;
-  for (int i = 0; i < 8 * NV; ++i) {
-    before += rows[i];
-    add_sum += step_add[i];
-    add_max = std::max(add_max, step_add[i]);
-  }
+  int64_t before = 0;
+  for (int i = 0; i < 8 * NV; ++i) before += rows[i];
 #pragma GCC unroll 8
   for (int i = 0; i < NV; ++i) {
     r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 8 * i));
@@ -1222,16 +1223,15 @@ __attribute__((target("avx2"))) bool chain_steps_avx2(const int32_t* step_add, i
   for (int i = 0; i < NV; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows + 8 * i), r[i]);
   int64_t after = 0;
   for (int i = 0; i < 8 * NV; ++i) after += rows[i];
-  // As screen_range: below `high` every row can take one more step; from `low` up the rows
-  // within the margin can drop by one.  (Where the largest left that range, the window's rows
-  // may have wrapped, and the total change below could match by accident.)  And the largest
-  // within [-4, 4] (2^30 = 4 in these units), where the bound on the doubles' rounding holds.
+  // The largest within screen_range (where it left it, the window's rows may have wrapped, and
+  // the total change below could match by accident), and within [-4, 4] (2^30 = 4 in these
+  // units), where the bound on the doubles' rounding holds.
+  const ScreenRange range = screen_range<8 * NV, kChainOne>(step_add, margin);
   const int32_t top_high = _mm256_cvtsi256_si32(high), top_low = _mm256_cvtsi256_si32(low);
   constexpr int32_t kFour = int32_t{1} << 30;
-  const bool in_range =
-      m == 0 || (top_high <= std::min(INT32_MAX - add_max - 64, kFour) &&
-                 top_low >= std::max(INT32_MIN + kChainOne + margin + 64, -kFour));
-  return in_range && after - before == m * (add_sum - kChainOne);
+  const bool in_range = m == 0 || (top_high <= std::min(range.high, kFour) &&
+                                   top_low >= std::max(range.low, -kFour));
+  return in_range && after - before == screen_change<8 * NV, kChainOne>(step_add, m);
 }
 
 #endif
