@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastmix import distributed
 from fastmix._checks import allocatable, plain_values
 
 _T = TypeVar("_T")
@@ -315,3 +316,19 @@ def dropped_error(num_domains: int, bad: int, ranks: int, outcome: str) -> Value
         f"domain ids must be in [0, num_domains={num_domains}) on unmasked tokens; found {bad} "
         f"outside across the {ranks} ranks; {outcome}"
     )
+
+
+def all_reduce_with_dropped(
+    stats: Tensor, dropped: Tensor, group: Any, num_domains: int, outcome: str
+) -> tuple[Tensor, Tensor]:
+    """Sum float32 ``stats`` and this rank's count of tokens ``dropped`` for a bad domain id over
+    ``group`` in one all-reduce; returns the summed statistics (``stats``' shape) and the summed
+    count (int64 ``[1]``), after raising :func:`dropped_error` (with ``outcome``) on every rank
+    where :func:`eager_dropped` finds one."""
+    reduced = distributed.all_reduce_sum_(
+        torch.cat([stats.reshape(-1), dropped.reshape(1).to(stats.dtype)]), group
+    )
+    bad = eager_dropped(reduced[-1:])
+    if bad:
+        raise dropped_error(num_domains, bad, distributed.world_size(group), outcome)
+    return reduced[:-1].view_as(stats), reduced[-1:].to(torch.int64)

@@ -21,6 +21,7 @@ from torch import Tensor
 from fastmix import _checks, distributed
 from fastmix.mixers._common import (
     MAX_COUNT,
+    all_reduce_with_dropped,
     allocate_state,
     check_float,
     dropped_error,
@@ -301,14 +302,10 @@ class DoReMi:
             )  # fmt: skip
             # one collective for the statistics and the dropped-token count (float32: exact up
             # to 2**24 tokens per update, and nonzero exactly when some rank dropped one)
-            reduced = distributed.all_reduce_sum_(
-                torch.cat([stats.reshape(-1), out_of_range.reshape(1).to(stats.dtype)]), group
+            total, dropped = all_reduce_with_dropped(
+                stats, out_of_range, group, self.num_domains, "nothing was updated"
             )
-            total, dropped = reduced[:-1].view_as(stats), reduced[-1:]
-            bad = eager_dropped(dropped)
-            if bad:
-                raise dropped_error(self.num_domains, bad, ranks, "nothing was updated")
-            self._counters[2:].add_(dropped.to(torch.int64))
+            self._counters[2:].add_(dropped)
             doremi_update_(
                 total, self._state, self._counters, self.step_size, self.smoothing,
                 self.proxy_loss, backend,

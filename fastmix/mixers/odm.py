@@ -31,10 +31,9 @@ from torch import Tensor
 from fastmix import _checks, distributed
 from fastmix.mixers._common import (
     MAX_COUNT,
+    all_reduce_with_dropped,
     allocate_state,
     check_float,
-    dropped_error,
-    eager_dropped,
     initial_weights,
     normal_state,
     normal_tensors,
@@ -232,15 +231,10 @@ class ODM:
         if dropped is None:
             totals = distributed.all_reduce_sum_(stats[:2].to(torch.float32).clone(), group)
         else:
-            reduced = distributed.all_reduce_sum_(
-                torch.cat([stats[:2].to(torch.float32).reshape(-1),
-                           dropped.reshape(1).to(torch.float32)]), group,
+            totals, _ = all_reduce_with_dropped(
+                stats[:2].to(torch.float32), dropped, group, self.num_domains,
+                "nothing was updated",
             )  # fmt: skip
-            bad = eager_dropped(reduced[-1:])
-            if bad:
-                raise dropped_error(self.num_domains, bad, distributed.world_size(group),
-                                    "nothing was updated")  # fmt: skip
-            totals = reduced[:-1].view(2, self.num_domains)
         count, loss_sum = totals[0], totals[1]
         mean = loss_sum / count.clamp_min(1.0)
         # An infinite count made the mean 0 (a reward of 1, as for a loss of 0) and a NaN count
