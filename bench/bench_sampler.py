@@ -6,7 +6,9 @@
         # there (e.g. bench/results/sampler-cpu-<cpu>.md; never a committed file by default)
 
 N = 10M draws, K = 22 and 256 (Dirichlet(1) weights), one thread (torch.set_num_threads(1)).
-Set FASTMIX_BENCH_N to shrink N for a quick pytest run.
+Set FASTMIX_BENCH_N to shrink N for a quick pytest run.  A second table times batch-sized calls
+(``MixtureSampler.sample(B)`` for B = 32 and 1024, as a data loader draws each step's domains):
+microseconds per call, where the fixed cost of a call matters more than the cost per draw.
 """
 
 from __future__ import annotations
@@ -91,6 +93,17 @@ def make_cases(k: int, n: int) -> dict[str, Callable[[], object]]:
     return cases
 
 
+BATCHES = (32, 1024)
+METHODS = ("alias", "stratified", "greedy")
+BATCH_CALLS = 2000  # calls per timed run in script mode
+
+
+def make_batch_call(k: int, method: str, batch: int) -> Callable[[], object]:
+    """One call drawing the next `batch` ids from one sampler, which advances call after call."""
+    sampler = MixtureSampler(_weights(k), seed=SEED, method=method)
+    return lambda: sampler.sample(batch)
+
+
 # ----------------------------------------------------------------------------- pytest-benchmark
 CASE_NAMES = list(make_cases(2, 1))
 
@@ -104,6 +117,14 @@ def test_sampler_throughput(benchmark, case: str, k: int) -> None:
     benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
     if benchmark.stats is not None:  # None under --benchmark-disable (one untimed call)
         benchmark.extra_info["ns_per_draw"] = benchmark.stats.stats.median / N * 1e9
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("method", METHODS)
+def test_sampler_batch_call(benchmark, method: str, batch: int, k: int) -> None:
+    benchmark.group = f"MixtureSampler.sample(B) per call, K={k}"
+    benchmark(make_batch_call(k, method, batch))
 
 
 # ----------------------------------------------------------------------------- script mode
@@ -146,6 +167,30 @@ def run_table(n: int, repeats: int) -> str:
     return header + "\n" + "\n".join(rows)
 
 
+def run_batch_table(repeats: int) -> str:
+    """Microseconds per MixtureSampler.sample(B) call (median of `repeats` runs of BATCH_CALLS)."""
+    rows = []
+    for k in KS:
+        for method in METHODS:
+            cells = []
+            for batch in BATCHES:
+                call = make_batch_call(k, method, batch)
+
+                def calls(call: Callable[[], object] = call) -> None:
+                    for _ in range(BATCH_CALLS):
+                        call()
+
+                seconds, _ = median_seconds(calls, repeats)
+                cells.append(f"{seconds / BATCH_CALLS * 1e6:.1f}")
+            rows.append(f"| {method} | {k} | " + " | ".join(cells) + " |")
+            print(rows[-1], flush=True)
+    header = (
+        "| method | K | " + " | ".join(f"µs per sample({b}) (CPU)" for b in BATCHES) + " |\n"
+        "|---|---:|" + "---:|" * len(BATCHES)
+    )
+    return header + "\n" + "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=positive_int, default=N, help="draws per call (default 10M)")
@@ -159,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{cpu_model()}, {os.cpu_count()} logical CPUs, one thread"
     print(f"# {machine}; N={args.n}; median of {args.repeats}", flush=True)
     table = run_table(args.n, args.repeats)
+    batch_table = run_batch_table(args.repeats)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     versions = f"numpy {np.__version__}" + (f", torch {torch.__version__}" if torch else "")
     text = (
@@ -169,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         "Ratios are speed-ups (baseline CPU time / method CPU time), measured in the same "
         "process; CPU time is the calling thread's (`time.thread_time`), wall time is beside "
         "it.\n\n"
-        f"{table}\n"
+        f"{table}\n\n"
+        f"Batch-sized calls: one `MixtureSampler` per row drawing its next B ids "
+        f"{BATCH_CALLS} times per run (its position advancing), median of {args.repeats} "
+        "runs, microseconds of CPU time per call.\n\n"
+        f"{batch_table}\n"
     )
     if os.environ.get("FASTMIX_BENCH_NOTE"):
         text += f"\n{os.environ['FASTMIX_BENCH_NOTE']}\n"

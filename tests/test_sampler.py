@@ -966,6 +966,20 @@ def test_greedy_fill_in_chunks_matches_blend_indices(k: int) -> None:
     np.testing.assert_array_equal(counts, np.bincount(expected, minlength=k))
 
 
+@pytest.mark.parametrize("isa", ["best", "avx2"])
+@pytest.mark.parametrize("k", [5, 22, 40, 256])
+def test_greedy_fill_calls_at_the_edges_of_a_round(isa: str, k: int) -> None:
+    # The speculative paths run whole rounds only (16 lanes x 256 steps after step 0, 3 or 2
+    # segments x 1024 steps) and size their buffers by the round: calls one step either side of
+    # those lengths, from step 0 and mid-stream, must continue the rule.
+    w = np.random.default_rng(1700 + k).dirichlet(np.ones(k))
+    w = w / np.sum(w)
+    sizes = (4097, 4095, 4096, 2047, 2048, 2049, 3071, 3072, 3073, 4097, 1)
+    expected = _C._blend_indices_naive(w, sum(sizes))[0]
+    ids, _ = _greedy_fill_in_pieces(w, sizes, isa=isa)
+    np.testing.assert_array_equal(ids, expected)
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("k", [5, 22, 32, 40, 100])
 def test_greedy_fill_every_instruction_set_continues_the_rule(isa: str, k: int) -> None:

@@ -351,7 +351,7 @@ class GreedyFast {
       if (screen_available(isa_, k_)) done = run_screened(s0, n, done, counts, emit);
       const int segments = register_segments_for(isa_, k_);
       if (segments > 1) done = run_segments(segments, s0, n, done, counts, emit);
-      positions_.resize(kChunk);
+      positions_.resize(static_cast<size_t>(std::min<int64_t>(kChunk, n - done)));
       for (; done < n; done += kChunk) {
         const int64_t m = std::min<int64_t>(kChunk, n - done);
         register_argmax_steps(isa_, w_.data(), count_f_.data(), k_, s0 + done, m,
@@ -403,7 +403,7 @@ class GreedyFast {
       const double* cw = cand_w_.data();
       double* cc = cand_c_.data();
       if (vector_ && register_argmax_available(isa_, num)) {
-        positions_.resize(static_cast<size_t>(std::max<int64_t>(m, kChunk)));
+        positions_.resize(static_cast<size_t>(m));
         register_argmax_steps(isa_, cw, cc, num, s, m, positions_.data());
         emit_positions(positions_.data(), cand, done, m, counts, emit);
         // The chosen domains' counts, from the positions rather than from cc: the kernel stores cc
@@ -512,10 +512,9 @@ class GreedyFast {
   template <class Emit>
   int64_t run_segments(int segments, int64_t s0, int64_t n, int64_t done, int64_t* counts,
                        Emit& emit) {
+    if ((n - done) / segments < 2 * kCheckpoint) return done;  // not one round: no setup
     const int64_t k = k_;
     const int64_t lanes = (k + 7) / 8 * 8;
-    positions_.resize(static_cast<size_t>(segments * kSegment));
-    snaps_.resize(static_cast<size_t>(segments * (kSegment / kCheckpoint) * lanes));
     chain_counts_.resize(static_cast<size_t>(segments * k));
     guesses_.resize(static_cast<size_t>(segments * k));
     double* cc[kMaxSegments];
@@ -525,10 +524,15 @@ class GreedyFast {
     while (true) {
       int64_t len = std::min<int64_t>(kSegment, (n - done) / segments) / kCheckpoint * kCheckpoint;
       if (len < 2 * kCheckpoint) break;
+      // Buffers sized by the round, not the largest one: a short call (a sampler's batch) would
+      // otherwise zero and fault in ~200 kB of fresh pages for a few thousand steps.
+      const int64_t checkpoints = len / kCheckpoint;
+      positions_.resize(static_cast<size_t>(segments * len));
+      snaps_.resize(static_cast<size_t>(segments * checkpoints * lanes));
       for (int j = 0; j < segments; ++j) {
         cc[j] = chain_counts_.data() + j * k;
         pos[j] = positions_.data() + j * len;
-        snap[j] = snaps_.data() + j * (kSegment / kCheckpoint) * lanes;
+        snap[j] = snaps_.data() + j * checkpoints * lanes;
         start[j] = s0 + done + j * len;
         if (j == 0) {
           std::copy(count_f_.begin(), count_f_.end(), cc[0]);
@@ -643,6 +647,8 @@ class GreedyFast {
     const int64_t k = k_;
     const int64_t rows = screen_rows(k);
     if (screen_.gave_up) return done;
+    // Not one round (of at least two checkpoints per lane after step 0): no setup.
+    if (n - done - (s0 + done == 0 ? 1 : 0) < S * 2 * kScreenCheckpoint) return done;
     // A weight above 1 (greedy_fill takes weights as given) would overflow the 32-bit step; the
     // bounds above assume w <= 1 as well.
     if (*std::max_element(w_.begin(), w_.end()) > 1.0) return done;
@@ -664,7 +670,6 @@ class GreedyFast {
     lane_rows0_.resize(static_cast<size_t>(S * rows));
     lane_cf_.resize(static_cast<size_t>(k));
     tops_.resize(static_cast<size_t>(S * kScreenWindow));
-    lane_snaps_.resize(static_cast<size_t>(S * (kScreenSegment / kScreenCheckpoint) * k));
     lane_guess_.resize(static_cast<size_t>(S * k));
     lane_final_.resize(static_cast<size_t>(k));
     const bool fused = index_ != nullptr;
@@ -679,6 +684,7 @@ class GreedyFast {
       int64_t start[S];
       LaneOut out[S];
       if (!fused) positions_.resize(static_cast<size_t>(S * len));
+      lane_snaps_.resize(static_cast<size_t>(S * (len / kScreenCheckpoint) * k));
       for (int j = 0; j < S; ++j) {
         start[j] = s0 + done + j * len;
         // Lane 0 starts from the true state; its warm-up steps (from start[0]) are thrown away.
@@ -723,7 +729,7 @@ class GreedyFast {
           }
         }
         if (p >= 0 && (p + kScreenWindow) % kScreenCheckpoint == 0) {
-          snapshot_lanes((p + kScreenWindow) / kScreenCheckpoint - 1);
+          snapshot_lanes((p + kScreenWindow) / kScreenCheckpoint - 1, len / kScreenCheckpoint);
         }
       }
       screen_.windows += S * (len / kScreenWindow);
@@ -764,10 +770,10 @@ class GreedyFast {
     }
   }
 
-  // Lanes 1..15's counts at checkpoint i (after (i + 1) kScreenCheckpoint steps of the round).
-  void snapshot_lanes(int64_t i) {
+  // Lanes 1..15's counts at checkpoint i of the round's `checkpoints` (after (i + 1)
+  // kScreenCheckpoint steps).
+  void snapshot_lanes(int64_t i, int64_t checkpoints) {
     constexpr int S = kScreenLanes;
-    const int64_t checkpoints = kScreenSegment / kScreenCheckpoint;
     for (int j = 1; j < S; ++j) {
       int64_t* snap = lane_snaps_.data() + (j * checkpoints + i) * k_;
       for (int64_t d = 0; d < k_; ++d) snap[d] = lane_counts_[S * d + j];
@@ -780,7 +786,7 @@ class GreedyFast {
   void verify_lanes(const int64_t* start, int64_t len, const LaneOut* out) {
     constexpr int S = kScreenLanes;
     const int64_t k = k_;
-    const int64_t checkpoints = kScreenSegment / kScreenCheckpoint;
+    const int64_t checkpoints = len / kScreenCheckpoint;  // as snapshot_lanes stored them
     for (int j = 1; j < S; ++j) {
       int64_t* c = lane_counts_.data() + j;
       const int64_t* guess = lane_guess_.data() + j * k;
@@ -923,7 +929,7 @@ class GreedyFast {
   int64_t run_window_segments(int64_t s0, int64_t n, int64_t* counts, Emit& emit) {
     const int S = kWindowSegments;
     const int64_t k = k_;
-    const int64_t checkpoints = kSegment / kCheckpoint;
+    if (n / S < 2 * kCheckpoint) return 0;  // not one round: no setup
     window_chains_.resize(S + 1);  // the last one: scratch for recomputing a misguessed segment
     for (auto& c : window_chains_) {
       c.cf.resize(static_cast<size_t>(k));
@@ -932,8 +938,6 @@ class GreedyFast {
       c.cand.resize(static_cast<size_t>(k) + 8);
       if (c.gap == 0.0) c.gap = gap_;
     }
-    positions_.resize(static_cast<size_t>(S * kSegment));
-    snaps_.resize(static_cast<size_t>(S * checkpoints * k));
     guesses_.resize(static_cast<size_t>(S * k));
     WindowChain* chain[kMaxSegments];
     int32_t* out[kMaxSegments];
@@ -943,6 +947,9 @@ class GreedyFast {
       const int64_t len =
           std::min<int64_t>(kSegment, (n - done) / S) / kCheckpoint * kCheckpoint;
       if (len < 2 * kCheckpoint) break;
+      const int64_t checkpoints = len / kCheckpoint;  // buffers sized by the round (run_segments)
+      positions_.resize(static_cast<size_t>(S * len));
+      snaps_.resize(static_cast<size_t>(S * checkpoints * k));
       for (int j = 0; j < S; ++j) {
         chain[j] = &window_chains_[j];
         out[j] = positions_.data() + j * len;
