@@ -595,6 +595,61 @@ def test_blend_indices_matches_naive_loop_long(k: int) -> None:
     _assert_blend_equal(fast, naive)
 
 
+def _rule_from(w: np.ndarray, start_step: int, counts: list[int], n: int) -> np.ndarray:
+    """The rule from any state (step, counts) with the weights as given, in numpy doubles: the
+    first maximum of w * x - counts, one step at a time."""
+    w = np.asarray(w, dtype=np.float64)
+    c = np.array(counts, dtype=np.int64)
+    ids = np.empty(n, dtype=np.int32)
+    for t in range(n):
+        d = int(np.argmax(w * max(float(start_step + t), 1.0) - c.astype(np.float64)))
+        ids[t] = d
+        c[d] += 1
+    return ids
+
+
+@pytest.mark.parametrize("k", [2, 5, 22, 40, 256, 1000])
+def test_blend_indices_equal_weights_run_as_levels(k: int) -> None:
+    # All weights equal: the smallest count wins, the lowest index among equals (run_equal).
+    w = np.full(k, 1.0 / k)
+    index, sample, info = _C._blend_indices_screened(w, 30_000, False, "best", False)
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, 30_000))
+    assert info["equal_steps"] == 30_000
+    np.testing.assert_array_equal(index[: 2 * k], np.tile(np.arange(k), 2))
+
+
+@pytest.mark.parametrize(
+    ("weights", "counts"),
+    [
+        ([0.25] * 4, [50, 0, 3, 3]),  # one domain far ahead: the others catch up in index order
+        ([3.0] * 5, [0, 7, 7, 2, 0]),  # weights as given, above 1
+        ([5e-324] * 3, [5, 0, 5]),  # subnormal
+        ([1 / 7] * 7, np.random.default_rng(7).integers(0, 1000, 7).tolist()),
+        ([1.0] * 6, [2**40 + 3 * i for i in range(6)]),  # far into a stream
+    ],
+)
+def test_greedy_fill_equal_weights_from_uneven_states(weights: list, counts: list) -> None:
+    start = sum(counts)
+    expected = _rule_from(np.array(weights), start, counts, 3000)
+    for isa in ("best", "avx2", "scalar"):
+        c = np.array(counts, dtype=np.int64)
+        out = np.empty(3000, dtype=np.int32)
+        _C.greedy_fill(np.array(weights), start, c, out, isa=isa)
+        np.testing.assert_array_equal(out, expected, err_msg=isa)
+        np.testing.assert_array_equal(c, np.array(counts) + np.bincount(expected, minlength=len(c)))
+
+
+def test_blend_indices_equal_weights_leave_the_levels_where_doubles_tie() -> None:
+    # Weights as given (_C.blend_indices does not normalise) so large that w * x passes 2^51:
+    # there the doubles tie counts apart (at w * x ~ 2^60 a count below 2^7 is lost in the
+    # rounding), so the levels would be wrong and the general paths run the rule.
+    w = np.full(3, 2.0**50)
+    index, sample, info = _C._blend_indices_screened(w, 5000, False, "best", False)
+    assert info["equal_steps"] == 0
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, 5000))
+    assert not np.array_equal(index, np.arange(5000) % 3)
+
+
 def _lane_boundary_cases(ks: tuple[int, ...], seed: int) -> list[tuple[str, np.ndarray]]:
     """Weights for K around a vector kernel's register boundaries: spread, peaked, tied, zeros."""
     rng = np.random.default_rng(seed)
@@ -768,8 +823,9 @@ def test_blend_indices_screened_lanes_write_samples_in_64_bits_too(k: int) -> No
 
 @pytest.mark.parametrize(
     "weights",
-    [np.ones(12), np.array([0.5, 0.3, 0.2]), np.round(np.linspace(0.01, 0.2, 22), 2)],
-    ids=["uniform", "tenths", "hundredths"],
+    # (All weights equal never reach the lanes: run_equal takes them.)
+    [np.r_[np.ones(11), 2.0], np.array([0.5, 0.3, 0.2]), np.round(np.linspace(0.01, 0.2, 22), 2)],
+    ids=["equal-but-one", "tenths", "hundredths"],
 )
 @pytest.mark.parametrize("isa", _SCREEN_ISAS)
 def test_blend_indices_screened_lanes_give_up_on_ties(weights: np.ndarray, isa: str) -> None:
@@ -821,8 +877,8 @@ def test_blend_indices_fixed_point_chain_runs_and_matches(k: int) -> None:
 
 @pytest.mark.parametrize(
     "weights",
-    [np.ones(40), np.round(np.linspace(0.01, 0.2, 50), 2)],
-    ids=["uniform", "hundredths"],
+    [np.r_[np.ones(39), 2.0], np.round(np.linspace(0.01, 0.2, 50), 2)],
+    ids=["equal-but-one", "hundredths"],
 )
 def test_blend_indices_fixed_point_chain_gives_up_on_ties(weights: np.ndarray) -> None:
     # Exact ties in doubles leave the chain's windows unproved (each then recomputed by the other

@@ -256,6 +256,7 @@ py::tuple blend_screened(const py::handle& weights, int64_t size, bool misguess,
   info["chain_windows"] = stats.chain_windows;
   info["chain_uncertain"] = stats.chain_uncertain;
   info["chain_gave_up"] = stats.chain_gave_up;
+  info["equal_steps"] = stats.equal_steps;
   return py::make_tuple(arrays.first, arrays.second, info);
 }
 
