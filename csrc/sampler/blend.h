@@ -169,8 +169,8 @@ void register_argmax_multi(const double* const* cw, double* const* cc, const int
 // guess at the start itself was wrong in 69% of lanes at K = 22, one count off between two
 // domains; after the warm-up, in 0 of 1140 lanes, K = 32: 4).  Exact ties (equal weights, small
 // common denominators: rounded to 0.01, 29% of steps tie in doubles at K = 22; a published table
-// of 14 weights, 4%) make most windows uncertain; then the path gives up after a short first
-// round and the register kernel runs alone.
+// of 14 weights, 4%; two equal weights, whenever their counts are equal) make windows uncertain;
+// where more than a third of a round's are, the path gives up and the register kernel runs alone.
 // Thread CPU time on Zen 4 (AMD EPYC family 25 model 17), K = 22, Dirichlet(1), 10M steps into
 // fresh arrays, in the same runs: 2.8 ns per step with screen_write, 3.4 counting in a scalar
 // pass, 3.65 with five operations per row and step in the kernel (tie counting), 6.1 for the
@@ -776,7 +776,13 @@ class GreedyFast {
       for (int64_t d = 0; d < k; ++d) count_f_[d] = static_cast<double>(counts[d]);
       screen_.steps += S * len;
       done += S * len;
-      if (8 * uncertain > S * (len / kScreenWindow)) {  // mostly ties: not worth screening
+      // Mostly ties: not worth screening.  An uncertain window costs its recomputation, so
+      // screening pays up to about a third of them: the DoReMi paper's Pile table (22 domains,
+      // two of them 0.0036: equal weights tie whenever their counts are equal) leaves 24% of its
+      // windows uncertain and ran 7.3-8.9 ns per step screened against 10.9-11.0 given up at an
+      // eighth (Zen 3, 4M steps, builds alternated); RegMix's copy of it (13%) 7.0-7.3 against
+      // 9.2-9.4.  Weights with a small common denominator leave every window uncertain.
+      if (3 * uncertain > S * (len / kScreenWindow)) {
         screen_.gave_up = true;
         break;
       }
