@@ -257,6 +257,7 @@ py::tuple blend_screened(const py::handle& weights, int64_t size, bool misguess,
   info["chain_uncertain"] = stats.chain_uncertain;
   info["chain_gave_up"] = stats.chain_gave_up;
   info["equal_steps"] = stats.equal_steps;
+  info["group_steps"] = stats.group_steps;
   return py::make_tuple(arrays.first, arrays.second, info);
 }
 
