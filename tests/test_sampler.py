@@ -621,14 +621,20 @@ def test_blend_indices_equal_weights_run_as_levels(k: int) -> None:
 @pytest.mark.parametrize(
     ("weights", "counts"),
     [
+        # all equal (run_equal)
         ([0.25] * 4, [50, 0, 3, 3]),  # one domain far ahead: the others catch up in index order
         ([3.0] * 5, [0, 7, 7, 2, 0]),  # weights as given, above 1
         ([5e-324] * 3, [5, 0, 5]),  # subnormal
         ([1 / 7] * 7, np.random.default_rng(7).integers(0, 1000, 7).tolist()),
         ([1.0] * 6, [2**40 + 3 * i for i in range(6)]),  # far into a stream
+        # a few distinct (run_groups)
+        ([0.5, 0.25, 0.25, 0.5, 0.25, 0.25], [9, 40, 0, 9, 3, 3]),  # a group far apart inside
+        ([3.0, 1.0, 1.0, 1.0, 3.0, 1.0], [0, 7, 7, 2, 50, 1]),  # weights as given, above 1
+        ([0.0, 2.0, 2.0, 0.0, 2.0, 2.0], [4, 4, 3, 0, 1, 1]),  # zero weights: chosen on ties at 0
+        ([0.1] * 5 + [0.05] * 5 + [0.02] * 4, [2**40 + i for i in range(14)]),  # far in
     ],
 )
-def test_greedy_fill_equal_weights_from_uneven_states(weights: list, counts: list) -> None:
+def test_greedy_fill_equal_and_grouped_weights_from_any_state(weights: list, counts: list) -> None:
     start = sum(counts)
     expected = _rule_from(np.array(weights), start, counts, 3000)
     for isa in ("best", "avx2", "scalar"):
@@ -637,65 +643,6 @@ def test_greedy_fill_equal_weights_from_uneven_states(weights: list, counts: lis
         _C.greedy_fill(np.array(weights), start, c, out, isa=isa)
         np.testing.assert_array_equal(out, expected, err_msg=isa)
         np.testing.assert_array_equal(c, np.array(counts) + np.bincount(expected, minlength=len(c)))
-
-
-@pytest.mark.parametrize(
-    "weights",
-    [
-        np.r_[0.3, np.full(21, 0.7 / 21)],  # one domain upweighted, the rest even
-        np.r_[np.full(6, 0.1), np.full(16, 0.025)],  # two tiers
-        np.repeat([0.1, 0.05, 0.02, 0.01], [4, 6, 6, 6]),  # four
-        np.r_[0.5, np.full(255, 0.5 / 255)],
-        np.array([0.3, 0.3, 0.1, 0.1, 0.1, 0.1]),
-        np.array([0.0, 0.0, 1.0, 1.0, 1.0, 1.0]),  # zero weights win exact ties at 0 (Megatron)
-    ],
-    ids=["one-up", "two-tiers", "four-tiers", "k256", "k6", "zeros"],
-)
-def test_blend_indices_few_distinct_weights_run_as_groups(weights: np.ndarray) -> None:
-    # Up to four distinct weights, three or more domains per weight on average: the rule over the
-    # groups' leaders.
-    w = weights / np.sum(weights)
-    index, sample, info = _C._blend_indices_screened(w, 40_000, False, "best", False)
-    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, 40_000))
-    assert info["group_steps"] == 40_000
-
-
-@pytest.mark.parametrize(
-    "weights", [np.r_[np.ones(8), 2, 3, 4, 5], np.array([0.5, 0.2, 0.2, 0.1])], ids=["five", "k4"]
-)
-def test_blend_indices_other_weights_are_not_groups(weights: np.ndarray) -> None:
-    # Five distinct weights, or fewer than three domains per weight: the general paths.
-    w = weights / np.sum(weights)
-    index, sample, info = _C._blend_indices_screened(w, 5000, False, "best", False)
-    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, 5000))
-    assert info["group_steps"] == 0 and info["equal_steps"] == 0
-
-
-@pytest.mark.parametrize(
-    ("weights", "counts"),
-    [
-        ([0.5, 0.25, 0.25, 0.5, 0.25, 0.25], [9, 40, 0, 9, 3, 3]),  # a group far apart inside
-        ([3.0, 1.0, 1.0, 1.0, 3.0, 1.0], [0, 7, 7, 2, 50, 1]),  # weights as given, above 1
-        ([0.0, 2.0, 2.0, 0.0, 2.0, 2.0], [4, 4, 3, 0, 1, 1]),  # zero weights: chosen on ties at 0
-        ([0.1] * 5 + [0.05] * 5 + [0.02] * 4, [2**40 + i for i in range(14)]),  # far in
-    ],
-)
-def test_greedy_fill_groups_from_uneven_states(weights: list, counts: list) -> None:
-    start = sum(counts)
-    expected = _rule_from(np.array(weights), start, counts, 3000)
-    for isa in ("best", "avx2", "scalar"):
-        c = np.array(counts, dtype=np.int64)
-        out = np.empty(3000, dtype=np.int32)
-        _C.greedy_fill(np.array(weights), start, c, out, isa=isa)
-        np.testing.assert_array_equal(out, expected, err_msg=isa)
-
-
-def test_blend_indices_groups_leave_where_doubles_tie() -> None:
-    # As for equal weights: w * x past 2^51 (weights as given), the general paths.
-    w = np.array([2.0**50, 2.0**50, 2.0**49] * 2)
-    index, sample, info = _C._blend_indices_screened(w, 5000, False, "best", False)
-    assert info["group_steps"] == 0
-    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, 5000))
 
 
 def test_blend_indices_equal_weights_leave_the_levels_where_doubles_tie() -> None:
