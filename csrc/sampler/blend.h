@@ -502,12 +502,23 @@ class GreedyFast {
       if (!(group_weight_[g] * x_last < 0x1p51)) return false;
     }
     int64_t level[kGroupsMax];
+    int64_t settled[kGroupsMax];  // from this level on no member's count is above the level
     size_t next[kGroupsMax];  // position of the leader in group_members_[g]
     int32_t leader[kGroupsMax];
     // The leader: the first member from `next` on whose count is the group's level; a full pass
-    // without one raises the level (the smallest count is then one more).
+    // without one raises the level (the smallest count is then one more).  Once no count is above
+    // the level the members take turns in index order, and their counts need not be read (the
+    // read was ~45% of the time at two groups, waiting on the counts just written).
     auto advance = [&](int g) {
       const std::vector<int32_t>& members = group_members_[g];
+      if (level[g] >= settled[g]) {
+        if (next[g] == members.size()) {
+          next[g] = 0;
+          level[g] += 1;
+        }
+        leader[g] = members[next[g]];
+        return;
+      }
       while (true) {
         for (; next[g] < members.size(); ++next[g]) {
           if (counts[members[next[g]]] == level[g]) {
@@ -522,7 +533,11 @@ class GreedyFast {
     for (int g = 0; g < groups; ++g) {
       const std::vector<int32_t>& members = group_members_[g];
       level[g] = counts[members[0]];
-      for (const int32_t d : members) level[g] = std::min(level[g], counts[d]);
+      settled[g] = counts[members[0]];
+      for (const int32_t d : members) {
+        level[g] = std::min(level[g], counts[d]);
+        settled[g] = std::max(settled[g], counts[d]);
+      }
       next[g] = 0;
       advance(g);
     }
