@@ -932,6 +932,70 @@ def test_blend_indices_fixed_point_chain_catches_near_ties() -> None:
         assert info["chain_uncertain"] > info["chain_windows"] // 50
 
 
+@pytest.mark.parametrize("k", [65, 100, 128])
+def test_blend_indices_wide_lanes_run_and_match(k: int) -> None:
+    # 65 <= K <= 128 with AVX2 but no AVX-512 (forced by "avx2" where the CPU has more): 16 lanes
+    # in fixed point, each over its own candidates (the refresh pass's, ~70 for windows of 32
+    # steps), every window proved exact or recomputed by the pruning windows.  Generic weights keep
+    # nearly every window (2-4% recomputed at these K) and still meet a few close calls.
+    w = np.random.default_rng(2100 + k).dirichlet(np.ones(k))
+    w = w / np.sum(w)
+    index, sample, info = _C._blend_indices_screened(w, 600_000, isa="avx2")
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, len(index)), f"k={k}")
+    if not _SCREENS:
+        assert info["wide_windows"] == 0
+        return
+    assert not info["gave_up"]
+    assert info["steps"] >= 550_000
+    assert info["wide_windows"] == info["windows"] == info["steps"] // 32
+    assert 0 < info["uncertain"] < info["windows"] // 10
+    lanes = 15 * (1 + (info["steps"] - 16 * 256) // (16 * 8192))
+    assert info["misguessed"] <= lanes // 10
+
+
+@pytest.mark.parametrize("k", [64, 129])
+def test_blend_indices_wide_lanes_only_between_65_and_128_domains(k: int) -> None:
+    # 64: the fixed-point chain; 129: one chain of pruning windows (as fast from ~160 domains on
+    # Zen 3, faster at 256).
+    w = np.random.default_rng(2200 + k).dirichlet(np.ones(k))
+    w = w / np.sum(w)
+    index, sample, info = _C._blend_indices_screened(w, 100_000, isa="avx2")
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, len(index)), f"k={k}")
+    assert info["wide_windows"] == 0
+
+
+def test_blend_indices_wide_lanes_recover_and_give_up() -> None:
+    # Wrong starting guesses (recomputed from the truth until they rejoin), near ties two weights
+    # 2e-13 apart (windows recomputed), and weights rounded to hundredths, which tie exactly so
+    # often that after the first round the lanes give up.
+    w = np.random.default_rng(2300).dirichlet(np.full(100, 0.5))
+    w = w / np.sum(w)
+    index, sample, info = _C._blend_indices_screened(w, 100_000, misguess=True, isa="avx2")
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, len(index)))
+    if _SCREENS:
+        assert info["wide_windows"] > 0
+        assert info["misguessed"] == 15 and info["redone"] > 0
+
+    # (Without the pair, 2.5% of these windows are recomputed; with it 8.9%.)
+    w = np.random.default_rng(2301).dirichlet(np.ones(100))
+    w[[4, 9]] = 0.002
+    w[9] *= 1 + 2e-13
+    w = w / np.sum(w)
+    index, sample, info = _C._blend_indices_screened(w, 600_000, isa="avx2")
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, len(index)))
+    if _SCREENS:
+        assert not info["gave_up"]
+        assert info["uncertain"] > info["windows"] // 20
+
+    w = np.round(np.linspace(0.01, 0.2, 100), 2)
+    w = w / np.sum(w)
+    index, sample, info = _C._blend_indices_screened(w, 100_000, isa="avx2")
+    _assert_blend_equal((index, sample), _C._blend_indices_naive(w, len(index)))
+    if _SCREENS:
+        assert info["gave_up"]
+        assert info["wide_windows"] == info["windows"] == 16 * 256 // 32
+
+
 def test_blend_indices_screened_rejects_an_unknown_isa() -> None:
     with pytest.raises(ValueError, match="isa must be"):
         _C._blend_indices_screened(np.ones(3) / 3, 10, isa="avx512")
@@ -950,12 +1014,12 @@ def test_blend_indices_screened_lanes_recover_from_wrong_guesses(k: int, isa: st
         assert info["misguessed"] == 15 and info["redone"] > 0
 
 
-@pytest.mark.parametrize("k", [22, 40])
+@pytest.mark.parametrize("k", [22, 40, 100])
 def test_greedy_fill_screened_lanes_from_far_states(k: int) -> None:
     # Streaming from states far from the weights (deficits of thousands, outside the 32-bit
     # range: those windows are recomputed until the rule has caught up), and at steps near 2^40,
     # where the doubles' rounding widens the margin; checked against the scalar path.  K = 22:
-    # the screened lanes; K = 40: the fixed-point chain.
+    # the screened lanes; K = 40: the fixed-point chain; K = 100: the wide lanes.
     w = np.random.default_rng(1700).dirichlet(np.ones(k))
     w = w / np.sum(w)
     starts = []

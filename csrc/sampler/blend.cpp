@@ -895,6 +895,90 @@ __attribute__((target("avx2"))) uint32_t screen_steps_avx2(const int32_t* step_a
   return unsure;
 }
 
+// out[j] = lane j's sum of its r rows, in 64 bits (the wide kernel's tie check).
+__attribute__((target("avx2"))) void wide_sums_avx2(const int32_t* rows, int64_t r, int64_t* out) {
+  __m256i acc[4];
+  for (int q = 0; q < 4; ++q) acc[q] = _mm256_setzero_si256();
+  for (int64_t i = 0; i < r; ++i) {
+    for (int q = 0; q < 4; ++q) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + 16 * i + 4 * q));
+      acc[q] = _mm256_add_epi64(acc[q], _mm256_cvtepi32_epi64(v));
+    }
+  }
+  for (int q = 0; q < 4; ++q) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 4 * q), acc[q]);
+}
+
+// Wide screened lanes (blend.h): the AVX2 step kernel of screen_steps_avx2 with r slots whose
+// step differs per lane (step_add[16 i + j]: each lane's slots hold its own candidates), so the
+// add reads memory where the narrow kernel broadcasts, and each lane's total change is its own
+// (expected[j]).  r is a multiple of 4; padding slots hold INT32_MIN and step 0.
+__attribute__((target("avx2"))) uint32_t wide_steps_avx2(const int32_t* step_add, int64_t r,
+                                                        int32_t* rows, int64_t m, int32_t margin,
+                                                        const int64_t* expected, int32_t* tops) {
+  const __m256i one = _mm256_set1_epi32(kWideOne);
+  // r >= top - margin <=> r > top - margin - 1
+  const __m256i marginv = _mm256_set1_epi32(margin + 1);
+  int64_t before[16], after[16];
+  wide_sums_avx2(rows, r, before);
+  __m256i high[2] = {_mm256_set1_epi32(INT32_MIN), _mm256_set1_epi32(INT32_MIN)};
+  __m256i low[2] = {_mm256_set1_epi32(INT32_MAX), _mm256_set1_epi32(INT32_MAX)};
+  __m256i top[2];
+  for (int h = 0; h < 2; ++h) {  // the first step's maximum
+    __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 8 * h));
+    for (int64_t i = 1; i < r; ++i) {
+      a = _mm256_max_epi32(
+          a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 16 * i + 8 * h)));
+    }
+    top[h] = a;
+  }
+  for (int64_t t = 0; t < m; ++t) {
+    __m256i floor[2], acc[2][4];
+    for (int h = 0; h < 2; ++h) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(tops + 16 * t + 8 * h), top[h]);
+      high[h] = _mm256_max_epi32(high[h], top[h]);
+      low[h] = _mm256_min_epi32(low[h], top[h]);
+      floor[h] = _mm256_sub_epi32(top[h], marginv);
+      for (int q = 0; q < 4; ++q) acc[h][q] = _mm256_set1_epi32(INT32_MIN);
+    }
+    for (int64_t i = 0; i < r; i += 4) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        for (int h = 0; h < 2; ++h) {
+          const int64_t at = 16 * (i + u) + 8 * h;
+          __m256i* p = reinterpret_cast<__m256i*>(rows + at);
+          __m256i row = _mm256_loadu_si256(p);
+          const __m256i chosen = _mm256_cmpgt_epi32(row, floor[h]);  // all ones where chosen
+          row = _mm256_add_epi32(
+              row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step_add + at)));
+          row = _mm256_sub_epi32(row, _mm256_and_si256(chosen, one));
+          _mm256_storeu_si256(p, row);
+          acc[h][u] = _mm256_max_epi32(acc[h][u], row);
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {  // the next step's
+      top[h] = _mm256_max_epi32(_mm256_max_epi32(acc[h][0], acc[h][1]),
+                                _mm256_max_epi32(acc[h][2], acc[h][3]));
+    }
+  }
+  wide_sums_avx2(rows, r, after);
+  int32_t add_max = 0;
+  for (int64_t i = 0; i < 16 * r; ++i) add_max = std::max(add_max, step_add[i]);
+  const int32_t range_high = INT32_MAX - add_max - 256;
+  const int32_t range_low = INT32_MIN + kWideOne + margin + 256;
+  alignas(32) int32_t hi[16], lo[16];
+  for (int h = 0; h < 2; ++h) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(hi + 8 * h), high[h]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lo + 8 * h), low[h]);
+  }
+  uint32_t unsure = 0;
+  for (int j = 0; j < 16; ++j) {
+    const bool bad = after[j] - before[j] != expected[j] || hi[j] > range_high || lo[j] < range_low;
+    unsure |= static_cast<uint32_t>(bad) << j;
+  }
+  return unsure;
+}
+
 // In-register transpose for screen_write_avx2: r[i] holds row i on entry, column i on return.
 __attribute__((target("avx2"))) inline void transpose8_epi32(__m256i* r) {
   __m256i t[8], u[8];
@@ -1098,6 +1182,40 @@ __attribute__((target("avx2"))) inline __m128i fixed_deficits_avx2(__m256d v, __
   v = _mm256_min_pd(_mm256_max_pd(v, lo), hi);
   return _mm256_cvttpd_epi32(
       _mm256_round_pd(_mm256_mul_pd(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// Wide lanes: a lane's counts as doubles (exact below 2^52: counts <= steps <= 2^43 there).
+__attribute__((target("avx2"))) void wide_counts_avx2(const int64_t* c, int64_t k, double* out) {
+  int64_t d = 0;
+  for (; d + 4 <= k; d += 4) {
+    _mm256_storeu_pd(out + d, small_int64_to_double(
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + d))));
+  }
+  for (; d < k; ++d) out[d] = static_cast<double>(c[d]);
+}
+
+// Wide lanes: candidate i's row, rows[16 i] = round(v 2^F) * 128 + i for its deficit v at x
+// (clamped into [-kScreenRange, 2]); false if some v lay outside.  cw and cc have room for n + 3.
+__attribute__((target("avx2"))) bool wide_pack_avx2(const double* cw, const double* cc, int64_t n,
+                                                    double x, int32_t* rows) {
+  const __m256d xv = _mm256_set1_pd(x);
+  const __m256d scale = _mm256_set1_pd(std::ldexp(1.0, kWideFraction));
+  int outside = 0;
+  for (int64_t i = 0; i < n; i += 4) {
+    const __m256d v = _mm256_sub_pd(_mm256_mul_pd(_mm256_loadu_pd(cw + i), xv),
+                                    _mm256_loadu_pd(cc + i));  // deficit(): mul, then sub
+    int inside = 0;
+    const __m128i fixed = fixed_deficits_avx2(v, scale, &inside);
+    const __m128i packed = _mm_add_epi32(_mm_slli_epi32(fixed, kWideIndexBits),
+                                         _mm_setr_epi32(0, 1, 2, 3));
+    alignas(16) int32_t lane[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lane),
+                    _mm_add_epi32(packed, _mm_set1_epi32(static_cast<int32_t>(i))));
+    const int64_t live = std::min<int64_t>(4, n - i);
+    outside |= ~inside & ((1 << live) - 1);
+    for (int64_t u = 0; u < live; ++u) rows[16 * (i + u)] = lane[u];
+  }
+  return outside == 0;
 }
 
 __attribute__((target("avx2"))) uint32_t screen_anchor_avx2(const double* w, int64_t k, int64_t r,
@@ -1538,5 +1656,41 @@ uint32_t screen_steps(Isa isa, const int32_t* step_add, int64_t k, int32_t* rows
 #endif
   (void)isa, (void)step_add, (void)rows, (void)m, (void)margin, (void)tops;
   throw std::logic_error("screen_steps: not available for this CPU or domain count");
+}
+
+void wide_counts(Isa isa, const int64_t* c, int64_t k, double* out) {
+#if defined(FASTMIX_X86_DISPATCH)
+  if (usable_isa(isa) != Isa::kScalar) return wide_counts_avx2(c, k, out);
+#endif
+  (void)isa;
+  for (int64_t d = 0; d < k; ++d) out[d] = static_cast<double>(c[d]);
+}
+
+bool wide_pack(Isa isa, const double* cw, const double* cc, int64_t n, double x, int32_t* rows) {
+#if defined(FASTMIX_X86_DISPATCH)
+  if (usable_isa(isa) != Isa::kScalar) return wide_pack_avx2(cw, cc, n, x, rows);
+#endif
+  (void)isa, (void)cw, (void)cc, (void)n, (void)x, (void)rows;
+  throw std::logic_error("wide_pack: not available for this CPU");
+}
+
+bool wide_available(Isa isa) {
+#if defined(FASTMIX_X86_DISPATCH)
+  return usable_isa(isa) != Isa::kScalar;
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+uint32_t wide_steps(Isa isa, const int32_t* step_add, int64_t r, int32_t* rows, int64_t m,
+                    int32_t margin, const int64_t* expected, int32_t* tops) {
+#if defined(FASTMIX_X86_DISPATCH)
+  if (wide_available(isa) && r >= 4 && r % 4 == 0 && r <= kWideSlots) {
+    return wide_steps_avx2(step_add, r, rows, m, margin, expected, tops);
+  }
+#endif
+  (void)isa, (void)step_add, (void)r, (void)rows, (void)m, (void)margin, (void)expected, (void)tops;
+  throw std::logic_error("wide_steps: not available for this CPU or slot count");
 }
 }  // namespace fastmix

@@ -7,8 +7,9 @@
 // registers for up to 48 on CPUs without AVX-512; scalar pruning on the rest; up to 32 domains,
 // first 16 segments at once in fixed point, each step proved exact or recomputed: screened
 // lanes, below; 33 to 64 domains with AVX2 but no AVX-512, one chain in fixed point: the
-// fixed-point chain, below).  Both can start from any state (step s0, counts), which is how
-// MixtureSampler streams the rule.
+// fixed-point chain, below; 65 to 128 there, 16 segments in fixed point over each one's pruned
+// candidates: the wide lanes, below).  Both can start from any state (step s0, counts), which is
+// how MixtureSampler streams the rule.
 #pragma once
 
 #include <algorithm>
@@ -249,6 +250,48 @@ bool chain_anchor(Isa isa, const double* w, const double* cf, int64_t k, double 
 bool chain_steps(Isa isa, const int32_t* step_add, int64_t k, int32_t* rows, int64_t m,
                  int32_t margin, int32_t* tops);
 
+// Wide screened lanes (kChainMax < K <= kWideMax, AVX2 without AVX-512).  Above 64 domains the
+// screened lanes' argument runs over pruned candidates: at each window's start every lane runs
+// the windowed pruning's refresh pass on its own counts (the level leaving >= kWideWindow values
+// above it, so the candidates hold the rule's choice at every step of the window, see above), and
+// its candidates, anchored on the exact doubles, become its rows: slot i of lane j packs
+// round(v * 2^F) * 128 + i (F = kWideFraction), its step round(w * 2^F) * 128 read per lane, one
+// integer max per step names the slot, and the rows within the margin of the largest all drop, so
+// the rows' total change over the window proves every step exact as for the narrow lanes.  A lane
+// with more candidates than slots, a deficit outside [-kScreenRange, 2] or an unproved window
+// recomputes it by the windowed rule on its own counts.  Why: on AVX2 one chain of windows pays
+// an argmax latency chain per step; 16 lanes in fixed point overlap them.  Zen 3 (AMD EPYC family
+// 25 model 1), Dirichlet(1), 2M steps into fresh arrays, fastest of 5, builds alternated four
+// times, ns per step, one chain / wide lanes: K = 65 30.5-44.1 / 18.6-27.1, K = 96 35.5-41.7 /
+// 24.7-35.5, K = 128 31.5-43.0 / 27.2-29.9, K = 160 32.3-43.5 / 28.1-32.3, K = 192 33.0-44.9 /
+// 31.0-47.9, K = 256 32.4-34.7 / 38.9-41.5; again with this build, four times: K = 65 31.9-40.3 /
+// 18.2-28.2, K = 100 28.8-41.1 / 23.5-35.2, K = 128 32.2-38.2 / 26.9-39.4, K = 160 31.3-32.2 /
+// 32.3-46.8: hence up to 128.  Each lane pays its own O(K) refresh
+// pass per window and ~2 W candidates (W = 32: 64 in median, 70 at the 90th percentile at K = 100
+// to 512), the kernel the most of any lane (~99 slots at K = 256): at K = 100 the kernel took ~23%
+// of the time, the lanes' refresh, anchoring and output ~30%, the OS zeroing the fresh output
+// pages ~19% (perf).  (Tried, slower at every K here: pruning values kept per lane in 32-bit fixed
+// point, advanced per window, in place of the refresh pass in doubles, with the candidates'
+// doubles loaded by id, K = 80 27-39 against 21-30 ns, K = 256 40-57 against 39-42; windows of 16
+// steps, K = 256 39-58.)
+constexpr int64_t kWideWindow = 32;
+constexpr int64_t kWideSlots = 128;
+constexpr int kWideFraction = 21;
+constexpr int kWideIndexBits = 7;
+constexpr int32_t kWideOne = int32_t{1} << (kWideFraction + kWideIndexBits);
+bool wide_available(Isa isa);
+// m steps of 16 lanes over r slots (r % 4 == 0, <= kWideSlots): rows[16 i + j] = lane j's slot i,
+// step_add[16 i + j] its step; tops[16 t + j] = lane j's largest row at step t; expected[j] = the
+// lane's total change if each step drops exactly one row.  Returns the lanes not proved.
+uint32_t wide_steps(Isa isa, const int32_t* step_add, int64_t r, int32_t* rows, int64_t m,
+                    int32_t margin, const int64_t* expected, int32_t* tops);
+// A lane's k counts as doubles into out (exact below 2^52).
+void wide_counts(Isa isa, const int64_t* c, int64_t k, double* out);
+// Lane rows for n candidates (weights cw, counts cc, room for n + 3 each) at step x:
+// rows[16 i] = round(v 2^F) * 128 + i, v their deficits clamped into [-kScreenRange, 2]; false if
+// some v lay outside that range.
+bool wide_pack(Isa isa, const double* cw, const double* cc, int64_t n, double x, int32_t* rows);
+
 // What the screened path did in a GreedyFast's runs (tests check that it runs, and recovers).
 struct ScreenStats {
   int64_t steps = 0;       // steps run by screened lanes, verified or not
@@ -262,6 +305,7 @@ struct ScreenStats {
   bool chain_gave_up = false;   // too many uncertain: the other paths ran the rest
   int64_t equal_steps = 0;      // steps run by the equal-weights rule (run_equal)
   int64_t group_steps = 0;      // steps run over groups of equal weights (run_groups)
+  int64_t wide_windows = 0;     // of the lane windows, those of wide lanes (K > 64, AVX2)
 };
 
 class GreedyFast {
@@ -379,7 +423,9 @@ class GreedyFast {
     const double growth = static_cast<double>(max_window_);
     double level = HUGE_VAL;  // first window: computed from the maximum below
     int64_t done = 0;
-    if (uses_window_segments()) {
+    if (uses_wide_lanes()) {
+      done = run_screened(s0, n, 0, counts, emit);
+    } else if (uses_window_segments()) {
       done = run_window_segments(s0, n, counts, emit);
     }
     while (done < n) {
@@ -467,9 +513,10 @@ class GreedyFast {
   // average: one domain upweighted and the rest even, two tiers).  Within a group of equal
   // weights the argument of run_equal holds, so the rule's choice is the group leader (smallest
   // count, lowest index) with the largest value w * x - count, computed as the rule computes it,
-  // the lowest leader index on an exact tie.  Each step evaluates the G leaders.  The paths below meet the groups' exact ties at
-  // most steps (Zen 3, 2M steps, ns per step before, with the plain loop: K = 22 with one weight
-  // 0.3 and 21 equal 25.4 / 34.5, K = 100 in two tiers 127 / 186, K = 256 one at 0.5 158 / 310).
+  // the lowest leader index on an exact tie.  Each step evaluates the G leaders.  The paths below
+  // meet the groups' exact ties at most steps (Zen 3, 2M steps, ns per step before, with the plain
+  // loop: K = 22 with one weight 0.3 and 21 equal 25.4 / 34.5, K = 100 in two tiers 127 / 186,
+  // K = 256 one at 0.5 158 / 310).
   // Returns false (nothing done) where some w * x could reach 2^51.
   static constexpr int kGroupsMax = 4;
 
@@ -743,9 +790,19 @@ class GreedyFast {
 
   using LaneOut = ScreenLaneOut;
 
-  // The exact rule (register kernel) for lane j's m steps from step s, its counts updated, its
-  // choices written to out from offset t.
+  // Lane j's counts: domain d at lane_c(j)[lane_ds() * d] (narrow lanes interleave the lanes,
+  // lane_counts_[16 d + j], for the anchor's vector loads; wide lanes keep each lane's counts
+  // together for its refresh pass).
+  int64_t* lane_c(int j) { return lane_counts_.data() + (lanes_wide_ ? j * k_ : j); }
+  int64_t lane_ds() const { return lanes_wide_ ? 1 : kScreenLanes; }
+
+  // The exact rule for lane j's m steps from step s (the register kernel over all domains; wide
+  // lanes: the pruning windows), its counts updated, its choices written to out from offset t.
   void exact_lane(int j, int64_t s, int64_t m, const LaneOut& out, int64_t t) {
+    if (lanes_wide_) {
+      exact_wide(j, s, m, out, t);
+      return;
+    }
     constexpr int S = kScreenLanes;
     int64_t* c = lane_counts_.data() + j;
     for (int64_t d = 0; d < k_; ++d) lane_cf_[d] = static_cast<double>(c[S * d]);
@@ -754,41 +811,94 @@ class GreedyFast {
     write_lane(lane_pos_.data(), 1, m, c, out, t);
   }
 
-  // m choices (domain ids at ids[stride * i], low kScreenIndexBits bits) into out from offset t,
-  // from the lane's counts c (stride kScreenLanes), which are updated.
-  static void write_lane(const int32_t* ids, int64_t stride, int64_t m, int64_t* c,
-                         const LaneOut& out, int64_t t) {
-    constexpr int S = kScreenLanes;
-    constexpr int32_t kMask = (1 << kScreenIndexBits) - 1;
+  // m choices into out from offset t, the i-th domain_of(i), from the lane's counts (domain d at
+  // c[cs * d]), which are updated.
+  template <class DomainOf>
+  static void write_choices(DomainOf&& domain_of, int64_t m, int64_t* c, int64_t cs,
+                            const LaneOut& out, int64_t t) {
     if (out.index != nullptr) {
       int16_t* index = out.index + t;
       int64_t* sample = out.sample + t;
       for (int64_t i = 0; i < m; ++i) {
-        const int32_t d = ids[stride * i] & kMask;
+        const int32_t d = domain_of(i);
         index[i] = static_cast<int16_t>(d);
-        sample[i] = c[S * d]++;
+        sample[i] = c[cs * d]++;
       }
       return;
     }
     if (out.pos != nullptr) {
       int32_t* pos = out.pos + t;
       for (int64_t i = 0; i < m; ++i) {
-        const int32_t d = ids[stride * i] & kMask;
+        const int32_t d = domain_of(i);
         pos[i] = d;
-        c[S * d] += 1;
+        c[cs * d] += 1;
       }
       return;
     }
-    for (int64_t i = 0; i < m; ++i) c[S * (ids[stride * i] & kMask)] += 1;
+    for (int64_t i = 0; i < m; ++i) c[cs * domain_of(i)] += 1;
+  }
+
+  // m choices (domain ids at ids[stride * i], low kScreenIndexBits bits) into out from offset t,
+  // from the narrow lane's counts c (stride kScreenLanes), which are updated.
+  static void write_lane(const int32_t* ids, int64_t stride, int64_t m, int64_t* c,
+                         const LaneOut& out, int64_t t) {
+    constexpr int32_t kMask = (1 << kScreenIndexBits) - 1;
+    write_choices([ids, stride](int64_t i) { return ids[stride * i] & kMask; }, m, c, kScreenLanes,
+                  out, t);
+  }
+
+  // Wide lane j's m steps from step s by the pruning windows (as run_paths' loop) on its own
+  // counts, written to out from offset t.
+  void exact_wide(int j, int64_t s, int64_t m, const LaneOut& out, int64_t t) {
+    int64_t* c = lane_c(j);
+    const double growth = static_cast<double>(max_window_);
+    double level = HUGE_VAL;
+    double gap = gap_;
+    int32_t* cand = exact_cand_.data();
+    double* cw = exact_cw_.data();
+    double* cc = exact_cc_.data();
+    lane_pos_.resize(static_cast<size_t>(max_window_));
+    for (int64_t done = 0; done < m;) {
+      wide_counts(isa_, c, k_, lane_cf_.data());
+      const double x0 = step_x(s + done);
+      const double delta = (x0 + growth + 2.0) * 0x1p-48;  // exact scaling by 2^-48
+      int64_t above = 0, num = 0;
+      double top = refresh_pass(isa_, w_.data(), lane_cf_.data(), k_, x0, level, growth, delta,
+                                &above, cand, &num, cw, cc);
+      if (above == 0) {
+        level = top - gap;
+        top = refresh_pass(isa_, w_.data(), lane_cf_.data(), k_, x0, level, growth, delta, &above,
+                           cand, &num, cw, cc);
+      }
+      const int64_t steps = std::min<int64_t>(std::min<int64_t>(above, max_window_), m - done);
+      if (above < max_window_) {
+        gap = std::min(gap * 1.25, 16.0);
+      } else if (above > 2 * max_window_) {
+        gap = std::max(gap * 0.8, 1e-9);
+      }
+      int32_t* pos = lane_pos_.data();
+      if (register_argmax_available(isa_, num)) {
+        register_argmax_steps(isa_, cw, cc, num, s + done, steps, pos);
+      } else {
+        for (int64_t i = 0; i < steps; ++i) {
+          const int64_t at = argmax_first(cw, cc, num, step_x(s + done + i));
+          pos[i] = static_cast<int32_t>(at);
+          cc[at] += 1.0;
+        }
+      }
+      write_choices([cand, pos](int64_t i) { return cand[pos[i]]; }, steps, c, 1, out, t + done);
+      level = top - gap;
+      done += steps;
+    }
   }
 
   // Whole rounds of 16 lanes from step s0 + done while they fit; returns the new done.
-  // count_f_ holds the true counts on entry and on return.
+  // count_f_ holds the true counts on entry and on return.  K <= kScreenMax: the narrow lanes
+  // (every domain a row); above, the wide lanes (uses_wide_lanes).
   template <class Emit>
   int64_t run_screened(int64_t s0, int64_t n, int64_t done, int64_t* counts, Emit& emit) {
     constexpr int S = kScreenLanes;
     const int64_t k = k_;
-    const int64_t rows = screen_rows(k);
     if (screen_.gave_up) return done;
     // Not one round (of at least two checkpoints per lane after step 0): no setup.
     if (n - done - (s0 + done == 0 ? 1 : 0) < S * 2 * kScreenCheckpoint) return done;
@@ -803,18 +913,42 @@ class GreedyFast {
       for (int64_t d = 0; d < k; ++d) count_f_[d] = static_cast<double>(counts[d]);
       done += 1;
     }
-    step_add_.assign(static_cast<size_t>(rows), 0);
-    for (int64_t d = 0; d < k; ++d) {
-      const double om = std::nearbyint(std::ldexp(w_[d], kScreenFraction));  // <= 2^F
-      step_add_[d] = static_cast<int32_t>(om) * (int32_t{1} << kScreenIndexBits);
+    lanes_wide_ = k > kScreenMax;
+    const int64_t window = lanes_wide_ ? kWideWindow : kScreenWindow;
+    if (lanes_wide_) {
+      step_add_.resize(static_cast<size_t>(k));  // per domain here; per lane slot in wide_add_
+      for (int64_t d = 0; d < k; ++d) {
+        const double om = std::nearbyint(std::ldexp(w_[d], kWideFraction));  // <= 2^F
+        step_add_[d] = static_cast<int32_t>(om) * (int32_t{1} << kWideIndexBits);
+      }
+      lane_rows_.resize(static_cast<size_t>(S * kWideSlots));
+      wide_add_.resize(static_cast<size_t>(S * kWideSlots));
+      wide_slot_.resize(static_cast<size_t>(S * kWideSlots));
+      wide_cand_.resize(static_cast<size_t>(k) + 8);
+      wide_cw_.resize(static_cast<size_t>(k) + 8);
+      wide_cc_.resize(static_cast<size_t>(k) + 8);
+      exact_cand_.resize(static_cast<size_t>(k) + 8);
+      exact_cw_.resize(static_cast<size_t>(k) + 8);
+      exact_cc_.resize(static_cast<size_t>(k) + 8);
+      wide_level_.assign(S, HUGE_VAL);
+      wide_gap_.assign(S, static_cast<double>(kWideWindow) / static_cast<double>(k));
+      tops_.resize(static_cast<size_t>(S * kWideWindow));
+    } else {
+      const int64_t rows = screen_rows(k);
+      step_add_.assign(static_cast<size_t>(rows), 0);
+      for (int64_t d = 0; d < k; ++d) {
+        const double om = std::nearbyint(std::ldexp(w_[d], kScreenFraction));  // <= 2^F
+        step_add_[d] = static_cast<int32_t>(om) * (int32_t{1} << kScreenIndexBits);
+      }
+      lane_rows_.resize(static_cast<size_t>(S * rows));
+      lane_rows0_.resize(static_cast<size_t>(S * rows));
+      tops_.resize(static_cast<size_t>(S * kScreenWindow));
     }
     lane_counts_.resize(static_cast<size_t>(S * k));
-    lane_rows_.resize(static_cast<size_t>(S * rows));
-    lane_rows0_.resize(static_cast<size_t>(S * rows));
     lane_cf_.resize(static_cast<size_t>(k));
-    tops_.resize(static_cast<size_t>(S * kScreenWindow));
     lane_guess_.resize(static_cast<size_t>(S * k));
     lane_final_.resize(static_cast<size_t>(k));
+    const int64_t ds = lane_ds();
     const bool fused = index_ != nullptr;
     bool first_round = screen_.windows == 0;
     while (true) {
@@ -831,55 +965,38 @@ class GreedyFast {
       for (int j = 0; j < S; ++j) {
         start[j] = s0 + done + j * len;
         // Lane 0 starts from the true state; its warm-up steps (from start[0]) are thrown away.
+        int64_t* c = lane_c(j);
         if (j == 0) {
-          for (int64_t d = 0; d < k; ++d) lane_counts_[S * d] = counts[d];
+          for (int64_t d = 0; d < k; ++d) c[ds * d] = counts[d];
         } else {
           guess_counts(start[j] - kScreenWarmup, lane_cf_.data());
-          for (int64_t d = 0; d < k; ++d) {
-            lane_counts_[S * d + j] = static_cast<int64_t>(lane_cf_[d]);
-          }
+          for (int64_t d = 0; d < k; ++d) c[ds * d] = static_cast<int64_t>(lane_cf_[d]);
         }
         out[j] = fused ? LaneOut{index_ + done + j * len, sample_ + done + j * len, nullptr}
                        : LaneOut{nullptr, nullptr, positions_.data() + j * len};
       }
       int64_t uncertain = 0;
-      for (int64_t p = -kScreenWarmup; p < len; p += kScreenWindow) {
+      for (int64_t p = -kScreenWarmup; p < len; p += window) {
         if (p == 0) start_lanes(counts);
         // Warm-up windows (p < 0) run before each lane's start, lane 0's from its start.
         int64_t step[S];
         for (int j = 0; j < S; ++j) step[j] = start[j] + p + (p < 0 && j == 0 ? kScreenWarmup : 0);
-        double x_max = 0.0;
-        uint32_t unsure = screen_anchor(isa_, w_.data(), k, lane_counts_.data(), step,
-                                        lane_rows_.data(), &x_max);
-        // margin = 2 + W + 4 e 2^F units (blend.h), packed: * 32 + 31.
-        const double margin_units =
-            std::ceil(2.0 + kScreenWindow + std::ldexp(x_max + 8.0, kScreenFraction - 50));
-        const int32_t margin = static_cast<int32_t>(margin_units) * 32 + 31;
-        std::copy(lane_rows_.begin(), lane_rows_.end(), lane_rows0_.begin());
-        unsure |= screen_steps(isa_, step_add_.data(), k, lane_rows_.data(), kScreenWindow,
-                               margin, tops_.data());
         static const LaneOut kWarmup[S] = {};
         const LaneOut* to = p >= 0 ? out : kWarmup;
-        const bool written = screen_write(isa_, k, step_add_.data(), lane_rows0_.data(),
-                                          lane_rows_.data(), tops_.data(), lane_counts_.data(),
-                                          ~unsure & 0xFFFFu, to, p, wide_samples_);
-        for (int j = 0; j < S; ++j) {
-          if ((unsure >> j) & 1u) {
-            exact_lane(j, step[j], kScreenWindow, to[j], p);
-            uncertain += p >= 0;
-          } else if (!written) {
-            write_lane(tops_.data() + j, S, kScreenWindow, lane_counts_.data() + j, to[j], p);
-          }
-        }
-        if (p >= 0 && (p + kScreenWindow) % kScreenCheckpoint == 0) {
-          snapshot_lanes((p + kScreenWindow) / kScreenCheckpoint - 1, len / kScreenCheckpoint);
+        const int64_t unsure =
+            lanes_wide_ ? wide_window(step, to, p) : narrow_window(step, to, p);
+        if (p >= 0) uncertain += unsure;
+        if (p >= 0 && (p + window) % kScreenCheckpoint == 0) {
+          snapshot_lanes((p + window) / kScreenCheckpoint - 1, len / kScreenCheckpoint);
         }
       }
-      screen_.windows += S * (len / kScreenWindow);
+      screen_.windows += S * (len / window);
       screen_.uncertain += uncertain;
+      if (lanes_wide_) screen_.wide_windows += S * (len / window);
       verify_lanes(start, len, out);
       if (fused) {
-        for (int64_t d = 0; d < k; ++d) counts[d] = lane_counts_[S * d + S - 1];
+        const int64_t* last = lane_c(S - 1);
+        for (int64_t d = 0; d < k; ++d) counts[d] = last[ds * d];
       } else {
         emit_positions(positions_.data(), nullptr, done, S * len, counts, emit);
       }
@@ -892,7 +1009,7 @@ class GreedyFast {
       // windows uncertain and ran 7.3-8.9 ns per step screened against 10.9-11.0 given up at an
       // eighth (Zen 3, 4M steps, builds alternated); RegMix's copy of it (13%) 7.0-7.3 against
       // 9.2-9.4.  Weights with a small common denominator leave every window uncertain.
-      if (3 * uncertain > S * (len / kScreenWindow)) {
+      if (3 * uncertain > S * (len / window)) {
         screen_.gave_up = true;
         break;
       }
@@ -901,21 +1018,134 @@ class GreedyFast {
     return done;
   }
 
+  // One window of the narrow lanes (every domain a row) at steps step[j]; returns how many lanes
+  // were recomputed.
+  int64_t narrow_window(const int64_t* step, const LaneOut* to, int64_t p) {
+    constexpr int S = kScreenLanes;
+    const int64_t k = k_;
+    double x_max = 0.0;
+    uint32_t unsure =
+        screen_anchor(isa_, w_.data(), k, lane_counts_.data(), step, lane_rows_.data(), &x_max);
+    // margin = 2 + W + 4 e 2^F units (blend.h), packed: * 32 + 31.
+    const double margin_units =
+        std::ceil(2.0 + kScreenWindow + std::ldexp(x_max + 8.0, kScreenFraction - 50));
+    const int32_t margin = static_cast<int32_t>(margin_units) * 32 + 31;
+    std::copy(lane_rows_.begin(), lane_rows_.end(), lane_rows0_.begin());
+    unsure |= screen_steps(isa_, step_add_.data(), k, lane_rows_.data(), kScreenWindow, margin,
+                           tops_.data());
+    const bool written = screen_write(isa_, k, step_add_.data(), lane_rows0_.data(),
+                                      lane_rows_.data(), tops_.data(), lane_counts_.data(),
+                                      ~unsure & 0xFFFFu, to, p, wide_samples_);
+    int64_t recomputed = 0;
+    for (int j = 0; j < S; ++j) {
+      if ((unsure >> j) & 1u) {
+        exact_lane(j, step[j], kScreenWindow, to[j], p);
+        ++recomputed;
+      } else if (!written) {
+        write_lane(tops_.data() + j, S, kScreenWindow, lane_counts_.data() + j, to[j], p);
+      }
+    }
+    return recomputed;
+  }
+
+  // One window of the wide lanes at steps step[j] (see wide_steps in blend.h): each lane's
+  // refresh pass and candidates, the kernel, then each lane's choices by slot.  Returns how many
+  // lanes were recomputed.
+  int64_t wide_window(const int64_t* step, const LaneOut* to, int64_t p) {
+    constexpr int S = kScreenLanes;
+    constexpr int64_t W = kWideWindow;
+    const int64_t k = k_;
+    const double growth = static_cast<double>(W);
+    uint32_t unsure = 0;
+    int64_t num[S];
+    int64_t slots = 4;
+    double x_max = 0.0;
+    for (int j = 0; j < S; ++j) {
+      wide_counts(isa_, lane_c(j), k, lane_cf_.data());
+      const double x0 = step_x(step[j]);
+      x_max = std::max(x_max, x0);
+      const double delta = (x0 + growth + 2.0) * 0x1p-48;  // exact scaling by 2^-48
+      double level = wide_level_[j];
+      int64_t above = 0, n = 0;
+      double top = refresh_pass(isa_, w_.data(), lane_cf_.data(), k, x0, level, growth, delta,
+                                &above, wide_cand_.data(), &n, wide_cw_.data(), wide_cc_.data());
+      // The window needs W values at or above the level (see the pruning proof above).
+      for (int tries = 0; above < W && tries < 8; ++tries) {
+        wide_gap_[j] = std::min(wide_gap_[j] * 1.5, 16.0);
+        level = top - wide_gap_[j];
+        top = refresh_pass(isa_, w_.data(), lane_cf_.data(), k, x0, level, growth, delta, &above,
+                           wide_cand_.data(), &n, wide_cw_.data(), wide_cc_.data());
+      }
+      if (above > W + W / 2) wide_gap_[j] = std::max(wide_gap_[j] * 0.9, 1e-9);
+      wide_level_[j] = top - wide_gap_[j];
+      num[j] = 0;
+      if (above < W || n > kWideSlots) {
+        unsure |= 1u << j;
+        continue;
+      }
+      int32_t* add = wide_add_.data() + j;
+      int32_t* slot = wide_slot_.data() + j * kWideSlots;
+      const bool inside =
+          wide_pack(isa_, wide_cw_.data(), wide_cc_.data(), n, x0, lane_rows_.data() + j);
+      for (int64_t i = 0; i < n; ++i) {
+        add[S * i] = step_add_[wide_cand_[i]];
+        slot[i] = wide_cand_[i];
+      }
+      if (!inside) {
+        unsure |= 1u << j;
+        continue;
+      }
+      num[j] = n;
+      slots = std::max(slots, (n + 3) / 4 * 4);
+    }
+    int64_t expected[S];
+    for (int j = 0; j < S; ++j) {
+      int64_t total = 0;
+      for (int64_t i = num[j]; i < slots; ++i) {  // padding: never near a lane's maximum
+        lane_rows_[S * i + j] = INT32_MIN;
+        wide_add_[S * i + j] = 0;
+      }
+      for (int64_t i = 0; i < num[j]; ++i) total += wide_add_[S * i + j];
+      expected[j] = W * (total - kWideOne);
+      if (num[j] == 0) lane_rows_[j] = 0;  // a lane recomputed anyway: any row in range
+    }
+    // margin = 2 + W + 4 e 2^F units (blend.h), packed: * 128 + 127.
+    const double margin_units = std::ceil(2.0 + W + std::ldexp(x_max + 8.0, kWideFraction - 50));
+    const int32_t margin = static_cast<int32_t>(margin_units) * 128 + 127;
+    unsure |= wide_steps(isa_, wide_add_.data(), slots, lane_rows_.data(), W, margin,
+                         expected, tops_.data());
+    int64_t recomputed = 0;
+    for (int j = 0; j < S; ++j) {
+      if ((unsure >> j) & 1u) {
+        exact_wide(j, step[j], W, to[j], p);
+        ++recomputed;
+        continue;
+      }
+      const int32_t* slot = wide_slot_.data() + j * kWideSlots;
+      const int32_t* tops = tops_.data() + j;
+      constexpr int32_t kMask = (1 << kWideIndexBits) - 1;
+      write_choices([slot, tops](int64_t i) { return slot[tops[S * i] & kMask]; }, W, lane_c(j),
+                    1, to[j], p);
+    }
+    return recomputed;
+  }
+
   // After the warm-up: lane 0 back to the true counts, lanes 1..15's states kept as their guesses
   // (made wrong on purpose for tests: misguess_).
   void start_lanes(const int64_t* counts) {
     constexpr int S = kScreenLanes;
-    for (int64_t d = 0; d < k_; ++d) lane_counts_[S * d] = counts[d];
+    const int64_t ds = lane_ds();
+    int64_t* c0 = lane_c(0);
+    for (int64_t d = 0; d < k_; ++d) c0[ds * d] = counts[d];
     for (int j = 1; j < S; ++j) {  // verify_lanes reads the guesses of lanes 1..15
       int64_t* guess = lane_guess_.data() + j * k_;
+      int64_t* c = lane_c(j);
       if (misguess_) {
-        for (int64_t d = 0; d < k_; ++d) lane_cf_[d] = static_cast<double>(lane_counts_[S * d + j]);
+        for (int64_t d = 0; d < k_; ++d) lane_cf_[d] = static_cast<double>(c[ds * d]);
         misguess(j, lane_cf_.data());
-        for (int64_t d = 0; d < k_; ++d) {
-          lane_counts_[S * d + j] = static_cast<int64_t>(lane_cf_[d]);
-        }
+        for (int64_t d = 0; d < k_; ++d) c[ds * d] = static_cast<int64_t>(lane_cf_[d]);
       }
-      for (int64_t d = 0; d < k_; ++d) guess[d] = lane_counts_[S * d + j];
+      for (int64_t d = 0; d < k_; ++d) guess[d] = c[ds * d];
     }
   }
 
@@ -923,9 +1153,11 @@ class GreedyFast {
   // kScreenCheckpoint steps).
   void snapshot_lanes(int64_t i, int64_t checkpoints) {
     constexpr int S = kScreenLanes;
+    const int64_t ds = lane_ds();
     for (int j = 1; j < S; ++j) {
       int64_t* snap = lane_snaps_.data() + (j * checkpoints + i) * k_;
-      for (int64_t d = 0; d < k_; ++d) snap[d] = lane_counts_[S * d + j];
+      const int64_t* c = lane_c(j);
+      for (int64_t d = 0; d < k_; ++d) snap[d] = c[ds * d];
     }
   }
 
@@ -935,17 +1167,19 @@ class GreedyFast {
   void verify_lanes(const int64_t* start, int64_t len, const LaneOut* out) {
     constexpr int S = kScreenLanes;
     const int64_t k = k_;
+    const int64_t ds = lane_ds();
     const int64_t checkpoints = len / kScreenCheckpoint;  // as snapshot_lanes stored them
     for (int j = 1; j < S; ++j) {
-      int64_t* c = lane_counts_.data() + j;
+      int64_t* c = lane_c(j);
+      const int64_t* before = lane_c(j - 1);
       const int64_t* guess = lane_guess_.data() + j * k;
       bool right = true;
-      for (int64_t d = 0; d < k; ++d) right = right && c[S * d - 1] == guess[d];
+      for (int64_t d = 0; d < k; ++d) right = right && before[ds * d] == guess[d];
       if (right) continue;
       ++screen_.misguessed;
       for (int64_t d = 0; d < k; ++d) {
-        lane_final_[d] = c[S * d];
-        c[S * d] = c[S * d - 1];
+        lane_final_[d] = c[ds * d];
+        c[ds * d] = before[ds * d];
       }
       int64_t redone = 0;
       bool rejoined = false;
@@ -955,11 +1189,11 @@ class GreedyFast {
             lane_snaps_.data() + (j * checkpoints + redone / kScreenCheckpoint) * k;
         redone += kScreenCheckpoint;
         rejoined = true;
-        for (int64_t d = 0; d < k; ++d) rejoined = rejoined && c[S * d] == snap[d];
+        for (int64_t d = 0; d < k; ++d) rejoined = rejoined && c[ds * d] == snap[d];
       }
       screen_.redone += redone;
       if (rejoined) {
-        for (int64_t d = 0; d < k; ++d) c[S * d] = lane_final_[d];
+        for (int64_t d = 0; d < k; ++d) c[ds * d] = lane_final_[d];
       }
     }
   }
@@ -1217,6 +1451,14 @@ class GreedyFast {
   static constexpr double kWindowScale = 0.75;
   static constexpr double kSegmentWindowMax = 16.0;
 
+  // The wide screened lanes: AVX2 CPUs without AVX-512 (there the two lockstep chains of windows
+  // run), above the fixed-point chain's domains.
+  static constexpr int64_t kWideMax = 128;
+  bool uses_wide_lanes() const {
+    return vector_ && isa_ == Isa::kAvx2 && k_ > kChainMax && k_ <= kWideMax &&
+           wide_available(isa_);
+  }
+
   bool uses_window_segments() const {
     return vector_ && k_ > kRegisterAllBelow && k_ <= kWindowSegmentsMaxK &&
            register_multi_max(isa_, kWindowSegments) > 0;
@@ -1257,6 +1499,9 @@ class GreedyFast {
   std::vector<int64_t> lane_counts_, lane_snaps_, lane_guess_, lane_final_;
   std::vector<int32_t> lane_rows_, lane_rows0_, step_add_, tops_, lane_pos_;
   std::vector<double> lane_cf_;
+  bool lanes_wide_ = false;  // the screened lanes are wide (see run_screened)
+  std::vector<int32_t> wide_add_, wide_slot_, wide_cand_, exact_cand_;
+  std::vector<double> wide_cw_, wide_cc_, exact_cw_, exact_cc_, wide_level_, wide_gap_;
   std::vector<int32_t> chain_add_, chain_packed_, chain_tops_;
   ScreenStats screen_;
   int16_t* index_ = nullptr;  // run_into's arrays while it runs

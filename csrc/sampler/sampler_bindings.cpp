@@ -258,6 +258,7 @@ py::tuple blend_screened(const py::handle& weights, int64_t size, bool misguess,
   info["chain_gave_up"] = stats.chain_gave_up;
   info["equal_steps"] = stats.equal_steps;
   info["group_steps"] = stats.group_steps;
+  info["wide_windows"] = stats.wide_windows;
   return py::make_tuple(arrays.first, arrays.second, info);
 }
 
