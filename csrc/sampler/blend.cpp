@@ -810,6 +810,44 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) uint32_t screen_anchor_avx5
   return static_cast<uint32_t>(static_cast<uint16_t>(~(in_a | (in_b << 8))));
 }
 
+// The AVX2 lane kernels' shared steps (screen_steps_avx2, wide_steps_avx2): a half's (lanes
+// 8h..8h+7) largest of r rows, and a step's start: its tops stored, the range tracked, the floor
+// above which rows drop, the running maxima reset.
+__attribute__((target("avx2"))) inline __m256i lanes_top_avx2(const int32_t* rows, int64_t r,
+                                                              int h) {
+  __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 8 * h));
+  for (int64_t i = 1; i < r; ++i) {
+    a = _mm256_max_epi32(
+        a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 16 * i + 8 * h)));
+  }
+  return a;
+}
+
+__attribute__((target("avx2"))) inline void lanes_step_begin_avx2(
+    const __m256i* top, __m256i marginv, int32_t* tops_t, __m256i* high, __m256i* low,
+    __m256i* floor, __m256i (*acc)[4]) {
+  for (int h = 0; h < 2; ++h) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tops_t + 8 * h), top[h]);
+    high[h] = _mm256_max_epi32(high[h], top[h]);
+    low[h] = _mm256_min_epi32(low[h], top[h]);
+    floor[h] = _mm256_sub_epi32(top[h], marginv);
+    for (int q = 0; q < 4; ++q) acc[h][q] = _mm256_set1_epi32(INT32_MIN);
+  }
+}
+
+// One row of one half at one step: dropped by one where it is within the margin (above floor),
+// its step added, stored, and folded into a running maximum.
+__attribute__((target("avx2"), always_inline)) inline void lanes_row_avx2(__m256i* p, __m256i floor,
+                                                                         __m256i add, __m256i one,
+                                                                         __m256i* acc) {
+  __m256i row = _mm256_loadu_si256(p);
+  const __m256i chosen = _mm256_cmpgt_epi32(row, floor);  // all ones where chosen
+  row = _mm256_add_epi32(row, add);
+  row = _mm256_sub_epi32(row, _mm256_and_si256(chosen, one));
+  _mm256_storeu_si256(p, row);
+  *acc = _mm256_max_epi32(*acc, row);
+}
+
 // sums[q] = lanes 4q..4q+3's sums of their R rows, in 64 bits (the AVX2 kernel's tie check).
 template <int R>
 __attribute__((target("avx2"))) void screen_sums_avx2(const int32_t* rows, __m256i* sums) {
@@ -830,28 +868,17 @@ __attribute__((target("avx2"))) uint32_t screen_steps_avx2(const int32_t* step_a
                                                           int64_t m, int32_t margin,
                                                           int32_t* tops) {
   const __m256i one = _mm256_set1_epi32(kScreenOne);
-  const __m256i marginv = _mm256_set1_epi32(margin + 1);  // r >= top - margin <=> r > top - margin - 1
+  // r >= top - margin <=> r > top - margin - 1
+  const __m256i marginv = _mm256_set1_epi32(margin + 1);
   __m256i before[4];
   screen_sums_avx2<R>(rows, before);
   __m256i high[2] = {_mm256_set1_epi32(INT32_MIN), _mm256_set1_epi32(INT32_MIN)};
   __m256i low[2] = {_mm256_set1_epi32(INT32_MAX), _mm256_set1_epi32(INT32_MAX)};
-  __m256i top[2];
-  for (int h = 0; h < 2; ++h) {  // the first step's maximum
-    __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 8 * h));
-    for (int d = 1; d < R; ++d) {
-      a = _mm256_max_epi32(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 16 * d + 8 * h)));
-    }
-    top[h] = a;
-  }
+  // The first step's maximum.
+  __m256i top[2] = {lanes_top_avx2(rows, R, 0), lanes_top_avx2(rows, R, 1)};
   for (int64_t t = 0; t < m; ++t) {
     __m256i floor[2], acc[2][4];
-    for (int h = 0; h < 2; ++h) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(tops + 16 * t + 8 * h), top[h]);
-      high[h] = _mm256_max_epi32(high[h], top[h]);
-      low[h] = _mm256_min_epi32(low[h], top[h]);
-      floor[h] = _mm256_sub_epi32(top[h], marginv);
-      for (int q = 0; q < 4; ++q) acc[h][q] = _mm256_set1_epi32(INT32_MIN);
-    }
+    lanes_step_begin_avx2(top, marginv, tops + 16 * t, high, low, floor, acc);
     // Both halves of a row side by side, and four running maxima per half: the two halves' chains
     // (load, compare, update, store, max) interleave in program order, where one half's 22 rows
     // and then the other's left the scheduler little to overlap.  Zen 3, K = 22, blend_indices
@@ -860,13 +887,8 @@ __attribute__((target("avx2"))) uint32_t screen_steps_avx2(const int32_t* step_a
     for (int d = 0; d < R; ++d) {
       const __m256i add = _mm256_set1_epi32(step_add[d]);
       for (int h = 0; h < 2; ++h) {
-        __m256i* p = reinterpret_cast<__m256i*>(rows + 16 * d + 8 * h);
-        __m256i row = _mm256_loadu_si256(p);
-        const __m256i chosen = _mm256_cmpgt_epi32(row, floor[h]);  // all ones where chosen
-        row = _mm256_add_epi32(row, add);
-        row = _mm256_sub_epi32(row, _mm256_and_si256(chosen, one));
-        _mm256_storeu_si256(p, row);
-        acc[h][d % 4] = _mm256_max_epi32(acc[h][d % 4], row);
+        lanes_row_avx2(reinterpret_cast<__m256i*>(rows + 16 * d + 8 * h), floor[h], add, one,
+                       &acc[h][d % 4]);
       }
     }
     for (int h = 0; h < 2; ++h) {  // the next step's
@@ -922,37 +944,19 @@ __attribute__((target("avx2"))) uint32_t wide_steps_avx2(const int32_t* step_add
   wide_sums_avx2(rows, r, before);
   __m256i high[2] = {_mm256_set1_epi32(INT32_MIN), _mm256_set1_epi32(INT32_MIN)};
   __m256i low[2] = {_mm256_set1_epi32(INT32_MAX), _mm256_set1_epi32(INT32_MAX)};
-  __m256i top[2];
-  for (int h = 0; h < 2; ++h) {  // the first step's maximum
-    __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 8 * h));
-    for (int64_t i = 1; i < r; ++i) {
-      a = _mm256_max_epi32(
-          a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + 16 * i + 8 * h)));
-    }
-    top[h] = a;
-  }
+  // The first step's maximum.
+  __m256i top[2] = {lanes_top_avx2(rows, r, 0), lanes_top_avx2(rows, r, 1)};
   for (int64_t t = 0; t < m; ++t) {
     __m256i floor[2], acc[2][4];
-    for (int h = 0; h < 2; ++h) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(tops + 16 * t + 8 * h), top[h]);
-      high[h] = _mm256_max_epi32(high[h], top[h]);
-      low[h] = _mm256_min_epi32(low[h], top[h]);
-      floor[h] = _mm256_sub_epi32(top[h], marginv);
-      for (int q = 0; q < 4; ++q) acc[h][q] = _mm256_set1_epi32(INT32_MIN);
-    }
+    lanes_step_begin_avx2(top, marginv, tops + 16 * t, high, low, floor, acc);
     for (int64_t i = 0; i < r; i += 4) {
 #pragma GCC unroll 4
       for (int u = 0; u < 4; ++u) {
         for (int h = 0; h < 2; ++h) {
           const int64_t at = 16 * (i + u) + 8 * h;
-          __m256i* p = reinterpret_cast<__m256i*>(rows + at);
-          __m256i row = _mm256_loadu_si256(p);
-          const __m256i chosen = _mm256_cmpgt_epi32(row, floor[h]);  // all ones where chosen
-          row = _mm256_add_epi32(
-              row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step_add + at)));
-          row = _mm256_sub_epi32(row, _mm256_and_si256(chosen, one));
-          _mm256_storeu_si256(p, row);
-          acc[h][u] = _mm256_max_epi32(acc[h][u], row);
+          lanes_row_avx2(reinterpret_cast<__m256i*>(rows + at), floor[h],
+                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step_add + at)), one,
+                         &acc[h][u]);
         }
       }
     }
@@ -1225,7 +1229,8 @@ __attribute__((target("avx2"))) uint32_t screen_anchor_avx2(const double* w, int
   __m256d x[4];
   __m256d xm = _mm256_setzero_pd();
   for (int q = 0; q < 4; ++q) {
-    x[q] = small_int64_to_double(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(step + 4 * q)));
+    x[q] = small_int64_to_double(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step + 4 * q)));
     xm = _mm256_max_pd(xm, x[q]);
   }
   alignas(32) double xs[4];

@@ -915,12 +915,15 @@ class GreedyFast {
     }
     lanes_wide_ = k > kScreenMax;
     const int64_t window = lanes_wide_ ? kWideWindow : kScreenWindow;
-    if (lanes_wide_) {
-      step_add_.resize(static_cast<size_t>(k));  // per domain here; per lane slot in wide_add_
-      for (int64_t d = 0; d < k; ++d) {
-        const double om = std::nearbyint(std::ldexp(w_[d], kWideFraction));  // <= 2^F
-        step_add_[d] = static_cast<int32_t>(om) * (int32_t{1} << kWideIndexBits);
-      }
+    // Each domain's packed step, round(w * 2^F) << index bits (<= 2^F before the shift).
+    const int fraction = lanes_wide_ ? kWideFraction : kScreenFraction;
+    const int index_bits = lanes_wide_ ? kWideIndexBits : kScreenIndexBits;
+    step_add_.assign(static_cast<size_t>(lanes_wide_ ? k : screen_rows(k)), 0);
+    for (int64_t d = 0; d < k; ++d) {
+      const double om = std::nearbyint(std::ldexp(w_[d], fraction));
+      step_add_[d] = static_cast<int32_t>(om) * (int32_t{1} << index_bits);
+    }
+    if (lanes_wide_) {  // step_add_ per domain; the kernel's per lane and slot in wide_add_
       lane_rows_.resize(static_cast<size_t>(S * kWideSlots));
       wide_add_.resize(static_cast<size_t>(S * kWideSlots));
       wide_slot_.resize(static_cast<size_t>(S * kWideSlots));
@@ -935,11 +938,6 @@ class GreedyFast {
       tops_.resize(static_cast<size_t>(S * kWideWindow));
     } else {
       const int64_t rows = screen_rows(k);
-      step_add_.assign(static_cast<size_t>(rows), 0);
-      for (int64_t d = 0; d < k; ++d) {
-        const double om = std::nearbyint(std::ldexp(w_[d], kScreenFraction));  // <= 2^F
-        step_add_[d] = static_cast<int32_t>(om) * (int32_t{1} << kScreenIndexBits);
-      }
       lane_rows_.resize(static_cast<size_t>(S * rows));
       lane_rows0_.resize(static_cast<size_t>(S * rows));
       tops_.resize(static_cast<size_t>(S * kScreenWindow));
