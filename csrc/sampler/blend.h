@@ -266,11 +266,10 @@ bool chain_steps(Isa isa, const int32_t* step_add, int64_t k, int32_t* rows, int
 // 24.7-35.5, K = 128 31.5-43.0 / 27.2-29.9, K = 160 32.3-43.5 / 28.1-32.3, K = 192 33.0-44.9 /
 // 31.0-47.9, K = 256 32.4-34.7 / 38.9-41.5; again with this build, four times: K = 65 31.9-40.3 /
 // 18.2-28.2, K = 100 28.8-41.1 / 23.5-35.2, K = 128 32.2-38.2 / 26.9-39.4, K = 160 31.3-32.2 /
-// 32.3-46.8: hence up to 128.  Each lane pays its own O(K) refresh
-// pass per window and ~2 W candidates (W = 32: 64 in median, 70 at the 90th percentile at K = 100
-// to 512), the kernel the most of any lane (~99 slots at K = 256): at K = 100 the kernel took ~23%
-// of the time, the lanes' refresh, anchoring and output ~30%, the OS zeroing the fresh output
-// pages ~19% (perf).  (Tried, slower at every K here: pruning values kept per lane in 32-bit fixed
+// 32.3-46.8: hence up to 128.  Each lane pays its own O(K) refresh pass per window and ~2 W
+// candidates (W = 32: 64 in median, 70 at the 90th percentile at K = 100 to 512), the kernel the
+// most of any lane (~99 slots at K = 256): at K = 100 the kernel took ~23% of the time, the lanes'
+// refresh, anchoring and output ~30%, the OS zeroing the fresh output pages ~19% (perf).  (Tried, slower at every K here: pruning values kept per lane in 32-bit fixed
 // point, advanced per window, in place of the refresh pass in doubles, with the candidates'
 // doubles loaded by id, K = 80 27-39 against 21-30 ns, K = 256 40-57 against 39-42; windows of 16
 // steps, K = 256 39-58.)
