@@ -1200,25 +1200,36 @@ __attribute__((target("avx2"))) void wide_counts_avx2(const int64_t* c, int64_t 
 
 // Wide lanes: candidate i's row, rows[16 i] = round(v 2^F) * 128 + i for its deficit v at x
 // (clamped into [-kScreenRange, 2]); false if some v lay outside.  cw and cc have room for n + 3.
-__attribute__((target("avx2"))) bool wide_pack_avx2(const double* cw, const double* cc, int64_t n,
-                                                    double x, int32_t* rows) {
+__attribute__((target("avx2"))) bool wide_pack_avx2(const double* w, const double* cf,
+                                                    const int32_t* step_add, const int32_t* cand,
+                                                    int64_t n, double x, int32_t* rows,
+                                                    int32_t* add, int64_t* add_sum) {
   const __m256d xv = _mm256_set1_pd(x);
   const __m256d scale = _mm256_set1_pd(std::ldexp(1.0, kWideFraction));
   int outside = 0;
+  int64_t sum = 0;
   for (int64_t i = 0; i < n; i += 4) {
-    const __m256d v = _mm256_sub_pd(_mm256_mul_pd(_mm256_loadu_pd(cw + i), xv),
-                                    _mm256_loadu_pd(cc + i));  // deficit(): mul, then sub
+    const int64_t live = std::min<int64_t>(4, n - i);
+    int32_t d[4];
+    for (int u = 0; u < 4; ++u) d[u] = u < live ? cand[i + u] : cand[i];
+    const __m256d v = _mm256_sub_pd(
+        _mm256_mul_pd(_mm256_setr_pd(w[d[0]], w[d[1]], w[d[2]], w[d[3]]), xv),
+        _mm256_setr_pd(cf[d[0]], cf[d[1]], cf[d[2]], cf[d[3]]));  // deficit(): mul, then sub
     int inside = 0;
     const __m128i fixed = fixed_deficits_avx2(v, scale, &inside);
-    const __m128i packed = _mm_add_epi32(_mm_slli_epi32(fixed, kWideIndexBits),
-                                         _mm_setr_epi32(0, 1, 2, 3));
-    alignas(16) int32_t lane[4];
-    _mm_store_si128(reinterpret_cast<__m128i*>(lane),
-                    _mm_add_epi32(packed, _mm_set1_epi32(static_cast<int32_t>(i))));
-    const int64_t live = std::min<int64_t>(4, n - i);
+    alignas(16) int32_t row[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(row),
+                    _mm_add_epi32(_mm_slli_epi32(fixed, kWideIndexBits),
+                                  _mm_add_epi32(_mm_setr_epi32(0, 1, 2, 3),
+                                                _mm_set1_epi32(static_cast<int32_t>(i)))));
     outside |= ~inside & ((1 << live) - 1);
-    for (int64_t u = 0; u < live; ++u) rows[16 * (i + u)] = lane[u];
+    for (int64_t u = 0; u < live; ++u) {
+      rows[16 * (i + u)] = row[u];
+      add[16 * (i + u)] = step_add[d[u]];
+      sum += step_add[d[u]];
+    }
   }
+  *add_sum = sum;
   return outside == 0;
 }
 
@@ -1671,11 +1682,16 @@ void wide_counts(Isa isa, const int64_t* c, int64_t k, double* out) {
   for (int64_t d = 0; d < k; ++d) out[d] = static_cast<double>(c[d]);
 }
 
-bool wide_pack(Isa isa, const double* cw, const double* cc, int64_t n, double x, int32_t* rows) {
+bool wide_pack(Isa isa, const double* w, const double* cf, const int32_t* step_add,
+               const int32_t* cand, int64_t n, double x, int32_t* rows, int32_t* add,
+               int64_t* add_sum) {
 #if defined(FASTMIX_X86_DISPATCH)
-  if (usable_isa(isa) != Isa::kScalar) return wide_pack_avx2(cw, cc, n, x, rows);
+  if (usable_isa(isa) != Isa::kScalar) {
+    return wide_pack_avx2(w, cf, step_add, cand, n, x, rows, add, add_sum);
+  }
 #endif
-  (void)isa, (void)cw, (void)cc, (void)n, (void)x, (void)rows;
+  (void)isa, (void)w, (void)cf, (void)step_add, (void)cand, (void)n, (void)x, (void)rows;
+  (void)add, (void)add_sum;
   throw std::logic_error("wide_pack: not available for this CPU");
 }
 

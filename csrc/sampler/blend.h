@@ -286,10 +286,12 @@ uint32_t wide_steps(Isa isa, const int32_t* step_add, int64_t r, int32_t* rows, 
                     int32_t margin, const int64_t* expected, int32_t* tops);
 // A lane's k counts as doubles into out (exact below 2^52).
 void wide_counts(Isa isa, const int64_t* c, int64_t k, double* out);
-// Lane rows for n candidates (weights cw, counts cc, room for n + 3 each) at step x:
-// rows[16 i] = round(v 2^F) * 128 + i, v their deficits clamped into [-kScreenRange, 2]; false if
-// some v lay outside that range.
-bool wide_pack(Isa isa, const double* cw, const double* cc, int64_t n, double x, int32_t* rows);
+// One lane's column (stride 16) for its n candidates cand[i] (weights w, counts cf as doubles) at
+// step x: rows[16 i] = round(v 2^F) * 128 + i, v their deficits clamped into [-kScreenRange, 2],
+// add[16 i] = step_add[cand[i]], *add_sum = their sum; false if some v lay outside that range.
+bool wide_pack(Isa isa, const double* w, const double* cf, const int32_t* step_add,
+               const int32_t* cand, int64_t n, double x, int32_t* rows, int32_t* add,
+               int64_t* add_sum);
 
 // What the screened path did in a GreedyFast's runs (tests check that it runs, and recovers).
 struct ScreenStats {
@@ -927,8 +929,6 @@ class GreedyFast {
       wide_add_.resize(static_cast<size_t>(S * kWideSlots));
       wide_slot_.resize(static_cast<size_t>(S * kWideSlots));
       wide_cand_.resize(static_cast<size_t>(k) + 8);
-      wide_cw_.resize(static_cast<size_t>(k) + 8);
-      wide_cc_.resize(static_cast<size_t>(k) + 8);
       exact_cand_.resize(static_cast<size_t>(k) + 8);
       exact_cw_.resize(static_cast<size_t>(k) + 8);
       exact_cc_.resize(static_cast<size_t>(k) + 8);
@@ -1054,7 +1054,7 @@ class GreedyFast {
     const int64_t k = k_;
     const double growth = static_cast<double>(W);
     uint32_t unsure = 0;
-    int64_t num[S];
+    int64_t num[S], add_sum[S];
     int64_t slots = 4;
     double x_max = 0.0;
     for (int j = 0; j < S; ++j) {
@@ -1065,13 +1065,13 @@ class GreedyFast {
       double level = wide_level_[j];
       int64_t above = 0, n = 0;
       double top = refresh_pass(isa_, w_.data(), lane_cf_.data(), k, x0, level, growth, delta,
-                                &above, wide_cand_.data(), &n, wide_cw_.data(), wide_cc_.data());
+                                &above, wide_cand_.data(), &n);
       // The window needs W values at or above the level (see the pruning proof above).
       for (int tries = 0; above < W && tries < 8; ++tries) {
         wide_gap_[j] = std::min(wide_gap_[j] * 1.5, 16.0);
         level = top - wide_gap_[j];
         top = refresh_pass(isa_, w_.data(), lane_cf_.data(), k, x0, level, growth, delta, &above,
-                           wide_cand_.data(), &n, wide_cw_.data(), wide_cc_.data());
+                           wide_cand_.data(), &n);
       }
       if (above > W + W / 2) wide_gap_[j] = std::max(wide_gap_[j] * 0.9, 1e-9);
       wide_level_[j] = top - wide_gap_[j];
@@ -1080,30 +1080,22 @@ class GreedyFast {
         unsure |= 1u << j;
         continue;
       }
-      int32_t* add = wide_add_.data() + j;
-      int32_t* slot = wide_slot_.data() + j * kWideSlots;
-      const bool inside =
-          wide_pack(isa_, wide_cw_.data(), wide_cc_.data(), n, x0, lane_rows_.data() + j);
-      for (int64_t i = 0; i < n; ++i) {
-        add[S * i] = step_add_[wide_cand_[i]];
-        slot[i] = wide_cand_[i];
-      }
-      if (!inside) {
+      if (!wide_pack(isa_, w_.data(), lane_cf_.data(), step_add_.data(), wide_cand_.data(), n, x0,
+                     lane_rows_.data() + j, wide_add_.data() + j, &add_sum[j])) {
         unsure |= 1u << j;
         continue;
       }
+      std::copy(wide_cand_.begin(), wide_cand_.begin() + n, wide_slot_.begin() + j * kWideSlots);
       num[j] = n;
       slots = std::max(slots, (n + 3) / 4 * 4);
     }
     int64_t expected[S];
     for (int j = 0; j < S; ++j) {
-      int64_t total = 0;
       for (int64_t i = num[j]; i < slots; ++i) {  // padding: never near a lane's maximum
         lane_rows_[S * i + j] = INT32_MIN;
         wide_add_[S * i + j] = 0;
       }
-      for (int64_t i = 0; i < num[j]; ++i) total += wide_add_[S * i + j];
-      expected[j] = W * (total - kWideOne);
+      expected[j] = num[j] > 0 ? W * (add_sum[j] - kWideOne) : 0;
       if (num[j] == 0) lane_rows_[j] = 0;  // a lane recomputed anyway: any row in range
     }
     // margin = 2 + W + 4 e 2^F units (blend.h), packed: * 128 + 127.
@@ -1498,7 +1490,7 @@ class GreedyFast {
   std::vector<double> lane_cf_;
   bool lanes_wide_ = false;  // the screened lanes are wide (see run_screened)
   std::vector<int32_t> wide_add_, wide_slot_, wide_cand_, exact_cand_;
-  std::vector<double> wide_cw_, wide_cc_, exact_cw_, exact_cc_, wide_level_, wide_gap_;
+  std::vector<double> exact_cw_, exact_cc_, wide_level_, wide_gap_;
   std::vector<int32_t> chain_add_, chain_packed_, chain_tops_;
   ScreenStats screen_;
   int16_t* index_ = nullptr;  // run_into's arrays while it runs
